@@ -1,0 +1,442 @@
+"""Triton kernels for the per-token PPO epilogue (clipped surrogate + KL + entropy bonus), the
+clipped value loss and the KL estimators. Family ``ppo`` of :mod:`signalrl.ops._backend`.
+
+Every loss is a weighted token sum ``loss = Σ_i w_i·ℓ_i``; the weights ``w`` come from
+``signalrl.ops._aggregate.token_weights(mask, aggregation)``, so one kernel serves every
+aggregation. The forward writes the per-token gradient ``w_i·∂ℓ_i/∂x_i`` in the same pass, so the
+backward is one multiply by the incoming scalar gradient. Statistics are reduced in the same pass:
+each program writes one row of partial sums (min/max, Welford moments for variances), then a few
+torch reductions over ``[programs, columns]`` finish them on the device (no host sync, deterministic:
+no atomics).
+
+Kernel functions (all 1-D contiguous ``[N]`` tensors; float32, bfloat16 or float16 inputs are
+read as float32; ``weights`` and ``mask`` are float32 with mask 0/1; "empty" = a 0-element tensor)::
+
+    ppo_token_fwd(logprobs, old_logprobs, advantages, weights, mask,
+                  ref_logprobs | None | empty, entropy | None | empty,
+                  clip_low: float, clip_high: float, dual_clip: float | None,
+                  kl_estimator: str, kl_coef: float, entropy_coef: float)
+        -> (loss[] f32, grad_logprobs[N] f32, grad_entropy[N] f32 | empty, stats[9] f32)
+
+      ratio ρ = exp(lp − old); ℓ_pg = max(−A·ρ, −A·clip(ρ, 1−clip_low, 1+clip_high));
+      dual-clip c: where A < 0, ℓ_pg = min(ℓ_pg, −A·c);
+      ℓ = ℓ_pg + kl_coef·KL_est(lp − ref) [if ref given] − entropy_coef·H [if entropy given].
+      grad_logprobs = w·∂ℓ/∂lp, grad_entropy = w·∂ℓ/∂H = −entropy_coef·w. Ties of max/min split the
+      gradient in halves and clamp passes it on its closed interval, exactly like torch autograd.
+      stats, in the order of PPO_STAT_KEYS: clip_fraction, dual_clip_fraction, approx_kl
+      (mean of ρ − 1 − log ρ), ratio_mean, ratio_min, ratio_max (0 when no token counts),
+      pg_loss (Σ w·ℓ_pg), entropy (masked mean, 0 without entropy), kl (masked mean, 0 without ref).
+      Means are over tokens with mask 1 (denominator clamped to ≥ 1).
+
+    value_loss_fwd(values, old_values, returns, weights, mask, clip: float | None)
+        -> (loss[] f32, grad_values[N] f32, stats[4] f32)
+
+      v_c = old + clip(v − old, −c, c); ℓ = ½·max((v − R)², (v_c − R)²)  (½·(v − R)² without clip);
+      grad_values = w·∂ℓ/∂v. stats in the order of VALUE_STAT_KEYS: value_clip_fraction (tokens
+      with |v − old| > c whose clipped error is the larger),
+      explained_variance (1 − Var(R − v)/Var(R), 0 when Var(R) = 0), value_mean, return_mean.
+
+    kl_penalty_fwd(logprobs, ref_logprobs, estimator: str) -> kl[N] f32
+    kl_penalty_bwd(grad_kl[N] f32, logprobs, ref_logprobs, estimator: str) -> grad_logprobs[N] f32
+      (the gradient of ref_logprobs is its negation: every estimator is a function of lp − ref).
+
+Device functions for other kernels' epilogues (``linear_ppo_loss`` calls them on register tiles)::
+
+    _kl_math(d, KL_EST) -> (kl, dkl/dd)                       KL_EST = KL_CODES[estimator]
+    _ppo_token_math(lp, old, adv, ref, ent, clip_low, clip_high, dual_clip, kl_coef, entropy_coef,
+                    HAS_DUAL, HAS_REF, KL_EST, HAS_ENT)
+        -> (loss, pg_loss, g_lp, g_ent, ratio, approx_kl, clip_flag, dual_flag, kl)   per token, unweighted
+    _value_token_math(v, old, ret, clip, HAS_CLIP) -> (loss, g_v, clip_flag)       per token, unweighted
+
+Memory: the outputs ([N] float32 gradients) plus a ``[programs, ≤11]`` float32 partial table;
+programs ≤ 4 × SM count on a GPU (each program loops over blocks).
+"""
+from __future__ import annotations
+
+import functools
+
+import torch
+import triton
+import triton.language as tl
+
+KL_CODES = {"k1": 0, "k2": 1, "k3": 2, "abs": 3}
+PPO_STAT_KEYS = (
+    "clip_fraction", "dual_clip_fraction", "approx_kl", "ratio_mean", "ratio_min", "ratio_max",
+    "pg_loss", "entropy", "kl",
+)
+VALUE_STAT_KEYS = ("value_clip_fraction", "explained_variance", "value_mean", "return_mean")
+
+_BLOCK = 1024
+_NUM_WARPS = 4
+_PROPAGATE = tl.PropagateNan.ALL
+
+
+# ----------------------------------------------------------------------------- device functions
+@triton.jit
+def _kl_math(d, KL_EST: tl.constexpr):
+    """KL estimate of d = lp − ref and its derivative in d (k1, k2, k3, abs)."""
+    if KL_EST == 0:
+        kl = d
+        g = tl.full(d.shape, 1.0, tl.float32)
+    elif KL_EST == 1:
+        kl = 0.5 * d * d
+        g = d
+    elif KL_EST == 2:
+        e = tl.exp(-d)
+        kl = e + d - 1.0
+        g = 1.0 - e
+    else:
+        kl = tl.abs(d)
+        g = tl.where(d > 0, 1.0, tl.where(d < 0, -1.0, 0.0))
+    return kl, g
+
+
+@triton.jit
+def _ppo_token_math(
+    lp, old, adv, ref, ent, clip_low, clip_high, dual_clip, kl_coef, entropy_coef,
+    HAS_DUAL: tl.constexpr, HAS_REF: tl.constexpr, KL_EST: tl.constexpr, HAS_ENT: tl.constexpr,
+):
+    """Per-token PPO loss and its derivatives (unweighted); see the module docstring."""
+    log_ratio = lp - old
+    ratio = tl.exp(log_ratio)
+    lo = 1.0 - clip_low
+    hi = 1.0 + clip_high
+    unclipped = -adv * ratio
+    clipped = -adv * tl.clamp(ratio, lo, hi, propagate_nan=_PROPAGATE)
+    g_un = unclipped  # ∂(−A·ρ)/∂lp = −A·ρ
+    g_cl = tl.where((ratio >= lo) & (ratio <= hi), g_un, 0.0)
+    pg = tl.maximum(unclipped, clipped, propagate_nan=_PROPAGATE)
+    g_lp = tl.where(unclipped > clipped, g_un, tl.where(clipped > unclipped, g_cl, 0.5 * (g_un + g_cl)))
+    clip_flag = clipped > unclipped
+    if HAS_DUAL:
+        bound = -adv * dual_clip
+        neg = adv < 0
+        dual_flag = neg & (pg > bound)
+        g_lp = tl.where(neg, tl.where(pg < bound, g_lp, tl.where(pg > bound, 0.0, 0.5 * g_lp)), g_lp)
+        pg = tl.where(neg, tl.minimum(pg, bound, propagate_nan=_PROPAGATE), pg)
+    else:
+        dual_flag = tl.zeros(lp.shape, tl.int1)
+    loss = pg
+    if HAS_REF:
+        kl, g_kl = _kl_math(lp - ref, KL_EST)
+        loss = loss + kl_coef * kl
+        g_lp = g_lp + kl_coef * g_kl
+    else:
+        kl = tl.zeros(lp.shape, tl.float32)
+    if HAS_ENT:
+        loss = loss - entropy_coef * ent
+        g_ent = tl.full(lp.shape, 0.0, tl.float32) - entropy_coef
+    else:
+        g_ent = tl.zeros(lp.shape, tl.float32)
+    approx_kl = ratio - 1.0 - log_ratio
+    return loss, pg, g_lp, g_ent, ratio, approx_kl, clip_flag, dual_flag, kl
+
+
+@triton.jit
+def _value_token_math(v, old, ret, clip, HAS_CLIP: tl.constexpr):
+    """Per-token clipped value loss, its derivative in v, and the clip flag (unweighted)."""
+    diff = v - ret
+    err = diff * diff
+    if HAS_CLIP:
+        dv = v - old
+        dc = (old + tl.clamp(dv, -clip, clip, propagate_nan=_PROPAGATE)) - ret
+        err_c = dc * dc
+        inside = (dv >= -clip) & (dv <= clip)
+        g_c = tl.where(inside, dc, 0.0)
+        loss = 0.5 * tl.maximum(err, err_c, propagate_nan=_PROPAGATE)
+        g = tl.where(err > err_c, diff, tl.where(err_c > err, g_c, 0.5 * (diff + g_c)))
+        # inside the clip range v_c = v up to one rounding of old + (v − old): not a clipped token
+        flag = (err_c > err) & ((dv < -clip) | (dv > clip))
+    else:
+        loss = 0.5 * err
+        g = diff
+        flag = tl.zeros(v.shape, tl.int1)
+    return loss, g, flag
+
+
+# ----------------------------------------------------------------------------- kernels
+@triton.jit
+def _ppo_fwd_kernel(
+    lp_ptr, old_ptr, adv_ptr, w_ptr, m_ptr, ref_ptr, ent_ptr, g_lp_ptr, g_ent_ptr, part_ptr,
+    N, blocks_per_prog, clip_low, clip_high, dual_clip, kl_coef, entropy_coef,
+    HAS_DUAL: tl.constexpr, HAS_REF: tl.constexpr, KL_EST: tl.constexpr, HAS_ENT: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    nprog = tl.num_programs(0)
+    zero = tl.zeros([BLOCK], tl.float32)
+    acc_loss, acc_pg, acc_n, acc_clip, acc_dual = zero, zero, zero, zero, zero
+    acc_akl, acc_ratio, acc_kl, acc_ent = zero, zero, zero, zero
+    r_min = zero + float("inf")
+    r_max = zero - float("inf")
+    for i in range(0, blocks_per_prog):
+        offs = (pid + i * nprog).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+        inb = offs < N
+        lp = tl.load(lp_ptr + offs, mask=inb, other=0.0).to(tl.float32)
+        old = tl.load(old_ptr + offs, mask=inb, other=0.0).to(tl.float32)
+        adv = tl.load(adv_ptr + offs, mask=inb, other=0.0).to(tl.float32)
+        w = tl.load(w_ptr + offs, mask=inb, other=0.0).to(tl.float32)
+        m = tl.load(m_ptr + offs, mask=inb, other=0.0).to(tl.float32)
+        if HAS_REF:
+            ref = tl.load(ref_ptr + offs, mask=inb, other=0.0).to(tl.float32)
+        else:
+            ref = zero
+        if HAS_ENT:
+            ent = tl.load(ent_ptr + offs, mask=inb, other=0.0).to(tl.float32)
+        else:
+            ent = zero
+        loss, pg, g_lp, g_ent, ratio, akl, cflag, dflag, kl = _ppo_token_math(
+            lp, old, adv, ref, ent, clip_low, clip_high, dual_clip, kl_coef, entropy_coef,
+            HAS_DUAL, HAS_REF, KL_EST, HAS_ENT,
+        )
+        tl.store(g_lp_ptr + offs, w * g_lp, mask=inb)
+        if HAS_ENT:
+            tl.store(g_ent_ptr + offs, w * g_ent, mask=inb)
+        acc_loss += w * loss
+        acc_pg += w * pg
+        acc_n += m
+        acc_clip += m * cflag.to(tl.float32)
+        acc_dual += m * dflag.to(tl.float32)
+        acc_akl += m * akl
+        acc_ratio += m * ratio
+        counted = inb & (m > 0)
+        r_min = tl.minimum(r_min, tl.where(counted, ratio, float("inf")))
+        r_max = tl.maximum(r_max, tl.where(counted, ratio, -float("inf")))
+        if HAS_REF:
+            acc_kl += m * kl
+        if HAS_ENT:
+            acc_ent += m * ent
+    row = part_ptr + pid * 11
+    tl.store(row + 0, tl.sum(acc_loss, axis=0))
+    tl.store(row + 1, tl.sum(acc_pg, axis=0))
+    tl.store(row + 2, tl.sum(acc_n, axis=0))
+    tl.store(row + 3, tl.sum(acc_clip, axis=0))
+    tl.store(row + 4, tl.sum(acc_dual, axis=0))
+    tl.store(row + 5, tl.sum(acc_akl, axis=0))
+    tl.store(row + 6, tl.sum(acc_ratio, axis=0))
+    tl.store(row + 7, tl.min(r_min, axis=0))
+    tl.store(row + 8, tl.max(r_max, axis=0))
+    tl.store(row + 9, tl.sum(acc_kl, axis=0))
+    tl.store(row + 10, tl.sum(acc_ent, axis=0))
+
+
+@triton.jit
+def _value_fwd_kernel(
+    v_ptr, old_ptr, ret_ptr, w_ptr, m_ptr, g_v_ptr, part_ptr,
+    N, blocks_per_prog, clip,
+    HAS_CLIP: tl.constexpr, BLOCK: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    nprog = tl.num_programs(0)
+    zero = tl.zeros([BLOCK], tl.float32)
+    acc_loss, acc_clip, acc_v = zero, zero, zero
+    # running Welford moments (count, mean, M2) of R and of e = R − v over counted tokens
+    n_run = tl.sum(zero, axis=0)
+    mean_r, m2_r, mean_e, m2_e = n_run, n_run, n_run, n_run
+    for i in range(0, blocks_per_prog):
+        offs = (pid + i * nprog).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+        inb = offs < N
+        v = tl.load(v_ptr + offs, mask=inb, other=0.0).to(tl.float32)
+        ret = tl.load(ret_ptr + offs, mask=inb, other=0.0).to(tl.float32)
+        w = tl.load(w_ptr + offs, mask=inb, other=0.0).to(tl.float32)
+        m = tl.load(m_ptr + offs, mask=inb, other=0.0).to(tl.float32)
+        if HAS_CLIP:
+            old = tl.load(old_ptr + offs, mask=inb, other=0.0).to(tl.float32)
+        else:
+            old = zero
+        loss, g, flag = _value_token_math(v, old, ret, clip, HAS_CLIP)
+        tl.store(g_v_ptr + offs, w * g, mask=inb)
+        acc_loss += w * loss
+        acc_clip += m * flag.to(tl.float32)
+        acc_v += m * v
+        e = ret - v
+        n_b = tl.sum(m, axis=0)
+        inv_b = 1.0 / tl.maximum(n_b, 1.0)
+        mr_b = tl.sum(m * ret, axis=0) * inv_b
+        me_b = tl.sum(m * e, axis=0) * inv_b
+        m2r_b = tl.sum(m * (ret - mr_b) * (ret - mr_b), axis=0)
+        m2e_b = tl.sum(m * (e - me_b) * (e - me_b), axis=0)
+        n_new = n_run + n_b
+        frac = n_b / tl.maximum(n_new, 1.0)
+        d_r = mr_b - mean_r
+        d_e = me_b - mean_e
+        mean_r = mean_r + d_r * frac
+        mean_e = mean_e + d_e * frac
+        m2_r = m2_r + m2r_b + d_r * d_r * n_run * frac
+        m2_e = m2_e + m2e_b + d_e * d_e * n_run * frac
+        n_run = n_new
+    row = part_ptr + pid * 8
+    tl.store(row + 0, tl.sum(acc_loss, axis=0))
+    tl.store(row + 1, n_run)
+    tl.store(row + 2, tl.sum(acc_clip, axis=0))
+    tl.store(row + 3, tl.sum(acc_v, axis=0))
+    tl.store(row + 4, mean_r)
+    tl.store(row + 5, m2_r)
+    tl.store(row + 6, mean_e)
+    tl.store(row + 7, m2_e)
+
+
+@triton.jit
+def _kl_fwd_kernel(lp_ptr, ref_ptr, out_ptr, N, KL_EST: tl.constexpr, BLOCK: tl.constexpr):
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    inb = offs < N
+    lp = tl.load(lp_ptr + offs, mask=inb, other=0.0).to(tl.float32)
+    ref = tl.load(ref_ptr + offs, mask=inb, other=0.0).to(tl.float32)
+    kl, _ = _kl_math(lp - ref, KL_EST)
+    tl.store(out_ptr + offs, kl, mask=inb)
+
+
+@triton.jit
+def _kl_bwd_kernel(g_ptr, lp_ptr, ref_ptr, out_ptr, N, KL_EST: tl.constexpr, BLOCK: tl.constexpr):
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    inb = offs < N
+    g = tl.load(g_ptr + offs, mask=inb, other=0.0).to(tl.float32)
+    lp = tl.load(lp_ptr + offs, mask=inb, other=0.0).to(tl.float32)
+    ref = tl.load(ref_ptr + offs, mask=inb, other=0.0).to(tl.float32)
+    _, dkl = _kl_math(lp - ref, KL_EST)
+    tl.store(out_ptr + offs, g * dkl, mask=inb)
+
+
+# ----------------------------------------------------------------------------- launchers
+@functools.lru_cache(maxsize=None)
+def _max_programs(device_index: int) -> int:
+    return 4 * torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def _grid(n: int, device: torch.device, block: int, programs: int | None) -> tuple[int, int]:
+    """(programs, blocks per program) for a persistent 1-D launch over n elements (≥ 1 program)."""
+    blocks = triton.cdiv(n, block)
+    if programs is None:
+        programs = _max_programs(device.index if device.index is not None else torch.cuda.current_device()) \
+            if device.type == "cuda" else blocks
+    programs = max(1, min(programs, blocks))
+    return programs, triton.cdiv(blocks, programs)
+
+
+def _present(t: torch.Tensor | None) -> bool:
+    return t is not None and t.numel() > 0
+
+
+def _kl_code(estimator: str) -> int:
+    if estimator not in KL_CODES:
+        raise ValueError(f"kl_estimator: expected one of {tuple(KL_CODES)}, got {estimator!r}")
+    return KL_CODES[estimator]
+
+
+def ppo_token_fwd(
+    logprobs: torch.Tensor,
+    old_logprobs: torch.Tensor,
+    advantages: torch.Tensor,
+    weights: torch.Tensor,
+    mask: torch.Tensor,
+    ref_logprobs: torch.Tensor | None,
+    entropy: torch.Tensor | None,
+    clip_low: float,
+    clip_high: float,
+    dual_clip: float | None,
+    kl_estimator: str,
+    kl_coef: float,
+    entropy_coef: float,
+    *,
+    _block: int = _BLOCK,
+    _programs: int | None = None,
+):
+    """Fused PPO token epilogue; see the module docstring for the math and the outputs."""
+    n = logprobs.numel()
+    dev = logprobs.device
+    has_ref, has_ent = _present(ref_logprobs), _present(entropy)
+    programs, per_prog = _grid(n, dev, _block, _programs)
+    g_lp = torch.empty(n, dtype=torch.float32, device=dev)
+    g_ent = torch.empty(n if has_ent else 0, dtype=torch.float32, device=dev)
+    part = torch.empty(programs, 11, dtype=torch.float32, device=dev)
+    _ppo_fwd_kernel[(programs,)](
+        logprobs, old_logprobs, advantages, weights, mask,
+        ref_logprobs if has_ref else logprobs, entropy if has_ent else logprobs,
+        g_lp, g_ent if has_ent else g_lp, part,
+        n, per_prog, float(clip_low), float(clip_high), float(dual_clip or 0.0), float(kl_coef), float(entropy_coef),
+        HAS_DUAL=dual_clip is not None, HAS_REF=has_ref, KL_EST=_kl_code(kl_estimator), HAS_ENT=has_ent,
+        BLOCK=_block, num_warps=_NUM_WARPS,
+    )
+    sums = part.sum(0)
+    count = sums[2]
+    denom = count.clamp_min(1.0)
+    any_counted = count > 0
+    zero = torch.zeros((), dtype=torch.float32, device=dev)
+    stats = torch.stack([
+        sums[3] / denom,
+        sums[4] / denom,
+        sums[5] / denom,
+        sums[6] / denom,
+        torch.where(any_counted, part[:, 7].amin(), zero),
+        torch.where(any_counted, part[:, 8].amax(), zero),
+        sums[1],
+        sums[10] / denom,
+        sums[9] / denom,
+    ])
+    return sums[0], g_lp, g_ent, stats
+
+
+def value_loss_fwd(
+    values: torch.Tensor,
+    old_values: torch.Tensor,
+    returns: torch.Tensor,
+    weights: torch.Tensor,
+    mask: torch.Tensor,
+    clip: float | None,
+    *,
+    _block: int = _BLOCK,
+    _programs: int | None = None,
+):
+    """Fused clipped value loss; see the module docstring for the math and the outputs."""
+    n = values.numel()
+    dev = values.device
+    programs, per_prog = _grid(n, dev, _block, _programs)
+    g_v = torch.empty(n, dtype=torch.float32, device=dev)
+    part = torch.empty(programs, 8, dtype=torch.float32, device=dev)
+    _value_fwd_kernel[(programs,)](
+        values, old_values, returns, weights, mask, g_v, part,
+        n, per_prog, float(clip or 0.0),
+        HAS_CLIP=clip is not None, BLOCK=_block, num_warps=_NUM_WARPS,
+    )
+    n_p = part[:, 1]
+    count = n_p.sum()
+    inv = 1.0 / count.clamp_min(1.0)
+    mean_r = (n_p * part[:, 4]).sum() * inv
+    mean_e = (n_p * part[:, 6]).sum() * inv
+    ss_r = part[:, 5].sum() + (n_p * (part[:, 4] - mean_r) ** 2).sum()
+    ss_e = part[:, 7].sum() + (n_p * (part[:, 6] - mean_e) ** 2).sum()
+    # same form as the reference: unbiased variances, ratio guarded by the smallest normal float
+    bessel = (count - 1.0).clamp_min(1.0)
+    var_r, var_e = ss_r / bessel, ss_e / bessel
+    ev = 1.0 - var_e / var_r.clamp_min(torch.finfo(torch.float32).tiny)
+    stats = torch.stack([
+        part[:, 2].sum() * inv,
+        torch.where(var_r > 0, ev, torch.zeros_like(ev)),
+        part[:, 3].sum() * inv,
+        mean_r,
+    ])
+    return part[:, 0].sum(), g_v, stats
+
+
+def kl_penalty_fwd(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, estimator: str) -> torch.Tensor:
+    """Per-token KL estimate (float32), see :mod:`signalrl.reference.kl`."""
+    n = logprobs.numel()
+    out = torch.empty(n, dtype=torch.float32, device=logprobs.device)
+    if n:
+        _kl_fwd_kernel[(triton.cdiv(n, _BLOCK),)](
+            logprobs, ref_logprobs, out, n, KL_EST=_kl_code(estimator), BLOCK=_BLOCK, num_warps=_NUM_WARPS
+        )
+    return out
+
+
+def kl_penalty_bwd(
+    grad_kl: torch.Tensor, logprobs: torch.Tensor, ref_logprobs: torch.Tensor, estimator: str
+) -> torch.Tensor:
+    """grad_kl · ∂KL/∂logprobs (float32); the gradient of ref_logprobs is its negation."""
+    n = logprobs.numel()
+    out = torch.empty(n, dtype=torch.float32, device=logprobs.device)
+    if n:
+        _kl_bwd_kernel[(triton.cdiv(n, _BLOCK),)](
+            grad_kl, logprobs, ref_logprobs, out, n, KL_EST=_kl_code(estimator), BLOCK=_BLOCK, num_warps=_NUM_WARPS
+        )
+    return out

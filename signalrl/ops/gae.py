@@ -1,0 +1,102 @@
+"""Generalized advantage estimation with exact mask semantics.
+
+Validates, flattens ``[..., T]`` to ``[B, T]``, picks a backend (Triton: a reverse parallel scan,
+:mod:`signalrl.kernels.gae`; native: the C++ kernel ``gae_fwd``; reference:
+:func:`signalrl.reference.gae`) and runs a ``torch.library`` custom op. GAE has no gradient: the
+inputs are read as constants (as in every PPO code base) and the outputs do not require grad.
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from .. import reference
+from . import _validate as v
+from ._backend import backend_for, get_impl
+from ._check import check_enabled, checked
+
+_F32 = torch.float32
+
+
+@torch.library.custom_op("signalrl::gae_fwd", mutates_args=())
+def _gae_fwd(
+    rewards: Tensor, values: Tensor, mask: Tensor, last_values: Tensor, gamma: float, lam: float, backend: str
+) -> tuple[Tensor, Tensor]:
+    return get_impl(backend, "gae", "gae_fwd")(rewards, values, mask, last_values, gamma, lam)
+
+
+@_gae_fwd.register_fake
+def _(rewards, values, mask, last_values, gamma, lam, backend):
+    return torch.empty_like(rewards, dtype=_F32), torch.empty_like(rewards, dtype=_F32)
+
+
+def gae(
+    rewards: Tensor,
+    values: Tensor,
+    mask: Tensor | None = None,
+    *,
+    gamma: float = 0.99,
+    lam: float = 0.95,
+    last_values: Tensor | None = None,
+):
+    """Advantages and returns by GAE(γ, λ).
+
+    Args:
+        rewards, values: ``[B, T]`` (or ``[..., T]``; 1-D is one row), float32, bfloat16 or float16
+            (float64 runs the reference), same shape and device.
+        mask: optional ``[B, T]``, nonzero (True) where a token is part of the trajectory.
+        gamma, lam: discount and GAE λ, in [0, 1].
+        last_values: optional ``[B]`` (``rewards.shape[:-1]``) bootstrap value after the last valid
+            token of each row; 0 if None.
+
+    Returns:
+        ``(advantages, returns)``, float32 ``[B, T]``, not differentiable.
+
+    Math: per row, drop masked positions, then δ_k = r_k + γ·V_{k+1} − V_k (V_{K+1} = last_values),
+    A_k = δ_k + γλ·A_{k+1}, R_k = A_k + V_k, scattered back with 0 at masked positions. This covers
+    right padding, left padding and masked spans (tool output in multi-turn rollouts).
+    Memory: the two float32 outputs (plus a float32 copy of non-float32 inputs and of the mask).
+    """
+    v.tensor("rewards", rewards, dtypes=v.FLOAT_DTYPES, min_dim=1)
+    v.tensor("values", values, dtypes=v.FLOAT_DTYPES)
+    v.same_shape("values", values, "rewards", rewards)
+    v.same_device("values", values, "rewards", rewards)
+    v.optional_mask("mask", mask, "rewards", rewards)
+    gamma = v.in_range("gamma", gamma, 0.0, 1.0)
+    lam = v.in_range("lam", lam, 0.0, 1.0)
+    lead, T = rewards.shape[:-1], rewards.shape[-1]
+    if last_values is not None:
+        v.tensor("last_values", last_values, dtypes=v.FLOAT_DTYPES)
+        if last_values.shape != lead:
+            raise ValueError(
+                f"last_values: expected shape {tuple(lead)} (rewards.shape[:-1]), got {tuple(last_values.shape)}"
+            )
+        v.same_device("last_values", last_values, "rewards", rewards)
+
+    def rows(x):
+        return None if x is None else x.detach().reshape(-1, T)
+
+    def ref_fn(r, val, m, last):
+        lv = None if last is None else last.reshape(-1)
+        adv, ret = reference.gae(rows(r), rows(val), rows(m), gamma=gamma, lam=lam, last_values=lv)
+        return adv.reshape(r.shape), ret.reshape(r.shape)
+
+    backend = backend_for("gae", "gae_fwd", rewards)
+    if torch.float64 in (rewards.dtype, values.dtype) or rewards.numel() == 0:
+        backend = "reference"
+    if backend == "reference":
+        return ref_fn(rewards, values, mask, last_values)
+
+    def fast_fn(r, val, m, last):
+        r2, v2 = rows(r).contiguous(), rows(val).contiguous()
+        if backend == "native":  # the C++ kernel takes float32 (docs/backends.md)
+            r2, v2 = r2.to(_F32), v2.to(_F32)
+        m2 = torch.ones_like(r2, dtype=_F32) if m is None else (rows(m) != 0).to(_F32).contiguous()
+        lv = r2.new_zeros(r2.shape[0], dtype=_F32) if last is None else last.detach().reshape(-1).to(_F32).contiguous()
+        adv, ret = _gae_fwd(r2, v2, m2, lv, gamma, lam, backend)
+        return adv.reshape(r.shape), ret.reshape(r.shape)
+
+    inputs = (rewards, values, mask, last_values)
+    if check_enabled():
+        return checked("gae", fast_fn, ref_fn, inputs, rewards.dtype)
+    return fast_fn(*inputs)

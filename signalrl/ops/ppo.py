@@ -1,0 +1,251 @@
+"""PPO objectives: the clipped policy surrogate and the clipped value loss.
+
+The public functions validate their arguments, turn the aggregation into per-token weights
+(:func:`signalrl.ops._aggregate.token_weights`: every aggregation is Σ_i w_i·ℓ_i), pick a backend
+and run a ``torch.library`` custom op whose forward computes the loss, its per-token gradient and
+the statistics in one pass (Triton: :mod:`signalrl.kernels.ppo`); the backward is one multiply.
+The reference backend is :mod:`signalrl.reference.ppo` itself. In check mode every call is
+compared with the reference in float64, values and gradients.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from .. import reference
+from ..reference.ppo import AGGREGATIONS
+from . import _validate as v
+from ._aggregate import token_weights
+from ._backend import backend_for, get_impl
+from ._check import check_enabled, checked
+
+_F32 = torch.float32
+SURROGATE_STAT_KEYS = (
+    "clip_fraction", "dual_clip_fraction", "approx_kl", "ratio_mean", "ratio_min", "ratio_max",
+)
+VALUE_STAT_KEYS = ("value_clip_fraction", "explained_variance", "value_mean", "return_mean")
+
+
+def _flat(x: Tensor) -> Tensor:
+    return x.reshape(-1).contiguous()
+
+
+def _check_per_token(name: str, x, ref_name: str, ref: Tensor) -> Tensor:
+    v.tensor(name, x, dtypes=v.FLOAT_DTYPES)
+    v.same_shape(name, x, ref_name, ref)
+    v.same_device(name, x, ref_name, ref)
+    return x
+
+
+# --- clipped_surrogate: custom op ------------------------------------------------------------
+
+
+@torch.library.custom_op("signalrl::clipped_surrogate_fwd", mutates_args=())
+def _surrogate_fwd(
+    logprobs: Tensor, old_logprobs: Tensor, advantages: Tensor, weights: Tensor, mask: Tensor,
+    clip_low: float, clip_high: float, dual_clip: Optional[float], backend: str,
+) -> tuple[Tensor, Tensor, Tensor]:
+    fn = get_impl(backend, "ppo", "ppo_token_fwd")
+    loss, g_lp, _, stats = fn(
+        logprobs, old_logprobs, advantages, weights, mask, None, None,
+        clip_low, clip_high, dual_clip, "k3", 0.0, 0.0,
+    )
+    return loss, g_lp, stats[: len(SURROGATE_STAT_KEYS)].clone()
+
+
+@_surrogate_fwd.register_fake
+def _(logprobs, old_logprobs, advantages, weights, mask, clip_low, clip_high, dual_clip, backend):
+    n = logprobs.shape[0]
+    return (logprobs.new_empty((), dtype=_F32), logprobs.new_empty(n, dtype=_F32),
+            logprobs.new_empty(len(SURROGATE_STAT_KEYS), dtype=_F32))
+
+
+def _surrogate_setup(ctx, inputs, output):
+    _loss, g_lp, stats = output
+    ctx.mark_non_differentiable(g_lp, stats)
+    ctx.save_for_backward(g_lp)
+    ctx.lp_dtype = inputs[0].dtype
+
+
+def _surrogate_backward(ctx, g_loss, _g_glp, _g_stats):
+    (g_lp,) = ctx.saved_tensors
+    grad = (g_lp * g_loss).to(ctx.lp_dtype) if g_loss is not None else None
+    return grad, None, None, None, None, None, None, None, None
+
+
+torch.library.register_autograd(
+    "signalrl::clipped_surrogate_fwd", _surrogate_backward, setup_context=_surrogate_setup
+)
+
+
+# --- clipped_surrogate: public op -----------------------------------------------------------
+
+
+def clipped_surrogate(
+    logprobs: Tensor,
+    old_logprobs: Tensor,
+    advantages: Tensor,
+    mask: Tensor | None = None,
+    *,
+    clip_low: float = 0.2,
+    clip_high: float | None = None,
+    dual_clip: float | None = None,
+    aggregation: str = "token-mean",
+):
+    """PPO clipped policy surrogate with per-token advantages.
+
+    Args:
+        logprobs: ``[B, T]`` (or ``[..., T]``; 1-D is one row) log π_θ of the sampled tokens;
+            float32, bfloat16 or float16 (float64 runs the reference).
+        old_logprobs, advantages: same shape and device, any float dtype (read as float32).
+        mask: optional ``[B, T]``, 1 (or True) where a token counts; fractional values weight tokens.
+        clip_low, clip_high: the ratio is clipped to ``[1 − clip_low, 1 + clip_high]``;
+            ``clip_high`` defaults to ``clip_low`` (set it higher for DAPO's clip-higher).
+        dual_clip: c > 1 bounds the loss of negative-advantage tokens by −A·c (dual-clip PPO).
+        aggregation: ``token-mean``, ``seq-mean-token-sum``, ``seq-mean-token-mean`` or
+            ``seq-mean-token-sum-norm`` (see :func:`signalrl.reference.aggregate`).
+
+    Returns:
+        ``(loss, stats)``: the aggregated loss, a 0-d float32 tensor, and 0-d float32 stats
+        ``clip_fraction``, ``dual_clip_fraction``, ``approx_kl`` (mean of ρ − 1 − log ρ),
+        ``ratio_mean``, ``ratio_min``, ``ratio_max`` over counted tokens (no host sync).
+
+    Math: ρ = exp(logp − old_logp), ℓ = max(−A·ρ, −A·clip(ρ, 1 − clip_low, 1 + clip_high)), with
+    dual-clip ℓ = min(ℓ, −A·c) where A < 0; loss = Σ w·ℓ with the aggregation's weights w.
+    Gradient flows to ``logprobs`` only (old log-probs and advantages are constants).
+    Memory: the fused backend keeps one ``[N]`` float32 per-token gradient between forward and
+    backward (it is computed in the forward pass) and a few hundred floats of partial statistics.
+    """
+    v.tensor("logprobs", logprobs, dtypes=v.FLOAT_DTYPES, min_dim=1)
+    _check_per_token("old_logprobs", old_logprobs, "logprobs", logprobs)
+    _check_per_token("advantages", advantages, "logprobs", logprobs)
+    v.optional_mask("mask", mask, "logprobs", logprobs)
+    clip_low = v.in_range("clip_low", clip_low, 0.0, 1.0)
+    clip_high = clip_low if clip_high is None else v.non_negative("clip_high", clip_high)
+    if dual_clip is not None:
+        if isinstance(dual_clip, bool) or not isinstance(dual_clip, (int, float)) or not dual_clip > 1:
+            raise ValueError(f"dual_clip: expected None or a number > 1, got {dual_clip!r}")
+        dual_clip = float(dual_clip)
+    v.choice("aggregation", aggregation, AGGREGATIONS)
+
+    def ref_fn(lp, old, adv, m):
+        return reference.clipped_surrogate(
+            lp, old, adv, m, clip_low=clip_low, clip_high=clip_high, dual_clip=dual_clip, aggregation=aggregation
+        )
+
+    backend = backend_for("ppo", "ppo_token_fwd", logprobs)
+    if logprobs.dtype == torch.float64 or logprobs.numel() == 0:
+        backend = "reference"
+    if backend == "reference":
+        return ref_fn(logprobs, old_logprobs, advantages, mask)
+
+    def fast_fn(lp, old, adv, m):
+        w = token_weights(m, aggregation, shape=lp.shape, device=lp.device)
+        m32 = torch.ones(lp.numel(), dtype=_F32, device=lp.device) if m is None else _flat(m.to(_F32))
+        loss, _, stats = _surrogate_fwd(
+            _flat(lp), _flat(old), _flat(adv), _flat(w), m32, clip_low, clip_high, dual_clip, backend
+        )
+        return loss, dict(zip(SURROGATE_STAT_KEYS, stats.unbind(0)))
+
+    inputs = (logprobs, old_logprobs, advantages, mask)
+    if check_enabled():
+        return checked("clipped_surrogate", fast_fn, ref_fn, inputs, logprobs.dtype)
+    return fast_fn(*inputs)
+
+
+# --- value_loss: custom op -------------------------------------------------------------------
+
+
+@torch.library.custom_op("signalrl::value_loss_fwd", mutates_args=())
+def _value_fwd(
+    values: Tensor, old_values: Tensor, returns: Tensor, weights: Tensor, mask: Tensor,
+    clip: Optional[float], backend: str,
+) -> tuple[Tensor, Tensor, Tensor]:
+    fn = get_impl(backend, "ppo", "value_loss_fwd")
+    return fn(values, old_values, returns, weights, mask, clip)
+
+
+@_value_fwd.register_fake
+def _(values, old_values, returns, weights, mask, clip, backend):
+    n = values.shape[0]
+    return (values.new_empty((), dtype=_F32), values.new_empty(n, dtype=_F32),
+            values.new_empty(len(VALUE_STAT_KEYS), dtype=_F32))
+
+
+def _value_setup(ctx, inputs, output):
+    _loss, g_v, stats = output
+    ctx.mark_non_differentiable(g_v, stats)
+    ctx.save_for_backward(g_v)
+    ctx.v_dtype = inputs[0].dtype
+
+
+def _value_backward(ctx, g_loss, _g_gv, _g_stats):
+    (g_v,) = ctx.saved_tensors
+    grad = (g_v * g_loss).to(ctx.v_dtype) if g_loss is not None else None
+    return grad, None, None, None, None, None, None
+
+
+torch.library.register_autograd("signalrl::value_loss_fwd", _value_backward, setup_context=_value_setup)
+
+
+# --- value_loss: public op ------------------------------------------------------------------
+
+
+def value_loss(
+    values: Tensor,
+    old_values: Tensor,
+    returns: Tensor,
+    mask: Tensor | None = None,
+    *,
+    clip: float | None = None,
+    aggregation: str = "token-mean",
+):
+    """Clipped value-function loss.
+
+    Args:
+        values: ``[B, T]`` (or ``[..., T]``) predictions of the value head; float32, bfloat16 or
+            float16 (float64 runs the reference).
+        old_values, returns: same shape and device, any float dtype (read as float32).
+        mask: optional ``[B, T]``, 1 (or True) where a token counts.
+        clip: c > 0 clips the new prediction to ``old_values ± c``; None disables clipping.
+        aggregation: as in :func:`clipped_surrogate`.
+
+    Returns:
+        ``(loss, stats)``: 0-d float32 loss and 0-d float32 stats ``value_clip_fraction``,
+        ``explained_variance`` (1 − Var(R − v)/Var(R) over counted tokens, 0 when Var(R) = 0),
+        ``value_mean``, ``return_mean``.
+
+    Math: v_c = old + clip(v − old, −c, c), ℓ = ½·max((v − R)², (v_c − R)²) (½·(v − R)² without
+    clip); loss = Σ w·ℓ. A token counts as clipped when |v − old| > c and the clipped error is the
+    larger one. Gradient flows to ``values`` only.
+    Memory: one ``[N]`` float32 per-token gradient kept from forward to backward.
+    """
+    v.tensor("values", values, dtypes=v.FLOAT_DTYPES, min_dim=1)
+    _check_per_token("old_values", old_values, "values", values)
+    _check_per_token("returns", returns, "values", values)
+    v.optional_mask("mask", mask, "values", values)
+    if clip is not None:
+        clip = v.positive("clip", clip)
+    v.choice("aggregation", aggregation, AGGREGATIONS)
+
+    def ref_fn(val, old, ret, m):
+        return reference.value_loss(val, old, ret, m, clip=clip, aggregation=aggregation)
+
+    backend = backend_for("ppo", "value_loss_fwd", values)
+    if values.dtype == torch.float64 or values.numel() == 0:
+        backend = "reference"
+    if backend == "reference":
+        return ref_fn(values, old_values, returns, mask)
+
+    def fast_fn(val, old, ret, m):
+        w = token_weights(m, aggregation, shape=val.shape, device=val.device)
+        m32 = torch.ones(val.numel(), dtype=_F32, device=val.device) if m is None else _flat(m.to(_F32))
+        loss, _, stats = _value_fwd(_flat(val), _flat(old), _flat(ret), _flat(w), m32, clip, backend)
+        return loss, dict(zip(VALUE_STAT_KEYS, stats.unbind(0)))
+
+    inputs = (values, old_values, returns, mask)
+    if check_enabled():
+        return checked("value_loss", fast_fn, ref_fn, inputs, values.dtype)
+    return fast_fn(*inputs)
