@@ -1,0 +1,154 @@
+"""Backend choice for the op layer.
+
+Backends, in order of preference for a given tensor:
+
+- ``triton``: CUDA tensors, or any tensors when ``TRITON_INTERPRET=1`` (how CPU machines test kernels);
+- ``native``: CPU tensors, when the C++ extension in ``csrc/`` builds (see :mod:`signalrl.native`);
+- ``reference``: always (:mod:`signalrl.reference`, plain PyTorch autograd).
+
+An op uses a backend only if that backend implements it (``get_impl`` finds its kernel function).
+Force a backend with the environment variable ``SIGNAL_BACKEND=triton|native|reference`` or the
+context manager :func:`use_backend`; a forced backend that the op does not implement for the
+tensor's device falls back to ``reference``, and one that cannot run on this machine at all
+(Triton without CUDA or the interpreter, native without a compiler) raises.
+"""
+from __future__ import annotations
+
+import contextlib
+import importlib
+import importlib.util
+import os
+from typing import Callable, Iterator
+
+import torch
+
+BACKENDS = ("triton", "native", "reference")
+
+# A stack rather than a ContextVar: torch.compile reads module globals as guarded constants.
+_forced_stack: list[str] = []
+
+
+def _check_name(name: str, source: str) -> str:
+    if name not in BACKENDS:
+        raise ValueError(f"{source}: expected one of {BACKENDS}, got {name!r}")
+    return name
+
+
+@contextlib.contextmanager
+def use_backend(name: str) -> Iterator[None]:
+    """Force ``name`` for every op called inside the block (nests; innermost wins)."""
+    _forced_stack.append(_check_name(name, "use_backend(name)"))
+    try:
+        yield
+    finally:
+        _forced_stack.pop()
+
+
+def forced_backend() -> str | None:
+    """The backend forced by :func:`use_backend` or ``SIGNAL_BACKEND``, if any."""
+    if _forced_stack:
+        return _forced_stack[-1]
+    env = os.environ.get("SIGNAL_BACKEND", "").strip().lower()
+    return _check_name(env, "SIGNAL_BACKEND") if env else None
+
+
+def interpreter_enabled() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "") == "1"
+
+
+_triton_importable: bool | None = None
+
+
+def triton_usable(device: torch.device) -> bool:
+    """Triton can run on ``device``: CUDA with triton installed, or any device under the interpreter."""
+    global _triton_importable
+    if _triton_importable is None:
+        _triton_importable = importlib.util.find_spec("triton") is not None
+    if not _triton_importable:
+        return False
+    return interpreter_enabled() or device.type == "cuda"
+
+
+def _native_module():
+    try:
+        from .. import native
+    except ImportError:  # a build of signalrl without the native loader
+        return None
+    return native
+
+
+def native_usable(device: torch.device) -> bool:
+    native = _native_module()
+    return device.type == "cpu" and native is not None and native.available()
+
+
+_TRITON_FAMILIES = ("logprobs", "linear_logprobs", "linear_ppo", "ppo", "gae")
+
+
+def get_impl(backend: str, family: str, name: str) -> Callable | None:
+    """The kernel function ``name`` of ``family`` in ``backend``, or None if it has none.
+
+    triton → ``signalrl.kernels.<family>.<name>``; native → ``signalrl.native.get(name)``.
+    """
+    if backend == "triton":
+        if family not in _TRITON_FAMILIES or importlib.util.find_spec("triton") is None:
+            return None
+        if importlib.util.find_spec(f"signalrl.kernels.{family}") is None:
+            return None
+        module = importlib.import_module(f"signalrl.kernels.{family}")
+        return getattr(module, name, None)
+    if backend == "native":
+        native = _native_module()
+        return native.get(name) if native is not None and native.available() else None
+    return None
+
+
+def _usable(backend: str, device: torch.device) -> bool:
+    if backend == "triton":
+        return triton_usable(device)
+    if backend == "native":
+        return native_usable(device)
+    return True
+
+
+def backend_for(family: str, fwd_name: str, tensor: torch.Tensor) -> str:
+    """Which backend runs kernel ``fwd_name`` of ``family`` for ``tensor`` now.
+
+    Under ``torch.compile`` the choice is made once, while tracing, and baked into the graph.
+    """
+    return _choose(family, fwd_name, tensor.device.type)
+
+
+@torch._dynamo.assume_constant_result
+def _choose(family: str, fwd_name: str, device_type: str) -> str:
+    device = torch.device(device_type)
+    forced = forced_backend()
+    if forced is not None:
+        if forced == "reference":
+            return "reference"
+        if forced == "triton" and importlib.util.find_spec("triton") is None:
+            raise RuntimeError("backend 'triton' was forced but triton is not installed")
+        if forced == "triton" and device.type != "cuda" and not interpreter_enabled():
+            raise RuntimeError(
+                "backend 'triton' was forced for a CPU tensor; set TRITON_INTERPRET=1 before importing "
+                "triton to run kernels in the interpreter, or move the tensors to CUDA"
+            )
+        if forced == "native" and device.type == "cpu":
+            native = _native_module()
+            if native is None or not native.available():
+                why = getattr(native, "why", lambda: "signalrl.native is missing")() if native else "signalrl.native is missing"
+                raise RuntimeError(f"backend 'native' was forced but the extension is unavailable: {why}")
+        if _usable(forced, device) and get_impl(forced, family, fwd_name) is not None:
+            return forced
+        return "reference"
+    for backend in ("triton", "native"):
+        if _usable(backend, device) and get_impl(backend, family, fwd_name) is not None:
+            return backend
+    return "reference"
+
+
+def available_backends(family: str, fwd_name: str, device: torch.device | str = "cpu") -> list[str]:
+    """Every backend that can run ``fwd_name`` on ``device`` on this machine (reference last)."""
+    device = torch.device(device)
+    out = [b for b in ("triton", "native") if _usable(b, device) and get_impl(b, family, fwd_name) is not None]
+    return out + ["reference"]

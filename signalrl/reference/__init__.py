@@ -1,0 +1,18 @@
+"""Ground truth in plain PyTorch.
+
+Every op in :mod:`signalrl.ops` has a function of the same name and signature here. These are
+written to be read and trusted, not to be fast: they materialize what they need, compute in
+float32 (float64 when given float64) and use only documented PyTorch autograd.
+This package imports nothing else from :mod:`signalrl`.
+"""
+from .gae import gae
+from .kl import KL_ESTIMATORS, kl_penalty
+from .logprobs import linear_token_logprobs, token_logprobs
+from .ppo import AGGREGATIONS, aggregate, clipped_surrogate, linear_ppo_loss, value_loss
+from .stats import group_normalize, masked_mean, masked_var, masked_whiten
+
+__all__ = [
+    "AGGREGATIONS", "KL_ESTIMATORS", "aggregate", "clipped_surrogate", "gae", "group_normalize",
+    "kl_penalty", "linear_ppo_loss", "linear_token_logprobs", "masked_mean", "masked_var",
+    "masked_whiten", "token_logprobs", "value_loss",
+]

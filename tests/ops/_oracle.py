@@ -1,0 +1,34 @@
+"""Shared accuracy checks for op tests (the Cut Cross-Entropy oracle, METHOD.md tolerances)."""
+import torch
+
+
+def rel_err(got: torch.Tensor, truth: torch.Tensor, floor: float = 1e-6) -> float:
+    """‖got − truth‖ / max(‖truth‖, floor·√n) in float64; any NaN/inf in ``got`` → inf.
+
+    The floor keeps quantities that are ~0 in truth (entropy of a one-hot softmax, say) from
+    turning harmless absolute differences of 1e-30 into relative error 1."""
+    g, t = got.detach().double(), truth.detach().double()
+    assert g.shape == t.shape, (g.shape, t.shape)
+    if not torch.isfinite(g).all():
+        return float("inf")
+    denom = max(t.norm().item(), floor * max(t.numel(), 1) ** 0.5)
+    return (g - t).norm().item() / denom
+
+
+def tol_for(dtype: torch.dtype) -> float:
+    return 1e-5 if dtype in (torch.float32, torch.float64) else 1e-2
+
+
+# Rounding a result to bfloat16/float16 alone costs up to 2^-8 / 2^-11 relative.
+_ROUNDING = {torch.bfloat16: 2.0**-8, torch.float16: 2.0**-11}
+
+
+def assert_close(what: str, got, truth, dtype, baseline=None):
+    """fp32: ≲1e-5 relative to float64 truth; bf16/fp16: ≲1e-2, and — given the same-dtype PyTorch
+    ``baseline`` — no worse than twice its error (or than rounding the output to that dtype)."""
+    err = rel_err(got, truth)
+    tol = tol_for(dtype)
+    assert err <= tol, f"{what}: relative error {err:.3e} > {tol:.1e}"
+    if baseline is not None and dtype in _ROUNDING:
+        bound = max(2 * rel_err(baseline, truth), _ROUNDING[dtype])
+        assert err <= bound, f"{what}: relative error {err:.3e} worse than same-dtype PyTorch bound {bound:.3e}"

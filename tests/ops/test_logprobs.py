@@ -1,0 +1,250 @@
+"""token_logprobs / linear_token_logprobs on every backend available here, against float64 truth."""
+import pytest
+import torch
+
+import signalrl.ops as ops
+from signalrl import reference
+from signalrl.ops import SignalCheckError, available_backends, check_mode, use_backend
+
+from ._oracle import assert_close, rel_err
+
+TOKEN_BACKENDS = available_backends("logprobs", "token_logprobs_fwd")
+LINEAR_BACKENDS = available_backends("linear_logprobs", "linear_token_logprobs_fwd")
+DTYPES = [torch.float32, torch.bfloat16]
+
+
+def _targets(shape, V, ignore_frac=0.2, ignore_index=-100):
+    t = torch.randint(0, V, shape)
+    t[torch.rand(shape) < ignore_frac] = ignore_index
+    return t
+
+
+def _truth_token(logits, targets, **kw):
+    x = logits.detach().double().requires_grad_()
+    lp, ent = reference.token_logprobs(x, targets, return_entropy=True, **kw)
+    return x, lp, ent
+
+
+def _run_token(backend, logits, targets, **kw):
+    x = logits.detach().clone().requires_grad_()
+    with use_backend(backend):
+        lp, ent = ops.token_logprobs(x, targets, return_entropy=True, **kw)
+    return x, lp, ent
+
+
+@pytest.mark.parametrize("backend", TOKEN_BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize(
+    "shape,V,temperature,scale",
+    [((37,), 1000, 1.0, 3.0), ((3, 5), 1031, 0.7, 3.0), ((1,), 1000, 1.0, 3.0), ((4,), 32000, 1.3, 5.0),
+     ((6,), 1000, 1.0, 1e4)],
+    ids=["N37-V1000", "B3T5-V1031-temp", "N1", "V32000", "huge-logits"],
+)
+def test_token_logprobs_values_and_grads(backend, dtype, shape, V, temperature, scale):
+    logits = (torch.randn(*shape, V) * scale).to(dtype)
+    targets = _targets(shape, V)
+    kw = dict(temperature=temperature)
+    x, lp, ent = _run_token(backend, logits, targets, **kw)
+    xt, lp_t, ent_t = _truth_token(logits, targets, **kw)
+    assert lp.dtype == torch.float32 and ent.dtype == torch.float32 and lp.shape == targets.shape
+    # same-dtype PyTorch baseline: log_softmax computed in the input dtype
+    xb = logits.detach().clone().requires_grad_()
+    lsm = torch.log_softmax(xb / temperature, -1)
+    valid = targets != -100
+    lp_b = torch.where(valid, lsm.gather(-1, targets.clamp_min(0).unsqueeze(-1)).squeeze(-1), 0).float()
+    assert_close("logprobs", lp, lp_t, dtype, baseline=lp_b)
+    assert_close("entropy", ent, ent_t, dtype)
+    assert (lp[~valid] == 0).all() and (ent[~valid] == 0).all()
+
+    g_lp, g_ent = torch.randn_like(lp), torch.randn_like(ent)
+    (lp * g_lp + ent * g_ent).sum().backward()
+    (lp_t * g_lp.double() + ent_t * g_ent.double()).sum().backward()
+    (lp_b * g_lp).sum().backward()
+    assert x.grad.dtype == dtype
+    assert_close("d logits", x.grad, xt.grad, dtype)
+    assert (x.grad[~valid] == 0).all()
+
+
+@pytest.mark.parametrize("backend", TOKEN_BACKENDS)
+def test_token_logprobs_all_ignored(backend):
+    logits = torch.randn(5, 1000, requires_grad=True)
+    targets = torch.full((5,), -1, dtype=torch.long)
+    with use_backend(backend):
+        lp, ent = ops.token_logprobs(logits, targets, ignore_index=-1, return_entropy=True)
+    (lp.sum() + ent.sum()).backward()
+    assert torch.equal(lp, torch.zeros(5)) and torch.equal(ent, torch.zeros(5))
+    assert torch.equal(logits.grad, torch.zeros_like(logits))
+
+
+@pytest.mark.parametrize("backend", TOKEN_BACKENDS)
+def test_token_logprobs_without_entropy_matches(backend):
+    logits = torch.randn(9, 1000)
+    targets = _targets((9,), 1000)
+    with use_backend(backend):
+        lp = ops.token_logprobs(logits, targets)
+    assert rel_err(lp, reference.token_logprobs(logits.double(), targets)) < 1e-5
+
+
+def test_inplace_backward_gives_the_same_gradient():
+    backends = [b for b in TOKEN_BACKENDS if b == "triton"]
+    if not backends:
+        pytest.skip("in-place backward is a Triton feature; Triton is not usable here")
+    logits = torch.randn(7, 1000)
+    targets = _targets((7,), 1000)
+    a = logits.clone().requires_grad_()
+    with use_backend("triton"):
+        ops.token_logprobs(a, targets).sum().backward()
+        b = logits.clone().requires_grad_()
+        y = b * 1.0  # the op owns this buffer: it may be overwritten with the gradient
+        ops.token_logprobs(y, targets, inplace_backward=True).sum().backward()
+    assert rel_err(b.grad, a.grad) < 1e-6
+
+
+def test_reference_gradcheck_float64():
+    logits = torch.randn(4, 9, dtype=torch.float64, requires_grad=True)
+    targets = torch.tensor([1, -100, 8, 0])
+    torch.autograd.gradcheck(
+        lambda x: ops.token_logprobs(x, targets, temperature=0.8, return_entropy=True), (logits,)
+    )
+    hidden = torch.randn(4, 5, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(9, 5, dtype=torch.float64, requires_grad=True)
+    bias = torch.randn(9, dtype=torch.float64, requires_grad=True)
+    torch.autograd.gradcheck(
+        lambda h, w, b: ops.linear_token_logprobs(h, w, targets, bias=b, return_entropy=True), (hidden, weight, bias)
+    )
+
+
+# --- linear ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("backend", LINEAR_BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("with_bias", [False, True])
+@pytest.mark.parametrize(
+    "shape,V,H,temperature", [((37,), 1000, 48, 1.0), ((2, 7), 1031, 40, 0.7), ((1,), 1000, 48, 1.0)],
+    ids=["N37-V1000", "B2T7-V1031-temp", "N1"],
+)
+def test_linear_token_logprobs_values_and_grads(backend, dtype, with_bias, shape, V, H, temperature):
+    hidden = torch.randn(*shape, H).to(dtype)
+    weight = (torch.randn(V, H) / H**0.5).to(dtype)
+    bias = torch.randn(V).to(dtype) if with_bias else None
+    targets = _targets(shape, V)
+    leaves = [t.detach().clone().requires_grad_() for t in (hidden, weight) + ((bias,) if with_bias else ())]
+    with use_backend(backend):
+        lp, ent = ops.linear_token_logprobs(
+            leaves[0], leaves[1], targets, bias=leaves[2] if with_bias else None, temperature=temperature,
+            return_entropy=True,
+        )
+    truth_leaves = [t.detach().double().requires_grad_() for t in leaves]
+    lp_t, ent_t = reference.linear_token_logprobs(
+        truth_leaves[0], truth_leaves[1], targets, bias=truth_leaves[2] if with_bias else None,
+        temperature=temperature, return_entropy=True,
+    )
+    assert lp.dtype == torch.float32 and lp.shape == targets.shape
+    assert_close("logprobs", lp, lp_t, dtype)
+    assert_close("entropy", ent, ent_t, dtype)
+    g_lp, g_ent = torch.randn_like(lp), torch.randn_like(ent)
+    (lp * g_lp + ent * g_ent).sum().backward()
+    (lp_t * g_lp.double() + ent_t * g_ent.double()).sum().backward()
+    for name, got, truth in zip(("d hidden", "d weight", "d bias"), leaves, truth_leaves):
+        assert got.grad.dtype == dtype
+        assert_close(name, got.grad, truth.grad, dtype)
+
+
+@pytest.mark.parametrize("backend", LINEAR_BACKENDS)
+def test_linear_only_requested_grads(backend):
+    hidden = torch.randn(6, 16, requires_grad=True)
+    weight = torch.randn(1000, 16)  # frozen LM head
+    targets = _targets((6,), 1000)
+    with use_backend(backend):
+        ops.linear_token_logprobs(hidden, weight, targets).sum().backward()
+    assert hidden.grad is not None and weight.grad is None
+
+
+# --- dispatch, check mode, validation, compile ----------------------------------------------
+
+
+def test_backend_listing_and_forcing(monkeypatch):
+    x = torch.randn(3, 10)
+    assert "reference" in TOKEN_BACKENDS
+    with use_backend("reference"):
+        assert ops.backend_for("logprobs", "token_logprobs_fwd", x) == "reference"
+    monkeypatch.setenv("SIGNAL_BACKEND", "reference")
+    assert ops.backend_for("logprobs", "token_logprobs_fwd", x) == "reference"
+    monkeypatch.setenv("SIGNAL_BACKEND", "cuda")
+    with pytest.raises(ValueError, match="SIGNAL_BACKEND"):
+        ops.backend_for("logprobs", "token_logprobs_fwd", x)
+    with pytest.raises(ValueError, match="use_backend"):
+        with use_backend("fast"):
+            pass
+
+
+@pytest.mark.parametrize("backend", [b for b in TOKEN_BACKENDS if b != "reference"] or ["none"])
+def test_check_mode_passes_and_catches_a_wrong_kernel(backend, monkeypatch):
+    if backend == "none":
+        pytest.skip("no fast backend on this machine")
+    logits = torch.randn(8, 1000, requires_grad=True)
+    targets = _targets((8,), 1000)
+    with use_backend(backend), check_mode():
+        lp, ent = ops.token_logprobs(logits, targets, return_entropy=True)
+        (lp.sum() + ent.sum()).backward()  # gradients are checked too
+
+    from signalrl.ops import logprobs as mod
+
+    real = mod.get_impl
+
+    def broken(b, family, name):
+        fn = real(b, family, name)
+        if name == "token_logprobs_fwd":
+            def wrong(*args):
+                lp, ent, lse = fn(*args)
+                return lp + 1e-3, ent, lse
+            return wrong
+        return fn
+
+    monkeypatch.setattr(mod, "get_impl", broken)
+    with use_backend(backend), check_mode(), pytest.raises(SignalCheckError, match="max abs error"):
+        ops.token_logprobs(logits, targets)
+
+
+def test_validation_errors_name_the_argument():
+    logits = torch.randn(4, 10)
+    with pytest.raises(ValueError, match="targets: expected shape \\(4,\\)"):
+        ops.token_logprobs(logits, torch.zeros(5, dtype=torch.long))
+    with pytest.raises(TypeError, match="targets: expected dtype"):
+        ops.token_logprobs(logits, torch.zeros(4))
+    with pytest.raises(TypeError, match="logits: expected dtype"):
+        ops.token_logprobs(logits.long(), torch.zeros(4, dtype=torch.long))
+    with pytest.raises(ValueError, match="temperature"):
+        ops.token_logprobs(logits, torch.zeros(4, dtype=torch.long), temperature=0.0)
+    with pytest.raises(ValueError, match="weight: expected shape \\[V, 8\\]"):
+        ops.linear_token_logprobs(torch.randn(4, 8), torch.randn(10, 7), torch.zeros(4, dtype=torch.long))
+    with pytest.raises(TypeError, match="weight: expected dtype"):
+        ops.linear_token_logprobs(torch.randn(4, 8), torch.randn(10, 8).bfloat16(), torch.zeros(4, dtype=torch.long))
+    with pytest.raises(ValueError, match="bias: expected shape \\[10\\]"):
+        ops.linear_token_logprobs(
+            torch.randn(4, 8), torch.randn(10, 8), torch.zeros(4, dtype=torch.long), bias=torch.randn(9)
+        )
+
+
+@pytest.mark.parametrize("backend", TOKEN_BACKENDS)
+def test_torch_compile_fullgraph(backend):
+    torch._dynamo.reset()
+    hidden = torch.randn(2, 5, 16, requires_grad=True)
+    weight = torch.randn(300, 16, requires_grad=True)
+    targets = _targets((2, 5), 300)
+
+    def f(h, w):
+        lp, ent = ops.linear_token_logprobs(h, w, targets, return_entropy=True)
+        logits = h @ w.t()
+        return lp.sum() + ent.mean() + ops.token_logprobs(logits, targets).sum()
+
+    with use_backend(backend):
+        eager = f(hidden, weight)
+        g_eager = torch.autograd.grad(eager, (hidden, weight))
+        compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
+        out = compiled(hidden, weight)
+        g = torch.autograd.grad(out, (hidden, weight))
+    assert rel_err(out, eager) < 1e-5
+    for a, b in zip(g, g_eager):
+        assert rel_err(a, b) < 1e-5
