@@ -1,0 +1,456 @@
+"""Triton kernels: per-token log-probs (+ entropy) from hidden states and the LM head, without [N, V] logits.
+
+Family ``linear_logprobs`` of docs/backends.md. With z = (hidden @ weight.T + bias) / T, lse = logsumexp(z),
+p = softmax(z), H = -sum p log p: logprobs_i = z_{i,t_i} - lse_i, entropy_i = H_i (0 for ignored rows) and, with
+g_z = g_lp (delta - p) - g_H p (log p + H) (0 for ignored rows):
+d hidden = (g_z / T) @ W,  d W = (g_z / T)^T @ hidden,  d b = sum_i g_z / T.
+
+Forward (``linear_token_logprobs_fwd``): one kernel over tiles of [BLOCK_N x BLOCK_V] logits, each computed with
+``tl.dot`` over H (float32 accumulation; bf16/fp16 operands on a GPU, float32 with input_precision="ieee" for float32
+inputs), reduced at once into an online log-sum-exp (running max m, s = sum e^{z-m}, t = sum e^{z-m}(z-m), see
+kernels/logprobs.py) and the target logit. The vocabulary is cut into SPLIT ranges so the grid fills the GPU; each
+program walks its range and writes (m, s, t) for its rows; a small kernel merges the SPLIT partials per row.
+Programs are ordered in groups of row blocks so a vocab tile is reused from L2 by the rows that need it.
+
+Backward (``linear_token_logprobs_bwd``): the vocabulary is processed in chunks of Vc columns. For each chunk one
+kernel recomputes the logits tiles, applies the gradient formula in float32 ((delta - p) is formed in float32 before
+the single downcast, so the true-class gradient has no bf16 cancellation) and writes the chunk's g_z/T as G [N, Vc]
+(weight dtype) plus per-row-block column sums for d bias. Then d W[chunk] = G^T @ hidden is one complete GEMM over N
+(cuBLAS through torch.mm, float32 accumulation inside, written straight into the output rows: deterministic, one
+rounding) and d hidden += G @ W[chunk] is a Triton GEMM that accumulates in a float32 [N, H] buffer (the output
+itself for float32 hidden). Work: 4 GEMM-equivalents of 2·N·V·H flops (forward, recompute, d hidden, d weight).
+
+Extra memory (beyond inputs, outputs and the [N] float32 vectors) — the exact bound:
+    forward:  12·N·SPLIT + 4·N bytes  (SPLIT ≤ ceil(V / 256); ≈ 8 × SM count / row blocks; a few MiB at most)
+    backward: N·Vc·e  (one gradient chunk, e = element size of weight, Vc = min(V rounded up to 128, 2·H rounded to a
+              power of two ≥ 1024) so this is ≤ 4·N·H·(e/2) bytes)
+            + 4·N·H  (float32 d hidden accumulator; 0 when hidden is float32)
+            + 4·V + 4·Vc·ceil(N / 64)  (float32 d bias, only when the bias needs a gradient)
+So the backward's extra memory is O(N·H), independent of V: ≈ 2·H/V of the [N, V] float32 logits for bf16
+(6.4 % at H = 4096, V = 128256; 3.1 % at V = 262144). Reaching < 1 % needs a float32 d hidden accumulation that
+does not exist in Triton without atomics (nondeterministic) or a second recompute pass (5 GEMM-equivalents).
+
+int64 offsets everywhere a product can pass 2^31. No host syncs. Targets outside [0, V) that are not ignore_index
+give NaN log-probs.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ._common import INTERPRET, cdiv, empty_f32, is_empty, maybe_autotune, next_pow2, prune_configs
+
+__all__ = ["linear_token_logprobs_fwd", "linear_token_logprobs_bwd"]
+
+_NEG_BIG = -1.0e38
+_GROUP_N = 8
+
+# fixed configs under the interpreter: small enough to exercise several row blocks, vocab tiles and H steps on tiny
+# test shapes; the interpreter's cost is per block operation, so not too small either.
+_INTERP_TILE = dict(BLOCK_N=16, BLOCK_V=64, BLOCK_K=32)
+_INTERP_MM = dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=64)
+
+
+def _dot_smem(kw: dict, stages: int, elem: int = 2) -> int:
+    return stages * (kw["BLOCK_N"] + kw["BLOCK_V"]) * kw["BLOCK_K"] * elem
+
+
+def _tile_configs():
+    out = []
+    for bn, bv, bk, st, w in [
+        (128, 128, 64, 4, 8),
+        (128, 256, 64, 3, 8),
+        (64, 256, 64, 4, 8),
+        (128, 128, 128, 3, 8),
+        (64, 128, 64, 4, 4),
+        (128, 64, 64, 4, 4),
+        (64, 64, 64, 3, 4),
+    ]:
+        out.append(triton.Config(dict(BLOCK_N=bn, BLOCK_V=bv, BLOCK_K=bk), num_stages=st, num_warps=w))
+    return out
+
+
+def _prune_tile(configs, named_args, **kwargs):
+    n, h = named_args["N"], named_args["H"]
+    elem = named_args["x_ptr"].element_size()
+    return prune_configs(
+        configs,
+        limits={"BLOCK_N": max(next_pow2(n), 64), "BLOCK_K": max(next_pow2(h), 64)},
+        smem_bytes=lambda kw, st: _dot_smem(kw, st, elem),
+    )
+
+
+@triton.jit
+def _tile_logits(
+    x_ptr, w_ptr, b_ptr, rows, cols, N, V, H, inv_temp,
+    HAS_BIAS: tl.constexpr, DOT_F32: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    """z = (x[rows] @ w[cols].T + b[cols]) * inv_temp as a float32 [BLOCK_N, BLOCK_V] tile; -inf at cols >= V."""
+    ks = tl.arange(0, BLOCK_K)
+    x_ptrs = x_ptr + rows[:, None] * H + ks[None, :]
+    w_ptrs = w_ptr + cols[None, :] * H + ks[:, None]
+    row_ok = rows[:, None] < N
+    col_ok = cols[None, :] < V
+    acc = tl.zeros([BLOCK_N, BLOCK_V], dtype=tl.float32)
+    for k in range(0, tl.cdiv(H, BLOCK_K)):
+        k_ok = (k * BLOCK_K + ks) < H
+        xt = tl.load(x_ptrs, mask=row_ok & k_ok[None, :], other=0.0)
+        wt = tl.load(w_ptrs, mask=col_ok & k_ok[:, None], other=0.0)
+        if DOT_F32:
+            acc = tl.dot(xt.to(tl.float32), wt.to(tl.float32), acc, input_precision="ieee")
+        else:
+            acc = tl.dot(xt, wt, acc)
+        x_ptrs += BLOCK_K
+        w_ptrs += BLOCK_K
+    if HAS_BIAS:
+        b = tl.load(b_ptr + cols, mask=cols < V, other=0.0).to(tl.float32)
+        acc += b[None, :]
+    z = acc * inv_temp
+    return tl.where(col_ok, z, float("-inf"))
+
+
+@triton.jit
+def _grouped_pid(pid, n_row_blocks, n_col, GROUP_N: tl.constexpr):
+    """Program id -> (row block, column index) with GROUP_N row blocks sharing each column index in turn."""
+    per_group = GROUP_N * n_col
+    first = (pid // per_group) * GROUP_N
+    size = tl.minimum(n_row_blocks - first, GROUP_N)
+    local = pid % per_group
+    return first + local % size, local // size
+
+
+@maybe_autotune(_tile_configs(), key=["V", "H", "n_bucket", "HAS_BIAS", "WITH_ENTROPY"], prune=_prune_tile)
+@triton.jit
+def _lse_partial_kernel(
+    x_ptr, w_ptr, b_ptr, tgt_ptr, m_ptr, s_ptr, t_ptr, zt_ptr,
+    N, V, H, n_bucket, v_per_split, n_split, inv_temp, ignore_index,
+    HAS_BIAS: tl.constexpr, WITH_ENTROPY: tl.constexpr, DOT_F32: tl.constexpr, GROUP_N: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    n_rb = tl.cdiv(N, BLOCK_N)
+    pid_n, pid_s = _grouped_pid(pid, n_rb, n_split, GROUP_N)
+    rows = pid_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
+    tgt = tl.load(tgt_ptr + rows, mask=rows < N, other=ignore_index)
+    v_lo = pid_s * v_per_split
+    v_hi = tl.minimum(v_lo + v_per_split, V)
+
+    m = tl.full([BLOCK_N], _NEG_BIG, tl.float32)
+    s = tl.zeros([BLOCK_N], tl.float32)
+    t = tl.zeros([BLOCK_N], tl.float32)
+    zt = tl.zeros([BLOCK_N], tl.float32)
+    for v0 in range(v_lo, v_hi, BLOCK_V):
+        cols = v0 + tl.arange(0, BLOCK_V)
+        z = _tile_logits(x_ptr, w_ptr, b_ptr, rows, cols.to(tl.int64), N, v_hi, H, inv_temp,
+                         HAS_BIAS, DOT_F32, BLOCK_N, BLOCK_V, BLOCK_K)
+        m_new = tl.maximum(m, tl.max(z, 1))
+        alpha = tl.exp(m - m_new)
+        p = tl.exp(z - m_new[:, None])
+        if WITH_ENTROPY:
+            t = alpha * (t + (m - m_new) * s) + tl.sum(tl.where(p > 0, p * (z - m_new[:, None]), 0.0), 1)
+        s = s * alpha + tl.sum(p, 1)
+        m = m_new
+        zt += tl.sum(tl.where(cols[None, :] == tgt[:, None], z, 0.0), 1)
+
+    out = pid_s.to(tl.int64) * N + rows
+    row_ok = rows < N
+    tl.store(m_ptr + out, m, mask=row_ok)
+    tl.store(s_ptr + out, s, mask=row_ok)
+    if WITH_ENTROPY:
+        tl.store(t_ptr + out, t, mask=row_ok)
+    tl.store(zt_ptr + rows, zt, mask=row_ok & (tgt >= v_lo) & (tgt < v_hi))
+
+
+@triton.jit
+def _merge_rows(m_ptr, s_ptr, t_ptr, rows, row_ok, N, n_split, WITH_ENTROPY: tl.constexpr):
+    """Merge the n_split partial (m, s, t) of each row: -> (lse, entropy) float32 vectors."""
+    M = tl.full(rows.shape, _NEG_BIG, tl.float32)
+    for k in range(0, n_split):
+        M = tl.maximum(M, tl.load(m_ptr + k * N + rows, mask=row_ok, other=_NEG_BIG))
+    S = tl.zeros(rows.shape, tl.float32)
+    T = tl.zeros(rows.shape, tl.float32)
+    for k in range(0, n_split):
+        mk = tl.load(m_ptr + k * N + rows, mask=row_ok, other=_NEG_BIG)
+        sk = tl.load(s_ptr + k * N + rows, mask=row_ok, other=0.0)
+        a = tl.exp(mk - M)
+        S += a * sk
+        if WITH_ENTROPY:
+            tk = tl.load(t_ptr + k * N + rows, mask=row_ok, other=0.0)
+            T += a * (tk + (mk - M) * sk)
+    log_s = tl.log(S)
+    ent = log_s - T / S
+    return M + log_s, ent
+
+
+@triton.jit
+def _merge_kernel(
+    m_ptr, s_ptr, t_ptr, zt_ptr, tgt_ptr, lp_ptr, ent_ptr, lse_ptr,
+    N, V, n_split, ignore_index,
+    WITH_ENTROPY: tl.constexpr, BLOCK: tl.constexpr,
+):
+    rows = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    row_ok = rows < N
+    lse, ent = _merge_rows(m_ptr, s_ptr, t_ptr, rows, row_ok, N, n_split, WITH_ENTROPY)
+    tgt = tl.load(tgt_ptr + rows, mask=row_ok, other=ignore_index)
+    valid = tgt != ignore_index
+    zt = tl.load(zt_ptr + rows, mask=row_ok, other=0.0)
+    lp = tl.where((tgt >= 0) & (tgt < V), zt - lse, float("nan"))
+    tl.store(lp_ptr + rows, tl.where(valid, lp, 0.0), mask=row_ok)
+    tl.store(lse_ptr + rows, tl.where(valid, lse, 0.0), mask=row_ok)
+    if WITH_ENTROPY:
+        tl.store(ent_ptr + rows, tl.where(valid, ent, 0.0), mask=row_ok)
+
+
+def _num_sms(device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 4
+
+
+def _split_plan(N: int, V: int, device) -> tuple[int, int]:
+    """(v_per_split, n_split): enough programs (≈ 8 per SM with 128-row blocks) to fill the device."""
+    if INTERPRET:
+        v_per = max(256, cdiv(cdiv(V, 3), 256) * 256)  # a few splits, so the merge is exercised
+        return v_per, cdiv(V, v_per)
+    n_rb = cdiv(N, 128)
+    want = max(1, cdiv(8 * _num_sms(device), n_rb))
+    v_per = cdiv(cdiv(V, min(want, cdiv(V, 256))), 256) * 256
+    return v_per, cdiv(V, v_per)
+
+
+def _lse_partials(hidden, weight, bias, targets, temperature, ignore_index, with_entropy):
+    """Launch the tile kernel: -> (m, s, t [n_split, N] f32, zt [N] f32, n_split)."""
+    N, H = hidden.shape
+    V = weight.shape[0]
+    dev = hidden.device
+    v_per, n_split = _split_plan(N, V, dev)
+    m = torch.empty(n_split, N, dtype=torch.float32, device=dev)
+    s = torch.empty_like(m)
+    t = torch.empty_like(m) if with_entropy else m
+    zt = torch.zeros(N, dtype=torch.float32, device=dev)
+    dot_f32 = INTERPRET or hidden.dtype == torch.float32
+    args = (hidden, weight, bias if bias is not None else hidden, targets, m, s, t, zt,
+            N, V, H, min(next_pow2(N), 8192), v_per, n_split, 1.0 / float(temperature), int(ignore_index))
+    flags = dict(HAS_BIAS=bias is not None, WITH_ENTROPY=bool(with_entropy), DOT_F32=dot_f32, GROUP_N=_GROUP_N)
+    if INTERPRET:
+        grid = (cdiv(N, _INTERP_TILE["BLOCK_N"]) * n_split,)
+        _lse_partial_kernel[grid](*args, **flags, **_INTERP_TILE)
+    else:
+        grid = lambda meta: (cdiv(N, meta["BLOCK_N"]) * n_split,)  # noqa: E731
+        _lse_partial_kernel[grid](*args, **flags)
+    return m, s, t, zt, n_split
+
+
+def linear_token_logprobs_fwd(hidden, weight, bias, targets, temperature, ignore_index, with_entropy):
+    """hidden [N, H], weight [V, H], bias [V] | None (same device; hidden/weight same dtype), targets [N] int64 ->
+    (logprobs [N] f32, entropy [N] f32 | empty, lse [N] f32). lse is 0 on ignored rows."""
+    N = hidden.shape[0]
+    V = weight.shape[0]
+    dev = hidden.device
+    lp = torch.empty(N, dtype=torch.float32, device=dev)
+    lse = torch.empty(N, dtype=torch.float32, device=dev)
+    ent = torch.empty(N, dtype=torch.float32, device=dev) if with_entropy else empty_f32(dev)
+    if N == 0:
+        return lp, ent, lse
+    m, s, t, zt, n_split = _lse_partials(hidden, weight, bias, targets, temperature, ignore_index, with_entropy)
+    block = 256
+    _merge_kernel[(cdiv(N, block),)](
+        m, s, t, zt, targets, lp, ent if with_entropy else lp, lse, N, V, n_split, int(ignore_index),
+        WITH_ENTROPY=bool(with_entropy), BLOCK=block, num_warps=4,
+    )
+    return lp, ent, lse
+
+
+# ----------------------------------------------------------------------------------------------------------- backward
+
+
+@maybe_autotune(_tile_configs(), key=["V", "H", "n_bucket", "HAS_BIAS", "WITH_ENTROPY"], prune=_prune_tile)
+@triton.jit
+def _grad_chunk_kernel(
+    x_ptr, w_ptr, b_ptr, tgt_ptr, lse_ptr, glp_ptr, gent_ptr, ent_ptr, scale_ptr, g_ptr, dbias_ptr,
+    N, V, H, n_bucket, c0, vc, inv_temp, ignore_index,
+    HAS_BIAS: tl.constexpr, WITH_ENTROPY: tl.constexpr, HAS_SCALE: tl.constexpr, NEED_BIAS: tl.constexpr,
+    DOT_F32: tl.constexpr, GROUP_N: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """G[:, j - c0] = g_z / T for the columns j in [c0, c0 + vc); d bias partial sums per row block."""
+    pid = tl.program_id(0)
+    n_rb = tl.cdiv(N, BLOCK_N)
+    pid_n, pid_v = _grouped_pid(pid, n_rb, tl.cdiv(vc, BLOCK_V), GROUP_N)
+    rows = pid_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
+    local = pid_v * BLOCK_V + tl.arange(0, BLOCK_V)
+    cols = (c0 + local).to(tl.int64)
+    c_hi = tl.minimum(c0 + vc, V)
+    row_ok = rows < N
+    tgt = tl.load(tgt_ptr + rows, mask=row_ok, other=ignore_index)
+    valid = row_ok & (tgt != ignore_index)
+    lse = tl.load(lse_ptr + rows, mask=row_ok, other=0.0)
+    g_lp = tl.load(glp_ptr + rows, mask=row_ok, other=0.0)
+    if HAS_SCALE:
+        g_lp = g_lp * tl.load(scale_ptr)
+    g_lp = tl.where(valid, g_lp, 0.0)
+
+    z = _tile_logits(x_ptr, w_ptr, b_ptr, rows, cols, N, c_hi, H, inv_temp,
+                     HAS_BIAS, DOT_F32, BLOCK_N, BLOCK_V, BLOCK_K)
+    logp = z - lse[:, None]
+    p = tl.exp(logp)
+    p = tl.where(valid[:, None], p, 0.0)  # ignored rows: lse is 0, p may overflow; their gradient is 0 anyway
+    g = g_lp[:, None] * (tl.where(cols[None, :] == tgt[:, None], 1.0, 0.0) - p)
+    if WITH_ENTROPY:
+        g_h = tl.load(gent_ptr + rows, mask=row_ok, other=0.0)
+        if HAS_SCALE:
+            g_h = g_h * tl.load(scale_ptr)
+        g_h = tl.where(valid, g_h, 0.0)
+        ent = tl.load(ent_ptr + rows, mask=row_ok, other=0.0)
+        g -= g_h[:, None] * tl.where(p > 0, p * (logp + ent[:, None]), 0.0)
+    g = g * inv_temp
+    col_ok = cols < c_hi
+    tl.store(g_ptr + rows[:, None] * vc + local[None, :].to(tl.int64), g.to(g_ptr.dtype.element_ty),
+             mask=row_ok[:, None] & (local[None, :] < vc))
+    if NEED_BIAS:
+        tl.store(dbias_ptr + pid_n.to(tl.int64) * vc + local, tl.sum(g, 0), mask=col_ok & (local < vc))
+
+
+def _mm_configs():
+    out = []
+    for bm, bn, bk, st, w in [
+        (128, 128, 64, 4, 8),
+        (128, 256, 64, 3, 8),
+        (64, 256, 64, 4, 8),
+        (128, 128, 128, 3, 8),
+        (64, 128, 64, 4, 4),
+    ]:
+        out.append(triton.Config(dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk), num_stages=st, num_warps=w))
+    return out
+
+
+def _prune_mm(configs, named_args, **kwargs):
+    elem = named_args["a_ptr"].element_size()
+    return prune_configs(
+        configs,
+        limits={"BLOCK_M": max(next_pow2(named_args["M"]), 64)},
+        smem_bytes=lambda kw, st: st * (kw["BLOCK_M"] + kw["BLOCK_N"]) * kw["BLOCK_K"] * elem,
+    )
+
+
+@maybe_autotune(_mm_configs(), key=["m_bucket", "K2", "K", "DOT_F32"], prune=_prune_mm, restore_value=["c_ptr"])
+@triton.jit
+def _acc_matmul_kernel(
+    a_ptr, b_ptr, c_ptr, M, K2, K, stride_am, m_bucket,
+    DOT_F32: tl.constexpr, GROUP_N: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """C[M, K2] (float32) += A[M, K] @ B[K, K2]; row-major, A with row stride stride_am, B and C contiguous."""
+    pid = tl.program_id(0)
+    pid_m, pid_n = _grouped_pid(pid, tl.cdiv(M, BLOCK_M), tl.cdiv(K2, BLOCK_N), GROUP_N)
+    rm = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    rn = pid_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
+    ks = tl.arange(0, BLOCK_K)
+    a_ptrs = a_ptr + rm[:, None] * stride_am + ks[None, :]
+    b_ptrs = b_ptr + ks[:, None].to(tl.int64) * K2 + rn[None, :]
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    for k in range(0, tl.cdiv(K, BLOCK_K)):
+        k_ok = (k * BLOCK_K + ks) < K
+        a = tl.load(a_ptrs, mask=(rm[:, None] < M) & k_ok[None, :], other=0.0)
+        b = tl.load(b_ptrs, mask=k_ok[:, None] & (rn[None, :] < K2), other=0.0)
+        if DOT_F32:
+            acc = tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+        else:
+            acc = tl.dot(a, b, acc)
+        a_ptrs += BLOCK_K
+        b_ptrs += BLOCK_K * K2
+    c_ptrs = c_ptr + rm[:, None] * K2 + rn[None, :]
+    c_ok = (rm[:, None] < M) & (rn[None, :] < K2)
+    tl.store(c_ptrs, tl.load(c_ptrs, mask=c_ok, other=0.0) + acc, mask=c_ok)
+
+
+def _acc_matmul(c: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
+    """c += a @ b with c float32 (Triton, float32 accumulation; no [M, K2] temporary). a may have a row stride."""
+    M, K = a.shape
+    K2 = b.shape[1]
+    assert a.stride(1) == 1 and b.is_contiguous() and c.is_contiguous()
+    dot_f32 = INTERPRET or a.dtype == torch.float32
+    args = (a, b, c, M, K2, K, a.stride(0), min(next_pow2(M), 8192))
+    if INTERPRET:
+        grid = (cdiv(M, _INTERP_MM["BLOCK_M"]) * cdiv(K2, _INTERP_MM["BLOCK_N"]),)
+        _acc_matmul_kernel[grid](*args, DOT_F32=dot_f32, GROUP_N=_GROUP_N, **_INTERP_MM)
+    else:
+        grid = lambda meta: (cdiv(M, meta["BLOCK_M"]) * cdiv(K2, meta["BLOCK_N"]),)  # noqa: E731
+        _acc_matmul_kernel[grid](*args, DOT_F32=dot_f32, GROUP_N=_GROUP_N)
+
+
+def _chunk_cols(N: int, V: int, H: int) -> int:
+    if INTERPRET:
+        return min(cdiv(V, 128) * 128, 384)  # several chunks on test shapes
+    return min(cdiv(V, 128) * 128, max(1024, next_pow2(2 * H)))
+
+
+def _backward(grad_logprobs, grad_entropy, hidden, weight, bias, targets, lse, entropy, temperature, ignore_index,
+              need_hidden, need_weight, need_bias, scale=None):
+    N, H = hidden.shape
+    V = weight.shape[0]
+    dev = hidden.device
+    need_bias = bool(need_bias and bias is not None)
+    with_entropy = not is_empty(grad_entropy)
+    if with_entropy and is_empty(entropy):
+        raise ValueError("linear_token_logprobs_bwd: grad_entropy given but the forward entropy is empty")
+    gh = torch.zeros(N, H, dtype=torch.float32, device=dev) if need_hidden else empty_f32(dev)
+    gw = torch.empty_like(weight) if need_weight else empty_f32(dev)
+    gb32 = torch.empty(V, dtype=torch.float32, device=dev) if need_bias else empty_f32(dev)
+    if N == 0 or not (need_hidden or need_weight or need_bias):
+        if need_weight:
+            gw.zero_()
+        if need_bias:
+            gb32.zero_()
+        return (gh.to(hidden.dtype) if need_hidden else gh, gw, gb32.to(bias.dtype) if need_bias else gb32)
+
+    vc = _chunk_cols(N, V, H)
+    g_dtype = weight.dtype
+    G = torch.empty(N, vc, dtype=g_dtype, device=dev)
+    dot_f32 = INTERPRET or hidden.dtype == torch.float32
+    max_rb = cdiv(N, 16)  # the smallest BLOCK_N of any config
+    dbias_part = torch.empty(max_rb, vc, dtype=torch.float32, device=dev) if need_bias else gb32
+    flags = dict(HAS_BIAS=bias is not None, WITH_ENTROPY=with_entropy, HAS_SCALE=scale is not None,
+                 NEED_BIAS=need_bias, DOT_F32=dot_f32, GROUP_N=_GROUP_N)
+    used_block_n = {}
+
+    for c0 in range(0, V, vc):
+        width = min(vc, V - c0)
+        Gc = G if width == vc else G[:, :width]  # the last chunk: a strided view (row stride vc)
+        args = (hidden, weight, bias if bias is not None else hidden, targets, lse, grad_logprobs,
+                grad_entropy if with_entropy else grad_logprobs, entropy if with_entropy else lse,
+                scale if scale is not None else lse, G, dbias_part,
+                N, V, H, min(next_pow2(N), 8192), c0, vc, 1.0 / float(temperature), int(ignore_index))
+        if INTERPRET:
+            grid = (cdiv(N, _INTERP_TILE["BLOCK_N"]) * cdiv(vc, _INTERP_TILE["BLOCK_V"]),)
+            _grad_chunk_kernel[grid](*args, **flags, **_INTERP_TILE)
+            used_block_n["v"] = _INTERP_TILE["BLOCK_N"]
+        else:
+            def grid(meta):
+                used_block_n["v"] = meta["BLOCK_N"]
+                return (cdiv(N, meta["BLOCK_N"]) * cdiv(vc, meta["BLOCK_V"]),)
+
+            _grad_chunk_kernel[grid](*args, **flags)
+        if need_weight:
+            torch.mm(Gc.t(), hidden, out=gw[c0:c0 + width])
+        if need_hidden:
+            _acc_matmul(gh, Gc, weight[c0:c0 + width])
+        if need_bias:
+            n_rb = cdiv(N, used_block_n["v"])
+            torch.sum(dbias_part[:n_rb, :width], dim=0, out=gb32[c0:c0 + width])
+
+    if need_hidden and hidden.dtype != torch.float32:
+        gh = gh.to(hidden.dtype)
+    gb = gb32.to(bias.dtype) if need_bias else gb32
+    return gh, gw, gb
+
+
+def linear_token_logprobs_bwd(grad_logprobs, grad_entropy, hidden, weight, bias, targets, lse, entropy, temperature,
+                              ignore_index, need_hidden, need_weight, need_bias):
+    """-> (grad_hidden [N, H] hidden.dtype | empty, grad_weight [V, H] weight.dtype | empty,
+    grad_bias [V] bias.dtype | empty). See the module docstring for the memory bound."""
+    return _backward(grad_logprobs, grad_entropy, hidden, weight, bias, targets, lse, entropy, temperature,
+                     ignore_index, need_hidden, need_weight, need_bias)
