@@ -1,0 +1,84 @@
+"""The synchronous client: every request returns an :class:`APIFuture`; call ``.result()``."""
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+from signalrl.engine import Engine
+
+from .async_client import _engine
+from .futures import APIFuture
+
+
+class SignalClient:
+    """``SignalClient()``: like :class:`AsyncSignalClient`, but blocking-free calls that return futures.
+
+    ``run = client.create_run(...).result()``; ``tc = client.get_training_client(run["run_id"])``;
+    ``tc.forward_backward(batch, "causal_lm").result()``. ``list_runs``/``get_run`` return values.
+    """
+
+    def __init__(self, *, engine: Engine | None = None, root_dir: str | None = None):
+        self.engine = _engine(engine, root_dir)
+
+    def create_run(self, base_model: str = "signal-tiny", **config: Any) -> APIFuture[dict]:
+        return APIFuture(self.engine.create_run(base_model, **config), "create_run")
+
+    def get_training_client(self, run_id: str) -> "SyncTrainingClient":
+        return SyncTrainingClient(self.engine, run_id)
+
+    def list_runs(self) -> list[dict[str, Any]]:
+        return self.engine.list_runs()
+
+    def get_run(self, run_id: str) -> dict[str, Any]:
+        return self.engine.get_run(run_id)
+
+    def close(self) -> None:
+        if self.engine is not Engine._default:
+            self.engine.close()
+
+    def __enter__(self) -> "SignalClient":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+
+class SyncTrainingClient:
+    """Same requests as :class:`TrainingClient`; each returns an :class:`APIFuture` at once."""
+
+    def __init__(self, engine: Engine, run_id: str):
+        self.engine = engine
+        self.run_id = run_id
+
+    def _queue(self, op: str, *args: Any) -> APIFuture:
+        return APIFuture(self.engine.request(self.run_id, op, *args), op)
+
+    def forward_backward(self, batch_data: Any, loss_fn: str, loss_kwargs: dict | None = None) -> APIFuture:
+        return self._queue("forward_backward", batch_data, loss_fn, loss_kwargs)
+
+    def forward(self, batch_data: Any, loss_fn: str, loss_kwargs: dict | None = None) -> APIFuture:
+        return self._queue("forward", batch_data, loss_fn, loss_kwargs)
+
+    def optim_step(self, learning_rate: float | None = None) -> APIFuture:
+        return self._queue("optim_step", learning_rate)
+
+    def sample(self, prompts: Sequence[Any], max_tokens: int = 32, temperature: float = 1.0, num_samples: int = 1,
+               seed: int | None = None) -> APIFuture:
+        return self._queue("sample", prompts, max_tokens, temperature, num_samples, seed)
+
+    def score(self, batch_data: Any) -> APIFuture:
+        return self._queue("score", batch_data)
+
+    def compute_logprobs(self, batch_data: Any) -> APIFuture:
+        return self._queue("compute_logprobs", batch_data)
+
+    def save_state(self, name: str) -> APIFuture:
+        return self._queue("save_state", name)
+
+    def load_state(self, name: str) -> APIFuture:
+        return self._queue("load_state", name)
+
+    def export_model(self, path: str) -> APIFuture:
+        return self._queue("export_model", path)
+
+    def queue_stats(self) -> dict[str, Any]:
+        return self.engine.queue_stats(self.run_id)

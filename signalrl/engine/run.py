@@ -1,0 +1,490 @@
+"""A run: one trainable model (optionally LoRA), its heads, optimizer, schedule, tokenizer and metrics.
+
+All methods run on the device worker thread (see :mod:`signalrl.engine.worker`); a run is never
+touched by two threads at once.
+
+Failure safety: ``forward_backward`` validates the loss name, its kwargs and the batch before any
+compute, computes gradients with ``torch.autograd.grad`` into fresh tensors, checks them for
+non-finite values, and only then adds them to ``.grad``. A call that raises therefore leaves the
+accumulated gradients, the weights and the optimizer exactly as they were (a head created for that
+call is removed again).
+"""
+from __future__ import annotations
+
+import math
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any, Callable, Sequence
+
+import torch
+
+from . import batching, checkpoint
+from .metrics import MetricsWriter
+from .models import BUILTIN_MODELS, DEFAULT_BASE_MODEL, load_base_model, resolve_dtype
+from .reference import ReferenceCache
+from .sampling import sample_tokens, to_sequences
+from .types import (CheckpointResult, ForwardBackwardResult, ForwardResult, LogprobsResult, OptimStepResult,
+                    SampleResult, ScoreResult)
+
+OPTIMIZERS = ("adamw", "sgd", "adamw_8bit")
+SCHEDULES = ("constant", "linear", "cosine")
+HEADS = ("value", "reward")
+
+
+@dataclass
+class RunConfig:
+    """Everything ``create_run`` accepts. ``lora_r=0`` means full fine-tuning.
+
+    ``lora_target_modules=None`` targets every linear layer of the decoder (peft's ``"all-linear"``).
+    ``lr_scheduler``: ``constant``, or ``linear``/``cosine`` decay to 0 at ``total_steps`` after
+    ``warmup_steps`` of linear warm-up. ``value_head``/``reward_head``: ``None`` creates the head the first
+    time a loss needs it, ``True`` at creation, ``False`` never (a loss that needs it then fails).
+    """
+    base_model: str = DEFAULT_BASE_MODEL
+    lora_r: int = 32
+    lora_alpha: float = 64
+    lora_dropout: float = 0.0
+    lora_target_modules: list[str] | str | None = None
+    learning_rate: float = 1e-5
+    optimizer: str = "adamw"
+    weight_decay: float = 0.0
+    adam_betas: tuple[float, float] = (0.9, 0.999)
+    adam_eps: float = 1e-8
+    momentum: float = 0.0
+    max_grad_norm: float | None = 1.0
+    lr_scheduler: str = "constant"
+    warmup_steps: int = 0
+    total_steps: int | None = None
+    value_head: bool | None = None
+    reward_head: bool | None = None
+    seed: int = 0
+    dtype: str = "float32"
+    device: str | None = None
+    name: str | None = None
+    tensorboard: bool = False
+
+    def validate(self) -> None:
+        def need(cond: bool, arg: str, expected: str, got: Any) -> None:
+            if not cond:
+                raise ValueError(f"{arg}: expected {expected}, got {got!r}")
+
+        need(isinstance(self.base_model, str) and bool(self.base_model), "base_model", "a non-empty string",
+             self.base_model)
+        need(isinstance(self.lora_r, int) and self.lora_r >= 0, "lora_r", "an int >= 0 (0 = full fine-tuning)",
+             self.lora_r)
+        need(self.lora_alpha > 0, "lora_alpha", "> 0", self.lora_alpha)
+        need(0.0 <= self.lora_dropout < 1.0, "lora_dropout", "in [0, 1)", self.lora_dropout)
+        need(isinstance(self.learning_rate, (int, float)) and self.learning_rate >= 0, "learning_rate", ">= 0",
+             self.learning_rate)
+        need(self.optimizer in OPTIMIZERS, "optimizer", f"one of {OPTIMIZERS}", self.optimizer)
+        need(self.max_grad_norm is None or self.max_grad_norm > 0, "max_grad_norm", "None or > 0",
+             self.max_grad_norm)
+        need(self.lr_scheduler in SCHEDULES, "lr_scheduler", f"one of {SCHEDULES}", self.lr_scheduler)
+        need(self.warmup_steps >= 0, "warmup_steps", ">= 0", self.warmup_steps)
+        need(self.lr_scheduler == "constant" or (self.total_steps or 0) > 0, "total_steps",
+             f"> 0 with lr_scheduler={self.lr_scheduler!r}", self.total_steps)
+        resolve_dtype(self.dtype)
+
+
+def _lr_lambda(cfg: RunConfig) -> Callable[[int], float]:
+    warm, total, kind = cfg.warmup_steps, cfg.total_steps, cfg.lr_scheduler
+
+    def f(step: int) -> float:
+        if warm and step < warm:
+            return (step + 1) / warm
+        if kind == "constant":
+            return 1.0
+        progress = min(1.0, (step - warm) / max(1, total - warm))
+        if kind == "linear":
+            return max(0.0, 1.0 - progress)
+        return 0.5 * (1.0 + math.cos(math.pi * progress))
+
+    return f
+
+
+def _losses():
+    import signalrl.losses as losses
+    from signalrl.losses import model as loss_model
+
+    return losses, loss_model
+
+
+class Run:
+    def __init__(self, run_id: str, config: RunConfig, *, run_dir: str, reference_cache: ReferenceCache,
+                 device: str):
+        config.validate()
+        self.run_id = run_id
+        self.config = config
+        self.run_dir = run_dir
+        self.device = torch.device(device)
+        self.dtype = resolve_dtype(config.dtype)
+        self.reference_cache = reference_cache
+        self.created_at = time.time()
+        self.step = 0
+        self.pending_grads = 0  # forward_backward calls accumulated since the last optim_step
+        os.makedirs(run_dir, exist_ok=True)
+
+        base, self.tokenizer = load_base_model(config.base_model, dtype=self.dtype, device=self.device,
+                                               seed=config.seed)
+        self.is_lora = config.lora_r > 0
+        if self.is_lora:
+            base = self._apply_lora(base)
+        self.model = base
+        self.model.train()
+        self.hidden_size = int(self._base().config.hidden_size)
+        self.heads: dict[str, torch.nn.Module] = {}
+        self.optimizer = self._make_optimizer([p for p in self.model.parameters() if p.requires_grad])
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, _lr_lambda(config))
+        self.sampling_generator = torch.Generator(device=self.device)
+        self.sampling_generator.manual_seed(config.seed + 17)
+        for head in HEADS:
+            if getattr(config, f"{head}_head"):
+                self._create_head(head)
+        self.metrics = MetricsWriter(os.path.join(run_dir, "metrics.jsonl"), tensorboard=config.tensorboard)
+
+    # ------------------------------------------------------------------ construction
+    def _base(self) -> torch.nn.Module:
+        get = getattr(self.model if hasattr(self, "model") else None, "get_base_model", None)
+        return get() if callable(get) else self.model
+
+    def _apply_lora(self, model: torch.nn.Module) -> torch.nn.Module:
+        import peft
+
+        cfg = self.config
+        targets = cfg.lora_target_modules if cfg.lora_target_modules is not None else "all-linear"
+        lora = peft.LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
+                               target_modules=targets, bias="none", task_type="CAUSAL_LM")
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(cfg.seed + 1)
+            try:
+                return peft.get_peft_model(model, lora)
+            except ValueError as exc:
+                raise ValueError(f"lora_target_modules: {exc}") from exc
+
+    def _make_optimizer(self, params: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
+        cfg = self.config
+        if cfg.optimizer == "adamw":
+            return torch.optim.AdamW(params, lr=cfg.learning_rate, betas=tuple(cfg.adam_betas), eps=cfg.adam_eps,
+                                     weight_decay=cfg.weight_decay)
+        if cfg.optimizer == "sgd":
+            return torch.optim.SGD(params, lr=cfg.learning_rate, momentum=cfg.momentum,
+                                   weight_decay=cfg.weight_decay)
+        try:
+            import bitsandbytes as bnb  # type: ignore[import-not-found]
+        except ImportError as exc:
+            raise ValueError("optimizer: 'adamw_8bit' needs the bitsandbytes package, which is not installed "
+                             "(pip install bitsandbytes), or use 'adamw'") from exc
+        return bnb.optim.AdamW8bit(params, lr=cfg.learning_rate, betas=tuple(cfg.adam_betas), eps=cfg.adam_eps,
+                                   weight_decay=cfg.weight_decay)
+
+    def _create_head(self, kind: str) -> torch.nn.Module:
+        _, loss_model = _losses()
+        cls = loss_model.ValueHead if kind == "value" else loss_model.RewardHead
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(self.config.seed + (101 if kind == "value" else 202))
+            head = cls(self.hidden_size)
+        head.to(self.device)
+        head.train()
+        self.heads[kind] = head
+        lr = self.optimizer.param_groups[0]["lr"]
+        self.optimizer.add_param_group({"params": list(head.parameters()), "lr": lr})
+        # LambdaLR keeps one base lr and one lambda per group.
+        self.scheduler.base_lrs.append(self.scheduler.base_lrs[0])
+        self.scheduler.lr_lambdas.append(self.scheduler.lr_lambdas[0])
+        return head
+
+    def _drop_head(self, kind: str) -> None:
+        head = self.heads.pop(kind)
+        ids = {id(p) for p in head.parameters()}
+        for i, group in enumerate(self.optimizer.param_groups):
+            if any(id(p) in ids for p in group["params"]):
+                del self.optimizer.param_groups[i]
+                del self.scheduler.base_lrs[i]
+                del self.scheduler.lr_lambdas[i]
+                break
+        for p in head.parameters():
+            self.optimizer.state.pop(p, None)
+
+    def _ensure_heads(self, spec) -> list[str]:
+        created = []
+        for kind, needed in (("value", spec.needs_value_head), ("reward", spec.needs_reward_head)):
+            if needed and kind not in self.heads:
+                if getattr(self.config, f"{kind}_head") is False:
+                    raise ValueError(f"loss_fn {spec.name!r} needs a {kind} head, but this run was created with "
+                                     f"{kind}_head=False")
+                self._create_head(kind)
+                created.append(kind)
+        return created
+
+    # ------------------------------------------------------------------ helpers
+    def trainable_parameters(self) -> list[tuple[str, torch.nn.Parameter]]:
+        out = [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
+        for kind, head in self.heads.items():
+            out += [(f"heads.{kind}.{n}", p) for n, p in head.named_parameters()]
+        return out
+
+    def _reference(self, spec, kwargs: dict[str, Any]) -> dict[str, Any]:
+        if not getattr(spec, "uses_reference", False) or "reference_model" not in kwargs:
+            return kwargs
+        ref = kwargs["reference_model"]
+        if isinstance(ref, str):
+            ref = self.reference_cache.get(ref, dtype=self.dtype, device=self.device,
+                                           seed=self.config.seed if ref in BUILTIN_MODELS else 0)
+        elif ref is None and not self.is_lora:
+            # Full fine-tuning: the reference is a frozen copy of the base model (same name, same seed).
+            ref = self.reference_cache.get(self.config.base_model, dtype=self.dtype, device=self.device,
+                                           seed=self.config.seed)
+        return {**kwargs, "reference_model": ref}
+
+    def _policy(self, reference_model=None):
+        _, loss_model = _losses()
+        return loss_model.PolicyModel(self.model, reference_model=reference_model,
+                                      value_head=self.heads.get("value"), reward_head=self.heads.get("reward"))
+
+    def _prepare(self, batch_data: Any, loss_fn: str, loss_kwargs: dict | None):
+        losses, _ = _losses()
+        spec = losses.get_loss(loss_fn)
+        if loss_kwargs is not None and not isinstance(loss_kwargs, dict):
+            raise TypeError(f"loss_kwargs: expected a dict or None, got {type(loss_kwargs).__name__}")
+        kwargs = spec.resolve_kwargs(dict(loss_kwargs or {}))
+        batch = batching.prepare_batch(batch_data, self.tokenizer, loss_fn=loss_fn, device=self.device,
+                                       accepted_keys={f.key for f in spec.batch})
+        spec.validate_batch(batch)
+        return spec, kwargs, batch
+
+    def _log(self, op: str, record: dict[str, Any]) -> None:
+        self.metrics.write({"run_id": self.run_id, "op": op, "step": self.step, **record})
+
+    # ------------------------------------------------------------------ requests
+    def forward_backward(self, batch_data: Any, loss_fn: str, loss_kwargs: dict | None = None
+                         ) -> ForwardBackwardResult:
+        t0 = time.perf_counter()
+        spec, kwargs, batch = self._prepare(batch_data, loss_fn, loss_kwargs)
+        created = self._ensure_heads(spec)
+        try:
+            kwargs = self._reference(spec, kwargs)
+            self.model.train()
+            named = self.trainable_parameters()
+            params = [p for _, p in named]
+            with torch.enable_grad():
+                res = spec(self._policy(kwargs.get("reference_model")), batch, **kwargs)
+                if not torch.isfinite(res.loss.detach()).all():
+                    raise FloatingPointError(f"{loss_fn}: the loss is not finite ({res.loss.item()}); "
+                                             "no gradient was accumulated")
+                grads = torch.autograd.grad(res.loss, params, allow_unused=True)
+            bad = [n for (n, _), g in zip(named, grads) if g is not None and not torch.isfinite(g).all()]
+            if bad:
+                raise FloatingPointError(f"{loss_fn}: non-finite gradients in {bad[:5]}"
+                                         f"{' and more' if len(bad) > 5 else ''}; no gradient was accumulated")
+        except BaseException:
+            for kind in created:
+                self._drop_head(kind)
+            raise
+        with torch.no_grad():
+            for p, g in zip(params, grads):
+                if g is None:
+                    continue
+                if p.grad is None:
+                    p.grad = g.detach()
+                else:
+                    p.grad.add_(g)
+        self.pending_grads += 1
+        return self._loss_result(ForwardBackwardResult, "forward_backward", loss_fn, res, batch, t0)
+
+    def forward(self, batch_data: Any, loss_fn: str, loss_kwargs: dict | None = None) -> ForwardResult:
+        t0 = time.perf_counter()
+        spec, kwargs, batch = self._prepare(batch_data, loss_fn, loss_kwargs)
+        created = self._ensure_heads(spec)
+        try:
+            kwargs = self._reference(spec, kwargs)
+            self.model.eval()
+            with torch.no_grad():
+                res = spec(self._policy(kwargs.get("reference_model")), batch, **kwargs)
+        except BaseException:
+            for kind in created:
+                self._drop_head(kind)
+            raise
+        finally:
+            self.model.train()
+        return self._loss_result(ForwardResult, "forward", loss_fn, res, batch, t0)
+
+    def _loss_result(self, cls, op, loss_fn, res, batch, t0):
+        n_ex, n_tok = batching.batch_size_and_tokens(batch)
+        result = cls(loss=float(res.loss.detach().item()), metrics=dict(res.metrics), warnings=list(res.warnings),
+                     timing={"compute": time.perf_counter() - t0}, loss_fn=loss_fn, step=self.step,
+                     num_examples=n_ex, num_tokens=n_tok)
+        self._log(op, {"loss_fn": loss_fn, "loss": result.loss, "metrics": result.metrics,
+                       "warnings": result.warnings, "num_examples": n_ex, "num_tokens": n_tok})
+        return result
+
+    def optim_step(self, learning_rate: float | None = None) -> OptimStepResult:
+        t0 = time.perf_counter()
+        if learning_rate is not None and (not isinstance(learning_rate, (int, float)) or learning_rate < 0
+                                          or not math.isfinite(learning_rate)):
+            raise ValueError(f"learning_rate: expected None or a finite number >= 0, got {learning_rate!r}")
+        params = [p for _, p in self.trainable_parameters()]
+        grads = [p.grad for p in params if p.grad is not None]
+        if grads:
+            norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads]))
+            grad_norm = float(norm.item())
+        else:
+            grad_norm = 0.0
+        clipped = False
+        if self.config.max_grad_norm is not None and grads and grad_norm > self.config.max_grad_norm:
+            scale = self.config.max_grad_norm / (grad_norm + 1e-6)
+            for g in grads:
+                g.mul_(scale)
+            clipped = True
+        if learning_rate is not None:
+            for group in self.optimizer.param_groups:
+                group["lr"] = float(learning_rate)
+        lr_used = float(self.optimizer.param_groups[0]["lr"])
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scheduler.step()  # also restores the scheduled rate after a one-step override
+        self.step += 1
+        self.pending_grads = 0
+        result = OptimStepResult(grad_norm=grad_norm, learning_rate=lr_used, step=self.step, clipped=clipped,
+                                 timing={"compute": time.perf_counter() - t0})
+        self._log("optim_step", {"grad_norm": grad_norm, "learning_rate": lr_used, "clipped": clipped})
+        return result
+
+    def sample(self, prompts: Sequence[str | Sequence[int]], max_tokens: int = 32, temperature: float = 1.0,
+               num_samples: int = 1, seed: int | None = None) -> SampleResult:
+        t0 = time.perf_counter()
+        if isinstance(prompts, (str, bytes)) or not isinstance(prompts, Sequence) or len(prompts) == 0:
+            raise TypeError("prompts: expected a non-empty list of strings or of token-id lists, "
+                            f"got {type(prompts).__name__}")
+        if not isinstance(max_tokens, int) or max_tokens < 1:
+            raise ValueError(f"max_tokens: expected an int >= 1, got {max_tokens!r}")
+        if not isinstance(num_samples, int) or num_samples < 1:
+            raise ValueError(f"num_samples: expected an int >= 1, got {num_samples!r}")
+        if not isinstance(temperature, (int, float)) or temperature < 0 or not math.isfinite(temperature):
+            raise ValueError(f"temperature: expected a finite number >= 0, got {temperature!r}")
+        prompt_ids = [batching.encode_prompt(p, self.tokenizer, f"prompts[{i}]") for i, p in enumerate(prompts)]
+        generator = self.sampling_generator
+        if seed is not None:
+            generator = torch.Generator(device=self.device)
+            generator.manual_seed(int(seed))
+        self.model.eval()
+        try:
+            raw = sample_tokens(self.model, prompt_ids, max_tokens=max_tokens, temperature=float(temperature),
+                                num_samples=num_samples, eos_token_id=self.tokenizer.eos_token_id,
+                                pad_token_id=self.tokenizer.pad_token_id, generator=generator, device=self.device)
+        finally:
+            self.model.train()
+        seqs = to_sequences(raw, prompt_ids, self.tokenizer.decode)
+        return SampleResult(sequences=seqs, timing={"compute": time.perf_counter() - t0})
+
+    def score(self, batch_data: Any) -> ScoreResult:
+        """Scalar reward-head outputs for sequences (a reward-model run)."""
+        if "reward" not in self.heads:
+            raise ValueError("score: this run has no reward head (train it with loss_fn='reward_modeling' or "
+                             "create it with reward_head=True)")
+        batch = batching.prepare_batch(batch_data, self.tokenizer, loss_fn=None, device=self.device)
+        if "input_ids" not in batch:
+            raise ValueError("score: batch_data must give sequences (input_ids/attention_mask, texts, "
+                             "or prompt/response pairs)")
+        self.model.eval()
+        try:
+            with torch.no_grad():
+                r = self._policy().sequence_rewards(batch["input_ids"], batch["attention_mask"])
+        finally:
+            self.model.train()
+        return ScoreResult(rewards=[float(x) for x in r.float().tolist()])
+
+    def compute_logprobs(self, batch_data: Any) -> LogprobsResult:
+        batch = batching.prepare_batch(batch_data, self.tokenizer, loss_fn=None, device=self.device)
+        self.model.eval()
+        try:
+            with torch.no_grad():
+                lp = self._policy().token_logprobs(batch["input_ids"], batch["attention_mask"])
+        finally:
+            self.model.train()
+        return LogprobsResult(logprobs=(lp * batch["attention_mask"]).float().tolist())
+
+    # ------------------------------------------------------------------ checkpoints
+    def checkpoint_path(self, name: str) -> str:
+        return os.path.join(self.run_dir, "checkpoints", name)
+
+    def save_state(self, name: str) -> CheckpointResult:
+        if not isinstance(name, str) or not name or "/" in name or name.startswith("."):
+            raise ValueError(f"name: expected a non-empty checkpoint name without '/' or a leading '.', got {name!r}")
+        tensors = {n: p for n, p in self.trainable_parameters()}
+        state = {"step": self.step, "heads": list(self.heads), "run_id": self.run_id,
+                 "config": asdict(self.config), "lora": self.is_lora}
+        path = checkpoint.write_checkpoint(
+            self.checkpoint_path(name), tensors=tensors, optimizer=self.optimizer.state_dict(),
+            scheduler=self.scheduler.state_dict(), rng=checkpoint.capture_rng(self.sampling_generator), state=state)
+        self._log("save_state", {"name": name, "path": path})
+        return CheckpointResult(name=name, path=path, step=self.step)
+
+    def load_state(self, name_or_path: str) -> CheckpointResult:
+        path = name_or_path if os.path.isdir(name_or_path) else self.checkpoint_path(name_or_path)
+        if not os.path.isdir(path):
+            raise ValueError(f"name: no checkpoint {name_or_path!r} (looked for {path!r})")
+        ckpt = checkpoint.read_checkpoint(path, self.device)
+        heads = ckpt["state"]["heads"]
+        if list(self.heads) != heads[:len(self.heads)]:
+            raise ValueError(f"checkpoint {path!r} has heads {heads}, this run has {list(self.heads)} "
+                             "(created in a different order)")
+        own = dict(self.trainable_parameters())
+        tensors = ckpt["tensors"]
+        expected = set(own) | {n for n in tensors if n.startswith("heads.")}
+        if set(tensors) != expected:
+            missing, extra = sorted(expected - set(tensors))[:5], sorted(set(tensors) - expected)[:5]
+            raise ValueError(f"checkpoint {path!r} does not match this run's trainable weights "
+                             f"(missing {missing}, unexpected {extra}); was it saved by a run with the same "
+                             "base model and LoRA settings?")
+        for kind in heads[len(self.heads):]:
+            self._create_head(kind)
+        own = dict(self.trainable_parameters())
+        with torch.no_grad():
+            for n, p in own.items():
+                if tensors[n].shape != p.shape:
+                    raise ValueError(f"checkpoint {path!r}: {n} has shape {tuple(tensors[n].shape)}, "
+                                     f"expected {tuple(p.shape)}")
+            for n, p in own.items():
+                p.copy_(tensors[n])
+        self.optimizer.load_state_dict(ckpt["optimizer"])
+        self.scheduler.load_state_dict(ckpt["scheduler"])
+        self.scheduler.lr_lambdas = [_lr_lambda(self.config)] * len(self.optimizer.param_groups)
+        checkpoint.restore_rng(ckpt["rng"], self.sampling_generator)
+        self.optimizer.zero_grad(set_to_none=True)
+        self.pending_grads = 0
+        self.step = int(ckpt["state"]["step"])
+        self._log("load_state", {"path": path})
+        return CheckpointResult(name=os.path.basename(path), path=path, step=self.step)
+
+    def export_model(self, path: str) -> str:
+        """Write a standalone Hugging Face model directory (LoRA merged) plus the tokenizer, loadable with
+        ``from_pretrained`` and usable as another run's ``base_model`` or as a ``reference_model``."""
+        import copy
+
+        model = self.model
+        if self.is_lora:
+            model = copy.deepcopy(self.model).merge_and_unload()
+        path = os.path.abspath(path)
+        tmp = f"{path}.tmp-export"
+        model.save_pretrained(tmp, safe_serialization=True)
+        self.tokenizer.save_pretrained(tmp)
+        if os.path.exists(path):
+            import shutil
+
+            shutil.rmtree(path)
+        os.rename(tmp, path)
+        self._log("export_model", {"path": path})
+        return path
+
+    def info(self) -> dict[str, Any]:
+        n_train = sum(p.numel() for _, p in self.trainable_parameters())
+        n_total = sum(p.numel() for p in self.model.parameters())
+        return {"run_id": self.run_id, "name": self.config.name, "base_model": self.config.base_model,
+                "lora_r": self.config.lora_r, "step": self.step, "heads": list(self.heads),
+                "trainable_parameters": n_train, "total_parameters": n_total, "device": str(self.device),
+                "run_dir": self.run_dir, "metrics_path": self.metrics.path, "created_at": self.created_at,
+                "config": asdict(self.config)}
+
+    def close(self) -> None:
+        self.metrics.close()
