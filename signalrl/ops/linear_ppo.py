@@ -1,0 +1,242 @@
+"""The PPO policy loss straight from hidden states and the LM head: ``linear_ppo_loss``.
+
+Validation → per-token weights (:func:`signalrl.ops._aggregate.token_weights`) → backend choice → a
+``torch.library`` custom op whose forward runs :func:`signalrl.kernels.linear_ppo.linear_ppo_fwd` (one pass over
+vocab tiles, PPO epilogue and statistics, per-token gradient coefficients) and whose backward recomputes the tiles
+(:func:`signalrl.kernels.linear_ppo.linear_ppo_bwd`). The reference backend is the composition
+:func:`signalrl.reference.linear_ppo_loss` (linear_token_logprobs → kl_penalty → clipped_surrogate), which is also
+the ground truth of check mode.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from .. import reference
+from ..reference.kl import KL_ESTIMATORS
+from ..reference.ppo import AGGREGATIONS
+from . import _validate as v
+from ._aggregate import token_weights
+from ._backend import backend_for, get_impl
+from ._check import check_enabled, checked
+
+_F32 = torch.float32
+# the order of signalrl.kernels.ppo.PPO_STAT_KEYS and of the reference's stats dict
+STAT_KEYS = (
+    "clip_fraction", "dual_clip_fraction", "approx_kl", "ratio_mean", "ratio_min", "ratio_max",
+    "pg_loss", "entropy", "kl",
+)
+
+
+def _flat32(x: Tensor) -> Tensor:
+    return x.reshape(-1).to(_F32).contiguous()
+
+
+# --- custom ops ---------------------------------------------------------------------------------
+
+
+@torch.library.custom_op("signalrl::linear_ppo_fwd", mutates_args=())
+def _linear_ppo_fwd(
+    hidden: Tensor, weight: Tensor, bias: Optional[Tensor], targets: Tensor, old_logprobs: Tensor,
+    advantages: Tensor, weights: Tensor, mask: Tensor, ref_logprobs: Tensor, temperature: float, ignore_index: int,
+    clip_low: float, clip_high: float, dual_clip: Optional[float], kl_estimator: str, kl_coef: float,
+    entropy_coef: float, backend: str,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    fn = get_impl(backend, "linear_ppo", "linear_ppo_fwd")
+    loss, stats, lp, ent, lse, g_lp, g_ent = fn(
+        hidden, weight, bias, targets, old_logprobs, advantages, weights, mask, ref_logprobs, temperature,
+        ignore_index, clip_low, clip_high, dual_clip, kl_estimator, kl_coef, entropy_coef,
+    )
+    return loss.clone(), stats, lp, ent, lse, g_lp, g_ent
+
+
+@_linear_ppo_fwd.register_fake
+def _(hidden, weight, bias, targets, old_logprobs, advantages, weights, mask, ref_logprobs, temperature,
+      ignore_index, clip_low, clip_high, dual_clip, kl_estimator, kl_coef, entropy_coef, backend):
+    n = hidden.shape[0]
+
+    def vec(k):
+        return hidden.new_empty(k, dtype=_F32)
+
+    return (hidden.new_empty((), dtype=_F32), vec(len(STAT_KEYS)), vec(n), vec(n), vec(n), vec(n),
+            vec(n if entropy_coef else 0))
+
+
+@torch.library.custom_op("signalrl::linear_ppo_bwd", mutates_args=())
+def _linear_ppo_bwd(
+    grad_loss: Tensor, g_lp: Tensor, g_ent: Tensor, hidden: Tensor, weight: Tensor, bias: Optional[Tensor],
+    targets: Tensor, lse: Tensor, entropy: Tensor, temperature: float, ignore_index: int,
+    need_hidden: bool, need_weight: bool, need_bias: bool, backend: str,
+) -> tuple[Tensor, Tensor, Tensor]:
+    fn = get_impl(backend, "linear_ppo", "linear_ppo_bwd")
+    return fn(grad_loss, g_lp, g_ent, hidden, weight, bias, targets, lse, entropy, temperature, ignore_index,
+              need_hidden, need_weight, need_bias)
+
+
+@_linear_ppo_bwd.register_fake
+def _(grad_loss, g_lp, g_ent, hidden, weight, bias, targets, lse, entropy, temperature, ignore_index,
+      need_hidden, need_weight, need_bias, backend):
+    gh = torch.empty_like(hidden) if need_hidden else hidden.new_empty(0, dtype=_F32)
+    gw = torch.empty_like(weight) if need_weight else weight.new_empty(0, dtype=_F32)
+    gb = torch.empty_like(bias) if (need_bias and bias is not None) else hidden.new_empty(0, dtype=_F32)
+    return gh, gw, gb
+
+
+def _setup(ctx, inputs, output):
+    hidden, weight, bias, targets = inputs[:4]
+    temperature, ignore_index = inputs[9], inputs[10]
+    backend = inputs[-1]
+    _loss, stats, lp, ent, lse, g_lp, g_ent = output
+    ctx.mark_non_differentiable(stats, lp, ent, lse, g_lp, g_ent)
+    ctx.save_for_backward(hidden, weight, bias, targets, lse, ent, g_lp, g_ent)
+    ctx.args = (temperature, ignore_index, backend)
+
+
+def _backward(ctx, g_loss, *_unused):
+    hidden, weight, bias, targets, lse, ent, g_lp, g_ent = ctx.saved_tensors
+    temperature, ignore_index, backend = ctx.args
+    need_h, need_w, need_b = ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[2]
+    need_b = bool(need_b and bias is not None)
+    none_rest = (None,) * 15
+    if g_loss is None or not (need_h or need_w or need_b):
+        return (None, None, None) + none_rest
+    gh, gw, gb = _linear_ppo_bwd(
+        g_loss.to(_F32).contiguous(), g_lp, g_ent, hidden, weight, bias, targets, lse,
+        ent if g_ent.numel() else lse.new_empty(0), temperature, ignore_index, need_h, need_w, need_b, backend,
+    )
+    return (gh if need_h else None, gw if need_w else None, gb if need_b else None) + none_rest
+
+
+torch.library.register_autograd("signalrl::linear_ppo_fwd", _backward, setup_context=_setup)
+
+
+# --- public op ----------------------------------------------------------------------------------
+
+
+def linear_ppo_loss(
+    hidden: Tensor,
+    weight: Tensor,
+    targets: Tensor,
+    old_logprobs: Tensor,
+    advantages: Tensor,
+    mask: Tensor | None = None,
+    *,
+    bias: Tensor | None = None,
+    ref_logprobs: Tensor | None = None,
+    temperature: float = 1.0,
+    ignore_index: int = -100,
+    clip_low: float = 0.2,
+    clip_high: float | None = None,
+    dual_clip: float | None = None,
+    kl_coef: float = 0.0,
+    kl_estimator: str = "k3",
+    entropy_coef: float = 0.0,
+    aggregation: str = "token-mean",
+):
+    """The PPO policy loss from final hidden states and the LM head, without materializing the logits.
+
+    Args:
+        hidden: ``[B, T, H]`` (any leading dims; ``[N, H]`` is one row) float32, bfloat16 or float16
+            (float64 runs the reference).
+        weight: ``[V, H]`` LM head, same dtype and device as ``hidden``; bias: optional ``[V]``.
+        targets: ``[B, T]`` int64/int32 sampled token ids, or ``ignore_index`` (such tokens do not count).
+        old_logprobs, advantages: ``[B, T]`` float (read as float32): log π_old of the targets and per-token
+            advantages (e.g. GAE).
+        mask: optional ``[B, T]``, 1 where a token counts (combined with ``targets != ignore_index``).
+        ref_logprobs: optional ``[B, T]`` log π_ref for the KL penalty (``kl`` stat is 0 without it).
+        temperature: T > 0, logits are divided by it.
+        clip_low, clip_high, dual_clip: the ratio clip ``[1 − clip_low, 1 + clip_high]`` (``clip_high``
+            defaults to ``clip_low``) and the dual-clip bound c > 1 for negative advantages.
+        kl_coef, kl_estimator: KL penalty weight and estimator (``k1``, ``k2``, ``k3``, ``abs``).
+        entropy_coef: entropy bonus weight.
+        aggregation: ``token-mean``, ``seq-mean-token-sum``, ``seq-mean-token-mean``, ``seq-mean-token-sum-norm``.
+
+    Returns:
+        ``(loss, stats)``: a 0-d float32 loss (differentiable in hidden, weight, bias) and 0-d float32 stats
+        ``clip_fraction``, ``dual_clip_fraction``, ``approx_kl``, ``ratio_mean``, ``ratio_min``, ``ratio_max``,
+        ``pg_loss``, ``entropy``, ``kl`` (means over counted tokens; no host sync).
+
+    Math: z = (hidden @ weight.T + bias) / T, logp = z_t − logsumexp(z), H = −Σ p log p, ρ = exp(logp − old),
+    ℓ_pg = max(−A·ρ, −A·clip(ρ, 1 − clip_low, 1 + clip_high)) (dual clip: min(ℓ_pg, −A·c) where A < 0),
+    loss = agg(ℓ_pg) + kl_coef·agg(KL(logp, ref)) − entropy_coef·agg(H) — exactly
+    :func:`signalrl.reference.linear_ppo_loss`.
+
+    Memory: the fused backend never holds ``[N, V]`` logits: forward O(N) float32; backward one ``[N, Vc]``
+    gradient chunk (Vc ≤ max(1024, 2·H)) plus a float32 ``[N, H]`` d(hidden) accumulator for non-float32 hidden
+    (see :mod:`signalrl.kernels.linear_logprobs`). The reference materializes ``[N, V]`` float32 logits.
+    """
+    v.tensor("hidden", hidden, dtypes=v.FLOAT_DTYPES, min_dim=1)
+    v.tensor("weight", weight, dtypes=v.FLOAT_DTYPES, ndim=2)
+    v.tensor("targets", targets, dtypes=v.INDEX_DTYPES)
+    H = hidden.shape[-1]
+    if weight.shape[1] != H:
+        raise ValueError(f"weight: expected shape [V, {H}] (H = hidden.shape[-1]), got {tuple(weight.shape)}")
+    if weight.dtype != hidden.dtype:
+        raise TypeError(f"weight: expected dtype {hidden.dtype} (the dtype of hidden), got {weight.dtype}")
+    if targets.shape != hidden.shape[:-1]:
+        raise ValueError(
+            f"targets: expected shape {tuple(hidden.shape[:-1])} (hidden.shape[:-1]), got {tuple(targets.shape)}"
+        )
+    v.same_device("weight", weight, "hidden", hidden)
+    v.same_device("targets", targets, "hidden", hidden)
+    for name, x in (("old_logprobs", old_logprobs), ("advantages", advantages), ("ref_logprobs", ref_logprobs)):
+        if x is None and name == "ref_logprobs":
+            continue
+        v.tensor(name, x, dtypes=v.FLOAT_DTYPES)
+        v.same_shape(name, x, "targets", targets)
+        v.same_device(name, x, "targets", targets)
+    v.optional_mask("mask", mask, "targets", targets)
+    if bias is not None:
+        v.tensor("bias", bias, dtypes=v.FLOAT_DTYPES, ndim=1)
+        if bias.shape[0] != weight.shape[0]:
+            raise ValueError(f"bias: expected shape [{weight.shape[0]}] (V = weight.shape[0]), got {tuple(bias.shape)}")
+        v.same_device("bias", bias, "hidden", hidden)
+    temperature = v.positive("temperature", temperature)
+    clip_low = v.in_range("clip_low", clip_low, 0.0, 1.0)
+    clip_high = clip_low if clip_high is None else v.non_negative("clip_high", clip_high)
+    if dual_clip is not None:
+        if isinstance(dual_clip, bool) or not isinstance(dual_clip, (int, float)) or not dual_clip > 1:
+            raise ValueError(f"dual_clip: expected None or a number > 1, got {dual_clip!r}")
+        dual_clip = float(dual_clip)
+    for name, c in (("kl_coef", kl_coef), ("entropy_coef", entropy_coef)):
+        if isinstance(c, bool) or not isinstance(c, (int, float)) or c != c or c in (float("inf"), float("-inf")):
+            raise ValueError(f"{name}: expected a finite number, got {c!r}")
+    kl_coef, entropy_coef = float(kl_coef), float(entropy_coef)
+    v.choice("kl_estimator", kl_estimator, KL_ESTIMATORS)
+    v.choice("aggregation", aggregation, AGGREGATIONS)
+    ignore_index = int(ignore_index)
+
+    def ref_fn(h, w, t, old, adv, m, b, ref):
+        return reference.linear_ppo_loss(
+            h, w, t, old, adv, m, bias=b, ref_logprobs=ref, temperature=temperature, ignore_index=ignore_index,
+            clip_low=clip_low, clip_high=clip_high, dual_clip=dual_clip, kl_coef=kl_coef, kl_estimator=kl_estimator,
+            entropy_coef=entropy_coef, aggregation=aggregation,
+        )
+
+    backend = backend_for("linear_ppo", "linear_ppo_fwd", hidden)
+    if hidden.dtype == torch.float64 or targets.numel() == 0:
+        backend = "reference"
+    inputs = (hidden, weight, targets, old_logprobs, advantages, mask, bias, ref_logprobs)
+    if backend == "reference":
+        return ref_fn(*inputs)
+
+    def fast_fn(h, w, t, old, adv, m, b, ref):
+        counted = (t != ignore_index).to(_F32)
+        if m is not None:
+            counted = counted * m.to(_F32)
+        wts = token_weights(counted, aggregation)
+        h2 = h.reshape(-1, H).contiguous()
+        t2 = t.reshape(-1).to(torch.int64).contiguous()
+        ref2 = h2.new_empty(0, dtype=_F32) if ref is None else _flat32(ref)
+        loss, stats, *_ = _linear_ppo_fwd(
+            h2, w.contiguous(), None if b is None else b.contiguous(), t2, _flat32(old), _flat32(adv),
+            _flat32(wts), _flat32(counted), ref2, temperature, ignore_index, clip_low, clip_high, dual_clip,
+            kl_estimator, kl_coef, entropy_coef, backend,
+        )
+        return loss, dict(zip(STAT_KEYS, stats.unbind(0)))
+
+    if check_enabled():
+        return checked("linear_ppo_loss", fast_fn, ref_fn, inputs, hidden.dtype)
+    return fast_fn(*inputs)
