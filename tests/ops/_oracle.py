@@ -32,3 +32,18 @@ def assert_close(what: str, got, truth, dtype, baseline=None):
     if baseline is not None and dtype in _ROUNDING:
         bound = max(2 * rel_err(baseline, truth), _ROUNDING[dtype])
         assert err <= bound, f"{what}: relative error {err:.3e} worse than same-dtype PyTorch bound {bound:.3e}"
+
+
+def backend_params(family: str, kernel: str) -> list:
+    """pytest params ``(backend, device)`` for every backend that can run ``kernel`` here: all CPU
+    backends (Triton only under the interpreter) plus Triton on CUDA when a GPU is present."""
+    import pytest
+
+    from signalrl.ops import available_backends
+
+    params = [pytest.param(b, "cpu", id=f"{b}-cpu") for b in available_backends(family, kernel, "cpu")]
+    if torch.cuda.is_available():
+        params += [
+            pytest.param(b, "cuda", id=f"{b}-cuda") for b in available_backends(family, kernel, "cuda") if b != "reference"
+        ]
+    return params

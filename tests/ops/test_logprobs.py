@@ -6,17 +6,18 @@ import signalrl.ops as ops
 from signalrl import reference
 from signalrl.ops import SignalCheckError, available_backends, check_mode, use_backend
 
-from ._oracle import assert_close, rel_err
+from ._oracle import assert_close, backend_params, rel_err
 
+TOKEN = backend_params("logprobs", "token_logprobs_fwd")
+LINEAR = backend_params("linear_logprobs", "linear_token_logprobs_fwd")
 TOKEN_BACKENDS = available_backends("logprobs", "token_logprobs_fwd")
-LINEAR_BACKENDS = available_backends("linear_logprobs", "linear_token_logprobs_fwd")
 DTYPES = [torch.float32, torch.bfloat16]
 
 
-def _targets(shape, V, ignore_frac=0.2, ignore_index=-100):
+def _targets(shape, V, ignore_frac=0.2, ignore_index=-100, device="cpu"):
     t = torch.randint(0, V, shape)
     t[torch.rand(shape) < ignore_frac] = ignore_index
-    return t
+    return t.to(device)
 
 
 def _truth_token(logits, targets, **kw):
@@ -32,7 +33,7 @@ def _run_token(backend, logits, targets, **kw):
     return x, lp, ent
 
 
-@pytest.mark.parametrize("backend", TOKEN_BACKENDS)
+@pytest.mark.parametrize("backend,device", TOKEN)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize(
     "shape,V,temperature,scale",
@@ -40,9 +41,9 @@ def _run_token(backend, logits, targets, **kw):
      ((6,), 1000, 1.0, 1e4)],
     ids=["N37-V1000", "B3T5-V1031-temp", "N1", "V32000", "huge-logits"],
 )
-def test_token_logprobs_values_and_grads(backend, dtype, shape, V, temperature, scale):
-    logits = (torch.randn(*shape, V) * scale).to(dtype)
-    targets = _targets(shape, V)
+def test_token_logprobs_values_and_grads(backend, device, dtype, shape, V, temperature, scale):
+    logits = (torch.randn(*shape, V) * scale).to(dtype).to(device)
+    targets = _targets(shape, V, device=device)
     kw = dict(temperature=temperature)
     x, lp, ent = _run_token(backend, logits, targets, **kw)
     xt, lp_t, ent_t = _truth_token(logits, targets, **kw)
@@ -65,32 +66,32 @@ def test_token_logprobs_values_and_grads(backend, dtype, shape, V, temperature, 
     assert (x.grad[~valid] == 0).all()
 
 
-@pytest.mark.parametrize("backend", TOKEN_BACKENDS)
-def test_token_logprobs_all_ignored(backend):
-    logits = torch.randn(5, 1000, requires_grad=True)
-    targets = torch.full((5,), -1, dtype=torch.long)
+@pytest.mark.parametrize("backend,device", TOKEN)
+def test_token_logprobs_all_ignored(backend, device):
+    logits = torch.randn(5, 1000, device=device, requires_grad=True)
+    targets = torch.full((5,), -1, dtype=torch.long, device=device)
     with use_backend(backend):
         lp, ent = ops.token_logprobs(logits, targets, ignore_index=-1, return_entropy=True)
     (lp.sum() + ent.sum()).backward()
-    assert torch.equal(lp, torch.zeros(5)) and torch.equal(ent, torch.zeros(5))
+    assert torch.equal(lp, torch.zeros_like(lp)) and torch.equal(ent, torch.zeros_like(ent))
     assert torch.equal(logits.grad, torch.zeros_like(logits))
 
 
-@pytest.mark.parametrize("backend", TOKEN_BACKENDS)
-def test_token_logprobs_without_entropy_matches(backend):
-    logits = torch.randn(9, 1000)
-    targets = _targets((9,), 1000)
+@pytest.mark.parametrize("backend,device", TOKEN)
+def test_token_logprobs_without_entropy_matches(backend, device):
+    logits = torch.randn(9, 1000, device=device)
+    targets = _targets((9,), 1000, device=device)
     with use_backend(backend):
         lp = ops.token_logprobs(logits, targets)
     assert rel_err(lp, reference.token_logprobs(logits.double(), targets)) < 1e-5
 
 
-def test_inplace_backward_gives_the_same_gradient():
-    backends = [b for b in TOKEN_BACKENDS if b == "triton"]
-    if not backends:
+@pytest.mark.parametrize("device", ["cuda" if torch.cuda.is_available() else "cpu"])
+def test_inplace_backward_gives_the_same_gradient(device):
+    if "triton" not in available_backends("logprobs", "token_logprobs_fwd", device):
         pytest.skip("in-place backward is a Triton feature; Triton is not usable here")
-    logits = torch.randn(7, 1000)
-    targets = _targets((7,), 1000)
+    logits = torch.randn(7, 1000, device=device)
+    targets = _targets((7,), 1000, device=device)
     a = logits.clone().requires_grad_()
     with use_backend("triton"):
         ops.token_logprobs(a, targets).sum().backward()
@@ -117,18 +118,18 @@ def test_reference_gradcheck_float64():
 # --- linear ---------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("backend", LINEAR_BACKENDS)
+@pytest.mark.parametrize("backend,device", LINEAR)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("with_bias", [False, True])
 @pytest.mark.parametrize(
     "shape,V,H,temperature", [((37,), 1000, 48, 1.0), ((2, 7), 1031, 40, 0.7), ((1,), 1000, 48, 1.0)],
     ids=["N37-V1000", "B2T7-V1031-temp", "N1"],
 )
-def test_linear_token_logprobs_values_and_grads(backend, dtype, with_bias, shape, V, H, temperature):
-    hidden = torch.randn(*shape, H).to(dtype)
-    weight = (torch.randn(V, H) / H**0.5).to(dtype)
-    bias = torch.randn(V).to(dtype) if with_bias else None
-    targets = _targets(shape, V)
+def test_linear_token_logprobs_values_and_grads(backend, device, dtype, with_bias, shape, V, H, temperature):
+    hidden = torch.randn(*shape, H).to(dtype).to(device)
+    weight = (torch.randn(V, H) / H**0.5).to(dtype).to(device)
+    bias = torch.randn(V).to(dtype).to(device) if with_bias else None
+    targets = _targets(shape, V, device=device)
     leaves = [t.detach().clone().requires_grad_() for t in (hidden, weight) + ((bias,) if with_bias else ())]
     with use_backend(backend):
         lp, ent = ops.linear_token_logprobs(
@@ -151,11 +152,11 @@ def test_linear_token_logprobs_values_and_grads(backend, dtype, with_bias, shape
         assert_close(name, got.grad, truth.grad, dtype)
 
 
-@pytest.mark.parametrize("backend", LINEAR_BACKENDS)
-def test_linear_only_requested_grads(backend):
-    hidden = torch.randn(6, 16, requires_grad=True)
-    weight = torch.randn(1000, 16)  # frozen LM head
-    targets = _targets((6,), 1000)
+@pytest.mark.parametrize("backend,device", LINEAR)
+def test_linear_only_requested_grads(backend, device):
+    hidden = torch.randn(6, 16, device=device, requires_grad=True)
+    weight = torch.randn(1000, 16, device=device)  # frozen LM head
+    targets = _targets((6,), 1000, device=device)
     with use_backend(backend):
         ops.linear_token_logprobs(hidden, weight, targets).sum().backward()
     assert hidden.grad is not None and weight.grad is None
@@ -179,12 +180,10 @@ def test_backend_listing_and_forcing(monkeypatch):
             pass
 
 
-@pytest.mark.parametrize("backend", [b for b in TOKEN_BACKENDS if b != "reference"] or ["none"])
-def test_check_mode_passes_and_catches_a_wrong_kernel(backend, monkeypatch):
-    if backend == "none":
-        pytest.skip("no fast backend on this machine")
-    logits = torch.randn(8, 1000, requires_grad=True)
-    targets = _targets((8,), 1000)
+@pytest.mark.parametrize("backend,device", [p for p in TOKEN if p.values[0] != "reference"])
+def test_check_mode_passes_and_catches_a_wrong_kernel(backend, device, monkeypatch):
+    logits = torch.randn(8, 1000, device=device, requires_grad=True)
+    targets = _targets((8,), 1000, device=device)
     with use_backend(backend), check_mode():
         lp, ent = ops.token_logprobs(logits, targets, return_entropy=True)
         (lp.sum() + ent.sum()).backward()  # gradients are checked too
@@ -227,12 +226,12 @@ def test_validation_errors_name_the_argument():
         )
 
 
-@pytest.mark.parametrize("backend", TOKEN_BACKENDS)
-def test_torch_compile_fullgraph(backend):
+@pytest.mark.parametrize("backend,device", TOKEN)
+def test_torch_compile_fullgraph(backend, device):
     torch._dynamo.reset()
-    hidden = torch.randn(2, 5, 16, requires_grad=True)
-    weight = torch.randn(300, 16, requires_grad=True)
-    targets = _targets((2, 5), 300)
+    hidden = torch.randn(2, 5, 16, device=device, requires_grad=True)
+    weight = torch.randn(300, 16, device=device, requires_grad=True)
+    targets = _targets((2, 5), 300, device=device)
 
     def f(h, w):
         lp, ent = ops.linear_token_logprobs(h, w, targets, return_entropy=True)
