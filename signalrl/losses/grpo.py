@@ -1,0 +1,136 @@
+"""``grpo``: group relative policy optimization.
+
+    A_{b,s}   = (r_{b,s} − mean_s r_{b,·}) / (std_s r_{b,·} + 1e-6)   (unbiased std; scale_rewards=False:
+                r − mean, the Dr. GRPO variant), broadcast to every response token of sample s
+    loss      = clipped_surrogate(logπ, logπ_old, A) + beta·KL(π‖π_ref)     over response tokens
+
+Each of the B prompts (left-padded, ``prompt_attention_mask``) is followed by each of its S responses
+(``response_masks`` 1 = a counted response token; padding after the response). Per-token arrays
+``[B, S, L]`` are aligned with ``response_ids``: entry l is log p(response[l] | prompt, response[<l]).
+Without ``old_log_probs`` the old policy is the current one, detached (ratio 1: the plain policy gradient).
+"""
+from __future__ import annotations
+
+import torch
+
+from ._common import COMMON_CHECKS, masked_std, policy_objective
+from ._ops import ops
+from .base import Computed, Field, LossModule, LossSpec
+from .model import IGNORE_INDEX
+from .registry import register_loss
+
+# --- batch spec ------------------------------------------------------------------------------
+
+BATCH = (
+    Field("prompt_ids", ("B", "P"), "int", doc="left-padded prompts"),
+    Field("response_ids", ("B", "S", "L"), "int", doc="S sampled responses per prompt"),
+    Field("rewards", ("B", "S"), "float", doc="one scalar reward per response"),
+    Field("response_masks", ("B", "S", "L"), "mask", doc="1 = response token that counts"),
+    Field("old_log_probs", ("B", "S", "L"), "float", required=False, doc="sampling-time log-probs"),
+    Field("prompt_attention_mask", ("B", "P"), "mask", required=False, doc="1 = real prompt token; default all 1"),
+)
+
+# --- defaults --------------------------------------------------------------------------------
+
+DEFAULTS = dict(
+    beta=0.01,
+    clip_epsilon=0.2,
+    clip_epsilon_high=None,
+    reference_model=None,
+    scale_rewards=True,
+    kl_estimator="k3",
+    loss_aggregation="token-mean",
+    temperature=1.0,
+)
+METRICS = (
+    "policy_loss", "kl_divergence", "clip_fraction", "entropy", "reward_mean", "reward_std", "advantage_mean",
+    "advantage_std", "loss",
+)
+
+# --- math ------------------------------------------------------------------------------------
+
+
+def group_sequences(batch):
+    """The B·S sequences prompt ‖ response: ids, attention ``[B·S, P+L]`` and the response-token mask.
+
+    Attention covers the prompt's real tokens and every response position up to the last counted
+    one (a masked span inside a response, e.g. tool output, stays visible as context)."""
+    prompt, resp, rmask = batch["prompt_ids"], batch["response_ids"], batch["response_masks"].float()
+    B, S, L = resp.shape
+    P = prompt.shape[1]
+    pmask = batch.get("prompt_attention_mask")
+    pmask = torch.ones_like(prompt, dtype=torch.float32) if pmask is None else pmask.float()
+    if P and bool((pmask[:, -1] == 0).any()):
+        raise ValueError("grpo: prompts must be left-padded (prompt_attention_mask[:, -1] must be all 1)")
+    visible = rmask.flip(-1).cummax(-1).values.flip(-1)  # 1 up to the last counted token
+    ids = torch.cat([prompt.unsqueeze(1).expand(B, S, P), resp], dim=-1).reshape(B * S, P + L)
+    attn = torch.cat([pmask.unsqueeze(1).expand(B, S, P), visible], dim=-1).reshape(B * S, P + L)
+    mask = torch.cat([torch.zeros(B, S, P, device=rmask.device), rmask], dim=-1).reshape(B * S, P + L)
+    mask = mask * attn
+    if P == 0:
+        mask[:, 0] = 0.0  # the first token of a prompt-less sequence is not predicted
+    return ids, attn.long(), mask, P
+
+
+def _grpo(policy, batch, kw) -> Computed:
+    B, S, L = batch["response_ids"].shape
+    ids, attn, mask, P = group_sequences(batch)
+    rewards = batch["rewards"].float()
+
+    with torch.no_grad():
+        adv_seq = ops.group_normalize(rewards, scale=kw["scale_rewards"])  # [B, S]
+        advantages = (adv_seq.reshape(B * S, 1) * mask).float()
+        old = batch.get("old_log_probs")
+        if old is not None:
+            old = torch.cat([old.new_zeros(B, S, P), old.float()], dim=-1).reshape(B * S, P + L)
+
+    labels = torch.where(mask > 0, ids, torch.full_like(ids, IGNORE_INDEX))
+    ref = None
+    if kw["beta"] > 0:
+        ref = policy.reference_logprobs(
+            ids, attn, reference_model=kw["reference_model"], temperature=kw["temperature"], labels=labels
+        )
+
+    terms = policy_objective(
+        policy, ids, attn, mask, advantages, old_logprobs=old, ref_logprobs=ref,
+        clip_low=kw["clip_epsilon"], clip_high=kw["clip_epsilon_high"], dual_clip=None,
+        kl_coef=kw["beta"], kl_estimator=kw["kl_estimator"], entropy_coef=0.0,
+        aggregation=kw["loss_aggregation"], temperature=kw["temperature"],
+    )
+    std_per_group = rewards.std(-1) if S > 1 else torch.zeros_like(rewards[:, 0])
+    metrics = {
+        "policy_loss": terms.policy_loss,
+        "kl_divergence": terms.kl.detach(),
+        "clip_fraction": terms.clip_fraction,
+        "entropy": terms.entropy,
+        "reward_mean": rewards.mean(),
+        "reward_std": std_per_group.mean(),
+        "advantage_mean": adv_seq.mean(),
+        "advantage_std": masked_std(adv_seq, torch.ones_like(adv_seq)),
+    }
+    skip = set()
+    if old is None:
+        skip.add("clip_fraction")  # the ratio is 1 by construction
+    if ref is None:
+        skip.add("kl_divergence")
+    return Computed(loss=terms.loss, metrics=metrics, skip_monitors=frozenset(skip))
+
+
+# --- spec and drop-in form -------------------------------------------------------------------
+
+grpo = register_loss(LossSpec(
+    name="grpo",
+    batch=BATCH,
+    defaults=DEFAULTS,
+    checks=COMMON_CHECKS,
+    compute=_grpo,
+    uses_reference=True,
+    metric_names=METRICS,
+    summary="clipped surrogate with group-normalized advantages + beta·KL",
+))
+
+
+class GRPOLoss(LossModule):
+    """``GRPOLoss(beta=0.01, reference_model=ref)(model, batch) -> LossResult``."""
+
+    spec = grpo
