@@ -143,8 +143,9 @@ def policy_objective(
     out = policy.forward(input_ids, attention_mask, with_entropy=True, temperature=temperature, hidden=hidden)
     lp = out.logprobs
     old = lp.detach() if old_logprobs is None else old_logprobs
+    p = slice(1, None)  # aggregate over the T − 1 predicted positions, exactly as the fused op does
     pg, stats = ops.clipped_surrogate(
-        lp, old, advantages, mask, clip_low=clip_low, clip_high=clip_high, dual_clip=dual_clip, aggregation=aggregation
+        lp[:, p], old[:, p], advantages[:, p], mask[:, p], clip_low=clip_low, clip_high=clip_high, dual_clip=dual_clip, aggregation=aggregation
     )
     loss = pg
     if entropy_coef:
@@ -164,5 +165,6 @@ def policy_objective(
 
 
 def _aggregate(x: Tensor, mask: Tensor, aggregation: str) -> Tensor:
-    """Σ w·x with the aggregation's token weights (:func:`signalrl.ops.token_weights`)."""
-    return (ops.token_weights(mask, aggregation) * x).sum()
+    """Σ w·x over the T − 1 predicted positions (1..T−1) of ``[B, T]`` arrays, with the
+    aggregation's token weights (:func:`signalrl.ops.token_weights`)."""
+    return (ops.token_weights(mask[:, 1:], aggregation) * x[:, 1:]).sum()

@@ -116,8 +116,9 @@ def _ppo(policy, batch, kw, *, conservative: bool) -> Computed:
         aggregation=kw["loss_aggregation"], temperature=kw["temperature"], hidden=hidden,
         need_kl_grad=conservative,
     )
+    p = slice(1, None)  # the T − 1 predicted positions, as in the policy part
     v_loss, v_stats = ops.value_loss(
-        values, old_values, returns, mask,
+        values[:, p], old_values[:, p], returns[:, p], mask[:, p],
         clip=kw["value_clip_epsilon"] if kw["clip_value_loss"] else None, aggregation=kw["loss_aggregation"],
     )
     loss = terms.loss

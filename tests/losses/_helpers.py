@@ -1,0 +1,169 @@
+"""Tiny models and float64 oracles for the loss tests (independent of signalrl.losses)."""
+from __future__ import annotations
+
+import copy
+import math
+import warnings
+
+import torch
+import transformers
+
+warnings.filterwarnings("ignore", category=FutureWarning)
+
+V, H = 64, 32
+
+
+def tiny_config(**overrides):
+    cfg = dict(vocab_size=V, hidden_size=H, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64)
+    cfg.update(overrides)
+    return transformers.LlamaConfig(**cfg)
+
+
+def tiny_model(**overrides):
+    return transformers.LlamaForCausalLM(tiny_config(**overrides))
+
+
+def frozen_copy(model):
+    ref = copy.deepcopy(model)
+    ref.requires_grad_(False)
+    return ref
+
+
+def double(module):
+    return copy.deepcopy(module).double()
+
+
+def positions(attn):
+    return (attn.long().cumsum(-1) - 1).clamp_min(0)
+
+
+def f64_logits(model64, ids, attn):
+    out = model64(input_ids=ids, attention_mask=attn, position_ids=positions(attn), use_cache=False)
+    return out.logits.double()
+
+
+def f64_hidden(model64, ids, attn):
+    dec = model64.get_decoder()
+    return dec(input_ids=ids, attention_mask=attn, position_ids=positions(attn), use_cache=False).last_hidden_state
+
+
+def f64_token_logprobs(model64, ids, attn, temperature=1.0):
+    """(logprobs, entropy) [B, T] float64, entry t = log p(ids[t] | ids[<t]), entry 0 = 0 (all positions)."""
+    logits = f64_logits(model64, ids, attn) / temperature
+    logp_all = torch.log_softmax(logits[:, :-1], -1)
+    lp = logp_all.gather(-1, ids[:, 1:, None]).squeeze(-1)
+    ent = -(logp_all.exp() * logp_all).sum(-1)
+    z = torch.zeros(ids.shape[0], 1, dtype=torch.float64)
+    return torch.cat([z, lp], 1), torch.cat([z, ent], 1)
+
+
+def shifted_mask(attn):
+    m = attn.double()
+    out = torch.zeros_like(m)
+    out[:, 1:] = m[:, 1:] * m[:, :-1]
+    return out
+
+
+def masked_mean(x, m):
+    return (x * m).sum() / m.sum()
+
+
+def gae_loop(rewards, values, mask, gamma, lam):
+    """Straightforward per-row GAE over the masked positions, float64."""
+    B, T = rewards.shape
+    adv = torch.zeros(B, T, dtype=torch.float64)
+    for b in range(B):
+        idx = [t for t in range(T) if mask[b, t] > 0]
+        nxt_v, nxt_a = 0.0, 0.0
+        for t in reversed(idx):
+            delta = float(rewards[b, t]) + gamma * nxt_v - float(values[b, t])
+            a = delta + gamma * lam * nxt_a
+            adv[b, t] = a
+            nxt_v, nxt_a = float(values[b, t]), a
+    returns = (adv + values.double()) * mask
+    return adv, returns
+
+
+def assert_close(a, b, rtol=1e-4, atol=1e-5, what=""):
+    a = torch.as_tensor(a, dtype=torch.float64)
+    b = torch.as_tensor(b, dtype=torch.float64)
+    assert torch.allclose(a, b, rtol=rtol, atol=atol), f"{what}: {a} vs {b} (max abs err {(a - b).abs().max():.3g})"
+
+
+def assert_metrics(result, expected: dict, names, rtol=1e-4, atol=1e-5):
+    assert set(result.metrics) == set(names), f"metric names {sorted(result.metrics)} != {sorted(names)}"
+    for k, v in result.metrics.items():
+        assert isinstance(v, float), f"{k} is {type(v)}"
+    for k, v in expected.items():
+        got = result.metrics[k]
+        assert math.isclose(got, float(v), rel_tol=rtol, abs_tol=atol), f"{k}: {got} vs {float(v)}"
+
+
+def grads_of(module):
+    return {n: p.grad for n, p in module.named_parameters()}
+
+
+def train_steps(params, step_fn, steps, lr=1e-2):
+    opt = torch.optim.Adam(params, lr=lr)
+    history = []
+    for _ in range(steps):
+        opt.zero_grad()
+        res = step_fn()
+        res.loss.backward()
+        opt.step()
+        history.append(res.metrics)
+    return history
+
+
+def ppo_oracle(pol64, ref64, head64, ids, attn, old, rewards, mask, *, values=None, old_values=None, gamma=0.99,
+               lam=0.95, clip=0.2, clip_high=None, vf_coef=0.5, ent_coef=0.01, beta=0.01, v_clip=0.2,
+               normalize=True, use_gae=True, conservative=None):
+    """enhanced_ppo (and conservative_ppo with conservative=(coef, max_kl)) in float64, written out."""
+    clip_high = clip if clip_high is None else clip_high
+    lp, ent = f64_token_logprobs(pol64, ids, attn)
+    ref_lp = f64_token_logprobs(ref64, ids, attn)[0] if ref64 is not None else None
+    if head64 is not None:
+        hid = f64_hidden(pol64, ids, attn)
+        v = torch.zeros(ids.shape, dtype=torch.float64)
+        v = torch.cat([v[:, :1], (hid[:, :-1] @ head64.linear.weight.t()).squeeze(-1) + head64.linear.bias], 1)
+    else:
+        v = values.double()
+    rollout_v = values.double() if values is not None else v.detach()
+    adv, ret = gae_loop(rewards, rollout_v, mask, gamma, lam if use_gae else 1.0)
+    n = mask.sum()
+    adv_mean = (adv * mask).sum() / n
+    adv_var = (((adv - adv_mean) ** 2) * mask).sum() / (n - 1)
+    A = (adv - adv_mean) / torch.sqrt(adv_var + 1e-8) * mask if normalize else adv
+    ratio = torch.exp(lp - old.double())
+    unclipped = -A * ratio
+    clipped = -A * ratio.clamp(1 - clip, 1 + clip_high)
+    pg = masked_mean(torch.maximum(unclipped, clipped), mask)
+    ov = (old_values.double() if old_values is not None else rollout_v)
+    vc = ov + (v - ov).clamp(-v_clip, v_clip)
+    vl = 0.5 * masked_mean(torch.maximum((v - ret) ** 2, (vc - ret) ** 2), mask)
+    H_mean = masked_mean(ent, mask)
+    kl = torch.zeros((), dtype=torch.float64)
+    if ref_lp is not None:
+        d = lp - ref_lp
+        kl = masked_mean(torch.exp(-d) + d - 1, mask)
+    loss = pg + vf_coef * vl - ent_coef * H_mean + beta * kl
+    metrics = {}
+    if conservative is not None:
+        coef, max_kl = conservative
+        pen = coef * torch.relu(kl - max_kl) ** 2
+        loss = loss + pen
+        metrics.update(kl_violation=float(kl > max_kl), kl_penalty=pen, max_kl_threshold=max_kl)
+    with torch.no_grad():
+        def var(x):
+            mu = (x * mask).sum() / n
+            return (((x - mu) ** 2) * mask).sum() / (n - 1)
+        metrics.update(
+            policy_loss=pg, value_loss=vl, entropy=H_mean, kl_divergence=kl,
+            approx_kl=masked_mean(ratio - 1 - torch.log(ratio), mask),
+            clip_fraction=masked_mean((clipped > unclipped).double(), mask),
+            advantage_mean=adv_mean, advantage_std=adv_var.sqrt(),
+            explained_variance=1 - var(ret - v) / var(ret), value_mean=masked_mean(v, mask),
+            return_mean=masked_mean(ret, mask), reward_mean=(rewards.double() * mask).sum(-1).mean(),
+        )
+        metrics = {k: float(x) for k, x in metrics.items()}
+    return loss, metrics
