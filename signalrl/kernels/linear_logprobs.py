@@ -388,6 +388,7 @@ def _chunk_cols(N: int, V: int, H: int) -> int:
     return min(cdiv(V, 128) * 128, max(1024, next_pow2(2 * H)))
 
 
+@torch.no_grad()
 def _backward(grad_logprobs, grad_entropy, hidden, weight, bias, targets, lse, entropy, temperature, ignore_index,
               need_hidden, need_weight, need_bias, scale=None):
     N, H = hidden.shape
