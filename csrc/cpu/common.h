@@ -1,0 +1,73 @@
+// Shared scalar helpers for the native CPU kernels: a branch-free exp the compiler can
+// vectorize, bf16 <-> fp32 bit conversions, and per-ISA function cloning.
+#pragma once
+
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+
+// SIGNAL_MULTIVERSION compiles a function once per ISA level and picks one at load time
+// (GCC ifunc), so one binary is fast on AVX-512 and AVX2 machines and still runs everywhere.
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__) && \
+    !defined(SIGNAL_NO_MULTIVERSION)
+#define SIGNAL_MULTIVERSION \
+  __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+#else
+#define SIGNAL_MULTIVERSION
+#endif
+
+namespace signalrl {
+
+constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+
+inline float bits_to_float(uint32_t u) {
+  float f;
+  std::memcpy(&f, &u, sizeof(f));
+  return f;
+}
+
+inline uint32_t float_to_bits(float f) {
+  uint32_t u;
+  std::memcpy(&u, &f, sizeof(u));
+  return u;
+}
+
+// exp(x) for float32 with ~1 ulp error, no branches and no libm call, so loops over it
+// vectorize. exp(x) = 2^n * exp(r), n = round(x / ln 2), |r| <= ln2 / 2, exp(r) by a degree-6
+// polynomial (Cephes coefficients). Underflows to exactly 0 below -87.3, inf above 88.3,
+// NaN stays NaN.
+inline float vexp(float x) {
+  float xc = x < -87.3f ? -87.3f : x;
+  xc = xc > 88.3f ? 88.3f : xc;
+  // round to nearest with the 1.5 * 2^23 trick (exact for |t| < 2^22; needs no -ffast-math)
+  const float t = xc * 1.44269504088896341f;
+  const float fn = (t + 12582912.0f) - 12582912.0f;
+  float r = xc - fn * 0.693359375f;
+  r = r - fn * -2.12194440e-4f;
+  float p = 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  const float y = p * r * r + r + 1.0f;
+  const int32_t n = static_cast<int32_t>(fn);
+  const float scale = bits_to_float(static_cast<uint32_t>(n + 127) << 23);
+  float res = y * scale;
+  res = x < -87.3f ? 0.0f : res;
+  res = x > 88.3f ? std::numeric_limits<float>::infinity() : res;
+  return res;
+}
+
+inline float bf16_to_float(uint16_t b) { return bits_to_float(static_cast<uint32_t>(b) << 16); }
+
+// round to nearest even, NaN -> quiet NaN (same result as c10::BFloat16(float))
+inline uint16_t float_to_bf16(float f) {
+  const uint32_t u = float_to_bits(f);
+  const uint32_t rounded = (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16;
+  const bool is_nan = (u & 0x7FFFFFFFu) > 0x7F800000u;
+  return static_cast<uint16_t>(is_nan ? 0x7FC0u : rounded);
+}
+
+}  // namespace signalrl

@@ -1,0 +1,175 @@
+// family logprobs: per-token log-probs (+ entropy) from [N, V] logits, forward and backward.
+// One streaming pass per row: each block of 2048 logits is read from memory once, converted
+// to float32 in an L1-sized buffer (bf16/fp16), and folded into an online log-sum-exp.
+// No [N, V] float32 temporary exists at any point, whatever the input dtype.
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <vector>
+
+#include "kernels.h"
+#include "rowops.h"
+
+namespace signalrl {
+
+namespace detail {
+
+void check_logits_targets(const char* fn, const at::Tensor& logits, const at::Tensor& targets) {
+  TORCH_CHECK(logits.device().is_cpu(), fn, ": expected CPU tensors, got logits on ",
+              logits.device());
+  TORCH_CHECK(logits.dim() == 2, fn, ": logits must be [N, V], got shape ", logits.sizes());
+  const auto dt = logits.scalar_type();
+  TORCH_CHECK(dt == at::kFloat || dt == at::kBFloat16 || dt == at::kHalf, fn,
+              ": logits must be float32, bfloat16 or float16, got ", dt);
+  TORCH_CHECK(targets.dim() == 1 && targets.size(0) == logits.size(0), fn,
+              ": targets must be [N] with N = ", logits.size(0), ", got shape ", targets.sizes());
+  TORCH_CHECK(targets.scalar_type() == at::kLong || targets.scalar_type() == at::kInt, fn,
+              ": targets must be int64, got ", targets.scalar_type());
+}
+
+void check_vec_f32(const char* fn, const char* name, const at::Tensor& t, int64_t n,
+                   bool allow_empty) {
+  if (allow_empty && is_empty(t)) return;
+  TORCH_CHECK(t.defined() && t.dim() == 1 && t.size(0) == n, fn, ": ", name,
+              " must be [", n, "]", allow_empty ? " or empty" : "", ", got shape ",
+              t.defined() ? t.sizes() : at::IntArrayRef{});
+  TORCH_CHECK(t.scalar_type() == at::kFloat, fn, ": ", name, " must be float32, got ",
+              t.scalar_type());
+}
+
+}  // namespace detail
+
+namespace {
+
+// rows per parallel task: enough work (~64K elements) to amortize the task overhead
+int64_t row_grain(int64_t V) { return std::max<int64_t>(1, 65536 / std::max<int64_t>(V, 1)); }
+
+int64_t checked_target(int64_t t, int64_t V, int64_t row) {
+  TORCH_CHECK(t >= 0 && t < V, "signalrl_native: target ", t, " at row ", row,
+              " is out of range [0, ", V, ") and is not ignore_index");
+  return t;
+}
+
+template <typename scalar_t>
+void logprobs_fwd_rows(const scalar_t* logits, const int64_t* targets, int64_t N, int64_t V,
+                       float scale, int64_t ignore_index, float* logprobs, float* entropy,
+                       float* lse) {
+  at::parallel_for(0, N, row_grain(V), [&](int64_t begin, int64_t end) {
+    std::vector<float> buf(std::is_same<scalar_t, float>::value ? 0 : kRowBlock);
+    for (int64_t i = begin; i < end; ++i) {
+      const int64_t t = targets[i];
+      if (t == ignore_index) {
+        logprobs[i] = 0.0f;
+        lse[i] = 0.0f;
+        if (entropy != nullptr) entropy[i] = 0.0f;
+        continue;
+      }
+      checked_target(t, V, i);
+      const scalar_t* row = logits + i * V;
+      OnlineLse acc;
+      for (int64_t c = 0; c < V; c += kRowBlock) {
+        const int64_t n = std::min(kRowBlock, V - c);
+        acc.update(load_f32(row + c, n, buf.data()), n, scale, entropy != nullptr);
+      }
+      const float l = acc.lse(scale);
+      lse[i] = l;
+      logprobs[i] = static_cast<float>(row[t]) * scale - l;
+      if (entropy != nullptr) entropy[i] = acc.entropy();
+    }
+  });
+}
+
+template <typename scalar_t>
+void logprobs_bwd_rows(const float* g_lp, const float* g_ent, const scalar_t* logits,
+                       const int64_t* targets, const float* lse, const float* entropy, int64_t N,
+                       int64_t V, float scale, int64_t ignore_index, scalar_t* grad) {
+  at::parallel_for(0, N, row_grain(V), [&](int64_t begin, int64_t end) {
+    std::vector<float> buf(std::is_same<scalar_t, float>::value ? 0 : kRowBlock);
+    for (int64_t i = begin; i < end; ++i) {
+      scalar_t* out = grad + i * V;
+      const int64_t t = targets[i];
+      if (t == ignore_index) {
+        std::fill(out, out + V, scalar_t(0));
+        continue;
+      }
+      checked_target(t, V, i);
+      const scalar_t* row = logits + i * V;
+      // d/dz_j = g_lp·(δ_jt − p_j) − g_H·p_j·(log p_j + H); d/dx = d/dz · scale
+      const float gl = g_lp[i];
+      const float gh = g_ent != nullptr ? g_ent[i] : 0.0f;
+      const float c0 = gl + (g_ent != nullptr ? gh * entropy[i] : 0.0f);
+      for (int64_t c = 0; c < V; c += kRowBlock) {
+        const int64_t n = std::min(kRowBlock, V - c);
+        const float* x = load_f32(row + c, n, buf.data());
+        float* o = f32_target(out + c, buf.data());
+        vec_softmax_grad(x, n, scale, lse[i], c0, gh, scale, o);
+        if (t >= c && t < c + n) o[t - c] += scale * gl;
+        store_f32(o, n, out + c);
+      }
+    }
+  });
+}
+
+at::Tensor targets_i64(const at::Tensor& targets) { return targets.to(at::kLong).contiguous(); }
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> token_logprobs_fwd(
+    const at::Tensor& logits_in, const at::Tensor& targets_in, double temperature,
+    int64_t ignore_index, bool with_entropy) {
+  const char* fn = "token_logprobs_fwd";
+  detail::check_logits_targets(fn, logits_in, targets_in);
+  TORCH_CHECK(temperature > 0, fn, ": temperature must be > 0, got ", temperature);
+  const at::Tensor logits = logits_in.contiguous();
+  const at::Tensor targets = targets_i64(targets_in);
+  const int64_t N = logits.size(0), V = logits.size(1);
+  const auto f32 = logits.options().dtype(at::kFloat);
+  at::Tensor logprobs = at::empty({N}, f32);
+  at::Tensor entropy = at::empty({with_entropy ? N : 0}, f32);
+  at::Tensor lse = at::empty({N}, f32);
+  if (N == 0) return {logprobs, entropy, lse};
+  TORCH_CHECK(V > 0, fn, ": logits must have V >= 1 columns");
+  const float scale = static_cast<float>(1.0 / temperature);
+  float* ent = with_entropy ? entropy.data_ptr<float>() : nullptr;
+  SIGNAL_DISPATCH_LOGITS(logits.scalar_type(), "signalrl_native", [&] {
+    logprobs_fwd_rows<scalar_t>(logits.data_ptr<scalar_t>(), targets.data_ptr<int64_t>(), N, V,
+                                scale, ignore_index, logprobs.data_ptr<float>(), ent,
+                                lse.data_ptr<float>());
+  });
+  return {logprobs, entropy, lse};
+}
+
+at::Tensor token_logprobs_bwd(const at::Tensor& grad_logprobs_in,
+                              const at::Tensor& grad_entropy_in, const at::Tensor& logits_in,
+                              const at::Tensor& targets_in, const at::Tensor& lse_in,
+                              const at::Tensor& entropy_in, double temperature,
+                              int64_t ignore_index) {
+  const char* fn = "token_logprobs_bwd";
+  detail::check_logits_targets(fn, logits_in, targets_in);
+  TORCH_CHECK(temperature > 0, fn, ": temperature must be > 0, got ", temperature);
+  const int64_t N = logits_in.size(0), V = logits_in.size(1);
+  detail::check_vec_f32(fn, "grad_logprobs", grad_logprobs_in, N, false);
+  detail::check_vec_f32(fn, "lse", lse_in, N, false);
+  const bool has_ent = !detail::is_empty(grad_entropy_in);
+  detail::check_vec_f32(fn, "grad_entropy", grad_entropy_in, N, true);
+  if (has_ent) detail::check_vec_f32(fn, "entropy (needed with grad_entropy)", entropy_in, N, false);
+  const at::Tensor logits = logits_in.contiguous();
+  const at::Tensor targets = targets_i64(targets_in);
+  const at::Tensor g_lp = grad_logprobs_in.contiguous();
+  const at::Tensor lse = lse_in.contiguous();
+  const at::Tensor g_ent = has_ent ? grad_entropy_in.contiguous() : at::Tensor();
+  const at::Tensor ent = has_ent ? entropy_in.contiguous() : at::Tensor();
+  at::Tensor grad = at::empty_like(logits, at::MemoryFormat::Contiguous);
+  if (N == 0 || V == 0) return grad;
+  const float scale = static_cast<float>(1.0 / temperature);
+  SIGNAL_DISPATCH_LOGITS(logits.scalar_type(), "signalrl_native", [&] {
+    logprobs_bwd_rows<scalar_t>(g_lp.data_ptr<float>(),
+                                has_ent ? g_ent.data_ptr<float>() : nullptr,
+                                logits.data_ptr<scalar_t>(), targets.data_ptr<int64_t>(),
+                                lse.data_ptr<float>(), has_ent ? ent.data_ptr<float>() : nullptr,
+                                N, V, scale, ignore_index, grad.data_ptr<scalar_t>());
+  });
+  return grad;
+}
+
+}  // namespace signalrl

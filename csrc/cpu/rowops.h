@@ -1,0 +1,79 @@
+// Row-level building blocks of the log-prob kernels: dtype-generic block loads/stores and the
+// online log-sum-exp state.
+#pragma once
+
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+
+#include <cmath>
+#include <cstdint>
+
+#include "common.h"
+#include "vec.h"
+
+namespace signalrl {
+
+// float32 / bfloat16 / float16 (the dtypes the log-prob kernels accept)
+#define SIGNAL_DISPATCH_LOGITS(TYPE, NAME, ...)                  \
+  AT_DISPATCH_SWITCH(TYPE, NAME,                                 \
+                     AT_DISPATCH_CASE(at::kFloat, __VA_ARGS__)    \
+                     AT_DISPATCH_CASE(at::kBFloat16, __VA_ARGS__) \
+                     AT_DISPATCH_CASE(at::kHalf, __VA_ARGS__))
+
+// Elements per block: a block is loaded from memory once and then reused from L1.
+constexpr int64_t kRowBlock = 2048;
+
+// n elements of src as float32: src itself for float32, else converted into buf.
+inline const float* load_f32(const float* src, int64_t, float*) { return src; }
+inline const float* load_f32(const at::BFloat16* src, int64_t n, float* buf) {
+  bf16_to_f32(reinterpret_cast<const uint16_t*>(src), n, buf);
+  return buf;
+}
+inline const float* load_f32(const at::Half* src, int64_t n, float* buf) {
+  f16_to_f32(reinterpret_cast<const uint16_t*>(src), n, buf);
+  return buf;
+}
+
+// Where to compute n float32 results destined for dst: dst itself for float32, else buf.
+inline float* f32_target(float* dst, float*) { return dst; }
+inline float* f32_target(at::BFloat16*, float* buf) { return buf; }
+inline float* f32_target(at::Half*, float* buf) { return buf; }
+
+// Finish a block computed into f32_target(dst, buf).
+inline void store_f32(const float*, int64_t, float*) {}
+inline void store_f32(const float* src, int64_t n, at::BFloat16* dst) {
+  f32_to_bf16(src, n, reinterpret_cast<uint16_t*>(dst));
+}
+inline void store_f32(const float* src, int64_t n, at::Half* dst) {
+  f32_to_f16(src, n, reinterpret_cast<uint16_t*>(dst));
+}
+
+// Online log-sum-exp over z = x * scale (scale > 0), fed block by block. m is the running max
+// of x (not z), s = Σ exp((x − m)·scale), d = Σ exp((x − m)·scale)·(x − m)·scale; then
+// lse = m·scale + log(s) and entropy = log(s) − d / s. Measuring from the max of x keeps the
+// max term exactly exp(0) = 1 and avoids cancellation when |z| is large.
+struct OnlineLse {
+  float m = kNegInf;
+  float s = 0.0f;
+  float d = 0.0f;
+
+  void update(const float* x, int64_t n, float scale, bool with_entropy) {
+    const float bm = vec_max(x, n);  // NaN if the block holds a NaN
+    if (bm == kNegInf) return;       // every term is exp(-inf) = 0
+    if (bm > m) {
+      if (s > 0.0f) {
+        const float shift = (m - bm) * scale;
+        const float alpha = std::exp(shift);
+        d = alpha * (d + shift * s);
+        s *= alpha;
+      }
+      m = bm;
+    }
+    vec_sum_exp(x, n, scale, m, &s, with_entropy ? &d : nullptr);
+  }
+
+  float lse(float scale) const { return m * scale + std::log(s); }
+  float entropy() const { return std::log(s) - d / s; }
+};
+
+}  // namespace signalrl

@@ -1,0 +1,27 @@
+// Vectorized row primitives over float32 buffers (defined in vec.cpp, compiled per ISA level).
+#pragma once
+
+#include <cstdint>
+
+namespace signalrl {
+
+// max_j x[j]; NaN if any x[j] is NaN; -inf for n == 0.
+float vec_max(const float* x, int64_t n);
+
+// With d_j = (x[j] - m) * scale:  *sum += Σ exp(d_j);  if dot != nullptr, *dot += Σ exp(d_j) * d_j
+// (terms with exp(d_j) == 0 contribute 0, so -inf logits are harmless).
+void vec_sum_exp(const float* x, int64_t n, float scale, float m, float* sum, float* dot);
+
+// With lp_j = x[j] * scale - lse and p_j = exp(lp_j):
+//   out[j] = -out_scale * p_j * (c0 + c1 * lp_j)      (0 where p_j == 0).
+// out may alias x.
+void vec_softmax_grad(const float* x, int64_t n, float scale, float lse, float c0, float c1,
+                      float out_scale, float* out);
+
+// dtype conversions (bf16 round-to-nearest-even, NaN preserved)
+void bf16_to_f32(const uint16_t* src, int64_t n, float* dst);
+void f32_to_bf16(const float* src, int64_t n, uint16_t* dst);
+void f16_to_f32(const uint16_t* src, int64_t n, float* dst);
+void f32_to_f16(const float* src, int64_t n, uint16_t* dst);
+
+}  // namespace signalrl

@@ -1,0 +1,302 @@
+"""Native CPU kernels: builds, loads and exposes the C++ extension in ``csrc/``.
+
+The extension registers the operators ``torch.ops.signalrl_native.<name>`` (C++ ATen kernels
+using ``at::parallel_for``; schemas in ``csrc/registration.cpp``, contract in
+``docs/backends.md``). This module finds or builds it on first use:
+
+1. a prebuilt library next to this file (``signalrl/_native*.so``), made by
+   ``SIGNAL_BUILD_NATIVE=1 pip install -e .`` and used while it is newer than the sources;
+2. otherwise a just-in-time build with :func:`torch.utils.cpp_extension.load` (needs a C++
+   compiler and ninja; about a minute on two cores), cached in :func:`build_dir` and reused by
+   later processes as long as the sources, flags and torch version are unchanged.
+
+Nothing is compiled at import. If the extension cannot be built or loaded, :func:`available`
+returns False, a single ``RuntimeWarning`` gives the reason (also in :func:`why`), and the op
+layer falls back to the reference implementations. CUDA sources (``csrc/cuda/*.cu``, if any) are
+compiled only when torch itself was built with CUDA and nvcc is found.
+
+Environment variables:
+
+- ``SIGNAL_NATIVE=0`` — never build or load the extension (:func:`available` is False).
+- ``SIGNAL_NATIVE_BUILD_DIR`` — JIT build/cache directory (default
+  ``$XDG_CACHE_HOME/signalrl/native/<torch version>-<python>``, i.e. ``~/.cache/signalrl/...``).
+- ``SIGNAL_NATIVE_VERBOSE=1`` — show the compiler output of the JIT build.
+
+Public API: :func:`available`, :func:`get`, :func:`load`, :func:`build_dir`, :func:`why`.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import sys
+import threading
+import warnings
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+LIBRARY = "signalrl_native"
+FUNCTIONS = (
+    "token_logprobs_fwd",
+    "token_logprobs_bwd",
+    "linear_token_logprobs_fwd",
+    "linear_token_logprobs_bwd",
+    "gae_fwd",
+)
+
+_PACKAGE_DIR = Path(__file__).resolve().parent
+_CSRC = _PACKAGE_DIR.parent / "csrc"
+_CFLAGS = ["-O3", "-fopenmp", "-fno-math-errno", "-std=c++17"]
+
+_lock = threading.RLock()
+_loaded_from: str | None = None  # path of the library once loaded
+_error: str | None = None  # why the last attempt failed
+_warned = False
+
+
+def enabled() -> bool:
+    """False when ``SIGNAL_NATIVE`` is set to 0/false/off/no."""
+    return os.environ.get("SIGNAL_NATIVE", "1").strip().lower() not in ("0", "false", "off", "no")
+
+
+def build_dir() -> Path:
+    """Where the JIT build lives: ``$SIGNAL_NATIVE_BUILD_DIR``, else a per-torch cache directory."""
+    env = os.environ.get("SIGNAL_NATIVE_BUILD_DIR")
+    if env:
+        return Path(env).expanduser()
+    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    tag = f"torch{torch.__version__}-py{sys.version_info[0]}{sys.version_info[1]}"
+    return cache / "signalrl" / "native" / tag.replace("+", "_")
+
+
+def _cuda_sources() -> list[Path]:
+    if torch.version.cuda is None or not (_CSRC / "cuda").is_dir():
+        return []
+    from torch.utils.cpp_extension import CUDA_HOME
+
+    if CUDA_HOME is None:
+        return []
+    return sorted((_CSRC / "cuda").glob("*.cu")) + sorted((_CSRC / "cuda").glob("*.cpp"))
+
+
+def sources() -> list[Path]:
+    """The C++ (and, where torch has CUDA, CUDA) sources of the extension."""
+    return [_CSRC / "registration.cpp", *sorted((_CSRC / "cpu").glob("*.cpp")), *_cuda_sources()]
+
+
+def _all_source_files() -> list[Path]:
+    return sorted(p for p in _CSRC.rglob("*") if p.suffix in (".cpp", ".h", ".cu", ".cuh"))
+
+
+def _fingerprint() -> str:
+    h = hashlib.sha256()
+    h.update(f"{torch.__version__}|{sys.version_info[:2]}|{_CFLAGS}".encode())
+    for p in _all_source_files():
+        h.update(str(p.relative_to(_CSRC)).encode())
+        h.update(p.read_bytes())
+    return h.hexdigest()
+
+
+def _prebuilt() -> Path | None:
+    """The library built by setup.py, if present and not older than the sources next to it."""
+    candidates = sorted(_PACKAGE_DIR.glob("_native*.so")) + sorted(_PACKAGE_DIR.glob("_native*.pyd"))
+    if not candidates:
+        return None
+    lib = candidates[0]
+    if _CSRC.is_dir():
+        newest = max((p.stat().st_mtime for p in _all_source_files()), default=0.0)
+        if lib.stat().st_mtime < newest:
+            return None
+    return lib
+
+
+def _ensure_ninja_on_path() -> None:
+    if shutil.which("ninja"):
+        return
+    extra = [Path(sys.executable).parent]
+    try:
+        import ninja  # the PyPI package ships the binary
+
+        extra.insert(0, Path(ninja.BIN_DIR))
+    except ImportError:
+        pass
+    for d in extra:
+        if (d / "ninja").exists():
+            os.environ["PATH"] = f"{d}{os.pathsep}{os.environ.get('PATH', '')}"
+            return
+    raise RuntimeError("ninja is not installed (pip install ninja)")
+
+
+def _jit_build() -> str:
+    if not _CSRC.is_dir():
+        raise RuntimeError(f"the C++ sources are not installed (no {_CSRC})")
+    d = build_dir()
+    lib = d / f"{LIBRARY}.so"
+    stamp = d / f"{LIBRARY}.fingerprint"
+    fp = _fingerprint()
+    if lib.exists() and stamp.exists() and stamp.read_text().strip() == fp:
+        torch.ops.load_library(str(lib))
+        return str(lib)
+    cxx = os.environ.get("CXX", "c++")
+    if shutil.which(cxx) is None:
+        raise RuntimeError(f"no C++ compiler found ({cxx!r} is not on PATH; install g++ or set CXX)")
+    _ensure_ninja_on_path()
+    from torch.utils import cpp_extension
+
+    d.mkdir(parents=True, exist_ok=True)
+    cpp_extension.load(
+        name=LIBRARY,
+        sources=[str(p) for p in sources()],
+        extra_cflags=_CFLAGS,
+        extra_include_paths=[str(_CSRC)],
+        build_directory=str(d),
+        is_python_module=False,
+        verbose=os.environ.get("SIGNAL_NATIVE_VERBOSE", "") == "1",
+    )
+    stamp.write_text(fp)
+    return str(lib)
+
+
+def _load() -> str:
+    prebuilt = _prebuilt()
+    if prebuilt is not None:
+        try:
+            torch.ops.load_library(str(prebuilt))
+            return str(prebuilt)
+        except OSError as exc:  # built against another torch: rebuild just in time
+            warnings.warn(f"signalrl.native: ignoring prebuilt {prebuilt.name} ({exc}); building", RuntimeWarning)
+    return _jit_build()
+
+
+def _registered() -> bool:
+    try:
+        ns = getattr(torch.ops, LIBRARY)
+        return all(hasattr(ns, name) for name in FUNCTIONS)
+    except (AttributeError, RuntimeError):
+        return False
+
+
+def load() -> str:
+    """Build (if needed) and load the extension; return the library path. Raises with the reason.
+
+    Unlike :func:`available`, this retries after an earlier failure.
+    """
+    global _loaded_from, _error
+    if not enabled():
+        raise RuntimeError("the native extension is disabled by SIGNAL_NATIVE=0")
+    with _lock:
+        if _loaded_from is not None:
+            return _loaded_from
+        try:
+            path = _load()
+            if not _registered():
+                raise RuntimeError(f"{path} loaded but does not register torch.ops.{LIBRARY}.*")
+        except Exception as exc:
+            _error = f"{type(exc).__name__}: {exc}".strip()
+            raise RuntimeError(f"signalrl.native: cannot build or load the extension: {_error}") from exc
+        _loaded_from, _error = path, None
+        return path
+
+
+def available() -> bool:
+    """True if the extension is (or can now be) built and loaded. Builds it on the first call."""
+    global _warned
+    if not enabled():
+        return False
+    if _loaded_from is not None:
+        return True
+    with _lock:
+        if _loaded_from is not None:
+            return True
+        if _error is not None:
+            return False
+        try:
+            load()
+        except RuntimeError:
+            if not _warned:
+                _warned = True
+                warnings.warn(
+                    f"signalrl.native: native CPU kernels unavailable ({_error}); "
+                    "CPU ops use the reference implementations",
+                    RuntimeWarning,
+                    stacklevel=2,
+                )
+            return False
+        return True
+
+
+def why() -> str | None:
+    """Why the extension is unavailable (None if it is loaded or was not tried yet)."""
+    if not enabled():
+        return "disabled by SIGNAL_NATIVE=0"
+    return _error
+
+
+# ---- kernel functions (signatures of docs/backends.md) ----------------------------------------
+
+
+
+def _empty_like(ref: torch.Tensor, t: torch.Tensor | None) -> torch.Tensor:
+    return torch.empty(0, dtype=torch.float32, device=ref.device) if t is None else t
+
+
+def _ops():
+    return getattr(torch.ops, LIBRARY)
+
+
+def token_logprobs_fwd(logits, targets, temperature, ignore_index, with_entropy):
+    """logits [N, V] f32|bf16|f16, targets [N] int64 → (logprobs [N] f32, entropy [N] f32 | empty, lse [N] f32)."""
+    return _ops().token_logprobs_fwd(logits, targets, float(temperature), int(ignore_index), bool(with_entropy))
+
+
+def token_logprobs_bwd(grad_logprobs, grad_entropy, logits, targets, lse, entropy, temperature, ignore_index):
+    """→ grad_logits [N, V] in logits.dtype (grad_entropy empty/None ⇒ no entropy term)."""
+    return _ops().token_logprobs_bwd(
+        grad_logprobs, _empty_like(logits, grad_entropy), logits, targets, lse,
+        _empty_like(logits, entropy), float(temperature), int(ignore_index),
+    )
+
+
+def linear_token_logprobs_fwd(hidden, weight, bias, targets, temperature, ignore_index, with_entropy):
+    """hidden [N, H], weight [V, H], bias [V] | None, targets [N] → (logprobs, entropy | empty, lse), all f32."""
+    return _ops().linear_token_logprobs_fwd(
+        hidden, weight, bias, targets, float(temperature), int(ignore_index), bool(with_entropy)
+    )
+
+
+def linear_token_logprobs_bwd(grad_logprobs, grad_entropy, hidden, weight, bias, targets, lse, entropy,
+                              temperature, ignore_index, need_hidden, need_weight, need_bias):
+    """→ (grad_hidden [N, H] | empty, grad_weight [V, H] | empty, grad_bias [V] | empty)."""
+    return _ops().linear_token_logprobs_bwd(
+        grad_logprobs, _empty_like(hidden, grad_entropy), hidden, weight, bias, targets, lse,
+        _empty_like(hidden, entropy), float(temperature), int(ignore_index),
+        bool(need_hidden), bool(need_weight), bool(need_bias) and bias is not None,
+    )
+
+
+def gae_fwd(rewards, values, mask, last_values, gamma, lam):
+    """rewards, values, mask [B, T] f32, last_values [B] f32 → (advantages, returns) [B, T] f32."""
+    return _ops().gae_fwd(rewards, values, mask, last_values, float(gamma), float(lam))
+
+
+_FUNCTIONS: dict[str, Callable] = {
+    "token_logprobs_fwd": token_logprobs_fwd,
+    "token_logprobs_bwd": token_logprobs_bwd,
+    "linear_token_logprobs_fwd": linear_token_logprobs_fwd,
+    "linear_token_logprobs_bwd": linear_token_logprobs_bwd,
+    "gae_fwd": gae_fwd,
+}
+
+
+def get(name: str) -> Callable | None:
+    """The kernel function ``name`` (signature as in docs/backends.md), or None if the extension
+    does not provide it or cannot be built/loaded here."""
+    fn = _FUNCTIONS.get(name)
+    if fn is None or not available():
+        return None
+    return fn
+
+
+__all__ = ["FUNCTIONS", "LIBRARY", "available", "build_dir", "enabled", "get", "load", "sources", "why"]

@@ -1,0 +1,404 @@
+"""The native CPU extension (csrc/ + signalrl/native.py): build, registration, switches, and each
+kernel function of docs/backends.md against signalrl.reference in float64.
+
+Skipped with the reason when this machine cannot build it (no C++ compiler or ninja).
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+from signalrl import native
+from signalrl import reference as ref
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _why_unbuildable() -> str | None:
+    if not native.enabled():
+        return "SIGNAL_NATIVE=0"
+    if shutil.which(os.environ.get("CXX", "c++")) is None:
+        return "no C++ compiler on PATH"
+    try:
+        native.load()
+    except RuntimeError as exc:
+        return str(exc)
+    return None
+
+
+_SKIP = _why_unbuildable()
+needs_native = pytest.mark.skipif(_SKIP is not None, reason=f"native extension unavailable: {_SKIP}")
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(int.from_bytes(os.urandom(4), "little"))
+
+
+def rel_err(got: torch.Tensor, truth: torch.Tensor) -> float:
+    """‖got − truth‖ / ‖truth‖ in float64 (floored); NaN/inf in got → inf."""
+    g, t = got.detach().double(), truth.detach().double()
+    assert g.shape == t.shape, (g.shape, t.shape)
+    if not torch.isfinite(g).all():
+        return float("inf")
+    return (g - t).norm().item() / max(t.norm().item(), 1e-6 * max(t.numel(), 1) ** 0.5)
+
+
+def check(what, got, truth, dtype, baseline=None):
+    """fp32 ≤ 1e-5 relative; bf16/fp16 ≤ 1e-2 and no worse than 2× the same-dtype PyTorch baseline
+    (or than rounding to that dtype)."""
+    err = rel_err(got, truth)
+    tol = 1e-5 if dtype == torch.float32 else 1e-2
+    assert err <= tol, f"{what}: relative error {err:.3e} > {tol:.0e}"
+    if baseline is not None and dtype != torch.float32:
+        bound = max(2 * rel_err(baseline, truth), 2.0**-8 if dtype == torch.bfloat16 else 2.0**-11)
+        assert err <= bound, f"{what}: relative error {err:.3e} > same-dtype PyTorch bound {bound:.3e}"
+
+
+# ---- build, registration, switches ------------------------------------------------------------
+
+
+@needs_native
+def test_builds_and_registers_every_kernel():
+    path = native.load()
+    assert Path(path).exists()
+    assert native.available() and native.why() is None
+    for name in native.FUNCTIONS:
+        assert hasattr(torch.ops.signalrl_native, name), name
+        assert callable(native.get(name)), name
+    assert native.get("no_such_kernel") is None
+
+
+def test_build_dir_env(monkeypatch, tmp_path):
+    monkeypatch.setenv("SIGNAL_NATIVE_BUILD_DIR", str(tmp_path / "b"))
+    assert native.build_dir() == tmp_path / "b"
+    monkeypatch.delenv("SIGNAL_NATIVE_BUILD_DIR")
+    assert "signalrl" in str(native.build_dir()) and torch.__version__.split("+")[0] in str(native.build_dir())
+
+
+def test_signal_native_0_disables(monkeypatch):
+    monkeypatch.setenv("SIGNAL_NATIVE", "0")
+    assert not native.available()
+    assert native.get("gae_fwd") is None
+    assert "SIGNAL_NATIVE=0" in native.why()
+    with pytest.raises(RuntimeError, match="SIGNAL_NATIVE=0"):
+        native.load()
+
+
+def _run(code: str, **env) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(code)], cwd=REPO, capture_output=True, text=True, timeout=300,
+        env={**os.environ, "PYTHONPATH": str(REPO), **env},
+    )
+
+
+def test_import_compiles_nothing(tmp_path):
+    out = _run(
+        """
+        import time; t = time.perf_counter()
+        import signalrl.native as n
+        print(time.perf_counter() - t)
+        """,
+        SIGNAL_NATIVE_BUILD_DIR=str(tmp_path / "b"),
+    )
+    assert out.returncode == 0, out.stderr
+    assert not (tmp_path / "b").exists(), "importing signalrl.native created the build directory"
+
+
+def test_no_compiler_warns_once_and_falls_back(tmp_path):
+    out = _run(
+        """
+        import warnings
+        import signalrl.native as n
+        n._prebuilt = lambda: None  # ignore an ahead-of-time build in the source tree
+        with warnings.catch_warnings(record=True) as w:
+            warnings.simplefilter("always")
+            a, b = n.available(), n.available()
+            g = n.get("gae_fwd")
+        print(a, b, g, len([x for x in w if "native" in str(x.message)]))
+        print(n.why())
+        """,
+        SIGNAL_NATIVE_BUILD_DIR=str(tmp_path / "b"), CXX="/nonexistent/c++",
+    )
+    assert out.returncode == 0, out.stderr
+    first, reason = out.stdout.strip().splitlines()[-2:]
+    assert first == "False False None 1", out.stdout
+    assert "compiler" in reason
+
+
+@needs_native
+def test_meta_and_fake_tensors():
+    ops = torch.ops.signalrl_native
+    x = torch.empty(5, 11, device="meta", dtype=torch.bfloat16)
+    t = torch.empty(5, device="meta", dtype=torch.long)
+    lp, ent, lse = ops.token_logprobs_fwd(x, t, 1.0, -100, True)
+    assert lp.shape == ent.shape == lse.shape == (5,) and lp.dtype == torch.float32
+    assert ops.token_logprobs_fwd(x, t, 1.0, -100, False)[1].shape == (0,)
+    g = ops.token_logprobs_bwd(lp, ent, x, t, lse, ent, 1.0, -100)
+    assert g.shape == x.shape and g.dtype == x.dtype
+    h = torch.empty(5, 3, device="meta")
+    w = torch.empty(11, 3, device="meta", dtype=torch.bfloat16)
+    gh, gw, gb = ops.linear_token_logprobs_bwd(lp, ent, h, w, None, t, lse, ent, 1.0, -100, True, True, True)
+    assert gh.shape == h.shape and gw.shape == w.shape and gw.dtype == w.dtype and gb.numel() == 0
+    r = torch.empty(4, 9, device="meta")
+    a, ret = ops.gae_fwd(r, r, r, torch.empty(4, device="meta"), 0.9, 0.8)
+    assert a.shape == ret.shape == r.shape
+
+
+@needs_native
+def test_torch_compile_fullgraph_traces_native_ops():
+    def f(r, v, m, last):
+        a, ret = torch.ops.signalrl_native.gae_fwd(r, v, m, last, 0.99, 0.95)
+        return a * 2 + ret
+
+    r, v = torch.randn(3, 7), torch.randn(3, 7)
+    m = (torch.rand(3, 7) > 0.3).float()
+    last = torch.randn(3)
+    compiled = torch.compile(f, fullgraph=True, backend="eager")
+    torch.testing.assert_close(compiled(r, v, m, last), f(r, v, m, last))
+
+
+# ---- family logprobs --------------------------------------------------------------------------
+
+
+def _logits(n, v, dtype, scale=3.0):
+    return (torch.randn(n, v) * scale).to(dtype)
+
+
+def _targets(n, v, ignore_index=-100, ignored=()):
+    t = torch.randint(0, v, (n,))
+    for i in ignored:
+        t[i] = ignore_index
+    return t
+
+
+def _ref_logprobs_grads(x, t, g_lp, g_ent, temperature, ignore_index, dtype):
+    """float64 truth of values and d/dlogits, plus the same-dtype PyTorch reference."""
+    out = {}
+    for key, inp in (("truth", x.double()), ("baseline", x.to(dtype))):
+        inp = inp.detach().requires_grad_()
+        lp, ent = ref.token_logprobs(inp, t, temperature=temperature, ignore_index=ignore_index, return_entropy=True)
+        loss = (lp.double() * g_lp.double()).sum()
+        if g_ent is not None:
+            loss = loss + (ent.double() * g_ent.double()).sum()
+        loss.backward()
+        out[key] = (lp.detach(), ent.detach(), inp.grad)
+    return out
+
+
+@needs_native
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("n,v", [(1, 1), (7, 1000), (13, 2049), (3, 4097)])
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_token_logprobs_matches_reference(dtype, n, v, temperature):
+    fwd, bwd = native.get("token_logprobs_fwd"), native.get("token_logprobs_bwd")
+    x = _logits(n, v, dtype)
+    t = _targets(n, v, ignored=[n // 2] if n > 1 else [])
+    g_lp, g_ent = torch.randn(n), torch.randn(n)
+    r = _ref_logprobs_grads(x, t, g_lp, g_ent, temperature, -100, dtype)
+    lp, ent, lse = fwd(x, t, temperature, -100, True)
+    assert lp.dtype == ent.dtype == lse.dtype == torch.float32
+    check("logprobs", lp, r["truth"][0], dtype)
+    check("entropy", ent, r["truth"][1], dtype)
+    grad = bwd(g_lp, g_ent, x, t, lse, ent, temperature, -100)
+    assert grad.dtype == dtype and grad.shape == x.shape
+    check("grad_logits", grad, r["truth"][2], dtype, baseline=r["baseline"][2])
+    # without entropy: outputs match, gradient drops the entropy term
+    lp2, ent2, lse2 = fwd(x, t, temperature, -100, False)
+    assert ent2.numel() == 0
+    torch.testing.assert_close(lp2, lp, rtol=0, atol=0)
+    torch.testing.assert_close(lse2, lse, rtol=0, atol=0)
+    r2 = _ref_logprobs_grads(x, t, g_lp, None, temperature, -100, dtype)
+    check("grad_logits (no entropy)", bwd(g_lp, None, x, t, lse2, None, temperature, -100), r2["truth"][2], dtype,
+          baseline=r2["baseline"][2])
+
+
+@needs_native
+def test_token_logprobs_ignored_rows_and_custom_ignore_index():
+    fwd, bwd = native.get("token_logprobs_fwd"), native.get("token_logprobs_bwd")
+    x = _logits(6, 301, torch.float32)
+    t = torch.full((6,), 7)
+    lp, ent, lse = fwd(x, t, 1.0, 7, True)  # every row ignored (ignore_index = 7)
+    assert (lp == 0).all() and (ent == 0).all()
+    g = bwd(torch.randn(6), torch.randn(6), x, t, lse, ent, 1.0, 7)
+    assert (g == 0).all()
+    t = _targets(6, 301, ignore_index=-1, ignored=[0, 5])
+    lp, ent, lse = fwd(x, t, 1.0, -1, True)
+    assert lp[0] == 0 and lp[5] == 0 and ent[0] == 0 and (lp[1:5] < 0).all()
+    g = bwd(torch.ones(6), torch.ones(6), x, t, lse, ent, 1.0, -1)
+    assert (g[0] == 0).all() and (g[5] == 0).all() and (g[1:5] != 0).any()
+
+
+@needs_native
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_token_logprobs_huge_logits(dtype):
+    fwd, bwd = native.get("token_logprobs_fwd"), native.get("token_logprobs_bwd")
+    n, v = 5, 3001
+    x = torch.randn(n, v)
+    x[:, ::7] = 1e4
+    x[:, 3::11] = -1e4
+    x[1] = 1e4  # a flat row of huge logits: uniform distribution
+    x = x.to(dtype)
+    t = _targets(n, v)
+    g_lp, g_ent = torch.randn(n), torch.randn(n)
+    r = _ref_logprobs_grads(x, t, g_lp, g_ent, 1.0, -100, dtype)
+    lp, ent, lse = fwd(x, t, 1.0, -100, True)
+    check("logprobs", lp, r["truth"][0], dtype)
+    check("entropy", ent, r["truth"][1], dtype)
+    grad = bwd(g_lp, g_ent, x, t, lse, ent, 1.0, -100)
+    if dtype == torch.float32:
+        # The backward sees lse only as the float32 the contract passes on; near |lse| = 1e4 its
+        # rounding (ulp/2 = 4.9e-4) shifts every log p of a flat row by up to that much, so
+        # 1e-5 is out of reach for any kernel following the contract; 1e-4 is not.
+        err = rel_err(grad, r["truth"][2])
+        assert err <= 1e-4, f"grad_logits: relative error {err:.3e} > 1e-4"
+    else:
+        check("grad_logits", grad, r["truth"][2], dtype, baseline=r["baseline"][2])
+
+
+@needs_native
+def test_token_logprobs_inf_and_nan():
+    fwd = native.get("token_logprobs_fwd")
+    x = torch.randn(3, 5000)
+    x[0, 100:4000] = float("-inf")  # masked vocabulary: finite result, entropy over the rest
+    x[1, 4321] = float("nan")
+    t = torch.tensor([5, 6, 7])
+    lp, ent, _ = fwd(x, t, 1.0, -100, True)
+    rlp, rent = ref.token_logprobs(x.double(), t, return_entropy=True)
+    torch.testing.assert_close(lp[0].double(), rlp[0], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(ent[0].double(), rent[0], rtol=1e-5, atol=1e-5)
+    assert torch.isnan(lp[1]) and torch.isnan(ent[1]), "a NaN logit must not give a finite result"
+    assert torch.isfinite(lp[2])
+
+
+@needs_native
+def test_token_logprobs_target_out_of_range_raises():
+    with pytest.raises(RuntimeError, match="out of range"):
+        native.get("token_logprobs_fwd")(torch.randn(2, 10), torch.tensor([1, 10]), 1.0, -100, False)
+
+
+# ---- family linear_logprobs -------------------------------------------------------------------
+
+
+def _ref_linear(h, w, b, t, g_lp, g_ent, temperature, ignore_index, dtype):
+    out = {}
+    for key, cast in (("truth", torch.double), ("baseline", dtype)):
+        hh, ww = h.to(cast).detach().requires_grad_(), w.to(cast).detach().requires_grad_()
+        bb = None if b is None else b.to(cast).detach().requires_grad_()
+        lp, ent = ref.linear_token_logprobs(hh, ww, t, bias=bb, temperature=temperature, ignore_index=ignore_index,
+                                            return_entropy=True)
+        loss = (lp.double() * g_lp.double()).sum()
+        if g_ent is not None:
+            loss = loss + (ent.double() * g_ent.double()).sum()
+        loss.backward()
+        out[key] = (lp.detach(), ent.detach(), hh.grad, ww.grad, None if bb is None else bb.grad)
+    return out
+
+
+@needs_native
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("n,h,v", [(1, 1, 1), (9, 17, 1500), (1030, 5, 1031)])
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_linear_token_logprobs_matches_reference(dtype, n, h, v, with_bias):
+    fwd, bwd = native.get("linear_token_logprobs_fwd"), native.get("linear_token_logprobs_bwd")
+    hidden = torch.randn(n, h).to(dtype)
+    weight = (torch.randn(v, h) / h**0.5 * 2).to(dtype)
+    bias = torch.randn(v).to(dtype) if with_bias else None
+    t = _targets(n, v, ignored=[0, n - 1] if n > 2 else [])
+    g_lp, g_ent = torch.randn(n), torch.randn(n)
+    temperature = 0.8
+    r = _ref_linear(hidden, weight, bias, t, g_lp, g_ent, temperature, -100, dtype)
+    lp, ent, lse = fwd(hidden, weight, bias, t, temperature, -100, True)
+    check("logprobs", lp, r["truth"][0], dtype)
+    check("entropy", ent, r["truth"][1], dtype)
+    gh, gw, gb = bwd(g_lp, g_ent, hidden, weight, bias, t, lse, ent, temperature, -100, True, True, True)
+    assert gh.dtype == hidden.dtype and gw.dtype == weight.dtype
+    check("grad_hidden", gh, r["truth"][2], dtype, baseline=r["baseline"][2])
+    check("grad_weight", gw, r["truth"][3], dtype, baseline=r["baseline"][3])
+    if with_bias:
+        assert gb.dtype == bias.dtype
+        check("grad_bias", gb, r["truth"][4], dtype, baseline=r["baseline"][4])
+    else:
+        assert gb.numel() == 0
+    # only some gradients asked for; no entropy term
+    r2 = _ref_linear(hidden, weight, bias, t, g_lp, None, temperature, -100, dtype)
+    gh2, gw2, gb2 = bwd(g_lp, None, hidden, weight, bias, t, lse, None, temperature, -100, False, True, False)
+    assert gh2.numel() == 0 and gb2.numel() == 0
+    check("grad_weight (no entropy)", gw2, r2["truth"][3], dtype, baseline=r2["baseline"][3])
+
+
+@needs_native
+def test_linear_token_logprobs_all_ignored_and_huge():
+    fwd, bwd = native.get("linear_token_logprobs_fwd"), native.get("linear_token_logprobs_bwd")
+    hidden, weight, bias = torch.randn(4, 6), torch.randn(50, 6), torch.randn(50)
+    t = torch.full((4,), -100)
+    lp, ent, lse = fwd(hidden, weight, bias, t, 1.0, -100, True)
+    assert (lp == 0).all() and (ent == 0).all()
+    gh, gw, gb = bwd(torch.ones(4), torch.ones(4), hidden, weight, bias, t, lse, ent, 1.0, -100, True, True, True)
+    assert (gh == 0).all() and (gw == 0).all() and (gb == 0).all()
+    # logits of order ±1e4
+    hidden = torch.randn(5, 8) * 100
+    weight = torch.randn(300, 8) * 10
+    t = _targets(5, 300)
+    g = torch.randn(5)
+    r = _ref_linear(hidden, weight, None, t, g, g, 1.0, -100, torch.float32)
+    lp, ent, lse = fwd(hidden, weight, None, t, 1.0, -100, True)
+    check("logprobs (huge)", lp, r["truth"][0], torch.float32)
+    gh, gw, _ = bwd(g, g, hidden, weight, None, t, lse, ent, 1.0, -100, True, True, False)
+    check("grad_hidden (huge)", gh, r["truth"][2], torch.float32)
+    check("grad_weight (huge)", gw, r["truth"][3], torch.float32)
+
+
+# ---- family gae ---------------------------------------------------------------------------------
+
+
+def _masks(b, t):
+    yield "all", torch.ones(b, t)
+    yield "random", (torch.rand(b, t) > 0.4).float()
+    lengths = torch.randint(0, t + 1, (b,))
+    right = (torch.arange(t)[None, :] < lengths[:, None]).float()
+    yield "right-padding", right
+    yield "left-padding", right.flip(1)
+    spans = torch.ones(b, t)
+    for i in range(b):  # masked spans inside the sequence (tool output in a multi-turn rollout)
+        s = int(torch.randint(0, t, ()))
+        spans[i, s:s + int(torch.randint(1, max(2, t // 3), ()))] = 0
+    yield "spans", spans
+    yield "none", torch.zeros(b, t)
+
+
+@needs_native
+@pytest.mark.parametrize("b,t", [(1, 1), (3, 1), (13, 57), (19, 130)])
+@pytest.mark.parametrize("last", [False, True])
+def test_gae_matches_reference(b, t, last):
+    gae = native.get("gae_fwd")
+    for name, mask in _masks(b, t):
+        rewards, values = torch.randn(b, t), torch.randn(b, t)
+        lv = torch.randn(b) if last else torch.zeros(b)
+        gamma, lam = 0.97, 0.9
+        adv, ret = gae(rewards, values, mask, lv, gamma, lam)
+        radv, rret = ref.gae(rewards.double(), values.double(), mask, gamma=gamma, lam=lam,
+                             last_values=lv.double() if last else None)
+        check(f"advantages ({name})", adv, radv, torch.float32)
+        check(f"returns ({name})", ret, rret, torch.float32)
+        assert (adv[mask == 0] == 0).all() and (ret[mask == 0] == 0).all(), name
+
+
+@needs_native
+def test_gae_masked_nan_does_not_leak():
+    rewards, values = torch.randn(2, 9), torch.randn(2, 9)
+    mask = torch.ones(2, 9)
+    mask[:, 4] = 0
+    rewards[:, 4] = float("nan")
+    values[:, 4] = float("nan")
+    adv, ret = native.get("gae_fwd")(rewards, values, mask, torch.zeros(2), 0.99, 0.95)
+    assert torch.isfinite(adv).all() and torch.isfinite(ret).all()
+    radv, _ = ref.gae(rewards.double(), values.double(), mask)
+    check("advantages", adv, radv, torch.float32)
