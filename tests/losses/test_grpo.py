@@ -1,0 +1,164 @@
+import pytest
+import torch
+
+import signalrl.losses as L
+from signalrl.losses import _common
+from signalrl.losses.grpo import METRICS
+
+from ._helpers import V, assert_close, assert_metrics, double, f64_token_logprobs, frozen_copy, tiny_model
+
+B, S, P, LEN = 2, 3, 4, 5
+
+
+def make_batch(with_old=True, policy=None):
+    prompt = torch.randint(0, V, (B, P))
+    pmask = torch.ones(B, P, dtype=torch.long)
+    pmask[1, :2] = 0  # left-padded prompt
+    resp = torch.randint(0, V, (B, S, LEN))
+    rmask = torch.ones(B, S, LEN)
+    rmask[0, 1, 3:] = 0  # a shorter response
+    rmask[1, 2, 4:] = 0
+    rewards = torch.randn(B, S)
+    batch = dict(prompt_ids=prompt, prompt_attention_mask=pmask, response_ids=resp, response_masks=rmask,
+                 rewards=rewards)
+    return batch
+
+
+def sequences(batch):
+    ids, attn, mask = [], [], []
+    for b in range(B):
+        for s in range(S):
+            ids.append(torch.cat([batch["prompt_ids"][b], batch["response_ids"][b, s]]))
+            attn.append(torch.cat([batch["prompt_attention_mask"][b], batch["response_masks"][b, s].long()]))
+            mask.append(torch.cat([torch.zeros(P, dtype=torch.float64), batch["response_masks"][b, s].double()]))
+    return torch.stack(ids), torch.stack(attn), torch.stack(mask)
+
+
+def oracle(m64, r64, batch, old=None, beta=0.01, clip=0.2, scale=True):
+    ids, attn, mask = sequences(batch)
+    lp, ent = f64_token_logprobs(m64, ids, attn)
+    r = batch["rewards"].double()
+    mean = r.mean(-1, keepdim=True)
+    std = torch.tensor([[float(torch.std(r[b]))] for b in range(B)], dtype=torch.float64)
+    A_seq = (r - mean) / (std + 1e-6) if scale else r - mean
+    A = A_seq.reshape(B * S, 1) * mask
+    old_lp = lp.detach() if old is None else torch.cat([torch.zeros(B, S, P), old], -1).reshape(B * S, P + LEN).double()
+    ratio = torch.exp(lp - old_lp)
+    unclipped, clipped = -A * ratio, -A * ratio.clamp(1 - clip, 1 + clip)
+    n = mask.sum()
+    pg = (torch.maximum(unclipped, clipped) * mask).sum() / n
+    loss = pg
+    kl = torch.zeros((), dtype=torch.float64)
+    if r64 is not None:
+        with torch.no_grad():
+            ref_lp, _ = f64_token_logprobs(r64, ids, attn)
+        d = lp - ref_lp
+        kl = ((torch.exp(-d) + d - 1) * mask).sum() / n
+        loss = loss + beta * kl
+    metrics = dict(
+        policy_loss=pg, kl_divergence=kl, clip_fraction=((clipped > unclipped).double() * mask).sum() / n,
+        entropy=(ent * mask).sum() / n, reward_mean=r.mean(), reward_std=std.mean(), advantage_mean=A_seq.mean(),
+        advantage_std=A_seq.flatten().std(),
+    )
+    return loss, {k: float(v.detach()) if torch.is_tensor(v) else float(v) for k, v in metrics.items()}
+
+
+def setup():
+    model = tiny_model()
+    ref = frozen_copy(model)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    return model, ref
+
+
+@pytest.mark.parametrize("fused", [True, False])
+@pytest.mark.parametrize("with_old", [True, False])
+def test_matches_float64_formula(fused, with_old, monkeypatch):
+    if not fused:
+        monkeypatch.setattr(_common, "_fused_ppo_op", lambda: None)
+    model, ref = setup()
+    batch = make_batch()
+    old = None
+    if with_old:
+        ids, attn, _ = sequences(batch)
+        with torch.no_grad():
+            lp = L.PolicyModel(model).token_logprobs(ids, attn)
+        old = (lp[:, P:] + 0.3 * torch.randn(B * S, LEN)).reshape(B, S, LEN)
+        batch["old_log_probs"] = old
+    res = L.grpo(model, batch, reference_model=ref, beta=0.05)
+    res.loss.backward()
+    m64 = double(model)
+    loss64, metrics64 = oracle(m64, double(ref), batch, old=old, beta=0.05)
+    loss64.backward()
+    assert_close(res.loss.detach(), loss64.detach(), rtol=1e-4, atol=1e-6, what="loss")
+    assert_metrics(res, metrics64, METRICS, rtol=1e-3, atol=1e-6)
+    assert_close(model.lm_head.weight.grad, m64.lm_head.weight.grad, rtol=1e-3, atol=1e-7, what="d lm_head")
+    assert all(p.grad is None for p in ref.parameters())
+    if not with_old:
+        assert res.metrics["clip_fraction"] == 0.0
+        assert not any("clip fraction" in w for w in res.warnings)
+
+
+def test_dr_grpo_and_no_reference_when_beta_zero():
+    model, ref = setup()
+    batch = make_batch()
+    res = L.grpo(model, batch, beta=0.0, scale_rewards=False)  # no reference needed
+    loss64, metrics64 = oracle(double(model), None, batch, beta=0.0, scale=False)
+    assert_close(res.loss.detach(), loss64.detach(), rtol=1e-4, atol=1e-6, what="Dr. GRPO loss")
+    assert_metrics(res, metrics64, METRICS, rtol=1e-3, atol=1e-6)
+    with pytest.raises(ValueError, match="reference"):
+        L.grpo(model, batch)  # beta=0.01 by default needs a reference
+
+
+def test_validation():
+    model, ref = setup()
+    batch = make_batch()
+    with pytest.raises(ValueError, match="Did you mean 'scale_rewards'"):
+        L.grpo(model, batch, reference_model=ref, scale_reward=False)
+    with pytest.raises(ValueError, match="loss_aggregation"):
+        L.grpo(model, batch, reference_model=ref, loss_aggregation="mean")
+    with pytest.raises(ValueError, match=r"response_masks.*\[B=2, S=3, L=5\].*\[2, 3, 4\]"):
+        L.grpo(model, dict(batch, response_masks=batch["response_masks"][..., :4]), reference_model=ref)
+    with pytest.raises(ValueError, match=r"rewards.*\[B=2, S=3\]"):
+        L.grpo(model, dict(batch, rewards=torch.randn(2, 4)), reference_model=ref)
+    right = dict(batch, prompt_attention_mask=batch["prompt_attention_mask"].flip(-1))
+    with pytest.raises(ValueError, match="left-padded"):
+        L.grpo(model, right, reference_model=ref)
+
+
+def test_non_finite_raises_before_backward():
+    model, ref = setup()
+    batch = make_batch()
+    batch["old_log_probs"] = torch.full((B, S, LEN), float("nan"))
+    with pytest.raises(L.NonFiniteLossError):
+        L.grpo(model, batch, reference_model=ref)
+    assert all(p.grad is None for p in model.parameters())
+
+
+def test_convergence_high_reward_responses_become_more_likely():
+    torch.manual_seed(0)
+    model = tiny_model()
+    ref = frozen_copy(model)
+    batch = make_batch()
+    batch["response_masks"] = torch.ones(B, S, LEN)
+    batch["prompt_attention_mask"] = torch.ones(B, P, dtype=torch.long)
+    batch["rewards"] = torch.tensor([[1.0, 0.0, 0.0], [0.0, 0.0, 1.0]])
+    ids, attn, mask = sequences(batch)
+    policy = L.PolicyModel(model, reference_model=ref)
+
+    def seq_lp():
+        with torch.no_grad():
+            return (policy.token_logprobs(ids, attn) * mask.float()).sum(-1).reshape(B, S)
+
+    start = seq_lp()
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    loss_fn = L.GRPOLoss(beta=0.01)
+    for _ in range(30):
+        opt.zero_grad()
+        res = loss_fn(policy, batch)
+        res.loss.backward()
+        opt.step()
+    gain = seq_lp() - start
+    assert gain[0, 0] > 2.0 and gain[1, 2] > 2.0, gain
+    assert gain[0, 1] < gain[0, 0] and gain[1, 0] < gain[1, 2]
