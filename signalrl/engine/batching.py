@@ -17,7 +17,7 @@ Accepted forms:
      ``chosen_loss_mask``/``rejected_loss_mask`` (1 on response tokens).
    - groups (``grpo``): ``prompt`` + ``responses`` (S strings or token lists) + ``rewards`` (S numbers),
      optional ``old_log_probs`` (S per-token lists), giving ``prompt_ids [B, P]`` (left-padded, with
-     ``prompt_mask``), ``response_ids [B, S, L]``, ``response_masks``, ``rewards [B, S]``.
+     ``prompt_attention_mask``), ``response_ids [B, S, L]``, ``response_masks``, ``rewards [B, S]``.
    - any other field: a number → ``[B]``; a per-token list of numbers → ``[B, T]`` aligned with
      ``input_ids``, given either for every token of the sequence or for the response tokens only (then
      placed on the response positions, 0 elsewhere). For the PPO losses a scalar ``rewards`` is placed
@@ -200,7 +200,7 @@ def _collate_groups(examples: list[dict], tok: TokenizerAdapter) -> dict[str, to
             masks[b, s, :len(r)] = 1
     batch = {
         "prompt_ids": _pad(prompts, tok.pad_token_id, torch.long, left=True),
-        "prompt_mask": _pad([[1] * len(p) for p in prompts], 0, torch.long, left=True),
+        "prompt_attention_mask": _pad([[1] * len(p) for p in prompts], 0, torch.long, left=True),
         "response_ids": response_ids,
         "response_masks": masks,
         "rewards": torch.tensor(rewards, dtype=torch.float32),
@@ -234,7 +234,7 @@ def _to_tensor(key: str, value: Any) -> Any:
 
 
 # Keys this module derives from examples; dropped when the loss's batch spec does not accept them.
-DERIVED_KEYS = frozenset({"labels", "response_mask", "chosen_loss_mask", "rejected_loss_mask", "prompt_mask"})
+DERIVED_KEYS = frozenset({"labels", "response_mask", "chosen_loss_mask", "rejected_loss_mask", "prompt_attention_mask"})
 
 
 def prepare_batch(batch_data: Any, tok: TokenizerAdapter, *, loss_fn: str | None, device: torch.device,

@@ -14,6 +14,7 @@ from __future__ import annotations
 import math
 import os
 import time
+import warnings
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Sequence
 
@@ -155,7 +156,8 @@ class Run:
         targets = cfg.lora_target_modules if cfg.lora_target_modules is not None else "all-linear"
         lora = peft.LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
                                target_modules=targets, bias="none", task_type="CAUSAL_LM")
-        with torch.random.fork_rng(devices=[]):
+        with torch.random.fork_rng(devices=[]), warnings.catch_warnings():
+            warnings.filterwarnings("ignore", category=FutureWarning)  # peft calling deprecated transformers APIs
             torch.manual_seed(cfg.seed + 1)
             try:
                 return peft.get_peft_model(model, lora)
@@ -405,6 +407,17 @@ class Run:
         return LogprobsResult(logprobs=(lp * batch["attention_mask"]).float().tolist())
 
     # ------------------------------------------------------------------ checkpoints
+    @torch.no_grad()
+    def frozen_fingerprint(self) -> str:
+        """A short digest of the frozen weights (what a LoRA checkpoint does not store)."""
+        import hashlib
+
+        h = hashlib.sha256()
+        for n, p in self.model.named_parameters():
+            if not p.requires_grad:
+                h.update(f"{n}{tuple(p.shape)}{p.double().sum().item():.10e}".encode())
+        return h.hexdigest()[:16]
+
     def checkpoint_path(self, name: str) -> str:
         return os.path.join(self.run_dir, "checkpoints", name)
 
@@ -413,7 +426,7 @@ class Run:
             raise ValueError(f"name: expected a non-empty checkpoint name without '/' or a leading '.', got {name!r}")
         tensors = {n: p for n, p in self.trainable_parameters()}
         state = {"step": self.step, "heads": list(self.heads), "run_id": self.run_id,
-                 "config": asdict(self.config), "lora": self.is_lora}
+                 "config": asdict(self.config), "lora": self.is_lora, "frozen_fingerprint": self.frozen_fingerprint()}
         path = checkpoint.write_checkpoint(
             self.checkpoint_path(name), tensors=tensors, optimizer=self.optimizer.state_dict(),
             scheduler=self.scheduler.state_dict(), rng=checkpoint.capture_rng(self.sampling_generator), state=state)
@@ -437,14 +450,27 @@ class Run:
             raise ValueError(f"checkpoint {path!r} does not match this run's trainable weights "
                              f"(missing {missing}, unexpected {extra}); was it saved by a run with the same "
                              "base model and LoRA settings?")
-        for kind in heads[len(self.heads):]:
-            self._create_head(kind)
-        own = dict(self.trainable_parameters())
-        with torch.no_grad():
+        saved_fp = ckpt["state"].get("frozen_fingerprint")
+        if saved_fp is not None and saved_fp != self.frozen_fingerprint():
+            raise ValueError(f"checkpoint {path!r} was saved on different frozen base weights than this run's "
+                             f"(base_model {ckpt['state']['config'].get('base_model')!r}, seed "
+                             f"{ckpt['state']['config'].get('seed')}); create the run with the same base_model and "
+                             "seed")
+        created = []
+        try:
+            for kind in heads[len(self.heads):]:
+                self._create_head(kind)
+                created.append(kind)
+            own = dict(self.trainable_parameters())
             for n, p in own.items():
                 if tensors[n].shape != p.shape:
                     raise ValueError(f"checkpoint {path!r}: {n} has shape {tuple(tensors[n].shape)}, "
                                      f"expected {tuple(p.shape)}")
+        except BaseException:
+            for kind in created:
+                self._drop_head(kind)
+            raise
+        with torch.no_grad():
             for n, p in own.items():
                 p.copy_(tensors[n])
         self.optimizer.load_state_dict(ckpt["optimizer"])

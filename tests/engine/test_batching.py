@@ -86,7 +86,7 @@ def test_groups_for_grpo(tok):
                        {"prompt": "qq", "responses": ["", "d"], "rewards": [0.5, 0.5]}], tok, loss_fn="grpo",
                       device=CPU)
     assert b["prompt_ids"].tolist() == [[PAD_ID, BOS_ID] + ids("q"), [BOS_ID] + ids("qq")]
-    assert b["prompt_mask"].tolist() == [[0, 1, 1], [1, 1, 1]]
+    assert b["prompt_attention_mask"].tolist() == [[0, 1, 1], [1, 1, 1]]
     assert b["response_ids"].shape == (2, 2, 3)
     assert b["response_masks"].tolist() == [[[1, 1, 0], [1, 1, 1]], [[1, 0, 0], [1, 1, 0]]]
     assert b["rewards"].tolist() == [[1.0, 0.0], [0.5, 0.5]]
