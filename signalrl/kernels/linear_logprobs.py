@@ -44,7 +44,7 @@ from ._common import INTERPRET, cdiv, empty_f32, is_empty, maybe_autotune, next_
 
 __all__ = ["linear_token_logprobs_fwd", "linear_token_logprobs_bwd"]
 
-_NEG_BIG = -1.0e38
+_NEG_BIG = tl.constexpr(-1.0e38)
 _GROUP_N = 8
 
 # fixed configs under the interpreter: small enough to exercise several row blocks, vocab tiles and H steps on tiny

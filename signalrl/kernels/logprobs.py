@@ -27,7 +27,7 @@ from ._common import empty_f32, is_empty, next_pow2
 
 __all__ = ["token_logprobs_fwd", "token_logprobs_bwd", "token_logprobs_bwd_inplace"]
 
-_NEG_BIG = -1.0e38  # finite "minus infinity" for the running max: keeps (m - m') * s free of inf * 0
+_NEG_BIG = tl.constexpr(-1.0e38)  # finite "minus infinity" for the running max: keeps (m - m') * s free of inf * 0
 
 
 @triton.jit
