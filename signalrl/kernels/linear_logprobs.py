@@ -51,6 +51,28 @@ _GROUP_N = 8
 # test shapes; the interpreter's cost is per block operation, so not too small either.
 _INTERP_TILE = dict(BLOCK_N=16, BLOCK_V=64, BLOCK_K=32)
 _INTERP_MM = dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=64)
+# on a GPU, problems below this many multiply-adds run one fixed config instead of autotuning (tuning costs ~0.1 s
+# per config and new shape, more than such a problem takes)
+_TUNE_MIN_WORK = 1 << 34
+_SMALL_TILE = (dict(BLOCK_N=64, BLOCK_V=128, BLOCK_K=64), dict(num_warps=4, num_stages=3))
+_SMALL_MM = (dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=64), dict(num_warps=4, num_stages=3))
+
+
+def _launch(raw, tuned, grid, args, flags, work, fixed):
+    """Run ``raw`` with a fixed config (interpreter, small problems) or the autotuned ``tuned``;
+    ``grid(meta)`` gives the launch grid. Returns the meta-parameters used."""
+    if INTERPRET or work < _TUNE_MIN_WORK:
+        meta, opts = fixed
+        raw[grid(meta)](*args, **flags, **meta, **({} if INTERPRET else opts))
+        return meta
+    used = {}
+
+    def g(meta):
+        used.update(meta)  # the autotuner calls this last for the config it keeps
+        return grid(meta)
+
+    tuned[g](*args, **flags)
+    return used
 
 
 def _dot_smem(kw: dict, stages: int, elem: int = 2) -> int:
@@ -59,15 +81,7 @@ def _dot_smem(kw: dict, stages: int, elem: int = 2) -> int:
 
 def _tile_configs():
     out = []
-    for bn, bv, bk, st, w in [
-        (128, 128, 64, 4, 8),
-        (128, 256, 64, 3, 8),
-        (64, 256, 64, 4, 8),
-        (128, 128, 128, 3, 8),
-        (64, 128, 64, 4, 4),
-        (128, 64, 64, 4, 4),
-        (64, 64, 64, 3, 4),
-    ]:
+    for bn, bv, bk, st, w in [(128, 128, 64, 4, 8), (128, 256, 64, 3, 8), (64, 256, 64, 4, 8), (64, 128, 64, 4, 4)]:
         out.append(triton.Config(dict(BLOCK_N=bn, BLOCK_V=bv, BLOCK_K=bk), num_stages=st, num_warps=w))
     return out
 
@@ -122,7 +136,6 @@ def _grouped_pid(pid, n_row_blocks, n_col, GROUP_N: tl.constexpr):
     return first + local % size, local // size
 
 
-@maybe_autotune(_tile_configs(), key=["V", "H", "n_bucket", "HAS_BIAS", "WITH_ENTROPY"], prune=_prune_tile)
 @triton.jit
 def _lse_partial_kernel(
     x_ptr, w_ptr, b_ptr, tgt_ptr, m_ptr, s_ptr, t_ptr, zt_ptr,
@@ -204,6 +217,10 @@ def _merge_kernel(
         tl.store(ent_ptr + rows, tl.where(valid, ent, 0.0), mask=row_ok)
 
 
+_TILE_KEY = ["V", "H", "n_bucket", "HAS_BIAS", "WITH_ENTROPY", "DOT_F32"]
+_lse_partial_tuned = maybe_autotune(_tile_configs(), key=_TILE_KEY, prune=_prune_tile)(_lse_partial_kernel)
+
+
 def _num_sms(device) -> int:
     if device.type == "cuda":
         return torch.cuda.get_device_properties(device).multi_processor_count
@@ -235,12 +252,8 @@ def _lse_partials(hidden, weight, bias, targets, temperature, ignore_index, with
     args = (hidden, weight, bias if bias is not None else hidden, targets, m, s, t, zt,
             N, V, H, min(next_pow2(N), 8192), v_per, n_split, 1.0 / float(temperature), int(ignore_index))
     flags = dict(HAS_BIAS=bias is not None, WITH_ENTROPY=bool(with_entropy), DOT_F32=dot_f32, GROUP_N=_GROUP_N)
-    if INTERPRET:
-        grid = (cdiv(N, _INTERP_TILE["BLOCK_N"]) * n_split,)
-        _lse_partial_kernel[grid](*args, **flags, **_INTERP_TILE)
-    else:
-        grid = lambda meta: (cdiv(N, meta["BLOCK_N"]) * n_split,)  # noqa: E731
-        _lse_partial_kernel[grid](*args, **flags)
+    _launch(_lse_partial_kernel, _lse_partial_tuned, lambda meta: (cdiv(N, meta["BLOCK_N"]) * n_split,), args, flags,
+            N * V * H, (_INTERP_TILE, {}) if INTERPRET else _SMALL_TILE)
     return m, s, t, zt, n_split
 
 
@@ -267,7 +280,6 @@ def linear_token_logprobs_fwd(hidden, weight, bias, targets, temperature, ignore
 # ----------------------------------------------------------------------------------------------------------- backward
 
 
-@maybe_autotune(_tile_configs(), key=["V", "H", "n_bucket", "HAS_BIAS", "WITH_ENTROPY"], prune=_prune_tile)
 @triton.jit
 def _grad_chunk_kernel(
     x_ptr, w_ptr, b_ptr, tgt_ptr, lse_ptr, glp_ptr, gent_ptr, ent_ptr, scale_ptr, g_ptr, dbias_ptr,
@@ -314,15 +326,12 @@ def _grad_chunk_kernel(
         tl.store(dbias_ptr + pid_n.to(tl.int64) * vc + local, tl.sum(g, 0), mask=col_ok & (local < vc))
 
 
+_grad_chunk_tuned = maybe_autotune(_tile_configs(), key=_TILE_KEY, prune=_prune_tile)(_grad_chunk_kernel)
+
+
 def _mm_configs():
     out = []
-    for bm, bn, bk, st, w in [
-        (128, 128, 64, 4, 8),
-        (128, 256, 64, 3, 8),
-        (64, 256, 64, 4, 8),
-        (128, 128, 128, 3, 8),
-        (64, 128, 64, 4, 4),
-    ]:
+    for bm, bn, bk, st, w in [(128, 128, 64, 4, 8), (128, 256, 64, 3, 8), (64, 128, 64, 4, 4)]:
         out.append(triton.Config(dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk), num_stages=st, num_warps=w))
     return out
 
@@ -336,7 +345,6 @@ def _prune_mm(configs, named_args, **kwargs):
     )
 
 
-@maybe_autotune(_mm_configs(), key=["m_bucket", "K2", "K", "DOT_F32"], prune=_prune_mm, restore_value=["c_ptr"])
 @triton.jit
 def _acc_matmul_kernel(
     a_ptr, b_ptr, c_ptr, M, K2, K, stride_am, m_bucket,
@@ -367,6 +375,11 @@ def _acc_matmul_kernel(
     tl.store(c_ptrs, tl.load(c_ptrs, mask=c_ok, other=0.0) + acc, mask=c_ok)
 
 
+_acc_matmul_tuned = maybe_autotune(
+    _mm_configs(), key=["m_bucket", "K2", "K", "DOT_F32"], prune=_prune_mm, restore_value=["c_ptr"]
+)(_acc_matmul_kernel)
+
+
 def _acc_matmul(c: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
     """c += a @ b with c float32 (Triton, float32 accumulation; no [M, K2] temporary). a may have a row stride."""
     M, K = a.shape
@@ -374,12 +387,8 @@ def _acc_matmul(c: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
     assert a.stride(1) == 1 and b.is_contiguous() and c.is_contiguous()
     dot_f32 = INTERPRET or a.dtype == torch.float32
     args = (a, b, c, M, K2, K, a.stride(0), min(next_pow2(M), 8192))
-    if INTERPRET:
-        grid = (cdiv(M, _INTERP_MM["BLOCK_M"]) * cdiv(K2, _INTERP_MM["BLOCK_N"]),)
-        _acc_matmul_kernel[grid](*args, DOT_F32=dot_f32, GROUP_N=_GROUP_N, **_INTERP_MM)
-    else:
-        grid = lambda meta: (cdiv(M, meta["BLOCK_M"]) * cdiv(K2, meta["BLOCK_N"]),)  # noqa: E731
-        _acc_matmul_kernel[grid](*args, DOT_F32=dot_f32, GROUP_N=_GROUP_N)
+    _launch(_acc_matmul_kernel, _acc_matmul_tuned, lambda meta: (cdiv(M, meta["BLOCK_M"]) * cdiv(K2, meta["BLOCK_N"]),),
+            args, dict(DOT_F32=dot_f32, GROUP_N=_GROUP_N), M * K * K2, (_INTERP_MM, {}) if INTERPRET else _SMALL_MM)
 
 
 def _chunk_cols(N: int, V: int, H: int) -> int:
@@ -416,7 +425,6 @@ def _backward(grad_logprobs, grad_entropy, hidden, weight, bias, targets, lse, e
     dbias_part = torch.empty(max_rb, vc, dtype=torch.float32, device=dev) if need_bias else gb32
     flags = dict(HAS_BIAS=bias is not None, WITH_ENTROPY=with_entropy, HAS_SCALE=scale is not None,
                  NEED_BIAS=need_bias, DOT_F32=dot_f32, GROUP_N=_GROUP_N)
-    used_block_n = {}
 
     for c0 in range(0, V, vc):
         width = min(vc, V - c0)
@@ -425,22 +433,15 @@ def _backward(grad_logprobs, grad_entropy, hidden, weight, bias, targets, lse, e
                 grad_entropy if with_entropy else grad_logprobs, entropy if with_entropy else lse,
                 scale if scale is not None else lse, G, dbias_part,
                 N, V, H, min(next_pow2(N), 8192), c0, vc, 1.0 / float(temperature), int(ignore_index))
-        if INTERPRET:
-            grid = (cdiv(N, _INTERP_TILE["BLOCK_N"]) * cdiv(vc, _INTERP_TILE["BLOCK_V"]),)
-            _grad_chunk_kernel[grid](*args, **flags, **_INTERP_TILE)
-            used_block_n["v"] = _INTERP_TILE["BLOCK_N"]
-        else:
-            def grid(meta):
-                used_block_n["v"] = meta["BLOCK_N"]
-                return (cdiv(N, meta["BLOCK_N"]) * cdiv(vc, meta["BLOCK_V"]),)
-
-            _grad_chunk_kernel[grid](*args, **flags)
+        meta = _launch(_grad_chunk_kernel, _grad_chunk_tuned,
+                       lambda meta: (cdiv(N, meta["BLOCK_N"]) * cdiv(vc, meta["BLOCK_V"]),), args, flags,
+                       N * vc * H, (_INTERP_TILE, {}) if INTERPRET else _SMALL_TILE)
         if need_weight:
             torch.mm(Gc.t(), hidden, out=gw[c0:c0 + width])
         if need_hidden:
             _acc_matmul(gh, Gc, weight[c0:c0 + width])
         if need_bias:
-            n_rb = cdiv(N, used_block_n["v"])
+            n_rb = cdiv(N, meta["BLOCK_N"])
             torch.sum(dbias_part[:n_rb, :width], dim=0, out=gb32[c0:c0 + width])
 
     if need_hidden and hidden.dtype != torch.float32:
