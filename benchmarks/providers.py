@@ -1,0 +1,181 @@
+"""Providers: who computes a case.
+
+* ``reference`` — :mod:`signalrl.reference`, eager PyTorch (the ground truth).
+* ``compile``   — ``torch.compile`` of that same reference function (default mode; one compiled
+  function per op, reused across shapes; compilation happens during warm-up and is not timed).
+* ``native``    — :mod:`signalrl.ops` with ``use_backend("native")`` (C++ kernels, CPU tensors).
+* ``triton``    — :mod:`signalrl.ops` with ``use_backend("triton")`` (CUDA; the Triton interpreter on
+  CPU is only a smoke test and is labelled so, never a performance figure).
+* peers, when importable: ``liger`` (Liger-Kernel), ``cce`` (Cut Cross-Entropy), and ``verl_loop``, a
+  verl-style GAE loop over T written here as the baseline the field runs today.
+
+A provider that cannot run a case raises one of the exceptions below; the runner turns it into a
+row whose ``status`` says why ("not installed", "unavailable: …", "skipped: …"). Nothing is faked:
+a signal backend that would silently fall back to the reference for an op is reported unavailable.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import importlib.util
+import os
+from dataclasses import dataclass, field
+from typing import Callable, ContextManager
+
+import torch
+
+SIGNAL_PROVIDERS = ("native", "triton")
+PROVIDERS = ("reference", "compile", "native", "triton", "liger", "cce", "verl_loop")
+PEERS = ("liger", "cce", "verl_loop")
+
+
+class NotInstalled(Exception):
+    """A peer package is not importable."""
+
+
+class Unavailable(Exception):
+    """The provider exists but cannot run this case here (message says why)."""
+
+
+class Skipped(Exception):
+    """Deliberately not run in this preset (message says why)."""
+
+
+@dataclass
+class Impl:
+    """A callable computing one case: ``fn(**inputs) -> Tensor | tuple[Tensor, ...]``.
+
+    ``ctx`` is entered once around all calls of a measurement (e.g. forcing a backend); ``note``
+    ends up in the row (e.g. "triton interpreter").
+    """
+
+    fn: Callable
+    ctx: Callable[[], ContextManager] = field(default=contextlib.nullcontext)
+    note: str = ""
+    wrt: list = field(default_factory=list)  # extra tensors to differentiate (e.g. model parameters)
+    smoke: bool = False                       # interpreter: time one call, not a performance figure
+
+
+# ---------------------------------------------------------------------------------------------
+# The op names the op layer asks the backend registry about (family, forward kernel name).
+SIGNAL_KERNELS: dict[str, tuple[str, str]] = {
+    "token_logprobs": ("logprobs", "token_logprobs_fwd"),
+    "linear_token_logprobs": ("linear_logprobs", "linear_token_logprobs_fwd"),
+    "gae": ("gae", "gae_fwd"),
+    "clipped_surrogate": ("ppo", "ppo_token_fwd"),
+    "kl_penalty": ("ppo", "kl_penalty_fwd"),
+    "value_loss": ("ppo", "value_loss_fwd"),
+    "linear_ppo_loss": ("linear_ppo", "linear_ppo_loss_fwd"),
+}
+
+
+def require(module: str) -> object:
+    """Import a peer package or raise NotInstalled."""
+    if importlib.util.find_spec(module.split(".")[0]) is None:
+        raise NotInstalled(f"{module.split('.')[0]} is not installed")
+    try:
+        return importlib.import_module(module)
+    except ImportError as exc:  # installed but broken (e.g. wrong torch)
+        raise Unavailable(f"import {module} failed: {exc}") from exc
+
+
+def reference_impl(call: Callable) -> Impl:
+    """``call(ops_module, **inputs)`` run against :mod:`signalrl.reference`."""
+    try:
+        ref = importlib.import_module("signalrl.reference")
+    except ImportError as exc:
+        raise Unavailable(f"signalrl.reference: {exc}") from exc
+
+    def fn(**x):
+        return call(ref, **x)
+
+    return Impl(fn)
+
+
+_COMPILED: dict[str, Callable] = {}
+
+
+def compile_impl(key: str, call: Callable, device: torch.device) -> Impl:
+    """torch.compile of the reference; one compiled function per ``key`` (op variant)."""
+    if not hasattr(torch, "compile"):
+        raise Unavailable("this torch has no torch.compile")
+    if device.type == "cpu" and not any(shutil_which(c) for c in ("c++", "g++", "clang++")):
+        raise Unavailable("torch.compile on CPU needs a C++ compiler; none found")
+    ref = reference_impl(call).fn
+    if key not in _COMPILED:
+        _COMPILED[key] = torch.compile(ref)
+    return Impl(_COMPILED[key])
+
+
+def shutil_which(name: str) -> str | None:
+    import shutil
+
+    return shutil.which(name)
+
+
+def _interpreter_on() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "") == "1"
+
+
+def signal_impl(backend: str, op: str, call: Callable, probe: torch.Tensor) -> Impl:
+    """``call(signalrl.ops, **inputs)`` with ``backend`` forced.
+
+    ``probe`` is the tensor the op dispatches on (its device decides). Raises Unavailable when the
+    backend cannot run here or has no kernel for ``op`` (the op layer would fall back to reference).
+    """
+    try:
+        ops = importlib.import_module("signalrl.ops")
+        backend_mod = importlib.import_module("signalrl.ops._backend")
+    except ImportError as exc:
+        raise Unavailable(f"signalrl.ops: {exc}") from exc
+    try:
+        getattr(ops, op)
+    except (AttributeError, ImportError) as exc:
+        raise Unavailable(f"signalrl.ops.{op} is not available yet ({type(exc).__name__}: {exc})") from exc
+    if backend == "triton" and probe.device.type != "cuda":
+        if not _interpreter_on():
+            raise Unavailable("no CUDA device (the Triton interpreter is for smoke runs only: --triton-interpret)")
+    family, fwd = SIGNAL_KERNELS.get(op, (None, None))
+    if family is None:
+        raise Unavailable(f"no kernel mapping for {op}")
+    try:
+        with ops.use_backend(backend):
+            chosen = backend_mod.backend_for(family, fwd, probe)
+    except Exception as exc:  # the op layer explains why the forced backend cannot run
+        raise Unavailable(_short(str(exc))) from exc
+    if chosen != backend:
+        raise Unavailable(f"no {backend} kernel for {op} on {probe.device.type} (the op would run the reference)")
+
+    def fn(**x):
+        return call(ops, **x)
+
+    interp = backend == "triton" and probe.device.type != "cuda"
+    note = "triton interpreter: not a performance figure" if interp else ""
+    return Impl(fn, ctx=lambda: ops.use_backend(backend), note=note, smoke=interp)
+
+
+def _short(msg: str, n: int = 160) -> str:
+    msg = " ".join(msg.split())
+    return msg if len(msg) <= n else msg[: n - 1] + "…"
+
+
+def versions() -> dict[str, str]:
+    import platform
+
+    out = {"torch": torch.__version__, "python": platform.python_version()}
+    try:
+        import triton
+
+        out["triton"] = triton.__version__
+    except Exception:  # noqa: BLE001 - triton missing or broken: report, do not fail
+        out["triton"] = "none"
+    for pkg, name in (("liger_kernel", "liger"), ("cut_cross_entropy", "cce")):
+        if importlib.util.find_spec(pkg) is not None:
+            try:
+                from importlib.metadata import version
+
+                out[name] = version(pkg.replace("_", "-"))
+            except Exception:  # noqa: BLE001
+                out[name] = "installed"
+    return out

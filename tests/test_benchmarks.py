@@ -1,0 +1,183 @@
+"""The benchmark suite: the --quick preset end to end (CI smoke) and the pieces it relies on."""
+from __future__ import annotations
+
+import csv
+import importlib.util
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from benchmarks import providers as P
+from benchmarks import report, timing
+from benchmarks.runner import ROW_FIELDS
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+OPS = ("token_logprobs", "token_logprobs+entropy", "linear_token_logprobs", "linear_token_logprobs+entropy",
+       "clipped_surrogate", "kl_penalty", "value_loss", "gae", "linear_ppo_loss")
+STATUS_PREFIXES = ("ok", "not installed", "unavailable: ", "skipped: ", "error: ", "oom", "n/a: ")
+
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench")
+    env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    proc = subprocess.run(
+        [sys.executable, "-m", "benchmarks", "--quick", "--out", str(out), "--no-progress"],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=240,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = [json.loads(line) for line in (out / "rows.jsonl").read_text().splitlines() if line.strip()]
+    return out, rows, proc
+
+
+def test_quick_writes_every_output(quick_run):
+    out, rows, _ = quick_run
+    for name in ("rows.jsonl", "rows.csv", "results.md", "meta.json"):
+        assert (out / name).stat().st_size > 0, name
+    pngs = list((out / "plots").glob("*.png"))
+    assert pngs, "no plots"
+    for p in pngs:
+        assert p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", p
+    with open(out / "rows.csv") as f:
+        csv_rows = list(csv.DictReader(f))
+    assert len(csv_rows) == len(rows)
+    assert tuple(csv_rows[0].keys()) == ROW_FIELDS
+    md = (out / "results.md").read_text()
+    assert "| op | shape | dtype | mode | reference ms" in md
+    meta = json.loads((out / "meta.json").read_text())
+    assert meta["preset"] == "quick" and meta["ceilings"]["copy_gbps"] > 0
+    assert meta["ceilings"]["matmul_tflops_fp32"] > 0
+
+
+def test_quick_rows_schema(quick_run):
+    _, rows, _ = quick_run
+    assert rows
+    for r in rows:
+        assert set(r) == set(ROW_FIELDS), set(r) ^ set(ROW_FIELDS)
+        assert r["status"].startswith(STATUS_PREFIXES), r["status"]
+        assert r["mode"] in ("fwd", "bwd", "full")
+        for k in ("device", "torch", "python", "date", "op", "provider", "dtype"):
+            assert r[k], (k, r)
+        if r["status"] == "ok":
+            assert 0 < r["time_ms_p20"] <= r["time_ms"] <= r["time_ms_p80"], r
+            assert isinstance(r["peak_mem_bytes"], int) and r["peak_mem_bytes"] >= 0
+            assert r["samples"] >= 1
+            assert r["check"] == "reference" or r["check"] == "pass" or r["check"].startswith("n/a"), r
+            if r["gbps"] is not None or r["tflops"] is not None:
+                assert r["pct_of_ceiling"] > 0 and r["ceiling"]
+
+
+def test_quick_covers_every_op_provider_and_mode(quick_run):
+    _, rows, _ = quick_run
+    ok = [r for r in rows if r["status"] == "ok"]
+    for op in OPS:
+        assert {r["mode"] for r in ok if r["op"] == op and r["provider"] == "reference"} >= (
+            {"fwd"} if op == "gae" else {"fwd", "bwd", "full"}), op
+    losses = {r["op"] for r in ok if r["op"].startswith("loss:")}
+    if importlib.util.find_spec("signalrl.losses") is not None:
+        assert len(losses) >= 7, losses
+    providers = {r["provider"] for r in rows}
+    assert providers >= {"reference", "compile", "native", "triton", "liger", "cce", "verl_loop"}
+    # the verl-style loop and the reference agree (same mask semantics)
+    assert any(r["provider"] == "verl_loop" and r["check"] == "pass" for r in ok)
+    # ratios: every measured non-reference row of an op with a measured reference has one
+    for r in ok:
+        if r["provider"] != "reference" and any(
+                o["provider"] == "reference" and (o["op"], o["mode"], o["shape"]) == (r["op"], r["mode"], r["shape"])
+                for o in ok):
+            assert r["speedup_vs_reference"] and r["speedup_vs_reference"] > 0
+
+
+def test_missing_peers_are_reported_never_faked(quick_run):
+    _, rows, _ = quick_run
+    for prov, pkg in (("liger", "liger_kernel"), ("cce", "cut_cross_entropy")):
+        statuses = {r["status"] for r in rows if r["provider"] == prov}
+        assert statuses
+        if importlib.util.find_spec(pkg) is None:
+            assert statuses == {"not installed"}, statuses
+        elif not torch.cuda.is_available():
+            assert all(s.startswith("unavailable") for s in statuses), statuses
+
+
+def test_percentiles_and_summary():
+    assert timing.percentile([1, 2, 3, 4, 5], 50) == 3
+    assert timing.percentile([1, 2, 3, 4, 5], 20) == pytest.approx(1.8)
+    t = timing.summarize([0.001, 0.002, 0.003, 0.004, 0.010])
+    assert t.median_ms == pytest.approx(3.0) and t.p20_ms < t.median_ms < t.p80_ms and t.samples == 5
+
+
+def test_rotation_copies():
+    mib = 2**20
+    assert timing.rotation_copies(1 * mib, 32 * mib) == 8          # small inputs: capped at 8 copies
+    assert timing.rotation_copies(16 * mib, 32 * mib) == 4         # 4 × 16 MiB ≥ 2 × 32 MiB
+    assert timing.rotation_copies(512 * mib, 32 * mib) == 1        # larger than the cache: one copy
+    assert timing.rotation_copies(600 * mib, 2**40) == 1           # bounded by total memory
+
+
+def test_cpu_peak_memory_sees_temporaries():
+    x = torch.randn(256, 1024)
+
+    def temp():  # a 1024×1024 float32 temporary (4 MiB) that is freed before returning
+        y = x.t() @ x
+        return float(y[0, 0])
+
+    peak = timing.peak_memory(temp, torch.device("cpu"))
+    assert 4 * 2**20 <= peak < 6 * 2**20
+    assert timing.peak_memory(lambda: x[0, 0].item(), torch.device("cpu")) < 2**16
+
+
+def test_ratios_and_markdown_from_rows(tmp_path):
+    base = dict.fromkeys(ROW_FIELDS)
+    rows = []
+    for prov, ms in (("reference", 10.0), ("native", 2.0), ("liger", 4.0)):
+        r = dict(base, op="gae", provider=prov, mode="fwd", shape="B=2,T=8", dtype="fp32", time_ms=ms,
+                 time_ms_p20=ms * 0.9, time_ms_p80=ms * 1.1, peak_mem_bytes=2**20, status="ok",
+                 params={"B": 2, "T": 8}, check="pass", device="cpu")
+        rows.append(r)
+    rows.append(dict(base, op="gae", provider="cce", mode="fwd", shape="B=2,T=8", dtype="fp32",
+                     status="not installed", params={"B": 2, "T": 8}))
+    meta = report.finalize(str(tmp_path), rows, {"device": "cpu", "ceilings": {}, "versions": {}})
+    native = next(r for r in rows if r["provider"] == "native")
+    assert native["speedup_vs_reference"] == pytest.approx(5.0)
+    assert native["ratios"]["liger"] == pytest.approx(2.0)
+    md = (tmp_path / "results.md").read_text()
+    assert "| gae | B=2,T=8 | fp32 | fwd |" in md and "5×" in md and "**cce**: not installed" in md
+    assert meta["plots"] == []  # one point per provider: nothing to plot against
+
+
+def test_require_missing_package():
+    with pytest.raises(P.NotInstalled):
+        P.require("signal_no_such_package_xyz")
+
+
+def test_ctrl_c_keeps_measured_rows(tmp_path, monkeypatch):
+    from benchmarks import cli
+    from benchmarks.runner import Runner
+
+    real = Runner.run_case
+    calls = []
+
+    def run_then_interrupt(self, case):
+        if calls:
+            raise KeyboardInterrupt
+        calls.append(case)
+        return real(self, case)
+
+    monkeypatch.setattr(Runner, "run_case", run_then_interrupt)
+    threads = torch.get_num_threads()
+    try:
+        rc = cli.main(["--quick", "--ops", "kl_penalty,gae", "--providers", "reference", "--out", str(tmp_path),
+                       "--no-progress", "--no-plots"])
+    finally:
+        torch.set_num_threads(threads)
+    assert rc == 130
+    rows = report.load_rows(str(tmp_path / "rows.jsonl"))
+    assert rows and all(r["op"] == "kl_penalty" for r in rows)
+    assert any(r["status"] == "ok" for r in rows)
+    assert json.loads((tmp_path / "meta.json").read_text())["interrupted"] is True
+    assert "interrupted" in (tmp_path / "results.md").read_text()
