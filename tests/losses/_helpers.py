@@ -99,25 +99,9 @@ def assert_metrics(result, expected: dict, names, rtol=1e-4, atol=1e-5):
         assert math.isclose(got, float(v), rel_tol=rtol, abs_tol=atol), f"{k}: {got} vs {float(v)}"
 
 
-def grads_of(module):
-    return {n: p.grad for n, p in module.named_parameters()}
-
-
-def train_steps(params, step_fn, steps, lr=1e-2):
-    opt = torch.optim.Adam(params, lr=lr)
-    history = []
-    for _ in range(steps):
-        opt.zero_grad()
-        res = step_fn()
-        res.loss.backward()
-        opt.step()
-        history.append(res.metrics)
-    return history
-
-
 def ppo_oracle(pol64, ref64, head64, ids, attn, old, rewards, mask, *, values=None, old_values=None, gamma=0.99,
                lam=0.95, clip=0.2, clip_high=None, vf_coef=0.5, ent_coef=0.01, beta=0.01, v_clip=0.2,
-               normalize=True, use_gae=True, conservative=None):
+               normalize=True, use_gae=True, conservative=None, dual_clip=None, estimator="k3", agg="token-mean"):
     """enhanced_ppo (and conservative_ppo with conservative=(coef, max_kl)) in float64, written out."""
     clip_high = clip if clip_high is None else clip_high
     lp, ent = f64_token_logprobs(pol64, ids, attn)
@@ -137,16 +121,32 @@ def ppo_oracle(pol64, ref64, head64, ids, attn, old, rewards, mask, *, values=No
     ratio = torch.exp(lp - old.double())
     unclipped = -A * ratio
     clipped = -A * ratio.clamp(1 - clip, 1 + clip_high)
-    pg = masked_mean(torch.maximum(unclipped, clipped), mask)
+    pg_tok = torch.maximum(unclipped, clipped)
+    if dual_clip is not None:
+        pg_tok = torch.where(A < 0, torch.minimum(pg_tok, -A * dual_clip), pg_tok)
+
+    def aggregate(x):  # over the T − 1 predicted positions
+        x, m = x[:, 1:], mask[:, 1:]
+        rows = m.sum(-1)
+        if agg == "token-mean":
+            return (x * m).sum() / m.sum()
+        if agg == "seq-mean-token-mean":
+            return ((x * m).sum(-1) / rows).sum() / (rows > 0).sum()
+        if agg == "seq-mean-token-sum":
+            return (x * m).sum() / (rows > 0).sum()
+        return (x * m).sum() / x.numel()
+
+    pg = aggregate(pg_tok)
     ov = (old_values.double() if old_values is not None else rollout_v)
     vc = ov + (v - ov).clamp(-v_clip, v_clip)
-    vl = 0.5 * masked_mean(torch.maximum((v - ret) ** 2, (vc - ret) ** 2), mask)
+    vl = 0.5 * aggregate(torch.maximum((v - ret) ** 2, (vc - ret) ** 2))
     H_mean = masked_mean(ent, mask)
-    kl = torch.zeros((), dtype=torch.float64)
+    kl = kl_agg = torch.zeros((), dtype=torch.float64)
     if ref_lp is not None:
         d = lp - ref_lp
-        kl = masked_mean(torch.exp(-d) + d - 1, mask)
-    loss = pg + vf_coef * vl - ent_coef * H_mean + beta * kl
+        kl_tok = {"k1": d, "k2": 0.5 * d * d, "k3": torch.exp(-d) + d - 1, "abs": d.abs()}[estimator]
+        kl, kl_agg = masked_mean(kl_tok, mask), aggregate(kl_tok)
+    loss = pg + vf_coef * vl - ent_coef * aggregate(ent) + beta * kl_agg
     metrics = {}
     if conservative is not None:
         coef, max_kl = conservative

@@ -8,7 +8,7 @@ from signalrl.losses import _common
 from signalrl.losses.ppo import PPO_METRICS
 
 from ._helpers import (
-    H, V, assert_close, assert_metrics, double, frozen_copy, ppo_oracle, shifted_mask, tiny_model, train_steps,
+    H, V, assert_close, assert_metrics, double, frozen_copy, ppo_oracle, shifted_mask, tiny_model,
 )
 
 
@@ -55,15 +55,17 @@ def test_matches_float64_formula_values_and_grads(fused, monkeypatch):
     assert all(p.grad is None for p in ref.parameters()), "the reference must get no gradient"
 
 
-def test_clip_and_without_gae_and_options():
-    model, ref, head, policy, batch, mask = setup(left_pad=False)
-    kw = dict(clip_epsilon=0.1, clip_epsilon_high=0.3, use_gae=False, normalize_advantages=False, beta=0.05,
-              entropy_coef=0.0, value_loss_coef=1.0)
+@pytest.mark.parametrize("agg,estimator", [("token-mean", "k1"), ("seq-mean-token-mean", "k2"),
+                                           ("seq-mean-token-sum", "abs"), ("seq-mean-token-sum-norm", "k3")])
+def test_clip_and_without_gae_and_options(agg, estimator):
+    model, ref, head, policy, batch, mask = setup(left_pad=True)
+    kw = dict(clip_epsilon=0.1, clip_epsilon_high=0.3, dual_clip=1.5, use_gae=False, normalize_advantages=False,
+              beta=0.05, entropy_coef=0.03, value_loss_coef=1.0, loss_aggregation=agg, kl_estimator=estimator)
     res = L.enhanced_ppo(policy, batch, **kw)
     loss64, metrics64 = ppo_oracle(double(model), double(ref), double(head), batch["input_ids"],
                                    batch["attention_mask"], batch["old_log_probs"], batch["rewards"], mask,
-                                   clip=0.1, clip_high=0.3, use_gae=False, normalize=False, beta=0.05, ent_coef=0.0,
-                                   vf_coef=1.0)
+                                   clip=0.1, clip_high=0.3, use_gae=False, normalize=False, beta=0.05, ent_coef=0.03,
+                                   vf_coef=1.0, dual_clip=1.5, estimator=estimator, agg=agg)
     assert_close(res.loss.detach(), loss64.detach(), rtol=1e-4, atol=1e-5, what="loss")
     assert_metrics(res, metrics64, PPO_METRICS, rtol=1e-3, atol=1e-5)
 
