@@ -119,7 +119,14 @@ def backend_for(family: str, fwd_name: str, tensor: torch.Tensor) -> str:
     return _choose(family, fwd_name, tensor.device.type)
 
 
-@torch._dynamo.assume_constant_result
+def _constant_under_compile(fn):
+    """``torch.compiler.assume_constant_result`` without importing ``torch._dynamo`` at import time:
+    dynamo imports triton, and triton must be imported only after TRITON_INTERPRET is set."""
+    fn._dynamo_marked_constant = True
+    return fn
+
+
+@_constant_under_compile
 def _choose(family: str, fwd_name: str, device_type: str) -> str:
     device = torch.device(device_type)
     forced = forced_backend()
