@@ -1,0 +1,230 @@
+"""Native CPU kernels (csrc/) vs the PyTorch code they replace, side by side in one run.
+
+    python benchmarks/native_cpu.py            # full shapes (a few minutes on 2 cores)
+    python benchmarks/native_cpu.py --quick    # small shapes, smoke test
+
+Cases (issue 2, "Measured"):
+
+1. GAE, B=256, T=1024 fp32: ``gae_fwd`` vs ``signalrl.reference.gae`` (the reverse loop over T,
+   vectorized over rows, that verl and TRL run). Goal ≥ 50×.
+2. token log-probs, N=4096, V=32000, fp32 and bf16: ``token_logprobs_fwd`` vs
+   ``log_softmax(logits.float(), -1).gather(...)``. Goal ≥ 2.5× and no [N, V] fp32 temporary.
+3. linear token log-probs, N=4096, V=32000, H=1024: peak memory of ``linear_token_logprobs_fwd``
+   vs materialized logits (``reference.linear_token_logprobs``). Goal ≤ 10%.
+
+Time: median wall time of repeated calls after warm-up (time.perf_counter), inputs resident.
+Peak memory: resident-set high-water mark during one call minus the resident set just before
+it (``/proc/self/status`` VmHWM after resetting it through ``/proc/self/clear_refs``). glibc is
+told (mallopt) to serve every allocation ≥ 64 KiB with its own mmap, so freed tensors leave the
+resident set at once and every new tensor shows up in it: the figure is the peak of extra memory
+the call touched, including memory a kernel allocates privately. Linux only.
+
+Results are printed and written to benchmarks/results/native_cpu_<cpu>_<threads>t.md.
+"""
+from __future__ import annotations
+
+import argparse
+import ctypes
+import datetime as _dt
+import os
+import platform
+import re
+import statistics
+import sys
+import time
+from pathlib import Path
+
+_REPO = Path(__file__).resolve().parents[1]
+if str(_REPO) not in sys.path:
+    sys.path.insert(0, str(_REPO))
+
+import torch  # noqa: E402
+
+from signalrl import native  # noqa: E402
+from signalrl import reference as ref  # noqa: E402
+
+
+# ---- measurement --------------------------------------------------------------------------------
+
+def _mmap_every_large_allocation() -> bool:
+    try:
+        return ctypes.CDLL("libc.so.6").mallopt(-3, 64 * 1024) == 1  # M_MMAP_THRESHOLD
+    except OSError:
+        return False
+
+
+def _status(key: str) -> int:
+    m = re.search(rf"^{key}:\s+(\d+) kB", Path("/proc/self/status").read_text(), re.M)
+    return int(m.group(1)) * 1024
+
+
+def peak_rss_delta(fn) -> int:
+    """Extra resident bytes at the peak of one call of fn (see module docstring)."""
+    Path("/proc/self/clear_refs").write_text("5")
+    before = _status("VmRSS")
+    out = fn()
+    peak = _status("VmHWM")
+    del out
+    return max(peak - before, 0)
+
+
+def median_time(fn, reps: int, warmup: int = 2) -> float:
+    for _ in range(warmup):
+        fn()
+    ts = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        ts.append(time.perf_counter() - t0)
+    return statistics.median(ts)
+
+
+def _mb(b: float) -> str:
+    return f"{b / 2**20:,.1f} MiB"
+
+
+def _ms(s: float) -> str:
+    return f"{s * 1e3:,.3f} ms" if s < 0.01 else f"{s * 1e3:,.1f} ms"
+
+
+def cpu_model() -> str:
+    try:
+        m = re.search(r"^model name\s*:\s*(.+)$", Path("/proc/cpuinfo").read_text(), re.M)
+        return m.group(1).strip() if m else platform.processor() or "unknown CPU"
+    except OSError:
+        return platform.processor() or "unknown CPU"
+
+
+# ---- cases --------------------------------------------------------------------------------------
+
+def bench_gae(B: int, T: int, reps: int) -> list[dict]:
+    torch.manual_seed(0)
+    rewards, values = torch.randn(B, T), torch.randn(B, T)
+    lengths = torch.randint(T // 2, T + 1, (B,))
+    mask = (torch.arange(T)[None, :] < lengths[:, None]).float()  # right padding
+    mask[:, T // 4: T // 4 + 16] = 0  # and a masked span (tool output)
+    last = torch.randn(B)
+    gae = native.get("gae_fwd")
+    a_ref, _ = ref.gae(rewards, values, mask, gamma=0.99, lam=0.95, last_values=last)
+    a_nat, _ = gae(rewards, values, mask, last, 0.99, 0.95)
+    err = ((a_nat - a_ref).abs().max() / a_ref.abs().max()).item()
+    t_ref = median_time(lambda: ref.gae(rewards, values, mask, gamma=0.99, lam=0.95, last_values=last), max(3, reps // 10))
+    t_nat = median_time(lambda: gae(rewards, values, mask, last, 0.99, 0.95), reps * 5, warmup=5)
+    return [dict(case=f"GAE B={B} T={T} fp32", base="reference.gae (loop over T)", t_base=t_ref, t_native=t_nat,
+                 goal="≥ 50×", note=f"max rel diff {err:.1e}")]
+
+
+def bench_token(N: int, V: int, reps: int) -> list[dict]:
+    rows = []
+    torch.manual_seed(0)
+    fwd = native.get("token_logprobs_fwd")
+    for dtype in (torch.float32, torch.bfloat16):
+        logits = (torch.randn(N, V) * 3).to(dtype)
+        targets = torch.randint(0, V, (N,))
+
+        def base():
+            return torch.log_softmax(logits.float(), -1).gather(-1, targets[:, None]).squeeze(-1)
+
+        def nat():
+            return fwd(logits, targets, 1.0, -100, False)[0]
+
+        err = (nat() - base()).abs().max().item()
+        t_base, t_nat = median_time(base, reps), median_time(nat, reps)
+        m_base, m_nat = peak_rss_delta(base), peak_rss_delta(nat)
+        rows.append(dict(case=f"token_logprobs N={N} V={V} {str(dtype).split('.')[-1]}",
+                         base="log_softmax(x.float()) + gather", t_base=t_base, t_native=t_nat,
+                         m_base=m_base, m_native=m_nat, goal="≥ 2.5×", note=f"max abs diff {err:.1e}"))
+    return rows
+
+
+def bench_linear(N: int, V: int, H: int, reps: int) -> list[dict]:
+    rows = []
+    torch.manual_seed(0)
+    fwd = native.get("linear_token_logprobs_fwd")
+    for dtype in (torch.float32, torch.bfloat16):
+        hidden = torch.randn(N, H).to(dtype)
+        weight = (torch.randn(V, H) / H**0.5).to(dtype)
+        targets = torch.randint(0, V, (N,))
+
+        def base():
+            return ref.linear_token_logprobs(hidden, weight, targets)
+
+        def nat():
+            return fwd(hidden, weight, None, targets, 1.0, -100, False)[0]
+
+        err = (nat() - base()).abs().max().item()
+        t_base, t_nat = median_time(base, reps, warmup=1), median_time(nat, reps, warmup=1)
+        m_base, m_nat = peak_rss_delta(base), peak_rss_delta(nat)
+        logits_bytes = N * V * 4
+        rows.append(dict(case=f"linear_token_logprobs N={N} V={V} H={H} {str(dtype).split('.')[-1]}",
+                         base="reference (materialized fp32 logits)", t_base=t_base, t_native=t_nat,
+                         m_base=m_base, m_native=m_nat, goal="peak ≤ 10%",
+                         note=f"native peak = {100 * m_nat / logits_bytes:.1f}% of the [N, V] fp32 logits "
+                              f"({_mb(logits_bytes)}); max abs diff {err:.1e}"))
+    return rows
+
+
+# ---- report -------------------------------------------------------------------------------------
+
+def render(rows: list[dict], meta: dict) -> str:
+    lines = [
+        "# Native CPU kernels vs PyTorch",
+        "",
+        f"- device: {meta['cpu']} ({meta['threads']} threads used by torch, {os.cpu_count()} logical CPUs)",
+        f"- torch {meta['torch']}, Python {platform.python_version()}, {meta['date']}",
+        f"- load average at start: {meta['load']} (the machine is shared: timings are noisy)",
+        f"- command: `{meta['command']}`",
+        "- time: median wall time per call, inputs resident, after warm-up;"
+        " memory: peak extra resident set during one call (VmHWM − VmRSS, glibc mmap threshold 64 KiB)",
+        "",
+        "| case | baseline | baseline time | native time | speed-up | baseline peak | native peak | memory ratio | goal | note |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---|---|",
+    ]
+    for r in rows:
+        mb, mn = r.get("m_base"), r.get("m_native")
+        lines.append(
+            f"| {r['case']} | {r['base']} | {_ms(r['t_base'])} | {_ms(r['t_native'])} | "
+            f"**{r['t_base'] / r['t_native']:.1f}×** | {_mb(mb) if mb is not None else '–'} | "
+            f"{_mb(mn) if mn is not None else '–'} | {f'{100 * mn / mb:.1f}%' if mb else '–'} | {r['goal']} | {r['note']} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--quick", action="store_true", help="small shapes (smoke test)")
+    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
+    p.add_argument("--out", type=Path, default=None, help="markdown file (default benchmarks/results/...)")
+    p.add_argument("--reps", type=int, default=None)
+    args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if not _mmap_every_large_allocation():
+        print("warning: mallopt unavailable; peak memory figures include allocator reuse effects")
+    native.load()
+    reps = args.reps or (3 if args.quick else 7)
+    if args.quick:
+        rows = bench_gae(64, 256, reps) + bench_token(256, 8000, reps) + bench_linear(256, 8000, 256, reps)
+    else:
+        rows = bench_gae(256, 1024, reps) + bench_token(4096, 32000, reps) + bench_linear(4096, 32000, 1024, reps)
+    meta = dict(
+        cpu=cpu_model(), threads=torch.get_num_threads(), torch=torch.__version__,
+        date=_dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        load=" ".join(f"{x:.2f}" for x in os.getloadavg()),
+        command="python benchmarks/native_cpu.py" + (" --quick" if args.quick else "")
+        + (f" --threads {args.threads}" if args.threads else ""),
+    )
+    text = render(rows, meta)
+    print(text)
+    if args.out is None and args.quick:
+        return 0
+    slug = re.sub(r"[^a-z0-9]+", "-", meta["cpu"].lower()).strip("-")
+    out = args.out or _REPO / "benchmarks" / "results" / f"native_cpu_{slug}_{meta['threads']}t.md"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(text)
+    print(f"written to {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
