@@ -1,0 +1,110 @@
+#!/usr/bin/env bash
+# One GPU check for Signal: the whole test suite on CUDA (GPU-only tests included), then the kernel benchmarks.
+# Prints a short table; writes the pytest log/junit, the environment and the benchmark JSON/markdown under
+# $OUT (if set) or benchmarks/results/gpu_check-<UTC time>/.
+#
+#   bash benchmarks/gpu_check.sh               # full run on a CUDA machine (budget: ~8 min on one H100)
+#   bash benchmarks/gpu_check.sh --dry-run     # CPU sanity run: collects the tests, runs the benchmark cases on tiny
+#                                              # shapes in the Triton interpreter (timings meaningless)
+#   bash benchmarks/gpu_check.sh --skip-tests  # benchmarks only;  --skip-bench: tests only
+#   bash benchmarks/gpu_check.sh --quick       # fewer benchmark shapes;  --only <substr>: matching cases only
+#
+# Environment: PYTHON (default .venv/bin/python if it imports torch, else python3), TEST_TIMEOUT (s, default 300),
+# BENCH_TIMEOUT (s, default 240), PYTEST_ARGS (extra pytest arguments).
+# Adding a benchmark case: a function `bench_<name>(ctx) -> list[dict]` in benchmarks/gpu_logprobs.py or in any
+# benchmarks/gpu_<family>.py (discovered automatically; see the docstring of benchmarks/gpu_logprobs.py).
+set -uo pipefail
+cd "$(dirname "$0")/.."
+
+DRY=0 SKIP_TESTS=0 SKIP_BENCH=0
+BENCH_ARGS=()
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --dry-run) DRY=1 ;;
+    --skip-tests) SKIP_TESTS=1 ;;
+    --skip-bench) SKIP_BENCH=1 ;;
+    --quick) BENCH_ARGS+=(--quick) ;;
+    --only) BENCH_ARGS+=(--only "$2"); shift ;;
+    -h|--help) sed -n '2,16p' "$0"; exit 0 ;;
+    *) echo "gpu_check.sh: unknown argument $1" >&2; exit 2 ;;
+  esac
+  shift
+done
+
+if [ -z "${PYTHON:-}" ]; then
+  if [ -x .venv/bin/python ] && .venv/bin/python -c "import torch" 2>/dev/null; then PYTHON=.venv/bin/python
+  else PYTHON=python3; fi
+fi
+STAMP=$(date -u +%Y%m%dT%H%M%SZ)
+DIR="${OUT:-benchmarks/results/gpu_check-$STAMP}"
+mkdir -p "$DIR"
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+START=$(date +%s)
+
+{
+  echo "date_utc: $(date -u '+%Y-%m-%d %H:%M:%S')"
+  echo "git: $(git rev-parse --short HEAD 2>/dev/null || echo unknown)$(git diff --quiet 2>/dev/null || echo ' (dirty)')"
+  echo "python: $PYTHON ($($PYTHON -c 'import sys; print(sys.version.split()[0])'))"
+  $PYTHON - <<'EOF'
+import torch
+print("torch:", torch.__version__, "cuda:", torch.version.cuda)
+try:
+    import triton
+    print("triton:", triton.__version__)
+except ImportError:
+    print("triton: not installed")
+for name in ("liger_kernel", "cut_cross_entropy", "transformers", "peft"):
+    try:
+        mod = __import__(name)
+        print(f"{name}:", getattr(mod, "__version__", "installed"))
+    except ImportError:
+        print(f"{name}: not installed")
+if torch.cuda.is_available():
+    p = torch.cuda.get_device_properties(0)
+    print("device:", p.name, f"({p.multi_processor_count} SMs, {p.total_memory / 2**30:.0f} GiB, sm_{p.major}{p.minor})")
+else:
+    print("device: none (CPU only)")
+EOF
+  command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv
+} > "$DIR/env.txt" 2>&1
+cat "$DIR/env.txt"
+
+if [ "$DRY" = 1 ]; then
+  export TRITON_INTERPRET=1
+  BENCH_ARGS+=(--dry-run)
+elif ! $PYTHON -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)"; then
+  echo "gpu_check.sh: no CUDA device visible to $PYTHON (use --dry-run for a CPU sanity run)" >&2
+  exit 2
+fi
+
+TEST_STATUS="skipped"
+if [ "$SKIP_TESTS" = 0 ]; then
+  echo; echo "== pytest (all tests, GPU-only included) =="
+  if [ "$DRY" = 1 ]; then
+    # no GPU: only check that every test module (the GPU-only ones too) imports and collects
+    $PYTHON -m pytest tests -m "gpu or not gpu" --collect-only -q -p no:cacheprovider > "$DIR/pytest.log" 2>&1
+  else
+    # SIGINT on timeout: pytest still prints its summary and writes the junit file
+    timeout -s INT -k 30 "${TEST_TIMEOUT:-300}" $PYTHON -m pytest tests -m "gpu or not gpu" -q -rfEs \
+      -p no:cacheprovider --junitxml="$DIR/pytest.xml" ${PYTEST_ARGS:-} > "$DIR/pytest.log" 2>&1
+  fi
+  rc=$?
+  tail -n 25 "$DIR/pytest.log"
+  TEST_STATUS="$(grep -E '(passed|failed|error|no tests ran|tests collected)' "$DIR/pytest.log" | tail -n 1) (exit $rc)"
+fi
+
+BENCH_STATUS="skipped"
+if [ "$SKIP_BENCH" = 0 ]; then
+  echo; echo "== kernel benchmarks =="
+  timeout -s INT -k 30 "${BENCH_TIMEOUT:-240}" $PYTHON benchmarks/gpu_logprobs.py --out "$DIR" "${BENCH_ARGS[@]}" \
+    2> "$DIR/bench.stderr"
+  rc=$?
+  tail -n 5 "$DIR/bench.stderr"
+  BENCH_STATUS="exit $rc"
+fi
+
+echo
+echo "== summary =="
+echo "tests:      $TEST_STATUS"
+echo "benchmarks: $BENCH_STATUS"
+echo "results:    $DIR   (wall $(( $(date +%s) - START )) s)"

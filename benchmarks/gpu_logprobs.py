@@ -1,0 +1,440 @@
+"""GPU kernel benchmarks (log-prob kernels) and the small harness that benchmarks/gpu_check.sh runs.
+
+    python benchmarks/gpu_logprobs.py [--out DIR] [--only SUBSTR] [--quick] [--dry-run]
+
+Every figure is measured in the same run as the ceilings it is compared with: the device's copy bandwidth
+(``dst.copy_(src)`` of 1 GiB, bytes read + written) and its bf16 matmul rate (``torch.mm`` 8192³). Times are
+``triton.testing.do_bench`` medians. Results: a JSON file and a markdown table in ``--out`` (default
+benchmarks/results/), and a short table on stdout.
+
+Adding a case is one function: ``def bench_<name>(ctx) -> list[dict]`` in this file or in any ``benchmarks/gpu_*.py``
+module (all are discovered; a module may also define ``CASES = [fn, ...]``). Build each row with
+``ctx.row(case, shape, time_ms, **fields)``; useful fields: ``pct_matmul`` / ``pct_copy`` (of the measured ceilings,
+see ``ctx.matmul_tflops`` / ``ctx.copy_gbps``), ``extra_mem_mb``, ``vs`` + ``speedup``, ``notes``. ``ctx.time_ms(fn)``
+times a callable, ``ctx.peak_extra(fn, keep_bytes)`` measures the peak bytes it allocates beyond its outputs,
+``ctx.pick(big, small)`` chooses the shape (``small`` under ``--dry-run``: CPU, Triton interpreter, tiny shapes,
+timings meaningless — a check that the cases run). A case that raises is recorded as an error row; the others go on.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import importlib.util
+import json
+import os
+import pathlib
+import platform
+import sys
+import time
+import traceback
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+import torch  # noqa: E402
+
+IGN = -100
+
+
+class Ctx:
+    def __init__(self, dry_run: bool, quick: bool):
+        self.dry_run = dry_run
+        self.quick = quick
+        self.cuda = torch.cuda.is_available() and not dry_run
+        self.device = torch.device("cuda" if self.cuda else "cpu")
+        self.copy_gbps = float("nan")
+        self.matmul_tflops = float("nan")
+
+    # -- helpers for cases
+    def pick(self, big, small):
+        return small if self.dry_run else big
+
+    def sync(self):
+        if self.cuda:
+            torch.cuda.synchronize()
+
+    def time_ms(self, fn, warmup: int = 25, rep: int = 100) -> float:
+        """Median milliseconds of ``fn()`` (do_bench on CUDA; one timed call after one warm-up on CPU)."""
+        if self.cuda:
+            import triton.testing
+
+            return float(triton.testing.do_bench(fn, warmup=warmup, rep=rep, return_mode="median"))
+        fn()
+        t0 = time.perf_counter()
+        fn()
+        return (time.perf_counter() - t0) * 1e3
+
+    def peak_extra(self, fn, keep_bytes: int = 0):
+        """Peak bytes allocated while ``fn()`` runs beyond what existed before and ``keep_bytes`` of results it
+        must produce (e.g. the gradients). None off CUDA."""
+        if not self.cuda:
+            fn()
+            return None
+        torch.cuda.synchronize()
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        out = fn()
+        torch.cuda.synchronize()
+        peak = torch.cuda.max_memory_allocated() - base
+        del out
+        return peak - keep_bytes
+
+    @staticmethod
+    def row(case: str, shape: str, time_ms: float | None, **fields) -> dict:
+        r = {"case": case, "shape": shape, "time_ms": time_ms}
+        r.update(fields)
+        return r
+
+    def free(self):
+        import gc
+
+        gc.collect()
+        if self.cuda:
+            torch.cuda.empty_cache()
+
+
+def measure_ceilings(ctx: Ctx) -> None:
+    n = ctx.pick(1 << 29, 1 << 16)  # bf16 elements: 1 GiB on the GPU
+    src = torch.randn(n, device=ctx.device).to(torch.bfloat16)
+    dst = torch.empty_like(src)
+    ms = ctx.time_ms(lambda: dst.copy_(src))
+    ctx.copy_gbps = 2 * n * 2 / (ms * 1e-3) / 1e9
+    del src, dst
+    m = ctx.pick(8192, 128)
+    a = torch.randn(m, m, device=ctx.device).to(torch.bfloat16)
+    b = torch.randn(m, m, device=ctx.device).to(torch.bfloat16)
+    ms = ctx.time_ms(lambda: torch.mm(a, b))
+    ctx.matmul_tflops = 2 * m**3 / (ms * 1e-3) / 1e12
+    del a, b
+    ctx.free()
+
+
+# ---------------------------------------------------------------------------------------------------------- cases
+
+
+def _linear_inputs(ctx, N, V, H, dtype=torch.bfloat16, seed=0):
+    g = torch.Generator(device=ctx.device).manual_seed(seed)
+    h = torch.randn(N, H, device=ctx.device, generator=g).to(dtype)
+    w = (torch.randn(V, H, device=ctx.device, generator=g) * (2.0 / H**0.5)).to(dtype)
+    t = torch.randint(0, V, (N,), device=ctx.device, generator=g)
+    return h, w, t
+
+
+def _torch_linear_logprobs(h, w, t):
+    """Unfused PyTorch: bf16 logits, float32 log_softmax, gather (what the fused kernels replace)."""
+    logits = h @ w.t()
+    logp = torch.log_softmax(logits.float(), -1)
+    return logp.gather(1, t[:, None])[:, 0]
+
+
+def bench_linear_token_logprobs(ctx: Ctx) -> list[dict]:
+    """linear token log-probs fwd+bwd vs the bf16 matmul rate (4 GEMM-equivalents of 2·N·V·H) and extra memory."""
+    from signalrl.kernels import linear_logprobs as LL
+
+    rows = []
+    H, V = ctx.pick(4096, 64), ctx.pick(128256, 1000)
+    Ns = ctx.pick([8192] if ctx.quick else [8192, 16384], [64])
+    for N in Ns:
+        h, w, t = _linear_inputs(ctx, N, V, H)
+        g_lp = torch.ones(N, device=ctx.device)
+        empty = torch.empty(0, device=ctx.device)
+        shape = f"N={N} V={V} H={H} bf16"
+        flops = 2 * N * V * H
+
+        def fwd():
+            return LL.linear_token_logprobs_fwd(h, w, None, t, 1.0, IGN, False)
+
+        def fwd_bwd():
+            lp, _, lse = LL.linear_token_logprobs_fwd(h, w, None, t, 1.0, IGN, False)
+            return LL.linear_token_logprobs_bwd(g_lp, empty, h, w, None, t, lse, empty, 1.0, IGN, True, True, False)
+
+        def fwd_bwd_entropy():
+            lp, ent, lse = LL.linear_token_logprobs_fwd(h, w, None, t, 1.0, IGN, True)
+            return LL.linear_token_logprobs_bwd(g_lp, g_lp, h, w, None, t, lse, ent, 1.0, IGN, True, True, False)
+
+        fwd_bwd()  # compile + autotune outside the timings
+        ms_f = ctx.time_ms(fwd)
+        ms = ctx.time_ms(fwd_bwd)
+        ms_e = ctx.time_ms(fwd_bwd_entropy)
+        extra = ctx.peak_extra(fwd_bwd, keep_bytes=h.numel() * 2 + w.numel() * 2)
+        logits_bytes = N * V * 4
+        mem = {} if extra is None else dict(extra_mem_mb=extra / 2**20, extra_mem_pct_logits=100 * extra / logits_bytes)
+        rows.append(ctx.row("linear_token_logprobs fwd", shape, ms_f,
+                            pct_matmul=100 * flops / (ms_f * 1e-3) / 1e12 / ctx.matmul_tflops))
+        rows.append(ctx.row("linear_token_logprobs fwd+bwd", shape, ms,
+                            pct_matmul=100 * 4 * flops / (ms * 1e-3) / 1e12 / ctx.matmul_tflops, **mem,
+                            notes="4 GEMM-equivalents; extra memory beyond inputs and d(hidden), d(weight)"))
+        rows.append(ctx.row("linear_token_logprobs+entropy fwd+bwd", shape, ms_e,
+                            pct_matmul=100 * 4 * flops / (ms_e * 1e-3) / 1e12 / ctx.matmul_tflops))
+
+        # unfused PyTorch baseline (materialized logits)
+        hr, wr = h.detach().clone().requires_grad_(), w.detach().clone().requires_grad_()
+
+        def torch_fwd_bwd():
+            lp = _torch_linear_logprobs(hr, wr, t)
+            return torch.autograd.grad(lp.sum(), (hr, wr))
+
+        try:
+            ms_t = ctx.time_ms(torch_fwd_bwd, warmup=5, rep=20)
+            extra_t = ctx.peak_extra(torch_fwd_bwd, keep_bytes=h.numel() * 2 + w.numel() * 2)
+            rows.append(ctx.row("torch unfused logprobs fwd+bwd", shape, ms_t, vs="linear_token_logprobs fwd+bwd",
+                                speedup=ms_t / ms,
+                                **({} if extra_t is None else dict(extra_mem_mb=extra_t / 2**20,
+                                                                   extra_mem_pct_logits=100 * extra_t / logits_bytes))))
+        except torch.OutOfMemoryError:
+            rows.append(ctx.row("torch unfused logprobs fwd+bwd", shape, None, notes="out of memory"))
+        del hr, wr
+        ctx.free()
+        rows.extend(_third_party_linear_ce(ctx, h, w, t, shape, ms))
+        del h, w, t
+        ctx.free()
+    return rows
+
+
+def _third_party_linear_ce(ctx, h, w, t, shape, ms_ours) -> list[dict]:
+    """Liger-Kernel fused linear cross entropy and Cut Cross-Entropy, when installed (per-token CE = −log-prob)."""
+    rows = []
+    hr, wr = h.detach().clone().requires_grad_(), w.detach().clone().requires_grad_()
+    try:
+        from cut_cross_entropy import linear_cross_entropy
+
+        def cce():
+            loss = linear_cross_entropy(hr, wr, t, reduction="sum")
+            return torch.autograd.grad(loss, (hr, wr))
+
+        ms = ctx.time_ms(cce, warmup=5, rep=20)
+        rows.append(ctx.row("cut-cross-entropy fwd+bwd", shape, ms, vs="linear_token_logprobs fwd+bwd",
+                            speedup=ms / ms_ours))
+    except ImportError:
+        rows.append(ctx.row("cut-cross-entropy fwd+bwd", shape, None, notes="not installed"))
+    except Exception as e:  # noqa: BLE001 - a third-party failure must not stop the run
+        rows.append(ctx.row("cut-cross-entropy fwd+bwd", shape, None, notes=f"error: {e!r}"[:200]))
+    try:
+        from liger_kernel.transformers.functional import liger_fused_linear_cross_entropy
+
+        def liger():
+            loss = liger_fused_linear_cross_entropy(hr, wr, t, reduction="sum")
+            return torch.autograd.grad(loss, (hr, wr))
+
+        ms = ctx.time_ms(liger, warmup=5, rep=20)
+        rows.append(ctx.row("liger fused linear CE fwd+bwd", shape, ms, vs="linear_token_logprobs fwd+bwd",
+                            speedup=ms / ms_ours))
+    except ImportError:
+        rows.append(ctx.row("liger fused linear CE fwd+bwd", shape, None, notes="not installed"))
+    except Exception as e:  # noqa: BLE001
+        rows.append(ctx.row("liger fused linear CE fwd+bwd", shape, None, notes=f"error: {e!r}"[:200]))
+    return rows
+
+
+def bench_token_logprobs(ctx: Ctx) -> list[dict]:
+    """token log-probs (+ entropy) from logits as % of the measured copy bandwidth."""
+    from signalrl.kernels import logprobs as TL
+
+    rows = []
+    N, V = ctx.pick(8192, 64), ctx.pick(128256, 1000)
+    for dtype in ([torch.bfloat16] if ctx.quick else [torch.bfloat16, torch.float32]):
+        x = (torch.randn(N, V, device=ctx.device) * 3).to(dtype)
+        t = torch.randint(0, V, (N,), device=ctx.device)
+        e = x.element_size()
+        shape = f"N={N} V={V} {str(dtype).replace('torch.', '')}"
+        lp, ent, lse = TL.token_logprobs_fwd(x, t, 1.0, IGN, True)
+        g = torch.ones(N, device=ctx.device)
+        empty = torch.empty(0, device=ctx.device)
+
+        def pct(bytes_moved, ms):
+            return 100 * bytes_moved / (ms * 1e-3) / 1e9 / ctx.copy_gbps
+
+        ms = ctx.time_ms(lambda: TL.token_logprobs_fwd(x, t, 1.0, IGN, True))
+        rows.append(ctx.row("token_logprobs+entropy fwd", shape, ms, pct_copy=pct(N * V * e, ms)))
+        ms = ctx.time_ms(lambda: TL.token_logprobs_fwd(x, t, 1.0, IGN, False))
+        rows.append(ctx.row("token_logprobs fwd", shape, ms, pct_copy=pct(N * V * e, ms)))
+        ms = ctx.time_ms(lambda: TL.token_logprobs_bwd(g, g, x, t, lse, ent, 1.0, IGN))
+        rows.append(ctx.row("token_logprobs+entropy bwd", shape, ms, pct_copy=pct(2 * N * V * e, ms),
+                            notes="reads logits, writes d(logits)"))
+        y = x.clone()
+        ms = ctx.time_ms(lambda: TL.token_logprobs_bwd_inplace(g, empty, y, t, lse, empty, 1.0, IGN))
+        rows.append(ctx.row("token_logprobs bwd in place", shape, ms, pct_copy=pct(2 * N * V * e, ms),
+                            notes="values meaningless after the first call; timing only"))
+        del y
+
+        def torch_fwd():
+            logp = torch.log_softmax(x.float(), -1)
+            return logp.gather(1, t[:, None])[:, 0], -(logp.exp() * logp).sum(-1)
+
+        try:
+            ms_t = ctx.time_ms(torch_fwd, warmup=5, rep=20)
+            rows.append(ctx.row("torch log_softmax+gather+entropy fwd", shape, ms_t, pct_copy=pct(N * V * e, ms_t),
+                                vs="token_logprobs+entropy fwd", speedup=ms_t / rows[-4]["time_ms"]))
+        except torch.OutOfMemoryError:
+            rows.append(ctx.row("torch log_softmax+gather+entropy fwd", shape, None, notes="out of memory"))
+        del x, t, lp, ent, lse
+        ctx.free()
+    return rows
+
+
+def bench_linear_ppo_loss(ctx: Ctx) -> list[dict]:
+    """linear_ppo_loss (fused) vs the unfused composition: materialized logits → log_softmax → gather → surrogate."""
+    import signalrl.ops as ops
+    from signalrl import reference
+
+    B, T = ctx.pick((8, 1024), (2, 16))
+    H, V = ctx.pick(4096, 64), ctx.pick(128256, 1000)
+    N = B * T
+    h, w, t = _linear_inputs(ctx, N, V, H, seed=7)
+    h = h.reshape(B, T, H).requires_grad_()
+    w.requires_grad_()
+    t = t.reshape(B, T)
+    with torch.no_grad():
+        lp0 = _torch_linear_logprobs(h.reshape(N, H), w, t.reshape(N)).reshape(B, T)
+    old = lp0 + 0.2 * torch.randn_like(lp0)
+    ref = lp0 + 0.2 * torch.randn_like(lp0)
+    adv = torch.randn_like(lp0)
+    mask = (torch.rand_like(lp0) > 0.1).float()
+    kw = dict(kl_coef=0.05, entropy_coef=0.01)
+    shape = f"B={B} T={T} V={V} H={H} bf16"
+    grads_bytes = h.numel() * 2 + w.numel() * 2
+
+    def fused():
+        loss, stats = ops.linear_ppo_loss(h, w, t, old, adv, mask, ref_logprobs=ref, **kw)
+        return torch.autograd.grad(loss, (h, w))
+
+    def unfused():
+        logits = h.reshape(N, H) @ w.t()
+        logp_all = torch.log_softmax(logits.float(), -1)
+        lp = logp_all.gather(1, t.reshape(N, 1))[:, 0].reshape(B, T)
+        ent = -(logp_all.exp() * logp_all).sum(-1).reshape(B, T)
+        pg, _ = reference.clipped_surrogate(lp, old, adv, mask)
+        loss = pg + kw["kl_coef"] * reference.aggregate(reference.kl_penalty(lp, ref), mask) \
+            - kw["entropy_coef"] * reference.aggregate(ent, mask)
+        return torch.autograd.grad(loss, (h, w))
+
+    fused()
+    ms_f = ctx.time_ms(fused)
+    ex_f = ctx.peak_extra(fused, grads_bytes)
+    rows = [ctx.row("linear_ppo_loss fused fwd+bwd", shape, ms_f,
+                    pct_matmul=100 * 4 * 2 * N * V * H / (ms_f * 1e-3) / 1e12 / ctx.matmul_tflops,
+                    **({} if ex_f is None else dict(extra_mem_mb=ex_f / 2**20,
+                                                    extra_mem_pct_logits=100 * ex_f / (N * V * 4))))]
+    try:
+        ms_u = ctx.time_ms(unfused, warmup=5, rep=20)
+        ex_u = ctx.peak_extra(unfused, grads_bytes)
+        fields = dict(vs="linear_ppo_loss fused fwd+bwd", speedup=ms_u / ms_f)
+        if ex_u is not None:
+            fields.update(extra_mem_mb=ex_u / 2**20, extra_mem_pct_logits=100 * ex_u / (N * V * 4),
+                          notes=f"fused extra memory = {100 * ex_f / ex_u:.2f} % of unfused "
+                                f"({100 * (ex_f + grads_bytes) / (ex_u + grads_bytes):.1f} % counting the gradients)")
+        rows.append(ctx.row("unfused composition fwd+bwd", shape, ms_u, **fields))
+    except torch.OutOfMemoryError:
+        rows.append(ctx.row("unfused composition fwd+bwd", shape, None, notes="out of memory"))
+    return rows
+
+
+# --------------------------------------------------------------------------------------------------------- harness
+
+
+def discover_cases() -> list:
+    cases = [bench_token_logprobs, bench_linear_token_logprobs, bench_linear_ppo_loss]
+    here = pathlib.Path(__file__).resolve()
+    for path in sorted(here.parent.glob("gpu_*.py")):
+        if path == here:
+            continue
+        spec = importlib.util.spec_from_file_location(f"_signal_bench_{path.stem}", path)
+        mod = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(mod)
+        found = list(getattr(mod, "CASES", []))
+        found += [getattr(mod, n) for n in sorted(dir(mod)) if n.startswith("bench_") and callable(getattr(mod, n))]
+        cases += [c for c in found if c not in cases]
+    return cases
+
+
+def environment(ctx: Ctx) -> dict:
+    env = {
+        "date_utc": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M:%S"),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "dry_run": ctx.dry_run,
+        "copy_GBps": ctx.copy_gbps,
+        "bf16_matmul_TFLOPs": ctx.matmul_tflops,
+    }
+    try:
+        import triton
+
+        env["triton"] = triton.__version__
+    except ImportError:
+        env["triton"] = None
+    if ctx.cuda:
+        p = torch.cuda.get_device_properties(ctx.device)
+        env.update(device=p.name, sm_count=p.multi_processor_count, memory_GiB=round(p.total_memory / 2**30, 1),
+                   capability=f"{p.major}.{p.minor}")
+    else:
+        env["device"] = "cpu (dry run: Triton interpreter, tiny shapes; timings meaningless)"
+    return env
+
+
+def _fmt(v, spec="{:.1f}"):
+    if v is None:
+        return "—"
+    if isinstance(v, float):
+        return spec.format(v)
+    return str(v)
+
+
+def table(rows: list[dict]) -> str:
+    head = "| case | shape | ms | % matmul | % copy BW | extra MiB | extra % of [N,V] f32 | speedup (baseline/ours) | notes |"
+    lines = [head, "|" + "---|" * 9]
+    for r in rows:
+        lines.append("| " + " | ".join([
+            r["case"], r.get("shape", ""), _fmt(r.get("time_ms"), "{:.3f}"), _fmt(r.get("pct_matmul")),
+            _fmt(r.get("pct_copy")), _fmt(r.get("extra_mem_mb")), _fmt(r.get("extra_mem_pct_logits"), "{:.2f}"),
+            _fmt(r.get("speedup"), "{:.2f}"), r.get("notes", "") or r.get("error", ""),
+        ]) + " |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", default=os.environ.get("OUT") or str(ROOT / "benchmarks" / "results"))
+    ap.add_argument("--only", default=None, help="run the cases whose function name contains this")
+    ap.add_argument("--quick", action="store_true", help="fewer shapes")
+    ap.add_argument("--dry-run", action="store_true", help="CPU + Triton interpreter, tiny shapes")
+    args = ap.parse_args(argv)
+    if args.dry_run:
+        os.environ.setdefault("TRITON_INTERPRET", "1")
+    elif not torch.cuda.is_available():
+        print("no CUDA device: run with --dry-run for a CPU sanity check", file=sys.stderr)
+        return 2
+    ctx = Ctx(dry_run=args.dry_run, quick=args.quick)
+    t_start = time.time()
+    measure_ceilings(ctx)
+    rows = []
+    for fn in discover_cases():
+        if args.only and args.only not in fn.__name__:
+            continue
+        t0 = time.time()
+        try:
+            rows.extend(fn(ctx))
+        except Exception as e:  # noqa: BLE001 - record and go on with the other cases
+            traceback.print_exc()
+            rows.append(ctx.row(fn.__name__, "", None, error=f"{type(e).__name__}: {e}"[:300]))
+        print(f"[bench] {fn.__name__}: {time.time() - t0:.1f} s", file=sys.stderr)
+        ctx.free()
+    env = environment(ctx)
+    env["wall_s"] = round(time.time() - t_start, 1)
+    out = pathlib.Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    tag = "dryrun" if ctx.dry_run else env.get("device", "gpu").replace(" ", "_")
+    stem = f"gpu_logprobs-{tag}-{_dt.datetime.now(_dt.timezone.utc).strftime('%Y%m%dT%H%M%SZ')}"
+    (out / f"{stem}.json").write_text(json.dumps({"environment": env, "rows": rows}, indent=2, default=str))
+    md = (f"# Kernel benchmarks — {env['device']}\n\n"
+          + "\n".join(f"- {k}: {v}" for k, v in env.items()) + "\n\n" + table(rows) + "\n")
+    (out / f"{stem}.md").write_text(md)
+    print(f"\ndevice: {env['device']}  copy {ctx.copy_gbps:.0f} GB/s  bf16 matmul {ctx.matmul_tflops:.0f} TFLOP/s")
+    print(table(rows))
+    print(f"\nwritten: {out / stem}.json, .md")
+    return 1 if any("error" in r for r in rows) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
