@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from ._ops import ops
+from .. import ops
 from .base import Check, boolean, model_or_none, number, one_of
 from .model import IGNORE_INDEX, PolicyModel, predicted_mask
 

@@ -13,8 +13,8 @@ from __future__ import annotations
 
 import torch
 
+from .. import ops
 from ._common import COMMON_CHECKS, masked_std, policy_objective
-from ._ops import ops
 from .base import Computed, Field, LossModule, LossSpec
 from .model import IGNORE_INDEX
 from .registry import register_loss

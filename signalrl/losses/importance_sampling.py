@@ -12,8 +12,8 @@ import math
 
 import torch
 
+from .. import ops
 from ._common import COMMON_CHECKS, response_mask, sequence_logprob
-from ._ops import ops
 from .base import Computed, Field, LossModule, LossSpec
 from .registry import register_loss
 

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from ._ops import ops
+from .. import ops
 
 
 IGNORE_INDEX = -100

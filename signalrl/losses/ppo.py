@@ -17,8 +17,8 @@ from __future__ import annotations
 
 import torch
 
+from .. import ops
 from ._common import COMMON_CHECKS, masked_std, policy_objective, response_mask
-from ._ops import ops
 from .base import Computed, Field, LossModule, LossSpec
 from .registry import register_loss
 
