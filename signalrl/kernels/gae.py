@@ -134,8 +134,8 @@ def gae_fwd(
     args = (rewards, values, mask, last_values, adv, ret, B, T, float(gamma), float(lam), next_pow2(B), next_pow2(T))
     if INTERPRET or _block_r or _block_t:
         block_r, block_t, warps = _config(B, T)
-        if INTERPRET:
-            block_r = min(block_r, 8)
+        if INTERPRET:  # short tiles: CPU tests then cross T-blocks (the carry) at small T
+            block_r, block_t = min(block_r, 4), min(block_t, 32)
         block_r, block_t = _block_r or block_r, _block_t or block_t
         _gae_fwd_kernel[(triton.cdiv(B, block_r),)](
             *args, BLOCK_R=block_r, BLOCK_T=block_t, num_warps=_num_warps or warps
