@@ -28,6 +28,7 @@ BATCH = (
     Field("response_masks", ("B", "S", "L"), "mask", doc="1 = response token that counts"),
     Field("old_log_probs", ("B", "S", "L"), "float", required=False, doc="sampling-time log-probs"),
     Field("prompt_attention_mask", ("B", "P"), "mask", required=False, doc="1 = real prompt token; default all 1"),
+    Field("ref_log_probs", ("B", "S", "L"), "float", required=False, doc="precomputed reference log-probs"),
 )
 
 # --- defaults --------------------------------------------------------------------------------
@@ -72,6 +73,12 @@ def group_sequences(batch):
     return ids, attn.long(), mask, P
 
 
+def _to_sequences(x, P):
+    """Per-response-token ``[B, S, L]`` → ``[B·S, P + L]`` aligned with the sequences (0 on the prompt)."""
+    B, S, L = x.shape
+    return torch.cat([x.new_zeros(B, S, P), x], dim=-1).reshape(B * S, P + L)
+
+
 def _grpo(policy, batch, kw) -> Computed:
     B, S, L = batch["response_ids"].shape
     ids, attn, mask, P = group_sequences(batch)
@@ -82,11 +89,13 @@ def _grpo(policy, batch, kw) -> Computed:
         advantages = (adv_seq.reshape(B * S, 1) * mask).float()
         old = batch.get("old_log_probs")
         if old is not None:
-            old = torch.cat([old.new_zeros(B, S, P), old.float()], dim=-1).reshape(B * S, P + L)
+            old = _to_sequences(old.float(), P)
 
     labels = torch.where(mask > 0, ids, torch.full_like(ids, IGNORE_INDEX))
     ref = None
-    if kw["beta"] > 0:
+    if kw["beta"] > 0 and "ref_log_probs" in batch:
+        ref = _to_sequences(batch["ref_log_probs"].float(), P)
+    elif kw["beta"] > 0:
         ref = policy.reference_logprobs(
             ids, attn, reference_model=kw["reference_model"], temperature=kw["temperature"], labels=labels
         )

@@ -26,6 +26,7 @@ BATCH = (
     Field("rewards", (("B",), ("B", "T")), "float", doc="sequence rewards [B] or per-token [B, T]"),
     Field("advantages", ("B",), "float", required=False, doc="default: rewards minus their batch mean"),
     Field("response_mask", ("B", "T"), "mask", required=False, doc="1 = response token; default: predicted tokens"),
+    Field("ref_log_probs", ("B", "T"), "float", required=False, doc="precomputed reference log-probs"),
 )
 
 # --- defaults --------------------------------------------------------------------------------
@@ -57,7 +58,8 @@ def _importance_sampling(policy, batch, kw) -> Computed:
 
     kl = lp.new_zeros(())
     if kw["beta"] > 0:
-        ref = policy.reference_logprobs(ids, attn, reference_model=kw["reference_model"], temperature=kw["temperature"])
+        ref = batch["ref_log_probs"].float() if "ref_log_probs" in batch else policy.reference_logprobs(
+            ids, attn, reference_model=kw["reference_model"], temperature=kw["temperature"])
         kl = ops.masked_mean(ops.kl_penalty(lp, ref, kw["kl_estimator"]), mask)
         loss = loss + kw["beta"] * kl
 

@@ -32,6 +32,7 @@ BATCH = (
     Field("values", ("B", "T"), "float", required=False, doc="rollout values V(input_ids[<t]); default: the value head"),
     Field("old_values", ("B", "T"), "float", required=False, doc="values for value clipping; default: values"),
     Field("response_mask", ("B", "T"), "mask", required=False, doc="1 = action token; default: predicted tokens"),
+    Field("ref_log_probs", ("B", "T"), "float", required=False, doc="precomputed reference log-probs (skips the reference pass)"),
 )
 
 # --- defaults --------------------------------------------------------------------------------
@@ -105,7 +106,9 @@ def _ppo(policy, batch, kw, *, conservative: bool) -> Computed:
 
     need_ref = conservative or kw["beta"] > 0
     ref = None
-    if need_ref:
+    if need_ref and "ref_log_probs" in batch:
+        ref = batch["ref_log_probs"].float()
+    elif need_ref:
         ref = policy.reference_logprobs(ids, attn, reference_model=kw["reference_model"], temperature=kw["temperature"])
 
     terms = policy_objective(

@@ -192,3 +192,13 @@ def test_convergence_rewarded_sequence_becomes_more_likely():
             opt.step()
     end = seq_lp()
     assert end[0] > start[0] + 1.0 and end[1] < start[1] - 1.0, (start, end)
+
+
+def test_precomputed_reference_log_probs_skip_the_reference():
+    model, ref, head, policy, batch, mask = setup()
+    full = L.enhanced_ppo(policy, batch, beta=0.1)
+    ref_lp = L.PolicyModel(ref).token_logprobs(batch["input_ids"], batch["attention_mask"]).detach()
+    no_ref = L.PolicyModel(model, value_head=head)  # would raise without the precomputed log-probs
+    pre = L.enhanced_ppo(no_ref, dict(batch, ref_log_probs=ref_lp), beta=0.1)
+    assert_close(pre.loss.detach(), full.loss.detach(), rtol=1e-6, atol=1e-7, what="precomputed reference")
+    assert pre.metrics["kl_divergence"] == pytest.approx(full.metrics["kl_divergence"], rel=1e-5)

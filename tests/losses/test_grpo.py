@@ -162,3 +162,29 @@ def test_convergence_high_reward_responses_become_more_likely():
     gain = seq_lp() - start
     assert gain[0, 0] > 2.0 and gain[1, 2] > 2.0, gain
     assert gain[0, 1] < gain[0, 0] and gain[1, 0] < gain[1, 2]
+
+
+def test_precomputed_reference_log_probs():
+    model, ref = setup()
+    batch = make_batch()
+    full = L.grpo(model, batch, reference_model=ref, beta=0.1)
+    ids, attn, _ = sequences(batch)
+    ref_lp = L.PolicyModel(ref).token_logprobs(ids, attn).detach()[:, P:].reshape(B, S, LEN)
+    pre = L.grpo(model, dict(batch, ref_log_probs=ref_lp), beta=0.1)
+    assert_close(pre.loss.detach(), full.loss.detach(), rtol=1e-6, atol=1e-7, what="precomputed reference")
+
+
+def test_masked_span_inside_a_response_stays_visible_context():
+    model, ref = setup()
+    batch = make_batch()
+    batch["response_masks"] = torch.ones(B, S, LEN)
+    batch["response_masks"][0, 0, 1:3] = 0  # e.g. tool output: context, but not trained on
+    res = L.grpo(model, batch, beta=0.0)
+    ids, attn, mask = sequences(dict(batch, response_masks=torch.ones(B, S, LEN)))  # attention over everything
+    mask[0, P + 1:P + 3] = 0
+    m64 = double(model)
+    lp, _ = f64_token_logprobs(m64, ids, attn)
+    r = batch["rewards"].double()
+    A = ((r - r.mean(-1, keepdim=True)) / (r.std(-1, keepdim=True) + 1e-6)).reshape(B * S, 1)
+    expected = (-A * mask).sum() / mask.sum()  # ratio 1
+    assert_close(res.loss.detach(), expected.detach(), rtol=1e-4, atol=1e-6, what="masked span")

@@ -136,3 +136,11 @@ def test_convergence_positive_advantage_sequence_becomes_more_likely():
     with torch.no_grad():
         seq = (policy.token_logprobs(ids, attn) * mask).sum(-1)
     assert seq[0] > behavior[0] + 0.5 and seq[1] < behavior[1] - 0.5
+
+
+def test_precomputed_reference_log_probs():
+    model, ref, batch, mask = setup()
+    full = L.importance_sampling(model, batch, reference_model=ref)
+    ref_lp = L.PolicyModel(ref).token_logprobs(batch["input_ids"], batch["attention_mask"]).detach()
+    pre = L.importance_sampling(model, dict(batch, ref_log_probs=ref_lp))
+    assert_close(pre.loss.detach(), full.loss.detach(), rtol=1e-6, atol=1e-7, what="precomputed reference")
