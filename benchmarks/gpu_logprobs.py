@@ -167,6 +167,17 @@ def bench_linear_token_logprobs(ctx: Ctx) -> list[dict]:
                             notes="4 GEMM-equivalents; extra memory beyond inputs and d(hidden), d(weight)"))
         rows.append(ctx.row("linear_token_logprobs+entropy fwd+bwd", shape, ms_e,
                             pct_matmul=100 * 4 * flops / (ms_e * 1e-3) / 1e12 / ctx.matmul_tflops))
+        if ctx.cuda and LL._DH_GEMM == "auto":  # the two d(hidden) accumulation paths, for choosing the default
+            cublas = LL._cublas_f32_accumulate_ok(ctx.device.index or 0)
+            LL._DH_GEMM = "triton"
+            try:
+                fwd_bwd()
+                ms_tr = ctx.time_ms(fwd_bwd)
+            finally:
+                LL._DH_GEMM = "auto"
+            rows.append(ctx.row("linear_token_logprobs fwd+bwd, Triton dH GEMM", shape, ms_tr,
+                                pct_matmul=100 * 4 * flops / (ms_tr * 1e-3) / 1e12 / ctx.matmul_tflops,
+                                notes=f"default path uses {'cuBLAS' if cublas else 'Triton'} for dH"))
 
         # unfused PyTorch baseline (materialized logits)
         hr, wr = h.detach().clone().requires_grad_(), w.detach().clone().requires_grad_()

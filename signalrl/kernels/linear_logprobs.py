@@ -17,8 +17,9 @@ kernel recomputes the logits tiles, applies the gradient formula in float32 ((de
 the single downcast, so the true-class gradient has no bf16 cancellation) and writes the chunk's g_z/T as G [N, Vc]
 (weight dtype) plus per-row-block column sums for d bias. Then d W[chunk] = G^T @ hidden is one complete GEMM over N
 (cuBLAS through torch.mm, float32 accumulation inside, written straight into the output rows: deterministic, one
-rounding) and d hidden += G @ W[chunk] is a Triton GEMM that accumulates in a float32 [N, H] buffer (the output
-itself for float32 hidden). Work: 4 GEMM-equivalents of 2·N·V·H flops (forward, recompute, d hidden, d weight).
+rounding) and d hidden += G @ W[chunk] accumulates in a float32 [N, H] buffer (the output itself for float32
+hidden): cuBLAS with a float32 output (torch.addmm(out_dtype=float32), in place) where this torch has it, else a
+Triton GEMM (``_DH_GEMM``). Work: 4 GEMM-equivalents of 2·N·V·H flops (forward, recompute, d hidden, d weight).
 
 Extra memory (beyond inputs, outputs and the [N] float32 vectors) — the exact bound:
     forward:  12·N·SPLIT + 4·N bytes  (SPLIT ≤ ceil(V / 256); ≈ 8 × SM count / row blocks; a few MiB at most)
@@ -35,6 +36,8 @@ give NaN log-probs.
 """
 
 from __future__ import annotations
+
+import functools
 
 import torch
 import triton
@@ -380,8 +383,36 @@ _acc_matmul_tuned = maybe_autotune(
 )(_acc_matmul_kernel)
 
 
+# d hidden += G @ W[chunk] with a float32 accumulator: "auto" uses cuBLAS (torch.addmm with out_dtype=float32, in
+# place) on CUDA when this torch has it and a one-time check on the device passes, else the Triton GEMM below;
+# "triton" forces the Triton GEMM (benchmarks/gpu_logprobs.py times both).
+_DH_GEMM = "auto"
+
+
+@functools.lru_cache(maxsize=None)
+def _cublas_f32_accumulate_ok(device_index: int) -> bool:
+    try:
+        dev = torch.device("cuda", device_index)
+        a = torch.randn(96, 80, device=dev).to(torch.bfloat16)
+        b = torch.randn(80, 48, device=dev).to(torch.bfloat16)
+        c = torch.randn(96, 48, device=dev)
+        expect = c + a[:, :72].float() @ b[:72].float()
+        torch.addmm(c, a[:, :72], b[:72], out_dtype=torch.float32, out=c)
+        ok = bool(((c - expect).norm() / expect.norm()).item() < 1e-4)
+        # it must accumulate in place: no temporary of c's size (that would break the documented memory bound)
+        count = torch.cuda.memory_stats(dev).get("allocation.all.allocated", 0)
+        torch.addmm(c, a[:, :72], b[:72], out_dtype=torch.float32, out=c)
+        return ok and torch.cuda.memory_stats(dev).get("allocation.all.allocated", 0) == count
+    except Exception:  # noqa: BLE001 - an older torch without out_dtype, or a backend without it
+        return False
+
+
 def _acc_matmul(c: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
-    """c += a @ b with c float32 (Triton, float32 accumulation; no [M, K2] temporary). a may have a row stride."""
+    """c += a @ b with c float32 (float32 accumulation; no [M, K2] temporary). a may have a row stride."""
+    if (c.is_cuda and not INTERPRET and _DH_GEMM == "auto" and a.dtype in (torch.bfloat16, torch.float16)
+            and _cublas_f32_accumulate_ok(c.device.index if c.device.index is not None else torch.cuda.current_device())):
+        torch.addmm(c, a, b, out_dtype=torch.float32, out=c)
+        return
     M, K = a.shape
     K2 = b.shape[1]
     assert a.stride(1) == 1 and b.is_contiguous() and c.is_contiguous()
