@@ -19,7 +19,8 @@ import sys
 import time
 
 PRESETS = ("quick", "cpu", "gpu")
-DEFAULT_BUDGET_S = {"quick": 45.0, "cpu": 900.0, "gpu": 300.0}
+DEFAULT_BUDGET_S = {"quick": 45.0, "cpu": 900.0, "gpu": 270.0}
+DEFAULT_MAX_S = {"quick": None, "cpu": None, "gpu": 320.0}
 RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 
 
@@ -40,6 +41,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--device", choices=("cpu", "cuda"), help="default: cuda for the gpu preset, else cpu")
     p.add_argument("--budget-s", type=float, help="stop starting new measurements after this many seconds "
                    "(remaining rows say 'skipped: time budget'); default quick 45, cpu 900, gpu 300")
+    p.add_argument("--max-s", type=float, help="hard stop: after this many seconds the run is interrupted as by "
+                   "Ctrl-C (measured rows are kept, table and plots rendered); default gpu 320, else none")
     p.add_argument("--triton-interpret", action="store_true",
                    help="on CPU, run the triton provider in the Triton interpreter (smoke only; default in --quick)")
     p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice; 1 for --quick)")
@@ -81,6 +84,22 @@ def _progress(total: int, enabled: bool):
             print(f"[{count[0]}/{total}] {desc}", file=sys.stderr, flush=True)
 
         return step, (lambda: None)
+
+
+def _order_cases(cases):
+    """Headline shapes first (family order), then the sweeps round-robin over ops, so that a time
+    budget cuts the tail of every sweep rather than whole ops."""
+    head = [c for c in cases if c.headline]
+    by_op: dict[str, list] = {}
+    for c in cases:
+        if not c.headline:
+            by_op.setdefault(c.op, []).append(c)
+    rest = []
+    while any(by_op.values()):
+        for op in list(by_op):
+            if by_op[op]:
+                rest.append(by_op[op].pop(0))
+    return head + rest
 
 
 def _select(items, wanted: str | None, key):
@@ -128,7 +147,7 @@ def main(argv: list[str] | None = None) -> int:
                     run_compile=(preset_name != "quick"))
     cases = all_cases(preset)
     cases = _select(cases, args.ops, lambda c: (c.op, c.family) + tuple(c.op.split("+")))
-    cases.sort(key=lambda c: (not c.headline,))  # headline shapes first, then sweeps in family order
+    cases = _order_cases(cases)
     providers = [p.strip() for p in (args.providers or ",".join(P.PROVIDERS)).split(",") if p.strip()]
     unknown = set(providers) - set(P.PROVIDERS)
     if unknown:
@@ -161,6 +180,8 @@ def main(argv: list[str] | None = None) -> int:
     }
     print(f"signal bench: preset {preset_name} on {device}, {len(cases)} cases, out {out_dir}", file=sys.stderr)
     close = lambda: None  # noqa: E731
+    max_s = args.max_s if args.max_s is not None else DEFAULT_MAX_S[preset_name]
+    old_handlers = _install_stop_handlers(max_s)
     try:
         ceil = C.measure(device, quick=preset.quick)
         meta["ceilings"] = ceil
@@ -175,6 +196,7 @@ def main(argv: list[str] | None = None) -> int:
         meta["interrupted"] = True
         print("\nsignal bench: interrupted — keeping what was measured", file=sys.stderr)
     finally:
+        _restore_stop_handlers(old_handlers)
         close()
         writer.close()
         meta["duration_s"] = time.time() - t_start
@@ -187,6 +209,35 @@ def main(argv: list[str] | None = None) -> int:
         print(f"signal bench: {len(writer.rows)} rows ({ok} measured) in {meta['duration_s']:.0f} s -> "
               f"{os.path.join(out_dir, 'results.md')}", file=sys.stderr)
     return 130 if meta.get("interrupted") else 0
+
+
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+def _install_stop_handlers(max_s: float | None):
+    """SIGTERM, and SIGALRM after ``max_s`` seconds, stop the run like Ctrl-C (rows are kept)."""
+    import signal
+
+    if not hasattr(signal, "SIGALRM"):
+        return None
+    try:
+        old = (signal.signal(signal.SIGTERM, _interrupt), signal.signal(signal.SIGALRM, _interrupt))
+    except ValueError:  # not the main thread: no handlers, no hard stop
+        return None
+    if max_s:
+        signal.setitimer(signal.ITIMER_REAL, max_s)
+    return old
+
+
+def _restore_stop_handlers(old) -> None:
+    import signal
+
+    if old is None:
+        return
+    signal.setitimer(signal.ITIMER_REAL, 0)
+    signal.signal(signal.SIGTERM, old[0])
+    signal.signal(signal.SIGALRM, old[1])
 
 
 def _render(out_dir: str, with_plots: bool) -> int:

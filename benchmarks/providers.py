@@ -55,6 +55,7 @@ class Impl:
     note: str = ""
     wrt: list = field(default_factory=list)  # extra tensors to differentiate (e.g. model parameters)
     smoke: bool = False                       # interpreter: time one call, not a performance figure
+    warm: bool = False                        # run one untimed call per mode first (e.g. to compile)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -105,7 +106,7 @@ def compile_impl(key: str, call: Callable, device: torch.device) -> Impl:
     ref = reference_impl(call).fn
     if key not in _COMPILED:
         _COMPILED[key] = torch.compile(ref)
-    return Impl(_COMPILED[key])
+    return Impl(_COMPILED[key], warm=True)
 
 
 def shutil_which(name: str) -> str | None:

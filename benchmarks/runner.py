@@ -245,8 +245,9 @@ class Runner:
                     t = timing.time_step(step, self.device, smoke=True)
                     row["samples"] = 1
                 else:
-                    step()  # untimed: compiles backward graphs, fills allocator caches
-                    timing.sync(self.device)
+                    if impl.warm:
+                        step()  # untimed: compiles the backward graph before the timer's own warm-up
+                        timing.sync(self.device)
                     t = timing.time_step(step, self.device, quick=self.preset.quick)
                 peak = timing.peak_memory(mem_call, self.device)
                 diff_outs = [torch.empty(s, device="meta", dtype=d) for s, d in diff_meta]

@@ -114,7 +114,11 @@ def time_cpu(step: Callable[[], object], *, warmup_s: float = 0.05, warmup_min: 
     while n < warmup_min or time.perf_counter() - t0 < warmup_s:
         step()
         n += 1
+        if time.perf_counter() - t0 > SLOW_CALL_S:
+            break  # a slow call: one warm-up is enough
     est = max((time.perf_counter() - t0) / n, 1e-7)
+    if est > SLOW_CALL_S:
+        min_samples = min(min_samples, 3)
     number = max(1, int(block_s / est))
     blocks = int(min(max_samples, max(min_samples, math.ceil(rep_s / (number * est)))))
     timer = tb.Timer(stmt="step()", globals={"step": step}, num_threads=torch.get_num_threads())
@@ -123,6 +127,7 @@ def time_cpu(step: Callable[[], object], *, warmup_s: float = 0.05, warmup_min: 
 
 
 _FLUSH: dict[int, torch.Tensor] = {}
+SLOW_CALL_S = 0.5  # calls slower than this get one warm-up and at least 3 (not 5) samples
 
 
 def _flush_buffer(device: torch.device) -> torch.Tensor:
@@ -145,7 +150,11 @@ def time_cuda(step: Callable[[], object], device: torch.device, *, warmup_s: flo
         step()
         sync(device)
         n += 1
+        if time.perf_counter() - t0 > SLOW_CALL_S:
+            break
     est = max((time.perf_counter() - t0) / n, 1e-6)
+    if est > SLOW_CALL_S:
+        min_samples = min(min_samples, 3)
     reps = int(min(max_samples, max(min_samples, math.ceil(rep_s / est))))
     starts = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
     ends = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]

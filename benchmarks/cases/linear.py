@@ -117,8 +117,8 @@ def cases(preset: Preset) -> list[Case]:
 
         for params, dtype, headline in _shapes(preset):
             N, H, V = params["N"], params["H"], params["V"]
-            if entropy and not headline and (preset.quick or params.get("N") != (8192 if preset.name == "gpu" else 512)):
-                continue  # the entropy variant: headline and the V sweep
+            if entropy and not headline and (preset.name != "cpu" or params["N"] != 512):
+                continue  # the entropy variant: headline (and the V sweep on CPU)
             impls = standard_impls("linear_token_logprobs", call, "hidden", preset, headline=headline,
                                    compile_key=op)
             if not entropy:
@@ -137,8 +137,10 @@ def cases(preset: Preset) -> list[Case]:
 
     for params, dtype, headline in _shapes(preset):
         N, H, V = params["N"], params["H"], params["V"]
-        if not headline and (preset.quick or params.get("N") != (8192 if preset.name == "gpu" else 512)):
-            continue  # linear_ppo_loss: headline and the V sweep
+        if not headline and (preset.quick or params["N"] != (8192 if preset.name == "gpu" else 512)
+                             or params["H"] != (4096 if preset.name == "gpu" else 256)
+                             or params["V"] not in (8192, 32000, 65536, 262144)):
+            continue  # linear_ppo_loss: headline and a V sweep
         impls = standard_impls("linear_ppo_loss", ppo_call, "hidden", preset, headline=headline)
         impls["liger"] = _liger_grpo
         out.append(Case(op="linear_ppo_loss", family="linear", params=dict(params), dtype=dtype,
