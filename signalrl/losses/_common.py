@@ -68,7 +68,7 @@ def sequence_logprob(logprobs: Tensor, mask: Tensor) -> Tensor:
 def _fused_ppo_op():
     try:
         return ops.linear_ppo_loss
-    except (AttributeError, ImportError):  # the fused op's module is not there (yet)
+    except (AttributeError, ImportError):  # a build of the op layer without the fused PPO op
         return None
 
 
