@@ -70,7 +70,8 @@ def _gae_fwd_kernel(
         at_end = cols == T - 1
         m_s = tl.where(at_end, 1.0, m_s)
         v_s = tl.where(at_end, carry_x[:, None], v_s)  # carry_x is last_values until the first block is done
-        cx, dx = tl.associative_scan((1.0 - m_s, m_s * v_s), axis=1, combine_fn=_affine_combine, reverse=True)
+        d_s = tl.where(m_s > 0, v_s, 0.0)  # not m_s·v_s: a NaN value at a masked position must not leak
+        cx, dx = tl.associative_scan((1.0 - m_s, d_s), axis=1, combine_fn=_affine_combine, reverse=True)
         x = dx + cx * carry_x[:, None]
         valid = m > 0
         delta = r + gamma * x - v

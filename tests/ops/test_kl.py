@@ -1,0 +1,120 @@
+"""kl_penalty on every backend, against float64 truth."""
+import pytest
+import torch
+
+import signalrl.ops as ops
+from signalrl import reference
+from signalrl.ops import SignalCheckError, available_backends, check_mode, use_backend
+
+from ._oracle import assert_close, rel_err
+
+KL_BACKENDS = available_backends("ppo", "kl_penalty_fwd")
+ESTIMATORS = list(reference.KL_ESTIMATORS)
+DTYPES = [torch.float32, torch.bfloat16]
+
+
+@pytest.mark.parametrize("backend", KL_BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("estimator", ESTIMATORS)
+@pytest.mark.parametrize("shape", [(5, 37), (2, 3, 7), (1,), (1029,)], ids=["B5T37", "3d", "N1", "N1029"])
+def test_kl_penalty_values_and_grads(backend, dtype, estimator, shape):
+    lp = (torch.rand(shape) * -4.0).to(dtype)
+    ref = (lp.float() + torch.randn(shape) * 0.5).to(dtype)
+    x, r = lp.clone().requires_grad_(), ref.clone().requires_grad_()
+    with use_backend(backend):
+        kl = ops.kl_penalty(x, r, estimator)
+    xt, rt = lp.double().requires_grad_(), ref.double().requires_grad_()
+    kl_t = reference.kl_penalty(xt, rt, estimator)
+    assert kl.dtype == torch.float32 and kl.shape == lp.shape
+    # same-dtype PyTorch baseline
+    xb, rb = lp.clone().requires_grad_(), ref.clone().requires_grad_()
+    d = xb - rb
+    kl_b = {"k1": d, "k2": 0.5 * d * d, "k3": torch.exp(-d) + d - 1.0, "abs": d.abs()}[estimator]
+    assert_close("kl", kl, kl_t, dtype, baseline=kl_b)
+    g = torch.randn(shape)
+    (kl * g).sum().backward()
+    (kl_t * g.double()).sum().backward()
+    (kl_b * g.to(dtype)).sum().backward()
+    assert x.grad.dtype == dtype and r.grad.dtype == dtype
+    assert_close("d logprobs", x.grad, xt.grad, dtype, baseline=xb.grad)
+    assert_close("d ref_logprobs", r.grad, rt.grad, dtype, baseline=rb.grad)
+
+
+@pytest.mark.parametrize("backend", KL_BACKENDS)
+def test_kl_penalty_known_values_and_only_requested_grads(backend):
+    lp = torch.tensor([0.0, -1.0, -2.0, -0.5])
+    ref = torch.tensor([0.0, -2.0, -1.0, -0.5])
+    d = lp - ref  # 0, 1, -1, 0
+    with use_backend(backend):
+        assert torch.allclose(ops.kl_penalty(lp, ref, "k1"), d)
+        assert torch.allclose(ops.kl_penalty(lp, ref, "k2"), 0.5 * d * d)
+        assert torch.allclose(ops.kl_penalty(lp, ref, "k3"), torch.exp(-d) + d - 1)
+        assert torch.equal(ops.kl_penalty(lp, ref, "abs"), d.abs())
+        assert (ops.kl_penalty(lp, ref, "k3") >= 0).all()
+        x = lp.clone().requires_grad_()
+        ops.kl_penalty(x, ref, "abs").sum().backward()  # ref needs no gradient
+    assert torch.equal(x.grad, torch.sign(d))  # |d|' = sign(d), 0 at d = 0 like torch
+
+
+@pytest.mark.parametrize("backend", KL_BACKENDS)
+def test_kl_penalty_mixed_dtypes_and_nan(backend):
+    lp = torch.randn(3, 4).bfloat16()
+    ref = torch.randn(3, 4)
+    ref[1, 2] = float("nan")
+    with use_backend(backend):
+        kl = ops.kl_penalty(lp, ref)
+    truth = reference.kl_penalty(lp.double(), ref.double())
+    assert torch.isnan(kl[1, 2]) and torch.isnan(kl).sum() == 1
+    ok = ~torch.isnan(truth)
+    assert rel_err(kl[ok], truth[ok]) < 1e-5
+
+
+@pytest.mark.parametrize("backend", [b for b in KL_BACKENDS if b != "reference"] or ["none"])
+def test_check_mode_passes_and_catches_a_wrong_kernel(backend, monkeypatch):
+    if backend == "none":
+        pytest.skip("no fast backend on this machine")
+    lp = torch.randn(4, 9, requires_grad=True)
+    ref = torch.randn(4, 9)
+    with use_backend(backend), check_mode():
+        ops.kl_penalty(lp, ref, "k2").sum().backward()
+
+    from signalrl.ops import kl as mod
+
+    real = mod.get_impl
+
+    def broken(b, family, name):
+        fn = real(b, family, name)
+        return (lambda *a: fn(*a) * 1.001) if name == "kl_penalty_bwd" else fn
+
+    monkeypatch.setattr(mod, "get_impl", broken)
+    with use_backend(backend), check_mode(), pytest.raises(SignalCheckError, match="gradient"):
+        ops.kl_penalty(lp, ref, "k2").sum().backward()
+
+
+def test_validation_errors_name_the_argument():
+    lp = torch.randn(4, 6)
+    with pytest.raises(ValueError, match="ref_logprobs: expected shape \\(4, 6\\)"):
+        ops.kl_penalty(lp, torch.randn(4, 5))
+    with pytest.raises(TypeError, match="ref_logprobs: expected dtype"):
+        ops.kl_penalty(lp, torch.zeros(4, 6, dtype=torch.long))
+    with pytest.raises(ValueError, match="estimator: expected one of"):
+        ops.kl_penalty(lp, lp, "k4")
+
+
+@pytest.mark.parametrize("backend", KL_BACKENDS)
+def test_torch_compile_fullgraph(backend):
+    torch._dynamo.reset()
+    lp = torch.randn(2, 9, requires_grad=True)
+    ref = torch.randn(2, 9, requires_grad=True)
+
+    def f(a, b):
+        return ops.kl_penalty(a, b, "k3").mean() + ops.kl_penalty(a, b, "abs").sum()
+
+    with use_backend(backend):
+        eager = f(lp, ref)
+        g_eager = torch.autograd.grad(eager, (lp, ref))
+        out = torch.compile(f, fullgraph=True, backend="aot_eager")(lp, ref)
+        g = torch.autograd.grad(out, (lp, ref))
+    assert rel_err(out, eager) < 1e-6
+    for a, b in zip(g, g_eager):
+        assert rel_err(a, b) < 1e-6
