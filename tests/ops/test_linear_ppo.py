@@ -62,7 +62,9 @@ def _compare(backend, inp, dtype, **kw):
     t_loss, t_stats, t_grads = _call("reference", inp, dtype=torch.float64, **kw)
     assert loss.dtype == torch.float32 and loss.dim() == 0
     assert list(stats) == list(t_stats), (list(stats), list(t_stats))
-    assert_close("loss", loss, t_loss, dtype)
+    # the loss is a sum of O(1) terms (A ~ N(0, 1), ρ ≈ 1) that can cancel: judge it against that scale
+    tol = 1e-5 if dtype == torch.float32 else 1e-2
+    assert abs(loss.item() - t_loss.item()) <= tol * max(1.0, abs(t_loss.item())), (loss.item(), t_loss.item())
     for k in stats:
         # near-zero statistics (e.g. a KL of ~1e-9): compare absolutely
         if (stats[k].double() - t_stats[k]).abs().item() > 1e-6:
