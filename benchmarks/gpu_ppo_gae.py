@@ -1,0 +1,258 @@
+"""GPU benchmarks of the Triton GAE scan, the fused PPO token epilogue and the fused value loss.
+
+    python benchmarks/gpu_ppo_gae.py [--out DIR] [--quick] [--dry-run]
+
+benchmarks/gpu_check.sh discovers the ``bench_*`` functions here (through benchmarks/gpu_logprobs.py, whose
+harness this file reuses: ``Ctx``, the measured copy-bandwidth ceiling, the table). Run alone, this file measures
+the ceilings and runs only its own cases. Bytes counted for "% copy BW" are the compulsory HBM traffic: every
+input read once and every output written once (the GAE kernel's shifted re-reads of mask and values hit cache).
+
+Cases:
+- GAE (B=1024, T=8192, fp32, masked): Triton kernel and the public op vs the measured copy bandwidth, and
+  vs the verl-style PyTorch loop over T (vectorized over rows, no mask) and the masked reference loop.
+  Also many short rows (B=65536, T=128) and a few long rows (B=8, T=32768).
+- PPO token epilogue (N = 4M tokens): ``ppo_token_fwd`` (loss + d logprobs + stats in one pass), with and
+  without KL + entropy, and ``ops.clipped_surrogate`` fwd+bwd, vs the unfused PyTorch reference fwd+bwd.
+- Value loss (N = 4M): ``value_loss_fwd`` and ``ops.value_loss`` fwd+bwd vs the PyTorch reference.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import importlib.util
+import json
+import os
+import pathlib
+import sys
+import time
+import traceback
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+import torch  # noqa: E402
+
+
+def _verl_style_gae(rewards, values, gamma, lam):
+    """The loop over T that verl/TRL run today (vectorized over rows, no mask): ~6 launches per step."""
+    T = rewards.shape[1]
+    last = torch.zeros_like(rewards[:, 0])
+    out = []
+    for t in reversed(range(T)):
+        nxt = values[:, t + 1] if t < T - 1 else torch.zeros_like(last)
+        delta = rewards[:, t] + gamma * nxt - values[:, t]
+        last = delta + gamma * lam * last
+        out.append(last)
+    adv = torch.stack(out[::-1], dim=1)
+    return adv, adv + values
+
+
+def bench_gae(ctx) -> list[dict]:
+    """GAE reverse scan: % of measured copy bandwidth and speed-up over the PyTorch loop over T."""
+    import signalrl.ops as ops
+    from signalrl import reference
+    from signalrl.kernels.gae import gae_fwd
+
+    rows = []
+    shapes = ctx.pick([(1024, 8192)] if ctx.quick else [(1024, 8192), (65536, 128), (8, 32768)], [(4, 40)])
+    for i, (B, T) in enumerate(shapes):
+        g = torch.Generator(device=ctx.device).manual_seed(i)
+        r = torch.randn(B, T, device=ctx.device, generator=g)
+        v = torch.randn(B, T, device=ctx.device, generator=g)
+        lengths = torch.randint(T // 2, T + 1, (B, 1), device=ctx.device, generator=g)
+        m_bool = torch.arange(T, device=ctx.device)[None, :] < lengths
+        m = m_bool.float()
+        last = torch.zeros(B, device=ctx.device)
+        shape = f"B={B} T={T} fp32"
+        bytes_moved = B * T * 4 * 5  # rewards, values, mask read; advantages, returns written
+        gae_fwd(r, v, m, last, 0.99, 0.95)  # compile + autotune outside the timings
+        ms = ctx.time_ms(lambda: gae_fwd(r, v, m, last, 0.99, 0.95))
+        rows.append(ctx.row("gae Triton kernel", shape, ms, pct_copy=100 * bytes_moved / (ms * 1e-3) / 1e9 / ctx.copy_gbps,
+                            notes="f32 mask; reads 3, writes 2 [B,T] f32"))
+
+        def op():
+            with ops.use_backend("triton"):
+                return ops.gae(r, v, m_bool, gamma=0.99, lam=0.95, last_values=last)
+
+        op()
+        ms_op = ctx.time_ms(op)
+        rows.append(ctx.row("ops.gae (bool mask → f32, kernel)", shape, ms_op,
+                            pct_copy=100 * bytes_moved / (ms_op * 1e-3) / 1e9 / ctx.copy_gbps))
+        if T <= 8192 or ctx.dry_run:
+            ms_loop = ctx.time_ms(lambda: _verl_style_gae(r, v, 0.99, 0.95), warmup=1, rep=1)
+            rows.append(ctx.row("verl-style torch loop over T (no mask)", shape, ms_loop, vs="gae Triton kernel",
+                                speedup=ms_loop / ms))
+            ms_ref = ctx.time_ms(lambda: reference.gae(r, v, m_bool, gamma=0.99, lam=0.95, last_values=last),
+                                 warmup=1, rep=1)
+            rows.append(ctx.row("reference torch loop over T (masked)", shape, ms_ref, vs="gae Triton kernel",
+                                speedup=ms_ref / ms))
+        del r, v, m, m_bool
+        ctx.free()
+    return rows
+
+
+def _ppo_inputs(ctx, N, dtype, seed=0):
+    g = torch.Generator(device=ctx.device).manual_seed(seed)
+    lp = (torch.rand(N, device=ctx.device, generator=g) * -4).to(dtype)
+    old = (lp.float() + 0.3 * torch.randn(N, device=ctx.device, generator=g)).to(dtype)
+    ref = (lp.float() + 0.3 * torch.randn(N, device=ctx.device, generator=g)).to(dtype)
+    adv = torch.randn(N, device=ctx.device, generator=g)
+    ent = torch.rand(N, device=ctx.device, generator=g) * 3
+    m = (torch.rand(N, device=ctx.device, generator=g) > 0.1).float()
+    return lp, old, ref, adv, ent, m
+
+
+def bench_ppo_epilogue(ctx) -> list[dict]:
+    """Fused PPO token epilogue (loss, d logprobs, stats in one pass) vs the unfused PyTorch surrogate."""
+    import signalrl.ops as ops
+    from signalrl import reference
+    from signalrl.kernels import ppo as K
+
+    rows = []
+    B, T = ctx.pick((512, 8192), (4, 50))
+    N = B * T
+    for dtype in ([torch.float32] if ctx.quick else [torch.float32, torch.bfloat16]):
+        lp, old, ref, adv, ent, m = _ppo_inputs(ctx, N, dtype)
+        w = m / m.sum()
+        e = lp.element_size()
+        shape = f"N={N} {str(dtype).replace('torch.', '')}"
+
+        def pct(nbytes, ms):
+            return 100 * nbytes / (ms * 1e-3) / 1e9 / ctx.copy_gbps
+
+        def fused():
+            return K.ppo_token_fwd(lp, old, adv, w, m, None, None, 0.2, 0.28, 3.0, "k3", 0.0, 0.0)
+
+        def fused_kl_ent():
+            return K.ppo_token_fwd(lp, old, adv, w, m, ref, ent, 0.2, 0.28, 3.0, "k3", 0.05, 0.01)
+
+        fused()
+        fused_kl_ent()
+        ms = ctx.time_ms(fused)
+        rows.append(ctx.row("ppo_token_fwd (surrogate + grad + stats)", shape, ms,
+                            pct_copy=pct(N * (2 * e + 4 * 3 + 4), ms),
+                            notes="reads lp, old, A, w, mask; writes d lp"))
+        ms_k = ctx.time_ms(fused_kl_ent)
+        rows.append(ctx.row("ppo_token_fwd + KL(k3) + entropy", shape, ms_k,
+                            pct_copy=pct(N * (3 * e + 4 * 4 + 4 * 2), ms_k)))
+
+        lp2, adv2, old2, m2 = lp.reshape(B, T), adv.reshape(B, T), old.reshape(B, T), m.reshape(B, T)
+        x = lp2.clone().requires_grad_()
+
+        def op_fwd_bwd():
+            with ops.use_backend("triton"):
+                loss, stats = ops.clipped_surrogate(x, old2, adv2, m2, clip_high=0.28, dual_clip=3.0)
+            return torch.autograd.grad(loss, x), stats
+
+        def torch_fwd_bwd():
+            loss, stats = reference.clipped_surrogate(x, old2, adv2, m2, clip_high=0.28, dual_clip=3.0)
+            return torch.autograd.grad(loss, x), stats
+
+        op_fwd_bwd()
+        ms_op = ctx.time_ms(op_fwd_bwd)
+        rows.append(ctx.row("ops.clipped_surrogate fwd+bwd", shape, ms_op, notes="includes token weights"))
+        ms_t = ctx.time_ms(torch_fwd_bwd, warmup=5, rep=50)
+        rows.append(ctx.row("torch reference surrogate fwd+bwd + stats", shape, ms_t,
+                            vs="ops.clipped_surrogate fwd+bwd", speedup=ms_t / ms_op))
+        del lp, old, ref, adv, ent, m, w, x
+        ctx.free()
+    return rows
+
+
+def bench_value_loss(ctx) -> list[dict]:
+    """Fused clipped value loss (loss, d values, explained variance in one pass) vs the PyTorch reference."""
+    import signalrl.ops as ops
+    from signalrl import reference
+    from signalrl.kernels import ppo as K
+
+    B, T = ctx.pick((512, 8192), (4, 50))
+    N = B * T
+    g = torch.Generator(device=ctx.device).manual_seed(3)
+    v = torch.randn(B, T, device=ctx.device, generator=g)
+    old = v + 0.3 * torch.randn(B, T, device=ctx.device, generator=g)
+    ret = v + torch.randn(B, T, device=ctx.device, generator=g)
+    m = (torch.rand(B, T, device=ctx.device, generator=g) > 0.1).float()
+    w = (m / m.sum()).reshape(-1)
+    shape = f"N={N} fp32"
+
+    def fused():
+        return K.value_loss_fwd(v.reshape(-1), old.reshape(-1), ret.reshape(-1), w, m.reshape(-1), 0.2)
+
+    fused()
+    ms = ctx.time_ms(fused)
+    rows = [ctx.row("value_loss_fwd (loss + grad + stats)", shape, ms,
+                    pct_copy=100 * N * 4 * 6 / (ms * 1e-3) / 1e9 / ctx.copy_gbps)]
+    x = v.clone().requires_grad_()
+
+    def op_fwd_bwd():
+        with ops.use_backend("triton"):
+            loss, stats = ops.value_loss(x, old, ret, m, clip=0.2)
+        return torch.autograd.grad(loss, x), stats
+
+    def torch_fwd_bwd():
+        loss, stats = reference.value_loss(x, old, ret, m, clip=0.2)
+        return torch.autograd.grad(loss, x), stats
+
+    op_fwd_bwd()
+    ms_op = ctx.time_ms(op_fwd_bwd)
+    rows.append(ctx.row("ops.value_loss fwd+bwd", shape, ms_op))
+    ms_t = ctx.time_ms(torch_fwd_bwd, warmup=5, rep=50)
+    rows.append(ctx.row("torch reference value loss fwd+bwd + stats", shape, ms_t, vs="ops.value_loss fwd+bwd",
+                        speedup=ms_t / ms_op))
+    return rows
+
+
+CASES = [bench_gae, bench_ppo_epilogue, bench_value_loss]
+
+
+def _harness():
+    path = pathlib.Path(__file__).resolve().parent / "gpu_logprobs.py"
+    spec = importlib.util.spec_from_file_location("_signal_bench_harness", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", default=os.environ.get("OUT") or str(ROOT / "benchmarks" / "results"))
+    ap.add_argument("--quick", action="store_true", help="fewer shapes")
+    ap.add_argument("--dry-run", action="store_true", help="CPU + Triton interpreter, tiny shapes")
+    args = ap.parse_args(argv)
+    if args.dry_run:
+        os.environ.setdefault("TRITON_INTERPRET", "1")
+    elif not torch.cuda.is_available():
+        print("no CUDA device: run with --dry-run for a CPU sanity check", file=sys.stderr)
+        return 2
+    h = _harness()
+    ctx = h.Ctx(dry_run=args.dry_run, quick=args.quick)
+    t_start = time.time()
+    h.measure_ceilings(ctx)
+    rows = []
+    for fn in CASES:
+        t0 = time.time()
+        try:
+            rows.extend(fn(ctx))
+        except Exception as e:  # noqa: BLE001 - record and go on
+            traceback.print_exc()
+            rows.append(ctx.row(fn.__name__, "", None, error=f"{type(e).__name__}: {e}"[:300]))
+        print(f"[bench] {fn.__name__}: {time.time() - t0:.1f} s", file=sys.stderr)
+        ctx.free()
+    env = h.environment(ctx)
+    env["wall_s"] = round(time.time() - t_start, 1)
+    out = pathlib.Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    tag = "dryrun" if ctx.dry_run else env.get("device", "gpu").replace(" ", "_")
+    stem = f"gpu_ppo_gae-{tag}-{_dt.datetime.now(_dt.timezone.utc).strftime('%Y%m%dT%H%M%SZ')}"
+    (out / f"{stem}.json").write_text(json.dumps({"environment": env, "rows": rows}, indent=2, default=str))
+    (out / f"{stem}.md").write_text(f"# PPO/GAE kernel benchmarks — {env['device']}\n\n"
+                                    + "\n".join(f"- {k}: {v}" for k, v in env.items()) + "\n\n" + h.table(rows) + "\n")
+    print(f"\ndevice: {env['device']}  copy {ctx.copy_gbps:.0f} GB/s")
+    print(h.table(rows))
+    print(f"\nwritten: {out / stem}.json, .md")
+    return 1 if any("error" in r for r in rows) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
