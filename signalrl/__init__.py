@@ -4,9 +4,18 @@
 - :mod:`signalrl.reference` — the ground truth in plain PyTorch;
 - :mod:`signalrl.losses` — the named loss functions (``enhanced_ppo``, ``dpo``, ``grpo``, …);
 - :mod:`signalrl.client` — ``AsyncSignalClient`` / ``SignalClient`` and the training API.
+
+``losses`` and ``client`` (which import transformers) load on first access.
 """
+import importlib
+
+from . import ops, reference
+
 __version__ = "0.1.0"
+__all__ = ["client", "losses", "ops", "reference", "__version__"]
 
-from . import ops, reference  # noqa: E402
 
-__all__ = ["ops", "reference", "__version__"]
+def __getattr__(name: str):
+    if name in ("losses", "client"):
+        return importlib.import_module(f"{__name__}.{name}")
+    raise AttributeError(f"module 'signalrl' has no attribute {name!r}")

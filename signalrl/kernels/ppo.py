@@ -5,9 +5,9 @@ Every loss is a weighted token sum ``loss = Σ_i w_i·ℓ_i``; the weights ``w``
 ``signalrl.ops._aggregate.token_weights(mask, aggregation)``, so one kernel serves every
 aggregation. The forward writes the per-token gradient ``w_i·∂ℓ_i/∂x_i`` in the same pass, so the
 backward is one multiply by the incoming scalar gradient. Statistics are reduced in the same pass:
-each program writes one row of partial sums (min/max, Welford moments for variances), then a few
-torch reductions over ``[programs, columns]`` finish them on the device (no host sync, deterministic:
-no atomics).
+each program writes one row of partial sums (min/max, Welford moments for variances), then a
+one-program kernel reduces the ``[programs, columns]`` table to the loss and the stats on the device
+(no host sync; deterministic: no atomics; two launches in all).
 
 Kernel functions (all 1-D contiguous ``[N]`` tensors; float32, bfloat16 or float16 inputs are
 read as float32; ``weights`` and ``mask`` are float32 with mask 0/1; "empty" = a 0-element tensor)::
@@ -48,7 +48,7 @@ Device functions for other kernels' epilogues (``linear_ppo_loss`` calls them on
         -> (loss, pg_loss, g_lp, g_ent, ratio, approx_kl, clip_flag, dual_flag, kl)   per token, unweighted
     _value_token_math(v, old, ret, clip, HAS_CLIP) -> (loss, g_v, clip_flag)       per token, unweighted
 
-Memory: the outputs ([N] float32 gradients) plus a ``[programs, ≤11]`` float32 partial table;
+Memory: the outputs ([N] float32 gradients) plus a ``[programs, ≤ 11]`` float32 partial table;
 programs ≤ 4 × SM count on a GPU (each program loops over blocks).
 """
 from __future__ import annotations
@@ -67,8 +67,8 @@ PPO_STAT_KEYS = (
 VALUE_STAT_KEYS = ("value_clip_fraction", "explained_variance", "value_mean", "return_mean")
 
 _BLOCK = 1024
+_FINISH_BLOCK = 256
 _NUM_WARPS = 4
-_PROPAGATE = tl.PropagateNan.ALL
 
 
 # ----------------------------------------------------------------------------- device functions
@@ -102,10 +102,10 @@ def _ppo_token_math(
     lo = 1.0 - clip_low
     hi = 1.0 + clip_high
     unclipped = -adv * ratio
-    clipped = -adv * tl.clamp(ratio, lo, hi, propagate_nan=_PROPAGATE)
+    clipped = -adv * tl.clamp(ratio, lo, hi, propagate_nan=tl.PropagateNan.ALL)
     g_un = unclipped  # ∂(−A·ρ)/∂lp = −A·ρ
     g_cl = tl.where((ratio >= lo) & (ratio <= hi), g_un, 0.0)
-    pg = tl.maximum(unclipped, clipped, propagate_nan=_PROPAGATE)
+    pg = tl.maximum(unclipped, clipped, propagate_nan=tl.PropagateNan.ALL)
     g_lp = tl.where(unclipped > clipped, g_un, tl.where(clipped > unclipped, g_cl, 0.5 * (g_un + g_cl)))
     clip_flag = clipped > unclipped
     if HAS_DUAL:
@@ -113,7 +113,7 @@ def _ppo_token_math(
         neg = adv < 0
         dual_flag = neg & (pg > bound)
         g_lp = tl.where(neg, tl.where(pg < bound, g_lp, tl.where(pg > bound, 0.0, 0.5 * g_lp)), g_lp)
-        pg = tl.where(neg, tl.minimum(pg, bound, propagate_nan=_PROPAGATE), pg)
+        pg = tl.where(neg, tl.minimum(pg, bound, propagate_nan=tl.PropagateNan.ALL), pg)
     else:
         dual_flag = tl.zeros(lp.shape, tl.int1)
     loss = pg
@@ -139,11 +139,11 @@ def _value_token_math(v, old, ret, clip, HAS_CLIP: tl.constexpr):
     err = diff * diff
     if HAS_CLIP:
         dv = v - old
-        dc = (old + tl.clamp(dv, -clip, clip, propagate_nan=_PROPAGATE)) - ret
+        dc = (old + tl.clamp(dv, -clip, clip, propagate_nan=tl.PropagateNan.ALL)) - ret
         err_c = dc * dc
         inside = (dv >= -clip) & (dv <= clip)
         g_c = tl.where(inside, dc, 0.0)
-        loss = 0.5 * tl.maximum(err, err_c, propagate_nan=_PROPAGATE)
+        loss = 0.5 * tl.maximum(err, err_c, propagate_nan=tl.PropagateNan.ALL)
         g = tl.where(err > err_c, diff, tl.where(err_c > err, g_c, 0.5 * (diff + g_c)))
         # inside the clip range v_c = v up to one rounding of old + (v − old): not a clipped token
         flag = (err_c > err) & ((dv < -clip) | (dv > clip))
@@ -277,6 +277,91 @@ def _value_fwd_kernel(
 
 
 @triton.jit
+def _ppo_finish_kernel(part_ptr, P, loss_ptr, stats_ptr, BLOCK_P: tl.constexpr):
+    """One program: reduce the [P, 11] partial rows to the loss and the 9 stats (no host round trip)."""
+    offs0 = tl.arange(0, BLOCK_P)
+    zero = tl.zeros([BLOCK_P], tl.float32)
+    s_loss, s_pg, s_n, s_clip, s_dual, s_akl, s_ratio, s_kl, s_ent = zero, zero, zero, zero, zero, zero, zero, zero, zero
+    r_min = zero + float("inf")
+    r_max = zero - float("inf")
+    for p0 in range(0, P, BLOCK_P):
+        offs = p0 + offs0
+        ok = offs < P
+        row = part_ptr + offs.to(tl.int64) * 11
+        s_loss += tl.load(row + 0, mask=ok, other=0.0)
+        s_pg += tl.load(row + 1, mask=ok, other=0.0)
+        s_n += tl.load(row + 2, mask=ok, other=0.0)
+        s_clip += tl.load(row + 3, mask=ok, other=0.0)
+        s_dual += tl.load(row + 4, mask=ok, other=0.0)
+        s_akl += tl.load(row + 5, mask=ok, other=0.0)
+        s_ratio += tl.load(row + 6, mask=ok, other=0.0)
+        r_min = tl.minimum(r_min, tl.load(row + 7, mask=ok, other=float("inf")))
+        r_max = tl.maximum(r_max, tl.load(row + 8, mask=ok, other=-float("inf")))
+        s_kl += tl.load(row + 9, mask=ok, other=0.0)
+        s_ent += tl.load(row + 10, mask=ok, other=0.0)
+    count = tl.sum(s_n, axis=0)
+    inv = 1.0 / tl.maximum(count, 1.0)
+    tl.store(loss_ptr, tl.sum(s_loss, axis=0))
+    tl.store(stats_ptr + 0, tl.sum(s_clip, axis=0) * inv)
+    tl.store(stats_ptr + 1, tl.sum(s_dual, axis=0) * inv)
+    tl.store(stats_ptr + 2, tl.sum(s_akl, axis=0) * inv)
+    tl.store(stats_ptr + 3, tl.sum(s_ratio, axis=0) * inv)
+    tl.store(stats_ptr + 4, tl.where(count > 0, tl.min(r_min, axis=0), 0.0))
+    tl.store(stats_ptr + 5, tl.where(count > 0, tl.max(r_max, axis=0), 0.0))
+    tl.store(stats_ptr + 6, tl.sum(s_pg, axis=0))
+    tl.store(stats_ptr + 7, tl.sum(s_ent, axis=0) * inv)
+    tl.store(stats_ptr + 8, tl.sum(s_kl, axis=0) * inv)
+
+
+@triton.jit
+def _value_finish_kernel(part_ptr, P, loss_ptr, stats_ptr, TINY: tl.constexpr, BLOCK_P: tl.constexpr):
+    """One program: merge the [P, 8] partial rows (Chan's parallel variance) into the loss and the 4 stats."""
+    offs0 = tl.arange(0, BLOCK_P)
+    zero = tl.zeros([BLOCK_P], tl.float32)
+    s_loss, s_clip, s_v = zero, zero, zero
+    n_run = tl.sum(zero, axis=0)
+    mean_r, m2_r, mean_e, m2_e = n_run, n_run, n_run, n_run
+    for p0 in range(0, P, BLOCK_P):
+        offs = p0 + offs0
+        ok = offs < P
+        row = part_ptr + offs.to(tl.int64) * 8
+        s_loss += tl.load(row + 0, mask=ok, other=0.0)
+        n_p = tl.load(row + 1, mask=ok, other=0.0)
+        s_clip += tl.load(row + 2, mask=ok, other=0.0)
+        s_v += tl.load(row + 3, mask=ok, other=0.0)
+        mr_p = tl.load(row + 4, mask=ok, other=0.0)
+        m2r_p = tl.load(row + 5, mask=ok, other=0.0)
+        me_p = tl.load(row + 6, mask=ok, other=0.0)
+        m2e_p = tl.load(row + 7, mask=ok, other=0.0)
+        # this chunk of programs as one group, then merged into the running moments
+        n_c = tl.sum(n_p, axis=0)
+        inv_c = 1.0 / tl.maximum(n_c, 1.0)
+        mr_c = tl.sum(n_p * mr_p, axis=0) * inv_c
+        me_c = tl.sum(n_p * me_p, axis=0) * inv_c
+        m2r_c = tl.sum(m2r_p + n_p * (mr_p - mr_c) * (mr_p - mr_c), axis=0)
+        m2e_c = tl.sum(m2e_p + n_p * (me_p - me_c) * (me_p - me_c), axis=0)
+        n_new = n_run + n_c
+        frac = n_c / tl.maximum(n_new, 1.0)
+        d_r = mr_c - mean_r
+        d_e = me_c - mean_e
+        mean_r = mean_r + d_r * frac
+        mean_e = mean_e + d_e * frac
+        m2_r = m2_r + m2r_c + d_r * d_r * n_run * frac
+        m2_e = m2_e + m2e_c + d_e * d_e * n_run * frac
+        n_run = n_new
+    inv = 1.0 / tl.maximum(n_run, 1.0)
+    # the reference's form: unbiased variances, the ratio guarded by the smallest normal float
+    bessel = tl.maximum(n_run - 1.0, 1.0)
+    var_r = m2_r / bessel
+    ev = 1.0 - (m2_e / bessel) / tl.maximum(var_r, TINY)
+    tl.store(loss_ptr, tl.sum(s_loss, axis=0))
+    tl.store(stats_ptr + 0, tl.sum(s_clip, axis=0) * inv)
+    tl.store(stats_ptr + 1, tl.where(var_r > 0, ev, 0.0))
+    tl.store(stats_ptr + 2, tl.sum(s_v, axis=0) * inv)
+    tl.store(stats_ptr + 3, mean_r)
+
+
+@triton.jit
 def _kl_fwd_kernel(lp_ptr, ref_ptr, out_ptr, N, KL_EST: tl.constexpr, BLOCK: tl.constexpr):
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     inb = offs < N
@@ -357,23 +442,10 @@ def ppo_token_fwd(
         HAS_DUAL=dual_clip is not None, HAS_REF=has_ref, KL_EST=_kl_code(kl_estimator), HAS_ENT=has_ent,
         BLOCK=_block, num_warps=_NUM_WARPS,
     )
-    sums = part.sum(0)
-    count = sums[2]
-    denom = count.clamp_min(1.0)
-    any_counted = count > 0
-    zero = torch.zeros((), dtype=torch.float32, device=dev)
-    stats = torch.stack([
-        sums[3] / denom,
-        sums[4] / denom,
-        sums[5] / denom,
-        sums[6] / denom,
-        torch.where(any_counted, part[:, 7].amin(), zero),
-        torch.where(any_counted, part[:, 8].amax(), zero),
-        sums[1],
-        sums[10] / denom,
-        sums[9] / denom,
-    ])
-    return sums[0], g_lp, g_ent, stats
+    loss = torch.empty((), dtype=torch.float32, device=dev)
+    stats = torch.empty(len(PPO_STAT_KEYS), dtype=torch.float32, device=dev)
+    _ppo_finish_kernel[(1,)](part, programs, loss, stats, BLOCK_P=_FINISH_BLOCK, num_warps=_NUM_WARPS)
+    return loss, g_lp, g_ent, stats
 
 
 def value_loss_fwd(
@@ -398,24 +470,12 @@ def value_loss_fwd(
         n, per_prog, float(clip or 0.0),
         HAS_CLIP=clip is not None, BLOCK=_block, num_warps=_NUM_WARPS,
     )
-    n_p = part[:, 1]
-    count = n_p.sum()
-    inv = 1.0 / count.clamp_min(1.0)
-    mean_r = (n_p * part[:, 4]).sum() * inv
-    mean_e = (n_p * part[:, 6]).sum() * inv
-    ss_r = part[:, 5].sum() + (n_p * (part[:, 4] - mean_r) ** 2).sum()
-    ss_e = part[:, 7].sum() + (n_p * (part[:, 6] - mean_e) ** 2).sum()
-    # same form as the reference: unbiased variances, ratio guarded by the smallest normal float
-    bessel = (count - 1.0).clamp_min(1.0)
-    var_r, var_e = ss_r / bessel, ss_e / bessel
-    ev = 1.0 - var_e / var_r.clamp_min(torch.finfo(torch.float32).tiny)
-    stats = torch.stack([
-        part[:, 2].sum() * inv,
-        torch.where(var_r > 0, ev, torch.zeros_like(ev)),
-        part[:, 3].sum() * inv,
-        mean_r,
-    ])
-    return part[:, 0].sum(), g_v, stats
+    loss = torch.empty((), dtype=torch.float32, device=dev)
+    stats = torch.empty(len(VALUE_STAT_KEYS), dtype=torch.float32, device=dev)
+    _value_finish_kernel[(1,)](
+        part, programs, loss, stats, TINY=torch.finfo(torch.float32).tiny, BLOCK_P=_FINISH_BLOCK, num_warps=_NUM_WARPS
+    )
+    return loss, g_v, stats
 
 
 def kl_penalty_fwd(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, estimator: str) -> torch.Tensor:
