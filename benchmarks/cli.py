@@ -19,8 +19,8 @@ import sys
 import time
 
 PRESETS = ("quick", "cpu", "gpu")
-DEFAULT_BUDGET_S = {"quick": 45.0, "cpu": 900.0, "gpu": 270.0}
-DEFAULT_MAX_S = {"quick": None, "cpu": None, "gpu": 320.0}
+DEFAULT_BUDGET_S = {"quick": 45.0, "cpu": 900.0, "gpu": 240.0}
+DEFAULT_MAX_S = {"quick": None, "cpu": None, "gpu": 300.0}
 RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 
 
@@ -40,9 +40,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--modes", default="fwd,bwd,full", help="comma-separated modes (default: fwd,bwd,full)")
     p.add_argument("--device", choices=("cpu", "cuda"), help="default: cuda for the gpu preset, else cpu")
     p.add_argument("--budget-s", type=float, help="stop starting new measurements after this many seconds "
-                   "(remaining rows say 'skipped: time budget'); default quick 45, cpu 900, gpu 300")
+                   "(remaining rows say 'skipped: time budget'); default quick 45, cpu 900, gpu 240")
     p.add_argument("--max-s", type=float, help="hard stop: after this many seconds the run is interrupted as by "
-                   "Ctrl-C (measured rows are kept, table and plots rendered); default gpu 320, else none")
+                   "Ctrl-C (measured rows are kept, table and plots rendered); default gpu 300, else none")
     p.add_argument("--triton-interpret", action="store_true",
                    help="on CPU, run the triton provider in the Triton interpreter (smoke only; default in --quick)")
     p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice; 1 for --quick)")

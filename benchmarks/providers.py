@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import importlib
 import importlib.util
+import inspect
 import os
 from dataclasses import dataclass, field
 from typing import Callable, ContextManager
@@ -67,8 +68,23 @@ SIGNAL_KERNELS: dict[str, tuple[str, str]] = {
     "clipped_surrogate": ("ppo", "ppo_token_fwd"),
     "kl_penalty": ("ppo", "kl_penalty_fwd"),
     "value_loss": ("ppo", "value_loss_fwd"),
-    "linear_ppo_loss": ("linear_ppo", "linear_ppo_loss_fwd"),
+    "linear_ppo_loss": ("linear_ppo", "linear_ppo_fwd"),
 }
+
+
+def kernel_for(op: str, fn: Callable) -> tuple[str | None, str | None]:
+    """(family, forward kernel name) the op asks ``backend_for`` about: read from the op's source
+    when possible (so a renamed kernel cannot make us mislabel a fallback), else the table above."""
+    import inspect
+    import re
+
+    try:
+        m = re.search(r"backend_for\(\s*\"(\w+)\"\s*,\s*\"(\w+)\"", inspect.getsource(fn))
+        if m:
+            return m.group(1), m.group(2)
+    except (OSError, TypeError):
+        pass
+    return SIGNAL_KERNELS.get(op, (None, None))
 
 
 def require(module: str) -> object:
@@ -131,13 +147,15 @@ def signal_impl(backend: str, op: str, call: Callable, probe: torch.Tensor) -> I
     except ImportError as exc:
         raise Unavailable(f"signalrl.ops: {exc}") from exc
     try:
-        getattr(ops, op)
+        op_fn = getattr(ops, op)
     except (AttributeError, ImportError) as exc:
         raise Unavailable(f"signalrl.ops.{op} is not available yet ({type(exc).__name__}: {exc})") from exc
+    if inspect.ismodule(op_fn):  # a submodule of the same name shadows the lazily exported op
+        op_fn = getattr(op_fn, op)
     if backend == "triton" and probe.device.type != "cuda":
         if not _interpreter_on():
             raise Unavailable("no CUDA device (the Triton interpreter is for smoke runs only: --triton-interpret)")
-    family, fwd = SIGNAL_KERNELS.get(op, (None, None))
+    family, fwd = kernel_for(op, op_fn)
     if family is None:
         raise Unavailable(f"no kernel mapping for {op}")
     try:

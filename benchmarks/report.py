@@ -261,6 +261,10 @@ def markdown(rows: list[dict], meta: dict) -> str:
 AXES = ("V", "N", "T", "H", "B")
 
 
+def _human(x: int) -> str:
+    return f"{x / 1000:.0f}k" if x >= 10000 else str(x)
+
+
 def plots(rows: list[dict], out_dir: str) -> list[str]:
     """One PNG per op and sweep axis; returns the written paths (empty without matplotlib)."""
     try:
@@ -273,7 +277,8 @@ def plots(rows: list[dict], out_dir: str) -> list[str]:
     pdir = os.path.join(out_dir, "plots")
     os.makedirs(pdir, exist_ok=True)
     written = []
-    ok = [r for r in rows if _ok(r) and isinstance(r.get("params"), dict)]
+    ok = [r for r in rows if _ok(r) and isinstance(r.get("params"), dict)
+          and "interpreter" not in (r.get("note") or "")]  # interpreter runs are not performance figures
     for op in sorted({r["op"] for r in ok}):
         rs = [r for r in ok if r["op"] == op]
         for axis in AXES:
@@ -288,7 +293,7 @@ def plots(rows: list[dict], out_dir: str) -> list[str]:
                 continue
             (dtype, fixed), g = max(groups.items(), key=lambda kv: len({r["params"][axis] for r in kv[1]}))
             modes = [m for m in MODE_ORDER if any(r["mode"] == m for r in g)]
-            fig, axs = plt.subplots(2, len(modes), figsize=(4.2 * len(modes), 6.4), squeeze=False)
+            fig, axs = plt.subplots(2, len(modes), figsize=(max(7.0, 4.2 * len(modes)), 6.4), squeeze=False)
             for j, mode in enumerate(modes):
                 for p in _order({r["provider"] for r in g}):
                     pts = sorted((r["params"][axis], r) for r in g if r["mode"] == mode and r["provider"] == p)
@@ -300,9 +305,12 @@ def plots(rows: list[dict], out_dir: str) -> list[str]:
                     if mem:
                         axs[1][j].plot([x for x, _ in mem], [max(m, 1e-3) for _, m in mem], marker="o", label=p)
                 axs[0][j].set_title(f"{mode}")
+                ticks = sorted({r["params"][axis] for r in g})
                 for i, ylabel in enumerate(("time (ms, median)", "peak memory above inputs (MiB)")):
                     ax = axs[i][j]
                     ax.set_xscale("log", base=2)
+                    ax.set_xticks(ticks, [_human(x) for x in ticks])
+                    ax.minorticks_off()
                     ax.set_yscale("log")
                     ax.set_xlabel(axis)
                     ax.grid(True, which="both", alpha=0.3)
