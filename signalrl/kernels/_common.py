@@ -7,6 +7,9 @@
   one fixed config instead: autotuning in the interpreter would run every config, slowly).
 - ``prune_configs``: drops autotune configs whose blocks exceed the problem or whose shared memory does not fit.
 - ``empty_f32``: the ``[0]`` float32 placeholder the backend contract uses where a custom op cannot return None.
+- ``interp_store_dtype``: the dtype a kernel should write instead of ``dtype`` under the interpreter. The interpreter
+  converts float32 -> bfloat16 by truncation (a GPU rounds to nearest even), which doubles the rounding error; kernels
+  there write float32 and the launcher rounds with torch, so interpreter tests see GPU numerics.
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ __all__ = [
     "max_shared_memory",
     "empty_f32",
     "is_empty",
+    "interp_store_dtype",
 ]
 
 INTERPRET: bool = os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "yes", "on", "y")
@@ -65,6 +69,10 @@ def empty_f32(device) -> torch.Tensor:
 
 def is_empty(t) -> bool:
     return t is None or t.numel() == 0
+
+
+def interp_store_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float32 if INTERPRET and dtype == torch.bfloat16 else dtype
 
 
 @functools.lru_cache(maxsize=None)

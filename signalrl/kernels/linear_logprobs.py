@@ -43,7 +43,9 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import INTERPRET, cdiv, empty_f32, is_empty, maybe_autotune, next_pow2, prune_configs
+from ._common import (
+    INTERPRET, cdiv, empty_f32, interp_store_dtype, is_empty, maybe_autotune, next_pow2, prune_configs,
+)
 
 __all__ = ["linear_token_logprobs_fwd", "linear_token_logprobs_bwd"]
 
@@ -449,8 +451,7 @@ def _backward(grad_logprobs, grad_entropy, hidden, weight, bias, targets, lse, e
         return (gh.to(hidden.dtype) if need_hidden else gh, gw, gb32.to(bias.dtype) if need_bias else gb32)
 
     vc = _chunk_cols(N, V, H)
-    g_dtype = weight.dtype
-    G = torch.empty(N, vc, dtype=g_dtype, device=dev)
+    G = torch.empty(N, vc, dtype=interp_store_dtype(weight.dtype), device=dev)
     dot_f32 = INTERPRET or hidden.dtype == torch.float32
     max_rb = cdiv(N, 16)  # the smallest BLOCK_N of any config
     dbias_part = torch.empty(max_rb, vc, dtype=torch.float32, device=dev) if need_bias else gb32
@@ -467,6 +468,8 @@ def _backward(grad_logprobs, grad_entropy, hidden, weight, bias, targets, lse, e
         meta = _launch(_grad_chunk_kernel, _grad_chunk_tuned,
                        lambda meta: (cdiv(N, meta["BLOCK_N"]) * cdiv(vc, meta["BLOCK_V"]),), args, flags,
                        N * vc * H, (_INTERP_TILE, {}) if INTERPRET else _SMALL_TILE)
+        if G.dtype != weight.dtype:  # interpreter: round to bf16 like a GPU store (see _common)
+            Gc = Gc.to(weight.dtype)
         if need_weight:
             torch.mm(Gc.t(), hidden, out=gw[c0:c0 + width])
         if need_hidden:

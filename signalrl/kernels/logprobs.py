@@ -23,7 +23,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import empty_f32, is_empty, next_pow2
+from ._common import empty_f32, interp_store_dtype, is_empty, next_pow2
 
 __all__ = ["token_logprobs_fwd", "token_logprobs_bwd", "token_logprobs_bwd_inplace"]
 
@@ -167,6 +167,11 @@ def token_logprobs_fwd(
 def _launch_bwd(out, grad_logprobs, grad_entropy, logits, targets, lse, entropy, temperature, ignore_index):
     N, V = logits.shape
     if N == 0:
+        return
+    if interp_store_dtype(out.dtype) != out.dtype:  # interpreter: round to bf16 like a GPU (see _common)
+        tmp = torch.empty(out.shape, dtype=interp_store_dtype(out.dtype), device=out.device)
+        _launch_bwd(tmp, grad_logprobs, grad_entropy, logits, targets, lse, entropy, temperature, ignore_index)
+        out.copy_(tmp)
         return
     with_entropy = not is_empty(grad_entropy)
     if with_entropy and is_empty(entropy):
