@@ -12,12 +12,16 @@ Cases (issue 2, "Measured"):
 3. linear token log-probs, N=4096, V=32000, H=1024: peak memory of ``linear_token_logprobs_fwd``
    vs materialized logits (``reference.linear_token_logprobs``). Goal ≤ 10%.
 
-Time: median wall time of repeated calls after warm-up (time.perf_counter), inputs resident.
-Peak memory: resident-set high-water mark during one call minus the resident set just before
-it (``/proc/self/status`` VmHWM after resetting it through ``/proc/self/clear_refs``). glibc is
-told (mallopt) to serve every allocation ≥ 64 KiB with its own mmap, so freed tensors leave the
-resident set at once and every new tensor shows up in it: the figure is the peak of extra memory
-the call touched, including memory a kernel allocates privately. Linux only.
+Peak memory (measured first): resident-set high-water mark during one call minus the resident
+set just before it (``/proc/self/status`` VmHWM after resetting it through
+``/proc/self/clear_refs``), with glibc told (mallopt) to serve every allocation >= 64 KiB with its
+own mmap, so freed tensors leave the resident set at once and every new tensor shows up in it:
+the figure is the peak of extra memory the call touched, including memory a kernel allocates
+privately. Linux only.
+
+Time (measured second): median wall time of repeated calls after warm-up (time.perf_counter),
+inputs resident, with the allocator in the steady state glibc's dynamic thresholds reach in a
+loop (blocks up to 32 MiB reused from the heap; larger ones fresh mmaps, page faults included).
 
 Results are printed and written to benchmarks/results/native_cpu_<cpu>_<threads>t.md.
 """
@@ -46,11 +50,14 @@ from signalrl import reference as ref  # noqa: E402
 
 # ---- measurement --------------------------------------------------------------------------------
 
-def _mmap_every_large_allocation() -> bool:
+def _mallopt(param: int, value: int) -> bool:
     try:
-        return ctypes.CDLL("libc.so.6").mallopt(-3, 64 * 1024) == 1  # M_MMAP_THRESHOLD
+        return ctypes.CDLL("libc.so.6").mallopt(param, value) == 1
     except OSError:
         return False
+
+
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
 
 
 def _status(key: str) -> int:
@@ -96,8 +103,9 @@ def cpu_model() -> str:
 
 
 # ---- cases --------------------------------------------------------------------------------------
+# Each case: the baseline and native callables on resident inputs; measure() runs them.
 
-def bench_gae(B: int, T: int, reps: int) -> list[dict]:
+def gae_cases(B: int, T: int) -> list[dict]:
     torch.manual_seed(0)
     rewards, values = torch.randn(B, T), torch.randn(B, T)
     lengths = torch.randint(T // 2, T + 1, (B,))
@@ -105,62 +113,88 @@ def bench_gae(B: int, T: int, reps: int) -> list[dict]:
     mask[:, T // 4: T // 4 + 16] = 0  # and a masked span (tool output)
     last = torch.randn(B)
     gae = native.get("gae_fwd")
-    a_ref, _ = ref.gae(rewards, values, mask, gamma=0.99, lam=0.95, last_values=last)
-    a_nat, _ = gae(rewards, values, mask, last, 0.99, 0.95)
-    err = ((a_nat - a_ref).abs().max() / a_ref.abs().max()).item()
-    t_ref = median_time(lambda: ref.gae(rewards, values, mask, gamma=0.99, lam=0.95, last_values=last), max(3, reps // 10))
-    t_nat = median_time(lambda: gae(rewards, values, mask, last, 0.99, 0.95), reps * 5, warmup=5)
-    return [dict(case=f"GAE B={B} T={T} fp32", base="reference.gae (loop over T)", t_base=t_ref, t_native=t_nat,
-                 goal="≥ 50×", note=f"max rel diff {err:.1e}")]
+
+    def base():
+        return ref.gae(rewards, values, mask, gamma=0.99, lam=0.95, last_values=last)[0]
+
+    def nat():
+        return gae(rewards, values, mask, last, 0.99, 0.95)[0]
+
+    err = ((nat() - base()).abs().max() / base().abs().max()).item()
+    threads = torch.get_num_threads()
+    return [dict(case=f"GAE B={B} T={T} fp32, {n} thread{'s' if n > 1 else ''}", threads=n,
+                 base_name="reference.gae (loop over T)", base=base, nat=nat, memory=False, native_reps=20,
+                 goal="≥ 50×", note=f"max rel diff {err:.1e}") for n in sorted({1, threads})]
 
 
-def bench_token(N: int, V: int, reps: int) -> list[dict]:
-    rows = []
-    torch.manual_seed(0)
+def token_cases(N: int, V: int) -> list[dict]:
+    cases = []
     fwd = native.get("token_logprobs_fwd")
     for dtype in (torch.float32, torch.bfloat16):
+        torch.manual_seed(0)
         logits = (torch.randn(N, V) * 3).to(dtype)
         targets = torch.randint(0, V, (N,))
 
-        def base():
+        def base(logits=logits, targets=targets):
             return torch.log_softmax(logits.float(), -1).gather(-1, targets[:, None]).squeeze(-1)
 
-        def nat():
+        def nat(logits=logits, targets=targets):
             return fwd(logits, targets, 1.0, -100, False)[0]
 
         err = (nat() - base()).abs().max().item()
-        t_base, t_nat = median_time(base, reps), median_time(nat, reps)
-        m_base, m_nat = peak_rss_delta(base), peak_rss_delta(nat)
-        rows.append(dict(case=f"token_logprobs N={N} V={V} {str(dtype).split('.')[-1]}",
-                         base="log_softmax(x.float()) + gather", t_base=t_base, t_native=t_nat,
-                         m_base=m_base, m_native=m_nat, goal="≥ 2.5×", note=f"max abs diff {err:.1e}"))
-    return rows
+        cases.append(dict(case=f"token_logprobs N={N} V={V} {str(dtype).split('.')[-1]}",
+                          base_name="log_softmax(x.float()) + gather", base=base, nat=nat, memory=True,
+                          goal="≥ 2.5×, no [N, V] fp32 temporary", note=f"max abs diff {err:.1e}"))
+    return cases
 
 
-def bench_linear(N: int, V: int, H: int, reps: int) -> list[dict]:
-    rows = []
-    torch.manual_seed(0)
+def linear_cases(N: int, V: int, H: int) -> list[dict]:
+    cases = []
     fwd = native.get("linear_token_logprobs_fwd")
     for dtype in (torch.float32, torch.bfloat16):
+        torch.manual_seed(0)
         hidden = torch.randn(N, H).to(dtype)
         weight = (torch.randn(V, H) / H**0.5).to(dtype)
         targets = torch.randint(0, V, (N,))
 
-        def base():
+        def base(hidden=hidden, weight=weight, targets=targets):
             return ref.linear_token_logprobs(hidden, weight, targets)
 
-        def nat():
+        def nat(hidden=hidden, weight=weight, targets=targets):
             return fwd(hidden, weight, None, targets, 1.0, -100, False)[0]
 
         err = (nat() - base()).abs().max().item()
-        t_base, t_nat = median_time(base, reps, warmup=1), median_time(nat, reps, warmup=1)
-        m_base, m_nat = peak_rss_delta(base), peak_rss_delta(nat)
-        logits_bytes = N * V * 4
-        rows.append(dict(case=f"linear_token_logprobs N={N} V={V} H={H} {str(dtype).split('.')[-1]}",
-                         base="reference (materialized fp32 logits)", t_base=t_base, t_native=t_nat,
-                         m_base=m_base, m_native=m_nat, goal="peak ≤ 10%",
-                         note=f"native peak = {100 * m_nat / logits_bytes:.1f}% of the [N, V] fp32 logits "
-                              f"({_mb(logits_bytes)}); max abs diff {err:.1e}"))
+        cases.append(dict(case=f"linear_token_logprobs N={N} V={V} H={H} {str(dtype).split('.')[-1]}",
+                          base_name="reference (materialized fp32 logits)", base=base, nat=nat, memory=True,
+                          logits_bytes=N * V * 4, warmup=1, goal="peak ≤ 10% of materialized",
+                          note=f"max abs diff {err:.1e}"))
+    return cases
+
+
+def measure(cases: list[dict], reps: int) -> list[dict]:
+    rows = [dict(c) for c in cases]
+    # 1. memory: every allocation >= 64 KiB gets its own mmap, so the resident set follows live memory
+    if not _mallopt(_M_MMAP_THRESHOLD, 64 * 1024):
+        print("warning: mallopt unavailable; peak memory figures include allocator reuse effects")
+    for r in rows:
+        if r["memory"]:
+            r["m_base"], r["m_native"] = peak_rss_delta(r["base"]), peak_rss_delta(r["nat"])
+            if "logits_bytes" in r:
+                r["note"] += (f"; native peak = {100 * r['m_native'] / r['logits_bytes']:.1f}% of the [N, V] fp32 "
+                              f"logits ({_mb(r['logits_bytes'])})")
+            print(f"  memory {r['case']}", flush=True)
+    # 2. time, with the allocator in the state glibc's dynamic thresholds reach in a loop: blocks up to
+    # 32 MiB are reused from the heap, larger ones are fresh mmaps (page faults included)
+    _mallopt(_M_MMAP_THRESHOLD, 32 << 20)
+    _mallopt(_M_TRIM_THRESHOLD, 64 << 20)
+    threads = torch.get_num_threads()
+    for r in rows:
+        torch.set_num_threads(r.get("threads", threads))
+        w = r.get("warmup", 2)
+        r["t_base"] = median_time(r["base"], reps, warmup=w)
+        r["t_native"] = median_time(r["nat"], reps * r.get("native_reps", 1), warmup=max(w, 5))
+        torch.set_num_threads(threads)
+        print(f"  timed {r['case']}", flush=True)
     return rows
 
 
@@ -175,7 +209,8 @@ def render(rows: list[dict], meta: dict) -> str:
         f"- load average at start: {meta['load']} (the machine is shared: timings are noisy)",
         f"- command: `{meta['command']}`",
         "- time: median wall time per call, inputs resident, after warm-up;"
-        " memory: peak extra resident set during one call (VmHWM − VmRSS, glibc mmap threshold 64 KiB)",
+        " memory: peak extra resident set during one call (VmHWM − VmRSS, glibc mmap threshold 64 KiB);"
+        " see the docstring of benchmarks/native_cpu.py",
         "",
         "| case | baseline | baseline time | native time | speed-up | baseline peak | native peak | memory ratio | goal | note |",
         "|---|---|---:|---:|---:|---:|---:|---:|---|---|",
@@ -183,7 +218,7 @@ def render(rows: list[dict], meta: dict) -> str:
     for r in rows:
         mb, mn = r.get("m_base"), r.get("m_native")
         lines.append(
-            f"| {r['case']} | {r['base']} | {_ms(r['t_base'])} | {_ms(r['t_native'])} | "
+            f"| {r['case']} | {r['base_name']} | {_ms(r['t_base'])} | {_ms(r['t_native'])} | "
             f"**{r['t_base'] / r['t_native']:.1f}×** | {_mb(mb) if mb is not None else '–'} | "
             f"{_mb(mn) if mn is not None else '–'} | {f'{100 * mn / mb:.1f}%' if mb else '–'} | {r['goal']} | {r['note']} |"
         )
@@ -199,14 +234,13 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    if not _mmap_every_large_allocation():
-        print("warning: mallopt unavailable; peak memory figures include allocator reuse effects")
     native.load()
     reps = args.reps or (3 if args.quick else 7)
     if args.quick:
-        rows = bench_gae(64, 256, reps) + bench_token(256, 8000, reps) + bench_linear(256, 8000, 256, reps)
+        cases = gae_cases(64, 256) + token_cases(256, 8000) + linear_cases(256, 8000, 256)
     else:
-        rows = bench_gae(256, 1024, reps) + bench_token(4096, 32000, reps) + bench_linear(4096, 32000, 1024, reps)
+        cases = gae_cases(256, 1024) + token_cases(4096, 32000) + linear_cases(4096, 32000, 1024)
+    rows = measure(cases, reps)
     meta = dict(
         cpu=cpu_model(), threads=torch.get_num_threads(), torch=torch.__version__,
         date=_dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),

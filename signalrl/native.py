@@ -146,6 +146,7 @@ def _jit_build() -> str:
     from torch.utils import cpp_extension
 
     d.mkdir(parents=True, exist_ok=True)
+    stamp.unlink(missing_ok=True)  # other processes take the locked slow path while this builds
     cpp_extension.load(
         name=LIBRARY,
         sources=[str(p) for p in sources()],

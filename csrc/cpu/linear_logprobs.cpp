@@ -192,8 +192,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_token_logprobs_bwd(
   }
 
   const auto f32 = hidden.options().dtype(at::kFloat);
-  // float32 accumulator for d hidden over the kept rows (accumulates over vocab blocks)
-  at::Tensor gh_acc = need_hidden ? at::zeros({Nv, a.H}, f32) : at::Tensor();
+  // float32 accumulator for d hidden over the kept rows (accumulates over vocab blocks); the
+  // output itself when it is float32 and no row was dropped
+  const bool gh_direct = need_hidden && Nv == a.N && grad_hidden.scalar_type() == at::kFloat;
+  at::Tensor gh_acc = gh_direct ? grad_hidden
+                      : need_hidden ? at::zeros({Nv, a.H}, f32)
+                                    : at::Tensor();
   at::Tensor scratch = at::empty({std::min(kRows, Nv) * std::min(kVocab, a.V)}, f32);
   const bool one_row_block = Nv <= kRows;
   const at::Tensor h_all = one_row_block ? hidden_block(a, 0, Nv) : at::Tensor();
@@ -227,7 +231,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_token_logprobs_bwd(
     if (need_weight) grad_weight.narrow(0, v0, nv).copy_(gw_acc);
     if (need_bias) grad_bias.narrow(0, v0, nv).copy_(gb_acc);
   }
-  if (need_hidden) {
+  if (need_hidden && !gh_direct) {
     if (Nv == a.N) {
       grad_hidden.copy_(gh_acc);
     } else {
