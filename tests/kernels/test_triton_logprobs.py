@@ -123,14 +123,14 @@ def test_token_logprobs_true_class_gradient_no_cancellation():
     N, V = 8, 2000
     x = torch.randn(N, V, device=DEV)
     t = torch.randint(0, V, (N,), device=DEV)
-    x[torch.arange(N), t] = 12.0
+    x[torch.arange(N, device=DEV), t] = 12.0
     x = x.to(torch.bfloat16)
     lp, ent, lse = TL.token_logprobs_fwd(x, t, 1.0, IGN, False)
     g = TL.token_logprobs_bwd(torch.ones(N, device=DEV), torch.empty(0, device=DEV), x, t, lse,
                               torch.empty(0, device=DEV), 1.0, IGN)
     x64 = x.double()
-    truth = 1.0 - torch.softmax(x64, -1)[torch.arange(N), t]
-    got = g[torch.arange(N), t].double()
+    truth = 1.0 - torch.softmax(x64, -1)[torch.arange(N, device=DEV), t]
+    got = g[torch.arange(N, device=DEV), t].double()
     assert (truth > 0).all()
     assert ((got - truth).abs() / truth).max() < 2**-7
 
