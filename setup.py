@@ -10,6 +10,7 @@ built now, as signalrl/_native*.so, and signalrl.native loads it instead:
 """
 import glob
 import os
+import sys
 
 from setuptools import setup
 
@@ -29,7 +30,7 @@ def _native_extension() -> dict:
     sources = ["csrc/registration.cpp", *sorted(glob.glob("csrc/cpu/*.cpp"))]
     cuda = sorted(glob.glob("csrc/cuda/*.cu")) if torch.version.cuda and CUDA_HOME else []
     kind = CUDAExtension if cuda else CppExtension
-    flags = ["-O3", "-fopenmp", "-fno-math-errno", "-std=c++17"]  # as signalrl/native.py
+    flags = ["-O3", "-fno-math-errno"] + (["-fopenmp"] if sys.platform.startswith("linux") else [])  # as native.py
     ext = kind(
         "signalrl._native",
         sources + cuda,

@@ -48,7 +48,9 @@ FUNCTIONS = (
 
 _PACKAGE_DIR = Path(__file__).resolve().parent
 _CSRC = _PACKAGE_DIR.parent / "csrc"
-_CFLAGS = ["-O3", "-fopenmp", "-fno-math-errno", "-std=c++17"]
+# The C++ standard is left to torch.utils.cpp_extension. OpenMP is what at::parallel_for runs on
+# in Linux builds of torch; elsewhere the kernels still build, single-threaded.
+_CFLAGS = ["-O3", "-fno-math-errno"] + (["-fopenmp"] if sys.platform.startswith("linux") else [])
 
 _lock = threading.RLock()
 _loaded_from: str | None = None  # path of the library once loaded
