@@ -36,7 +36,7 @@ read as float32; ``weights`` and ``mask`` are float32 with mask 0/1; "empty" = a
       with |v − old| > c whose clipped error is the larger),
       explained_variance (1 − Var(R − v)/Var(R), 0 when Var(R) = 0), value_mean, return_mean.
 
-    kl_penalty_fwd(logprobs, ref_logprobs, estimator: str) -> kl[N] f32
+    kl_penalty_fwd(logprobs, ref_logprobs, estimator: str) -> kl[N] f32   (k3 without cancellation near d = 0)
     kl_penalty_bwd(grad_kl[N] f32, logprobs, ref_logprobs, estimator: str) -> grad_logprobs[N] f32
       (the gradient of ref_logprobs is its negation: every estimator is a function of lp − ref).
 
@@ -82,9 +82,30 @@ def _kl_math(d, KL_EST: tl.constexpr):
         kl = 0.5 * d * d
         g = d
     elif KL_EST == 2:
+        # exp(−d) + d − 1 and 1 − exp(−d) cancel catastrophically near d = 0 (where a policy close to its
+        # reference lives): for |d| < 1/2 use their Taylor series, truncated below 1e-9 relative.
         e = tl.exp(-d)
-        kl = e + d - 1.0
-        g = 1.0 - e
+        small = tl.abs(d) < 0.5
+        p = 1.0 / 3628800.0
+        p = p * d - 1.0 / 362880.0
+        p = p * d + 1.0 / 40320.0
+        p = p * d - 1.0 / 5040.0
+        p = p * d + 1.0 / 720.0
+        p = p * d - 1.0 / 120.0
+        p = p * d + 1.0 / 24.0
+        p = p * d - 1.0 / 6.0
+        p = p * d + 0.5  # k3 = d²·(1/2 − d/6 + d²/24 − …)
+        q = 1.0 / 362880.0
+        q = q * d - 1.0 / 40320.0
+        q = q * d + 1.0 / 5040.0
+        q = q * d - 1.0 / 720.0
+        q = q * d + 1.0 / 120.0
+        q = q * d - 1.0 / 24.0
+        q = q * d + 1.0 / 6.0
+        q = q * d - 0.5
+        q = q * d + 1.0  # 1 − exp(−d) = d·(1 − d/2 + d²/6 − …)
+        kl = tl.where(small, d * d * p, e + d - 1.0)
+        g = tl.where(small, d * q, 1.0 - e)
     else:
         kl = tl.abs(d)
         g = tl.where(d > 0, 1.0, tl.where(d < 0, -1.0, 0.0))
@@ -425,8 +446,10 @@ def ppo_token_fwd(
     *,
     _block: int = _BLOCK,
     _programs: int | None = None,
+    _finish_block: int = _FINISH_BLOCK,
 ):
-    """Fused PPO token epilogue; see the module docstring for the math and the outputs."""
+    """Fused PPO token epilogue; see the module docstring for the math and the outputs.
+    ``_block``, ``_programs``, ``_finish_block`` override the launch (tests)."""
     n = logprobs.numel()
     dev = logprobs.device
     has_ref, has_ent = _present(ref_logprobs), _present(entropy)
@@ -444,7 +467,7 @@ def ppo_token_fwd(
     )
     loss = torch.empty((), dtype=torch.float32, device=dev)
     stats = torch.empty(len(PPO_STAT_KEYS), dtype=torch.float32, device=dev)
-    _ppo_finish_kernel[(1,)](part, programs, loss, stats, BLOCK_P=_FINISH_BLOCK, num_warps=_NUM_WARPS)
+    _ppo_finish_kernel[(1,)](part, programs, loss, stats, BLOCK_P=_finish_block, num_warps=_NUM_WARPS)
     return loss, g_lp, g_ent, stats
 
 
@@ -458,6 +481,7 @@ def value_loss_fwd(
     *,
     _block: int = _BLOCK,
     _programs: int | None = None,
+    _finish_block: int = _FINISH_BLOCK,
 ):
     """Fused clipped value loss; see the module docstring for the math and the outputs."""
     n = values.numel()
@@ -473,7 +497,7 @@ def value_loss_fwd(
     loss = torch.empty((), dtype=torch.float32, device=dev)
     stats = torch.empty(len(VALUE_STAT_KEYS), dtype=torch.float32, device=dev)
     _value_finish_kernel[(1,)](
-        part, programs, loss, stats, TINY=torch.finfo(torch.float32).tiny, BLOCK_P=_FINISH_BLOCK, num_warps=_NUM_WARPS
+        part, programs, loss, stats, TINY=torch.finfo(torch.float32).tiny, BLOCK_P=_finish_block, num_warps=_NUM_WARPS
     )
     return loss, g_v, stats
 

@@ -254,18 +254,21 @@ def test_value_loss_values_and_grads(backend, dtype, aggregation, shape, mask_ki
 
 
 @pytest.mark.skipif("triton" not in FAST, reason="no Triton backend here")
-def test_value_loss_fwd_multi_program_welford():
-    """Small blocks and 4 programs: the Welford merge of the explained-variance moments; a large
-    common offset in the returns would wreck a sum-of-squares formula."""
+@pytest.mark.parametrize("n,block,programs", [(200, 16, 4), (200, 16, None)], ids=["4-programs", "13-programs"])
+def test_value_loss_fwd_multi_program_welford(n, block, programs):
+    """Small blocks and several programs: the Welford merge of the explained-variance moments, within
+    a program and (13 programs, finishing chunks of 4) across chunks of the finishing kernel;
+    a large common offset in the returns would wreck a sum-of-squares formula."""
     from signalrl.kernels import ppo as K
 
-    n = 200
     values = torch.randn(n) + 1000.0
     returns = values + torch.randn(n) * 0.5
     old = values + torch.randn(n) * 0.1
     mask = (torch.rand(n) > 0.2).float()
     w = mask / mask.sum()
-    loss, g, stats = K.value_loss_fwd(values, old, returns, w, mask, 0.05, _block=16, _programs=4)
+    loss, g, stats = K.value_loss_fwd(
+        values, old, returns, w, mask, 0.05, _block=block, _programs=programs, _finish_block=4
+    )
     xt = values.double().requires_grad_()
     loss_t, st = reference.value_loss(xt, old.double(), returns.double(), mask.double(), clip=0.05)
     loss_t.backward()
@@ -277,6 +280,32 @@ def test_value_loss_fwd_multi_program_welford():
     assert rel_err(g, xt.grad) <= max(1e-5, 2 * rel_err(x32.grad, xt.grad))
     assert abs(float(stats[1]) - float(st["explained_variance"])) < 1e-3
     assert abs(float(stats[0]) - float(st["value_clip_fraction"])) <= 1e-6
+    assert abs(float(stats[2]) - float(st["value_mean"])) <= 1e-5 * 1000
+    assert abs(float(stats[3]) - float(st["return_mean"])) <= 1e-5 * 1000
+
+
+@pytest.mark.skipif("triton" not in FAST, reason="no Triton backend here")
+def test_ppo_token_fwd_many_programs():
+    """22 programs, finishing chunks of 4: the partial rows are reduced over several chunks (sums, min, max)."""
+    from signalrl.kernels import ppo as K
+
+    n = 350
+    lp, old, adv = ppo_inputs((n,), torch.float32)
+    mask = (torch.rand(n) > 0.2).float()
+    w = mask / mask.sum()
+    loss, g, _, stats = K.ppo_token_fwd(
+        lp, old, adv, w, mask, None, None, 0.2, 0.2, None, "k3", 0.0, 0.0, _block=16, _finish_block=4
+    )
+    xt = lp.double().requires_grad_()
+    loss_t, st = reference.clipped_surrogate(xt, old.double(), adv.double(), mask.double())
+    loss_t.backward()
+    ratio64 = torch.exp(lp.double() - old.double())
+    assert_loss_close(loss, loss_t, reference.aggregate(adv.double().abs() * ratio64.clamp_min(1.3), mask.double()),
+                      torch.float32)
+    assert rel_err(g, xt.grad) < 1e-5
+    for i, k in enumerate(K.PPO_STAT_KEYS[:6]):
+        _stat_close(k, stats[i], st[k], int(mask.sum()), torch.float32)
+    assert abs(float(stats[6]) - float(loss_t.detach())) < 1e-5
 
 
 @pytest.mark.parametrize("backend", VALUE_BACKENDS)
