@@ -70,6 +70,13 @@ def bench_gae(ctx) -> list[dict]:
         ms = ctx.time_ms(lambda: gae_fwd(r, v, m, last, 0.99, 0.95))
         rows.append(ctx.row("gae Triton kernel", shape, ms, pct_copy=100 * bytes_moved / (ms * 1e-3) / 1e9 / ctx.copy_gbps,
                             notes="f32 mask; reads 3, writes 2 [B,T] f32"))
+        m_u8 = m_bool.view(torch.uint8)
+        bytes_u8 = B * T * (4 * 4 + 1)
+        gae_fwd(r, v, m_u8, last, 0.99, 0.95)
+        ms_u8 = ctx.time_ms(lambda: gae_fwd(r, v, m_u8, last, 0.99, 0.95))
+        rows.append(ctx.row("gae Triton kernel, 1-byte mask", shape, ms_u8,
+                            pct_copy=100 * bytes_u8 / (ms_u8 * 1e-3) / 1e9 / ctx.copy_gbps,
+                            notes="what ops.gae passes for a bool mask"))
 
         def op():
             with ops.use_backend("triton"):
@@ -77,8 +84,8 @@ def bench_gae(ctx) -> list[dict]:
 
         op()
         ms_op = ctx.time_ms(op)
-        rows.append(ctx.row("ops.gae (bool mask → f32, kernel)", shape, ms_op,
-                            pct_copy=100 * bytes_moved / (ms_op * 1e-3) / 1e9 / ctx.copy_gbps))
+        rows.append(ctx.row("ops.gae fwd (bool mask)", shape, ms_op,
+                            pct_copy=100 * bytes_u8 / (ms_op * 1e-3) / 1e9 / ctx.copy_gbps))
         if T <= 8192 or ctx.dry_run:
             ms_loop = ctx.time_ms(lambda: _verl_style_gae(r, v, 0.99, 0.95), warmup=1, rep=1)
             rows.append(ctx.row("verl-style torch loop over T (no mask)", shape, ms_loop, vs="gae Triton kernel",

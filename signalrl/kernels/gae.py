@@ -5,7 +5,8 @@ Kernel function (docs/backends.md)::
     gae_fwd(rewards[B,T], values[B,T], mask[B,T] f32 (0/1), last_values[B] f32,
             gamma: float, lam: float) -> (advantages[B,T] f32, returns[B,T] f32)
 
-Inputs may be float32, bfloat16 or float16 (read as float32); contiguous rows. Semantics are those
+Inputs may be float32, bfloat16 or float16 (read as float32); ``mask`` may also be uint8 (0/1; the op passes
+a bool mask as a uint8 view, so the kernel reads 1 byte per mask element); contiguous rows. Semantics are those
 of :func:`signalrl.reference.gae`: per row, drop the masked positions, run GAE on what remains with
 V(after the last valid token) = last_values[b], scatter back with zeros at masked positions.
 

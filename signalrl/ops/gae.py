@@ -55,7 +55,8 @@ def gae(
     Math: per row, drop masked positions, then δ_k = r_k + γ·V_{k+1} − V_k (V_{K+1} = last_values),
     A_k = δ_k + γλ·A_{k+1}, R_k = A_k + V_k, scattered back with 0 at masked positions. This covers
     right padding, left padding and masked spans (tool output in multi-turn rollouts).
-    Memory: the two float32 outputs (plus a float32 copy of non-float32 inputs and of the mask).
+    Memory: the two float32 outputs (the native backend adds float32 copies of the mask and of
+    non-float32 inputs).
     """
     v.tensor("rewards", rewards, dtypes=v.FLOAT_DTYPES, min_dim=1)
     v.tensor("values", values, dtypes=v.FLOAT_DTYPES)
@@ -89,9 +90,14 @@ def gae(
 
     def fast_fn(r, val, m, last):
         r2, v2 = rows(r).contiguous(), rows(val).contiguous()
+        if m is None:
+            m2 = torch.ones_like(r2, dtype=_F32)
+        elif backend == "triton":  # reads a 1-byte mask: a bool mask goes in as is (a uint8 view)
+            m2 = (rows(m) if m.dtype == torch.bool else rows(m) != 0).contiguous().view(torch.uint8)
+        else:
+            m2 = (rows(m) != 0).to(_F32).contiguous()
         if backend == "native":  # the C++ kernel takes float32 (docs/backends.md)
             r2, v2 = r2.to(_F32), v2.to(_F32)
-        m2 = torch.ones_like(r2, dtype=_F32) if m is None else (rows(m) != 0).to(_F32).contiguous()
         lv = r2.new_zeros(r2.shape[0], dtype=_F32) if last is None else last.detach().reshape(-1).to(_F32).contiguous()
         adv, ret = _gae_fwd(r2, v2, m2, lv, gamma, lam, backend)
         return adv.reshape(r.shape), ret.reshape(r.shape)

@@ -213,3 +213,17 @@ def test_torch_compile_fullgraph(backend):
         eager = f(rewards, values, mask, last)
         out = torch.compile(f, fullgraph=True, backend="aot_eager")(rewards, values, mask, last)
     assert torch.allclose(out, eager, atol=1e-6)
+
+
+@pytest.mark.parametrize("backend", GAE_BACKENDS)
+@pytest.mark.parametrize("mask_dtype", [torch.bool, torch.float32, torch.int64, torch.uint8])
+def test_gae_mask_dtypes_mean_nonzero(backend, mask_dtype):
+    rewards, values, last = _inputs((3, 21))
+    codes = torch.randint(-1, 3, (3, 21))  # −1, 0, 1, 2: nonzero counts, like the reference's mask.bool()
+    mask = (codes != 0) if mask_dtype == torch.bool else codes.abs().to(mask_dtype) if mask_dtype == torch.uint8 \
+        else codes.to(mask_dtype)
+    with use_backend(backend):
+        adv, ret = ops.gae(rewards, values, mask, last_values=last)
+    adv_t, ret_t = gae_truth(rewards, values, codes != 0, last_values=last)
+    _close(adv, adv_t, 1e-5)
+    _close(ret, ret_t, 1e-5)
