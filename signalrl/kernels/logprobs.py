@@ -7,9 +7,10 @@ log p_j = z_j - lse and H = -sum_j p_j log p_j:
     d/dlogits_ij = (1/T) [ g_lp,i (delta_{j,t_i} - p_ij) - g_H,i p_ij (log p_ij + H_i) ]   (0 for ignored rows)
 
 One program per row streams the vocabulary in blocks of ``BLOCK_V`` with an online log-sum-exp, in float32 for
-every input dtype. The entropy rides along in the same pass: besides the running max m and s = sum e^{z-m}, it keeps
-t = sum e^{z-m} (z - m) (shifted by the running max, so no cancellation between lse and E[z] for large logits);
-rescaling to a new max m' gives t' = e^{m-m'} (t + (m - m') s), and at the end H = log s - t / s.
+every input dtype, kept per lane (one exp per element, lanes merged once at the end). The entropy rides along in the
+same pass: besides the running max m and s = sum e^{z-m}, it keeps t = sum e^{z-m} (z - m) (shifted by the running max,
+so no cancellation between lse and E[z] for large logits); rescaling to a new max m' gives
+t' = e^{m-m'} (t + (m - m') s), and at the end H = log s - t / s.
 
 Memory: the forward reads the logits once and writes 3 floats per row; the backward reads them once and writes the
 gradient once (``token_logprobs_bwd_inplace`` writes it over the logits: no [N, V] allocation at all). Ignored rows
@@ -50,23 +51,30 @@ def _token_logprobs_fwd_kernel(
     row_ptr = logits_ptr + row * stride_row
     cols = tl.arange(0, BLOCK_V)
 
-    m = tl.full([], _NEG_BIG, tl.float32)
-    s = tl.zeros([], tl.float32)
-    t = tl.zeros([], tl.float32)
+    # per-lane online state (no cross-lane reduction inside the loop, one exp per element): for each lane, running
+    # max m, s = sum e^{z-m}, t = sum e^{z-m} (z - m). A new element either raises the max (d = m - z < 0: rescale by
+    # e^d, then add e^0 = 1) or not (d = z - m <= 0: add e^d) — the same exp serves both.
+    m = tl.full([BLOCK_V], _NEG_BIG, tl.float32)
+    s = tl.zeros([BLOCK_V], tl.float32)
+    t = tl.zeros([BLOCK_V], tl.float32)
     n_blocks = tl.where(valid, tl.cdiv(V, BLOCK_V), 0)
     for b in range(0, n_blocks):
         offs = b * BLOCK_V + cols
         z = tl.load(row_ptr + offs, mask=offs < V, other=float("-inf")).to(tl.float32) * inv_temp
-        m_new = tl.maximum(m, tl.max(z, 0))
-        alpha = tl.exp(m - m_new)
-        p = tl.exp(z - m_new)
+        up = z > m
+        d = tl.where(up, m - z, z - m)
+        e = tl.exp(d)
         if WITH_ENTROPY:
-            t = alpha * (t + (m - m_new) * s) + tl.sum(tl.where(p > 0, p * (z - m_new), 0.0), 0)
-        s = s * alpha + tl.sum(p, 0)
-        m = m_new
-
-    log_s = tl.log(s)
-    lse = m + log_s
+            ed = tl.where(e > 0, e * d, 0.0)  # 0 for z = -inf (masked lanes, -inf logits)
+            t = tl.where(up, e * t + ed * s, t + ed)
+        s = tl.where(up, s * e + 1.0, s + e)
+        m = tl.maximum(m, z)
+    # merge the lanes
+    m_row = tl.max(m, 0)
+    a = tl.exp(m - m_row)
+    s_row = tl.sum(a * s, 0)
+    log_s = tl.log(s_row)
+    lse = m_row + log_s
     in_range = (target >= 0) & (target < V)
     z_t = tl.load(row_ptr + tl.where(in_range & valid, target, 0), mask=in_range & valid, other=0.0)
     z_t = z_t.to(tl.float32) * inv_temp
@@ -74,7 +82,8 @@ def _token_logprobs_fwd_kernel(
     tl.store(lp_ptr + row, tl.where(valid, lp, 0.0))
     tl.store(lse_ptr + row, tl.where(valid, lse, 0.0))
     if WITH_ENTROPY:
-        tl.store(ent_ptr + row, tl.where(valid, log_s - t / s, 0.0))
+        t_row = tl.sum(a * (t + (m - m_row) * s), 0)
+        tl.store(ent_ptr + row, tl.where(valid, log_s - t_row / s_row, 0.0))
 
 
 @triton.jit
