@@ -154,7 +154,11 @@ def headline_table(rows: list[dict], headline_keys: set | None = None) -> str:
              "× compile | × best peer | peak MiB ref → Signal | % of ceiling |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     seen = set()
-    for (op, shape, dtype, mode), rs in sorted(by_key.items(), key=lambda kv: (kv[0][0], _shape_key(kv[0][1]))):
+    first_seen = {}
+    for r in rows:
+        first_seen.setdefault(r["op"], len(first_seen))
+    for (op, shape, dtype, mode), rs in sorted(by_key.items(),
+                                               key=lambda kv: (first_seen[kv[0][0]], _shape_key(kv[0][1]), kv[0][2])):
         if headline_keys is not None and (op, shape, dtype) not in headline_keys:
             continue
         modes = {m for (o, s, d, m) in by_key if (o, s, d) == (op, shape, dtype)}

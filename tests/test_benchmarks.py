@@ -181,3 +181,24 @@ def test_ctrl_c_keeps_measured_rows(tmp_path, monkeypatch):
     assert any(r["status"] == "ok" for r in rows)
     assert json.loads((tmp_path / "meta.json").read_text())["interrupted"] is True
     assert "interrupted" in (tmp_path / "results.md").read_text()
+
+
+@pytest.mark.gpu
+def test_quick_on_cuda(tmp_path):
+    """The CUDA path (events, L2 flush, max_memory_allocated, the triton provider) on tiny shapes."""
+    env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    env.pop("TRITON_INTERPRET", None)
+    proc = subprocess.run(
+        [sys.executable, "-m", "benchmarks", "--quick", "--device", "cuda", "--ops", "token_logprobs,gae,kl_penalty",
+         "--out", str(tmp_path), "--no-progress"],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = report.load_rows(str(tmp_path / "rows.jsonl"))
+    ok = [r for r in rows if r["status"] == "ok"]
+    assert {r["provider"] for r in ok} >= {"reference", "triton"}
+    for r in ok:
+        assert 0 < r["time_ms_p20"] <= r["time_ms"] <= r["time_ms_p80"] and r["peak_mem_bytes"] >= 0
+        assert "interpreter" not in (r["note"] or "")
+        assert r["check"] in ("reference", "pass"), r
+    assert all(r["device"] and "cpu" not in r["device"].lower() for r in rows)
