@@ -96,7 +96,7 @@ fi
 BENCH_STATUS="skipped"
 if [ "$SKIP_BENCH" = 0 ]; then
   echo; echo "== kernel benchmarks =="
-  timeout -s INT -k 30 "${BENCH_TIMEOUT:-240}" $PYTHON benchmarks/gpu_logprobs.py --out "$DIR" "${BENCH_ARGS[@]}" \
+  timeout -s INT -k 30 "${BENCH_TIMEOUT:-240}" $PYTHON benchmarks/gpu_logprobs.py --out "$DIR" ${BENCH_ARGS[@]+"${BENCH_ARGS[@]}"} \
     2> "$DIR/bench.stderr"
   rc=$?
   tail -n 5 "$DIR/bench.stderr"
