@@ -17,15 +17,21 @@ block to the right finishes the block in one multiply-add.
 
 1. "value of the next valid position" X_t = V_{next valid > t} (last_values if none): with the
    mask and values shifted by one (m'_t = m_{t+1}, V'_t = V_{t+1}; m'_{T−1} = 1, V'_{T−1} = last),
-   X_t = m'_t·V'_t + (1 − m'_t)·X_{t+1}, i.e. c = 1 − m', d = m'·V'. The shifted loads hit cache.
+   X_t = m'_t·V'_t + (1 − m'_t)·X_{t+1}, i.e. c = 1 − m', d = (m' ? V' : 0). The shifted loads hit cache.
 2. δ_t = r_t + γ·X_t − V_t at valid t; A_t = δ_t + γλ·A_{t+1} at valid t, and A_t = A_{t+1} at
    masked t (c = 1, d = 0: masked positions pass the advantage through), so c = m ? γλ : 1,
    d = m ? δ : 0.
 Outputs: advantages = m·A, returns = m·(A + V).
 
 Launch: one program per ``BLOCK_R`` rows (grid axis 0, so B is limited only by 2³¹), looping over
-the T-blocks of its rows from the end. int64 row offsets (B·T may exceed 2³¹). Memory: the two
-outputs only. No gradient: values are treated as constants (as in every PPO code base).
+the T-blocks of its rows from the end. int64 row offsets (B·T may exceed 2³¹). The tile
+(BLOCK_R × BLOCK_T, warps, stages) is autotuned on a GPU per power-of-two bucket of (B, T), so a new
+sequence length does not retune; under the interpreter a fixed tile of at most 4 × 32 is used, so CPU
+tests cross T-blocks at small T. Memory: the two outputs only. No gradient: values are treated as
+constants (as in every PPO code base).
+
+The combine order was checked against a float loop (tests/ops/test_gae.py: the carry test with rewards
+only at the end of long undiscounted rows fails for the swapped order).
 """
 from __future__ import annotations
 

@@ -109,15 +109,23 @@ def test_triton_tiles_and_carry(block_r, block_t):
 
 @pytest.mark.skipif("triton" not in FAST, reason="no Triton backend here")
 def test_triton_scan_combine_order_is_not_symmetric():
-    """Rewards only at the end of a long undiscounted row: with the combine order reversed the
-    advantage would not flow backwards across blocks."""
+    """Deterministic rows whose coefficients vary along T (masked positions pass through with c = 1,
+    valid ones decay with c = γλ): the swapped combine (c1·c2, d1 + c1·d2) gives other values.
+    With constant c both orders agree, so such a row would not be a test."""
     from signalrl.kernels.gae import gae_fwd
 
-    rewards = torch.zeros(2, 33)
+    T = 33
+    rewards = torch.zeros(2, T)
     rewards[:, -1] = 1.0
-    values = torch.zeros(2, 33)
-    adv, _ = gae_fwd(rewards, values, torch.ones(2, 33), torch.zeros(2), 1.0, 1.0, _block_r=2, _block_t=8)
-    assert torch.equal(adv, torch.ones(2, 33))
+    rewards[:, 5] = -2.0
+    rewards[1, 17] = 3.0
+    values = torch.zeros(2, T)
+    mask = torch.ones(2, T)
+    mask[:, 3::4] = 0.0
+    mask[1, 20:26] = 0.0
+    adv, _ = gae_fwd(rewards, values, mask, torch.zeros(2), 1.0, 0.5, _block_r=2, _block_t=8)
+    adv_t, _ = gae_truth(rewards, values, mask, 1.0, 0.5)
+    _close(adv, adv_t, 1e-6)
 
 
 @pytest.mark.parametrize("backend", GAE_BACKENDS)
