@@ -30,8 +30,8 @@ sequence length does not retune; under the interpreter a fixed tile of at most 4
 tests cross T-blocks at small T. Memory: the two outputs only. No gradient: values are treated as
 constants (as in every PPO code base).
 
-The combine order was checked against a float loop (tests/ops/test_gae.py: the carry test with rewards
-only at the end of long undiscounted rows fails for the swapped order).
+The combine order is checked against a float64 loop (tests/ops/test_gae.py: the swapped order fails the
+combine-order and carry tests, whose coefficients vary along T; with constant ones both orders agree).
 """
 from __future__ import annotations
 
