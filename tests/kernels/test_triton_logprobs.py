@@ -238,6 +238,25 @@ def test_linear_token_logprobs_all_ignored_and_large_logits():
     assert (ent - ent_t).abs().max().item() <= 1e-3
 
 
+def test_linear_true_class_gradient_no_cancellation_bf16():
+    """A peaked softmax (p_target ≈ 0.95-0.99): every entry of g_z is small and d(hidden) = Σ_j g_j w_j comes out of them;
+    forming (δ − p) after a bf16 rounding of p would swamp it (Liger PR #1419)."""
+    N, V, H = 8, 300, 32
+    h, w, _ = _linear_inputs(N, V, H, torch.float32, False, wscale=0.5)
+    t = torch.arange(N, device=DEV) * 7
+    w[t] = h * (10.0 / (h * h).sum(-1, keepdim=True))  # z_t = 10, other logits of order 0.5
+    h, w = h.to(torch.bfloat16), w.to(torch.bfloat16)
+    lp, _, lse = LL.linear_token_logprobs_fwd(h, w, None, t, 1.0, IGN, False)
+    assert (lp.exp() > 0.9).all()
+    g_lp, e = torch.ones(N, device=DEV), torch.empty(0, device=DEV)
+    gh, gw, _ = LL.linear_token_logprobs_bwd(g_lp, e, h, w, None, t, lse, e, 1.0, IGN, True, True, False)
+    leaves, lp_t, _ = _linear_truth(h, w, None, t, 1.0)
+    truth = torch.autograd.grad(lp_t.sum(), [leaves[0], leaves[1]])
+    check("d hidden (peaked)", gh, truth[0], torch.bfloat16)
+    check("d weight (peaked)", gw, truth[1], torch.bfloat16)
+    assert rel(gh, truth[0]) < 2**-7 and rel(gw, truth[1]) < 2**-7
+
+
 def test_acc_matmul_strided_a():
     """The d(hidden) accumulator GEMM: c += a @ b with a row stride (the last, partial vocab chunk)."""
     a_full = torch.randn(21, 70, device=DEV)
