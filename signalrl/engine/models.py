@@ -30,8 +30,8 @@ class BuiltinModel:
 BUILTIN_MODELS: dict[str, BuiltinModel] = {
     m.name: m
     for m in (
-        BuiltinModel("signal-tiny", 64, 176, 2, 4, 2, description="2 layers, hidden 64, ~0.1M parameters"),
-        BuiltinModel("signal-tiny-4l", 128, 352, 4, 4, 2, description="4 layers, hidden 128, ~0.8M parameters"),
+        BuiltinModel("signal-tiny", 64, 176, 2, 4, 2, description="2 layers, hidden 64, 0.11M parameters"),
+        BuiltinModel("signal-tiny-4l", 128, 352, 4, 4, 2, description="4 layers, hidden 128, 0.77M parameters"),
     )
 }
 DEFAULT_BASE_MODEL = "signal-tiny"
