@@ -181,6 +181,19 @@ def _registered() -> bool:
         return False
 
 
+def _summarize(exc: BaseException) -> str:
+    """First line of the error plus the compiler's error lines (a failed build prints pages)."""
+    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+    first = lines[0] if lines else ""
+    if ": [1/" in first:  # "Error building extension 'x': [1/6] c++ ...": drop the command line
+        first = first.split(": [1/")[0]
+    head = f"{type(exc).__name__}: {first if len(first) <= 200 else first[:200] + '…'}"
+    errors = list(dict.fromkeys(ln for ln in lines[1:] if "error" in ln.lower()))[:5]
+    tail = " | ".join(errors)
+    hint = " (SIGNAL_NATIVE_VERBOSE=1 shows the full build log)" if len(lines) > 1 else ""
+    return head + (f" | {tail}" if tail else "") + hint
+
+
 def load() -> str:
     """Build (if needed) and load the extension; return the library path. Raises with the reason.
 
@@ -197,7 +210,7 @@ def load() -> str:
             if not _registered():
                 raise RuntimeError(f"{path} loaded but does not register torch.ops.{LIBRARY}.*")
         except Exception as exc:
-            _error = f"{type(exc).__name__}: {exc}".strip()
+            _error = _summarize(exc)
             raise RuntimeError(f"signalrl.native: cannot build or load the extension: {_error}") from exc
         _loaded_from, _error = path, None
         return path
