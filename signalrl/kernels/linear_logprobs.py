@@ -21,15 +21,16 @@ rounding) and d hidden += G @ W[chunk] accumulates in a float32 [N, H] buffer (t
 hidden): cuBLAS with a float32 output (torch.addmm(out_dtype=float32), in place) where this torch has it, else a
 Triton GEMM (``_DH_GEMM``). Work: 4 GEMM-equivalents of 2·N·V·H flops (forward, recompute, d hidden, d weight).
 
-Extra memory (beyond inputs, outputs and the [N] float32 vectors) — the exact bound:
-    forward:  12·N·SPLIT + 4·N bytes  (SPLIT ≤ ceil(V / 256); ≈ 8 × SM count / row blocks; a few MiB at most)
-    backward: N·Vc·e  (one gradient chunk, e = element size of weight, Vc = min(V rounded up to 128, 2·H rounded to a
-              power of two ≥ 1024) so this is ≤ 4·N·H·(e/2) bytes)
+Extra memory (beyond inputs, outputs and a few [N] float32 vectors) — the exact bound:
+    forward:  12·N·SPLIT + 4·N bytes  (SPLIT ≤ ceil(V / 256), about 8 × SM count / (N / 128); a few MiB)
+    backward: N·Vc·e  (one gradient chunk; e = element size of weight; Vc = min(V, max(1024, 2·H)) rounded up to a
+              multiple of 128, i.e. about 2·H columns for H ≥ 512: 4·N·H bytes in bf16)
             + 4·N·H  (float32 d hidden accumulator; 0 when hidden is float32)
-            + 4·V + 4·Vc·ceil(N / 64)  (float32 d bias, only when the bias needs a gradient)
-So the backward's extra memory is O(N·H), independent of V: ≈ 2·H/V of the [N, V] float32 logits for bf16
-(6.4 % at H = 4096, V = 128256; 3.1 % at V = 262144). Reaching < 1 % needs a float32 d hidden accumulation that
-does not exist in Triton without atomics (nondeterministic) or a second recompute pass (5 GEMM-equivalents).
+            + 4·V + 4·Vc·ceil(N / 16)  (float32 d bias and its per-row-block partial sums, only with a bias gradient)
+So the backward's extra memory is O(N·H), independent of V: 2·H/V of the [N, V] float32 logits in bf16 (6.4 % at
+H = 4096, V = 128256; 3.1 % at V = 262144). The float32 d hidden accumulator alone is H/V of them; doing without it
+means accumulating d hidden in bf16 across chunks (one rounding per chunk), atomics (nondeterministic) or a second
+recompute pass ordered by rows (5 GEMM-equivalents). d weight needs no accumulator at all (complete GEMM per chunk).
 
 int64 offsets everywhere a product can pass 2^31. No host syncs. Targets outside [0, V) that are not ignore_index
 give NaN log-probs.
@@ -427,7 +428,7 @@ def _acc_matmul(c: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
 def _chunk_cols(N: int, V: int, H: int) -> int:
     if INTERPRET:
         return min(cdiv(V, 128) * 128, 384)  # several chunks on test shapes
-    return min(cdiv(V, 128) * 128, max(1024, next_pow2(2 * H)))
+    return cdiv(min(V, max(1024, 2 * H)), 128) * 128
 
 
 @torch.no_grad()
