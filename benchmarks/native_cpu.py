@@ -2,6 +2,7 @@
 
     python benchmarks/native_cpu.py            # full shapes (a few minutes on 2 cores)
     python benchmarks/native_cpu.py --quick    # small shapes, smoke test
+    python benchmarks/native_cpu.py --threads 1 --clock cpu   # per-core, robust to a busy machine
 
 Cases (issue 2, "Measured"):
 
@@ -75,15 +76,19 @@ def peak_rss_delta(fn) -> int:
     return max(peak - before, 0)
 
 
+CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
+_clock = time.perf_counter
+
+
 def median_time(fn, reps: int, warmup: int = 2) -> tuple[float, float]:
-    """(median, min) wall time of fn over reps calls after warmup calls."""
+    """(median, min) time of fn over reps calls after warmup calls, on the chosen clock."""
     for _ in range(warmup):
         fn()
     ts = []
     for _ in range(reps):
-        t0 = time.perf_counter()
+        t0 = _clock()
         fn()
-        ts.append(time.perf_counter() - t0)
+        ts.append(_clock() - t0)
     return statistics.median(ts), min(ts)
 
 
@@ -224,7 +229,8 @@ def render(rows: list[dict], meta: dict) -> str:
         f"- torch {meta['torch']}, Python {platform.python_version()}, {meta['date']}",
         f"- load average at start: {meta['load']} (the machine is shared: timings are noisy)",
         f"- command: `{meta['command']}`",
-        "- time: median (min) wall time per call, inputs resident, after warm-up; speed-up of medians (of mins);"
+        f"- time: median (min) {'process CPU' if meta['clock'] == 'cpu' else 'wall'} time per call, inputs resident,"
+        " after warm-up; speed-up of medians (of mins);"
         " memory: peak extra resident set during one call (VmHWM − VmRSS, glibc mmap threshold 64 KiB);"
         " see the docstring of benchmarks/native_cpu.py",
         "",
@@ -248,7 +254,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
     p.add_argument("--out", type=Path, default=None, help="markdown file (default benchmarks/results/...)")
     p.add_argument("--reps", type=int, default=None)
+    p.add_argument("--clock", choices=sorted(CLOCKS), default="wall",
+                   help="wall (default) or cpu: process CPU time, robust to other load on the machine "
+                        "but only meaningful with --threads 1")
     args = p.parse_args(argv)
+    global _clock
+    _clock = CLOCKS[args.clock]
     if args.threads:
         torch.set_num_threads(args.threads)
     # Before any tensor exists: every allocation >= 64 KiB gets its own mmap, so the resident set
@@ -266,15 +277,18 @@ def main(argv: list[str] | None = None) -> int:
         cpu=cpu_model(), threads=torch.get_num_threads(), torch=torch.__version__,
         date=_dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         load=" ".join(f"{x:.2f}" for x in os.getloadavg()),
+        clock=args.clock,
         command="python benchmarks/native_cpu.py" + (" --quick" if args.quick else "")
-        + (f" --threads {args.threads}" if args.threads else ""),
+        + (f" --threads {args.threads}" if args.threads else "")
+        + (f" --clock {args.clock}" if args.clock != "wall" else ""),
     )
     text = render(rows, meta)
     print(text)
     if args.out is None and args.quick:
         return 0
     slug = re.sub(r"[^a-z0-9]+", "-", meta["cpu"].lower()).strip("-")
-    out = args.out or _REPO / "benchmarks" / "results" / f"native_cpu_{slug}_{meta['threads']}t.md"
+    suffix = "_cpuclock" if args.clock == "cpu" else ""
+    out = args.out or _REPO / "benchmarks" / "results" / f"native_cpu_{slug}_{meta['threads']}t{suffix}.md"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(text)
     print(f"written to {out}")
