@@ -210,7 +210,8 @@ def bench_value_loss(ctx) -> list[dict]:
     return rows
 
 
-CASES = [bench_gae, bench_ppo_epilogue, bench_value_loss]
+# not named CASES: gpu_logprobs.py discovers the bench_* functions by name already
+_CASES = [bench_gae, bench_ppo_epilogue, bench_value_loss]
 
 
 def _harness():
@@ -237,7 +238,7 @@ def main(argv=None) -> int:
     t_start = time.time()
     h.measure_ceilings(ctx)
     rows = []
-    for fn in CASES:
+    for fn in _CASES:
         t0 = time.time()
         try:
             rows.extend(fn(ctx))
