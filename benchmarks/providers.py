@@ -119,10 +119,27 @@ def compile_impl(key: str, call: Callable, device: torch.device) -> Impl:
         raise Unavailable("this torch has no torch.compile")
     if device.type == "cpu" and not any(shutil_which(c) for c in ("c++", "g++", "clang++")):
         raise Unavailable("torch.compile on CPU needs a C++ compiler; none found")
-    ref = reference_impl(call).fn
     if key not in _COMPILED:
-        _COMPILED[key] = torch.compile(ref)
+        ref = importlib.import_module("signalrl.reference")
+        # A fresh code object per op: dynamo caches compiled graphs per code object, so one shared
+        # wrapper would pile every op's graphs onto one cache and hit the recompile limit.
+        ns = {"call": call, "ref": ref}
+        src = "def compiled_reference(**x):\n    return call(ref, **x)\n"
+        exec(compile(src, f"<benchmarks compile {key}>", "exec"), ns)  # noqa: S102 - fixed source
+        _configure_dynamo()
+        _COMPILED[key] = torch.compile(ns["compiled_reference"])
     return Impl(_COMPILED[key], warm=True)
+
+
+def _configure_dynamo() -> None:
+    """Enough cache entries for every shape/dtype of a sweep, and an error (a reported row) rather
+    than a silent fall-back to eager if the limit is ever hit."""
+    cfg = torch._dynamo.config
+    for name in ("recompile_limit", "cache_size_limit"):
+        if hasattr(cfg, name):
+            setattr(cfg, name, max(getattr(cfg, name), 32))
+    if hasattr(cfg, "fail_on_recompile_limit_hit"):
+        cfg.fail_on_recompile_limit_hit = True
 
 
 def shutil_which(name: str) -> str | None:

@@ -26,7 +26,7 @@ def _model_config(preset: Preset):
     if preset.quick:
         return dict(V=256, H=32, layers=1, heads=2, B=2, T=32)
     if preset.name == "cpu":
-        return dict(V=2048, H=128, layers=2, heads=4, B=4, T=128)
+        return dict(V=1024, H=64, layers=2, heads=4, B=2, T=64)
     return dict(V=32000, H=512, layers=2, heads=8, B=8, T=512)
 
 
