@@ -25,7 +25,9 @@ def kl_penalty(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, estimator: st
     if estimator == "k2":
         return 0.5 * d * d
     if estimator == "k3":
-        return torch.exp(-d) + d - 1.0
+        # exp(−d) + d − 1 cancels catastrophically near d = 0 in float32; float64 keeps it exact enough.
+        d64 = d.to(torch.float64)
+        return (torch.exp(-d64) + d64 - 1.0).to(dt)
     if estimator == "abs":
         return d.abs()
     raise ValueError(f"estimator: expected one of {KL_ESTIMATORS}, got {estimator!r}")

@@ -134,7 +134,8 @@ def value_loss(
         v_clipped = old + torch.clamp(v - old, -clip, clip)
         err_clipped = (v_clipped - ret) ** 2
         per_token = 0.5 * torch.maximum(err, err_clipped)
-        clip_active = err_clipped > err
+        # v_c differs from v only where |v − old| > clip (old + (v − old) may round differently from v)
+        clip_active = (err_clipped > err) & ((v - old).abs() > clip)
     loss = aggregate(per_token, m, aggregation)
     with torch.no_grad():
         var_r = masked_var(ret, m)

@@ -35,12 +35,6 @@ def test_kl_penalty_values_and_grads(backend, dtype, estimator, shape):
     (kl_t * g.double()).sum().backward()
     (kl_b * g.to(dtype)).sum().backward()
     assert x.grad.dtype == dtype and r.grad.dtype == dtype
-    if backend == "reference" and estimator == "k3" and dtype == torch.float32:
-        # the reference computes exp(−d) + d − 1 as written: it cancels near d = 0, so it can only be
-        # held to the same-dtype formula (the fused kernels use a series there: see the test below)
-        for got, truth, base in ((kl, kl_t, kl_b), (x.grad, xt.grad, xb.grad)):
-            assert rel_err(got, truth) <= max(1e-5, 2 * rel_err(base, truth))
-        return
     assert_close("kl", kl, kl_t, dtype, baseline=kl_b)
     assert_close("d logprobs", x.grad, xt.grad, dtype, baseline=xb.grad)
     assert_close("d ref_logprobs", r.grad, rt.grad, dtype, baseline=rb.grad)
