@@ -203,6 +203,60 @@ def bench_linear_token_logprobs(ctx: Ctx) -> list[dict]:
     return rows
 
 
+def bench_linear_backward_breakdown(ctx: Ctx) -> list[dict]:
+    """Where the linear backward's time goes (N=8192): forward tile kernel, gradient-chunk kernel, d W GEMM, d H GEMM;
+    each as % of the bf16 matmul rate for its 2·N·V·H flops, plus the autotuned configs."""
+    from signalrl.kernels import linear_logprobs as LL
+
+    N, H, V = ctx.pick(8192, 64), ctx.pick(4096, 64), ctx.pick(128256, 1000)
+    h, w, t = _linear_inputs(ctx, N, V, H)
+    shape = f"N={N} V={V} H={H} bf16"
+    flops = 2 * N * V * H
+    g_lp = torch.ones(N, device=ctx.device)
+    lp, ent, lse = LL.linear_token_logprobs_fwd(h, w, None, t, 1.0, IGN, True)
+    LL.linear_token_logprobs_bwd(g_lp, g_lp, h, w, None, t, lse, ent, 1.0, IGN, True, True, False)  # tune
+    vc = LL._chunk_cols(N, V, H)
+    G = torch.empty(N, vc, dtype=w.dtype, device=ctx.device)
+    gw = torch.empty_like(w)
+    gh = torch.zeros(N, H, dtype=torch.float32, device=ctx.device)
+    flags = dict(HAS_BIAS=False, WITH_ENTROPY=True, HAS_SCALE=False, NEED_BIAS=False, DOT_F32=not ctx.cuda,
+                 GROUP_N=LL._GROUP_N)
+
+    def grad_chunks():
+        for c0 in range(0, V, vc):
+            args = (h, w, h, t, lse, g_lp, g_lp, ent, lse, G, lse, N, V, H, min(LL.next_pow2(N), 8192), c0, vc, 1.0,
+                    IGN)
+            LL._launch(LL._grad_chunk_kernel, LL._grad_chunk_tuned,
+                       lambda meta: (LL.cdiv(N, meta["BLOCK_N"]) * LL.cdiv(vc, meta["BLOCK_V"]),), args, flags,
+                       N * vc * H, (LL._INTERP_TILE, {}) if not ctx.cuda else LL._SMALL_TILE)
+
+    def dw_gemms():
+        for c0 in range(0, V, vc):
+            width = min(vc, V - c0)
+            torch.mm(G[:, :width].t(), h, out=gw[c0:c0 + width])
+
+    def dh_gemms():
+        for c0 in range(0, V, vc):
+            width = min(vc, V - c0)
+            LL._acc_matmul(gh, G[:, :width], w[c0:c0 + width])
+
+    rows = []
+    for name, fn in [("fwd tile kernel (+merge)", lambda: LL.linear_token_logprobs_fwd(h, w, None, t, 1.0, IGN, True)),
+                     ("bwd gradient-chunk kernels", grad_chunks), ("bwd d W GEMMs (cuBLAS)", dw_gemms),
+                     ("bwd d H GEMMs (" + ("cuBLAS" if ctx.cuda and LL._cublas_f32_accumulate_ok(ctx.device.index or 0)
+                                           else "Triton") + ")", dh_gemms)]:
+        ms = ctx.time_ms(fn)
+        rows.append(ctx.row("breakdown: " + name, shape, ms, pct_matmul=100 * flops / (ms * 1e-3) / 1e12
+                            / ctx.matmul_tflops))
+    if ctx.cuda:
+        cfg = {k: getattr(getattr(LL, k), "best_config", None)
+               for k in ("_lse_partial_tuned", "_grad_chunk_tuned", "_acc_matmul_tuned")}
+        rows[-1]["notes"] = "; ".join(f"{k.strip('_')}: {v}" for k, v in cfg.items())
+    del h, w, t, G, gw, gh
+    ctx.free()
+    return rows
+
+
 def _third_party_linear_ce(ctx, h, w, t, shape, ms_ours) -> list[dict]:
     """Liger-Kernel fused linear cross entropy and Cut Cross-Entropy, when installed (per-token CE = −log-prob)."""
     rows = []
@@ -345,7 +399,8 @@ def bench_linear_ppo_loss(ctx: Ctx) -> list[dict]:
 
 
 def discover_cases() -> list:
-    cases = [bench_token_logprobs, bench_linear_token_logprobs, bench_linear_ppo_loss]
+    cases = [bench_token_logprobs, bench_linear_token_logprobs, bench_linear_backward_breakdown,
+             bench_linear_ppo_loss]
     here = pathlib.Path(__file__).resolve()
     for path in sorted(here.parent.glob("gpu_*.py")):
         if path == here:
