@@ -85,6 +85,8 @@ if [ "$SKIP_TESTS" = 0 ]; then
     $PYTHON -m pytest tests -m "gpu or not gpu" --collect-only -q -p no:cacheprovider > "$DIR/pytest.log" 2>&1
   else
     # SIGINT on timeout: pytest still prints its summary and writes the junit file
+    export SIGNAL_GPU_REPORT="$DIR/gpu_test_figures.txt"
+    : > "$SIGNAL_GPU_REPORT"
     timeout -s INT -k 30 "${TEST_TIMEOUT:-300}" $PYTHON -m pytest tests -m "gpu or not gpu" -q -rfEs \
       -p no:cacheprovider --junitxml="$DIR/pytest.xml" ${PYTEST_ARGS:-} > "$DIR/pytest.log" 2>&1
   fi
@@ -101,6 +103,11 @@ if [ "$SKIP_BENCH" = 0 ]; then
   rc=$?
   tail -n 5 "$DIR/bench.stderr"
   BENCH_STATUS="exit $rc"
+fi
+
+if [ -s "$DIR/gpu_test_figures.txt" ]; then
+  echo; echo "== figures measured by the GPU-only tests =="
+  cat "$DIR/gpu_test_figures.txt"
 fi
 
 echo
