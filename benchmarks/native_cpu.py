@@ -225,7 +225,7 @@ def render(rows: list[dict], meta: dict) -> str:
     lines = [
         "# Native CPU kernels vs PyTorch",
         "",
-        f"- device: {meta['cpu']} ({meta['threads']} threads used by torch, {os.cpu_count()} logical CPUs)",
+        f"- device: {meta['cpu']} (torch threads: {meta['threads']}; logical CPUs: {os.cpu_count()})",
         f"- torch {meta['torch']}, Python {platform.python_version()}, {meta['date']}",
         f"- load average at start: {meta['load']} (the machine is shared: timings are noisy)",
         f"- command: `{meta['command']}`",

@@ -12,21 +12,17 @@ namespace signalrl {
 
 namespace {
 
-// G rows at once, walking t backwards. Each row is an independent dependency chain, so G rows
-// in flight hide the latency of the recurrence. Masked positions are handled with selects
-// (no branches): they output 0 and leave the carried next-value / next-advantage untouched,
-// which is exactly "drop the masked positions, run GAE, scatter back".
+// Steps t = t_end-1 .. 0 of G rows at once (row k at offset k*T), carrying per row the value of
+// the next valid position (nv) and its advantage (na). Each row is an independent dependency
+// chain, so G rows in flight hide the latency of the recurrence. Masked positions are handled
+// with selects (no branches): they output 0 and leave nv/na untouched, which is exactly "drop
+// the masked positions, run GAE, scatter back".
 template <int G>
-inline __attribute__((always_inline)) void gae_group(const float* r, const float* v,
-                                                     const float* m, const float* last,
-                                                     float* adv, float* ret, int64_t T,
-                                                     float gamma, float gl) {
-  float nv[G], na[G];
-  for (int k = 0; k < G; ++k) {
-    nv[k] = last[k];
-    na[k] = 0.0f;
-  }
-  for (int64_t t = T - 1; t >= 0; --t) {
+inline __attribute__((always_inline)) void gae_steps(const float* r, const float* v,
+                                                     const float* m, float* adv, float* ret,
+                                                     int64_t T, int64_t t_end, float gamma,
+                                                     float gl, float* nv, float* na) {
+  for (int64_t t = t_end - 1; t >= 0; --t) {
     for (int k = 0; k < G; ++k) {
       const int64_t o = k * T + t;
       const bool valid = m[o] != 0.0f;
@@ -38,6 +34,20 @@ inline __attribute__((always_inline)) void gae_group(const float* r, const float
       na[k] = valid ? a : na[k];
     }
   }
+}
+
+// G whole rows: V(after the last valid token) = last[k], A(after it) = 0.
+template <int G>
+inline __attribute__((always_inline)) void gae_group(const float* r, const float* v,
+                                                     const float* m, const float* last,
+                                                     float* adv, float* ret, int64_t T,
+                                                     float gamma, float gl) {
+  float nv[G], na[G];
+  for (int k = 0; k < G; ++k) {
+    nv[k] = last[k];
+    na[k] = 0.0f;
+  }
+  gae_steps<G>(r, v, m, adv, ret, T, T, gamma, gl, nv, na);
 }
 
 // Scalar path: rows [b0, b1) in groups of 8.
@@ -106,9 +116,9 @@ inline __attribute__((always_inline)) void gae_tile_rows(const float* r, const f
                                                          float* adv, float* ret, int64_t T,
                                                          float gamma, float gl) {
   using vf = typename Simd<W>::vf;
-  vf nv, na = vf{} ;
-  std::memcpy(&nv, last, sizeof(vf));
   const vf zero = vf{};
+  vf nv, na = zero;
+  std::memcpy(&nv, last, sizeof(vf));
   vf R[W], Vv[W], M[W], A[W], Rt[W];
   int64_t t0 = T - W;
   for (; t0 >= 0; t0 -= W) {
@@ -135,24 +145,12 @@ inline __attribute__((always_inline)) void gae_tile_rows(const float* r, const f
       std::memcpy(ret + k * T + t0, &Rt[k], sizeof(vf));
     }
   }
-  // the first T mod W steps: the same recurrence per row, continuing from the lane state
-  const int64_t rest = t0 + W;
-  if (rest > 0) {
+  // the first T mod W steps: the scalar recurrence, continuing from the lane state
+  if (t0 + W > 0) {
     float nvs[W], nas[W];
     std::memcpy(nvs, &nv, sizeof(vf));
     std::memcpy(nas, &na, sizeof(vf));
-    for (int64_t t = rest - 1; t >= 0; --t) {
-      for (int k = 0; k < W; ++k) {
-        const int64_t o = k * T + t;
-        const bool valid = m[o] != 0.0f;
-        const float vv = v[o];
-        const float a = (r[o] + gamma * nvs[k] - vv) + gl * nas[k];
-        adv[o] = valid ? a : 0.0f;
-        ret[o] = valid ? a + vv : 0.0f;
-        nvs[k] = valid ? vv : nvs[k];
-        nas[k] = valid ? a : nas[k];
-      }
-    }
+    gae_steps<W>(r, v, m, adv, ret, T, t0 + W, gamma, gl, nvs, nas);
   }
 }
 
