@@ -104,18 +104,19 @@ def _prune_tile(configs, named_args, **kwargs):
 
 @triton.jit
 def _tile_logits(
-    x_ptr, w_ptr, b_ptr, rows, cols, N, V, H, inv_temp,
+    x_ptr, w_ptr, b_ptr, rows, cols, N, V, H, k_iters, inv_temp,
     HAS_BIAS: tl.constexpr, DOT_F32: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr,
     BLOCK_K: tl.constexpr,
 ):
-    """z = (x[rows] @ w[cols].T + b[cols]) * inv_temp as a float32 [BLOCK_N, BLOCK_V] tile; -inf at cols >= V."""
+    """z = (x[rows] @ w[cols].T + b[cols]) * inv_temp as a float32 [BLOCK_N, BLOCK_V] tile; -inf at cols >= V.
+    ``k_iters`` = cdiv(H, BLOCK_K), or 0 to skip the product (a row block with nothing to compute)."""
     ks = tl.arange(0, BLOCK_K)
     x_ptrs = x_ptr + rows[:, None] * H + ks[None, :]
     w_ptrs = w_ptr + cols[None, :] * H + ks[:, None]
     row_ok = rows[:, None] < N
     col_ok = cols[None, :] < V
     acc = tl.zeros([BLOCK_N, BLOCK_V], dtype=tl.float32)
-    for k in range(0, tl.cdiv(H, BLOCK_K)):
+    for k in range(0, k_iters):
         k_ok = (k * BLOCK_K + ks) < H
         xt = tl.load(x_ptrs, mask=row_ok & k_ok[None, :], other=0.0)
         wt = tl.load(w_ptrs, mask=col_ok & k_ok[:, None], other=0.0)
@@ -156,14 +157,16 @@ def _lse_partial_kernel(
     tgt = tl.load(tgt_ptr + rows, mask=rows < N, other=ignore_index)
     v_lo = pid_s * v_per_split
     v_hi = tl.minimum(v_lo + v_per_split, V)
+    # a row block whose targets are all ignore_index (e.g. prompt tokens) skips its tiles
+    v_end = tl.where(tl.sum((tgt != ignore_index).to(tl.int32), 0) > 0, v_hi, v_lo)
 
     m = tl.full([BLOCK_N], _NEG_BIG, tl.float32)
     s = tl.zeros([BLOCK_N], tl.float32)
     t = tl.zeros([BLOCK_N], tl.float32)
     zt = tl.zeros([BLOCK_N], tl.float32)
-    for v0 in range(v_lo, v_hi, BLOCK_V):
+    for v0 in range(v_lo, v_end, BLOCK_V):
         cols = v0 + tl.arange(0, BLOCK_V)
-        z = _tile_logits(x_ptr, w_ptr, b_ptr, rows, cols.to(tl.int64), N, v_hi, H, inv_temp,
+        z = _tile_logits(x_ptr, w_ptr, b_ptr, rows, cols.to(tl.int64), N, v_hi, H, tl.cdiv(H, BLOCK_K), inv_temp,
                          HAS_BIAS, DOT_F32, BLOCK_N, BLOCK_V, BLOCK_K)
         m_new = tl.maximum(m, tl.max(z, 1))
         alpha = tl.exp(m - m_new)
@@ -311,7 +314,9 @@ def _grad_chunk_kernel(
         g_lp = g_lp * tl.load(scale_ptr)
     g_lp = tl.where(valid, g_lp, 0.0)
 
-    z = _tile_logits(x_ptr, w_ptr, b_ptr, rows, cols, N, c_hi, H, inv_temp,
+    # a row block whose targets are all ignore_index (e.g. prompt tokens) skips the product: its gradient is 0
+    k_iters = tl.where(tl.sum(valid.to(tl.int32), 0) > 0, tl.cdiv(H, BLOCK_K), 0)
+    z = _tile_logits(x_ptr, w_ptr, b_ptr, rows, cols, N, c_hi, H, k_iters, inv_temp,
                      HAS_BIAS, DOT_F32, BLOCK_N, BLOCK_V, BLOCK_K)
     logp = z - lse[:, None]
     p = tl.exp(logp)

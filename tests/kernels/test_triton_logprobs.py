@@ -238,6 +238,24 @@ def test_linear_token_logprobs_all_ignored_and_large_logits():
     assert (ent - ent_t).abs().max().item() <= 1e-3
 
 
+def test_linear_token_logprobs_skips_ignored_row_blocks():
+    """Prompt-like segments of ignored targets (whole row blocks are skipped by the kernels) next to live rows."""
+    N, V, H = 70, 500, 32
+    h, w, b = _linear_inputs(N, V, H, torch.float32, True)
+    t = targets_for(N, V, frac=0.0)
+    t[:40] = IGN  # rows 0-39: several whole blocks of every tile size, and a partial one
+    t[64:] = IGN
+    lp, ent, lse = LL.linear_token_logprobs_fwd(h, w, b, t, 1.0, IGN, True)
+    g_lp, g_h = torch.randn(N, device=DEV), torch.randn(N, device=DEV)
+    gh, gw, gb = LL.linear_token_logprobs_bwd(g_lp, g_h, h, w, b, t, lse, ent, 1.0, IGN, True, True, True)
+    leaves, lp_t, ent_t = _linear_truth(h, w, b, t, 1.0)
+    truth = torch.autograd.grad((lp_t * g_lp.double() + ent_t * g_h.double()).sum(), list(leaves))
+    for name, got, want in [("logprobs", lp, lp_t), ("entropy", ent, ent_t), ("d hidden", gh, truth[0]),
+                            ("d weight", gw, truth[1]), ("d bias", gb, truth[2])]:
+        check(name, got, want, torch.float32)
+    assert torch.isfinite(lse).all() and (gh[:40] == 0).all() and (gh[64:] == 0).all()
+
+
 def test_linear_true_class_gradient_no_cancellation_bf16():
     """A peaked softmax (p_target ≈ 0.95-0.99): every entry of g_z is small and d(hidden) = Σ_j g_j w_j comes out of them;
     forming (δ − p) after a bf16 rounding of p would swamp it (Liger PR #1419)."""
