@@ -10,7 +10,8 @@ Forward (``linear_token_logprobs_fwd``): one kernel over tiles of [BLOCK_N x BLO
 inputs), reduced at once into an online log-sum-exp (running max m, s = sum e^{z-m}, t = sum e^{z-m}(z-m), see
 kernels/logprobs.py) and the target logit. The vocabulary is cut into SPLIT ranges so the grid fills the GPU; each
 program walks its range and writes (m, s, t) for its rows; a small kernel merges the SPLIT partials per row.
-Programs are ordered in groups of row blocks so a vocab tile is reused from L2 by the rows that need it.
+Programs are ordered in groups of row blocks so a vocab tile is reused from L2 by the rows that need it. A row block
+whose targets are all ignore_index (prompt tokens, padding) skips its tiles, here and in the backward recompute.
 
 Backward (``linear_token_logprobs_bwd``): the vocabulary is processed in chunks of Vc columns. For each chunk one
 kernel recomputes the logits tiles, applies the gradient formula in float32 ((delta - p) is formed in float32 before
