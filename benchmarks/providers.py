@@ -148,7 +148,7 @@ def shutil_which(name: str) -> str | None:
     return shutil.which(name)
 
 
-def _interpreter_on() -> bool:
+def interpreter_on() -> bool:
     return os.environ.get("TRITON_INTERPRET", "") == "1"
 
 
@@ -170,7 +170,7 @@ def signal_impl(backend: str, op: str, call: Callable, probe: torch.Tensor) -> I
     if inspect.ismodule(op_fn):  # a submodule of the same name shadows the lazily exported op
         op_fn = getattr(op_fn, op)
     if backend == "triton" and probe.device.type != "cuda":
-        if not _interpreter_on():
+        if not interpreter_on():
             raise Unavailable("no CUDA device (the Triton interpreter is for smoke runs only: --triton-interpret)")
     family, fwd = kernel_for(op, op_fn)
     if family is None:

@@ -26,9 +26,9 @@ def _shapes(preset: Preset):
     if preset.quick:
         return [({"N": 64, "H": 32, "V": 500}, torch.float32, True)]
     if preset.name == "cpu":
-        pts = [({"N": 256, "H": 256, "V": 32000}, torch.float32, True)]
-        pts += [({"N": 256, "H": 256, "V": v}, torch.float32, False) for v in (8192, 65536)]
-        pts += [({"N": n, "H": 256, "V": 32000}, torch.float32, False) for n in (64, 1024)]
+        pts = [({"N": 128, "H": 256, "V": 32000}, torch.float32, True)]
+        pts += [({"N": 128, "H": 256, "V": v}, torch.float32, False) for v in (8192, 65536)]
+        pts += [({"N": n, "H": 256, "V": 32000}, torch.float32, False) for n in (32, 512)]
         return pts
     pts = [({"N": 8192, "H": 4096, "V": 128256}, torch.bfloat16, True)]
     pts += [({"N": 8192, "H": 4096, "V": v}, torch.bfloat16, False) for v in (32000, 151936, 262144)]
@@ -117,7 +117,7 @@ def cases(preset: Preset) -> list[Case]:
 
         for params, dtype, headline in _shapes(preset):
             N, H, V = params["N"], params["H"], params["V"]
-            if entropy and not headline and (preset.name != "cpu" or params["N"] != 256):
+            if entropy and not headline and (preset.name != "cpu" or params["N"] != 128):
                 continue  # the entropy variant: headline (and the V sweep on CPU)
             impls = standard_impls("linear_token_logprobs", call, "hidden", preset, headline=headline,
                                    compile_key=op)
@@ -137,7 +137,7 @@ def cases(preset: Preset) -> list[Case]:
 
     for params, dtype, headline in _shapes(preset):
         N, H, V = params["N"], params["H"], params["V"]
-        if not headline and (preset.quick or params["N"] != (8192 if preset.name == "gpu" else 256)
+        if not headline and (preset.quick or params["N"] != (8192 if preset.name == "gpu" else 128)
                              or params["H"] != (4096 if preset.name == "gpu" else 256)
                              or params["V"] not in (8192, 32000, 65536, 262144)):
             continue  # linear_ppo_loss: headline and a V sweep

@@ -18,9 +18,9 @@ def _shapes(preset: Preset):
     if preset.quick:
         return [({"N": 64, "V": 500}, torch.float32, True), ({"N": 64, "V": 1000}, torch.float32, False)]
     if preset.name == "cpu":
-        pts = [({"N": 1024, "V": 32000}, torch.float32, True), ({"N": 1024, "V": 32000}, torch.bfloat16, True)]
-        pts += [({"N": 128, "V": v}, torch.float32, False) for v in (32000, 128256, 262144)]
-        pts += [({"N": n, "V": 32000}, torch.float32, False) for n in (256, 2048)]
+        pts = [({"N": 512, "V": 32000}, torch.float32, True), ({"N": 512, "V": 32000}, torch.bfloat16, True)]
+        pts += [({"N": 64, "V": v}, torch.float32, False) for v in (32000, 128256, 262144)]
+        pts += [({"N": n, "V": 32000}, torch.float32, False) for n in (128, 1024)]
         return pts
     pts = [({"N": 8192, "V": 128256}, torch.bfloat16, True)]
     pts += [({"N": 8192, "V": v}, torch.bfloat16, False) for v in (32000, 151936, 262144)]
@@ -47,7 +47,7 @@ def cases(preset: Preset) -> list[Case]:
             return m.token_logprobs(logits, targets, ignore_index=IGNORE, return_entropy=_e)
 
         for params, dtype, headline in _shapes(preset):
-            if entropy and preset.name == "cpu" and (dtype != torch.float32 or (not headline and params["N"] != 128)):
+            if entropy and preset.name == "cpu" and (dtype != torch.float32 or (not headline and params["N"] != 64)):
                 continue  # CPU: the entropy variant at the fp32 headline and along the V sweep
             if entropy and not headline and preset.name != "cpu":
                 continue  # quick / GPU: the entropy variant at the headline shape

@@ -16,7 +16,7 @@ def _shapes(preset: Preset):
     if preset.quick:
         return [((4, 256), True)]
     if preset.name == "cpu":
-        return [((256, 1024), True), ((256, 256), False), ((256, 4096), False)]
+        return [((64, 1024), True), ((64, 256), False), ((64, 4096), False)]
     return [((1024, 8192), True), ((1024, 1024), False), ((1024, 32768), False)]
 
 
