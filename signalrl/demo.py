@@ -88,7 +88,7 @@ class Settings:
 
     @classmethod
     def quick(cls) -> "Settings":
-        return cls(sft_steps=30, rm_steps=20, rl_iters=4, rl_prompts=16, dpo_steps=6, dpo_prompts=16,
+        return cls(sft_steps=20, rm_steps=15, rl_iters=3, rl_prompts=16, dpo_steps=4, dpo_prompts=16,
                    eval_prompts=8)
 
 
