@@ -275,7 +275,9 @@ class Run:
                     raise FloatingPointError(f"{loss_fn}: the loss is not finite ({res.loss.item()}); "
                                              "no gradient was accumulated")
                 grads = torch.autograd.grad(res.loss, params, allow_unused=True)
-            bad = [n for (n, _), g in zip(named, grads) if g is not None and not torch.isfinite(g).all()]
+            present = [(n, g) for (n, _), g in zip(named, grads) if g is not None]
+            finite = torch.stack([torch.isfinite(g).all() for _, g in present]).tolist() if present else []
+            bad = [n for (n, _), ok in zip(present, finite) if not ok]  # one host sync for all gradients
             if bad:
                 raise FloatingPointError(f"{loss_fn}: non-finite gradients in {bad[:5]}"
                                          f"{' and more' if len(bad) > 5 else ''}; no gradient was accumulated")

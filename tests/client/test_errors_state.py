@@ -91,6 +91,14 @@ def test_failed_requests_leave_state_untouched(client, engine, sft_batch, lora_r
         finally:
             handle.remove()
         assert_same(before, snapshot(run))
+        # A finite loss with NaN gradients: nothing is accumulated.
+        handle = target.register_hook(lambda g: g * float("nan"))
+        try:
+            with pytest.raises(FloatingPointError, match="non-finite gradients"):
+                await tc.forward_backward(sft_batch, "causal_lm")
+        finally:
+            handle.remove()
+        assert_same(before, snapshot(run))
         with pytest.raises(ValueError, match="learning_rate"):
             await tc.optim_step(learning_rate=-1.0)
         assert_same(before, snapshot(run))
@@ -103,7 +111,7 @@ def test_failed_requests_leave_state_untouched(client, engine, sft_batch, lora_r
         return await tc.queue_stats()
 
     stats = asyncio.run(main())
-    assert stats["failed"] == 11 and stats["pending"] == 0
+    assert stats["failed"] == 12 and stats["pending"] == 0
 
 
 def test_unknown_run_is_raised_from_the_awaited_call(client, sft_batch):
