@@ -44,3 +44,18 @@ def test_builtin_reference_equals_fresh_base_with_same_seed():
 def test_load_base_model_unknown_name_is_a_clear_error(tmp_path):
     with pytest.raises(ValueError, match="base_model: could not load"):
         load_base_model(str(tmp_path / "nothing-here"))
+
+
+def test_runs_share_named_reference_models(engine, make_run):
+    pairs = [{"prompt": "q", "chosen": "ab", "rejected": "cd"}]
+    a, b = make_run(lora_r=4), make_run(lora_r=0)
+    hits, misses = engine.reference_cache.hits, engine.reference_cache.misses
+    ra = a.forward(pairs, "dpo", {"reference_model": "signal-tiny-4l"})
+    rb = b.forward(pairs, "dpo", {"reference_model": "signal-tiny-4l"})
+    assert engine.reference_cache.misses == misses + 1 and engine.reference_cache.hits == hits + 1
+    assert ra.loss > 0 and rb.loss > 0
+    # Full fine-tuning with no reference named: the run's own base model (== its initial weights), so
+    # before any update the policy equals the reference and the implicit rewards are 0.
+    r0 = b.forward(pairs, "dpo")
+    assert r0.metrics["chosen_reward"] == 0.0 and r0.metrics["rejected_reward"] == 0.0
+    assert ("signal-tiny", "torch.float32", "cpu", 0) in engine.reference_cache.keys()
