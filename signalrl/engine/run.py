@@ -146,7 +146,8 @@ class Run:
 
     # ------------------------------------------------------------------ construction
     def _base(self) -> torch.nn.Module:
-        get = getattr(self.model if hasattr(self, "model") else None, "get_base_model", None)
+        """The causal LM under the peft wrapper (if any)."""
+        get = getattr(self.model, "get_base_model", None)
         return get() if callable(get) else self.model
 
     def _apply_lora(self, model: torch.nn.Module) -> torch.nn.Module:
@@ -509,7 +510,8 @@ class Run:
         n_train = sum(p.numel() for _, p in self.trainable_parameters())
         n_total = sum(p.numel() for p in self.model.parameters())
         return {"run_id": self.run_id, "name": self.config.name, "base_model": self.config.base_model,
-                "lora_r": self.config.lora_r, "step": self.step, "heads": list(self.heads),
+                "lora_r": self.config.lora_r, "step": self.step, "pending_grads": self.pending_grads,
+                "heads": list(self.heads),
                 "trainable_parameters": n_train, "total_parameters": n_total, "device": str(self.device),
                 "run_dir": self.run_dir, "metrics_path": self.metrics.path, "created_at": self.created_at,
                 "config": asdict(self.config)}
