@@ -12,10 +12,13 @@ import importlib
 from . import ops, reference
 
 __version__ = "0.1.0"
-__all__ = ["client", "losses", "ops", "reference", "__version__"]
+_CLIENT_NAMES = ("AsyncSignalClient", "SignalClient", "TrainingClient", "FutureGroup")
+__all__ = ["client", "losses", "ops", "reference", "__version__", *_CLIENT_NAMES]
 
 
 def __getattr__(name: str):
     if name in ("losses", "client"):
         return importlib.import_module(f"{__name__}.{name}")
+    if name in _CLIENT_NAMES:
+        return getattr(importlib.import_module(f"{__name__}.client"), name)
     raise AttributeError(f"module 'signalrl' has no attribute {name!r}")

@@ -5,15 +5,20 @@ import torch
 from signalrl.engine.tokenizer import EOS_ID
 
 
+def _device(run):
+    return next(run.model.parameters()).device
+
+
 def _loss_side_logprobs(run, seqs):
     from signalrl.losses.model import PolicyModel
 
     ids = [s.prompt_tokens + s.tokens for s in seqs]
     T = max(map(len, ids))
-    input_ids = torch.tensor([x + [0] * (T - len(x)) for x in ids])
-    mask = torch.tensor([[1] * len(x) + [0] * (T - len(x)) for x in ids])
+    dev = _device(run)
+    input_ids = torch.tensor([x + [0] * (T - len(x)) for x in ids], device=dev)
+    mask = torch.tensor([[1] * len(x) + [0] * (T - len(x)) for x in ids], device=dev)
     with torch.no_grad():
-        lp = PolicyModel(run.model).token_logprobs(input_ids, mask)
+        lp = PolicyModel(run.model).token_logprobs(input_ids, mask).cpu()
     return [lp[i, len(s.prompt_tokens):len(s.prompt_tokens) + len(s.tokens)] for i, s in enumerate(seqs)]
 
 
@@ -36,9 +41,9 @@ def test_sample_logprobs_match_loss_logprobs_at_temperature_1(make_run, lora_r):
 def test_tempered_logprobs_are_those_of_the_sampling_distribution(make_run):
     run = make_run(lora_r=0, seed=2)
     s = run.sample(["xy"], max_tokens=6, temperature=0.5, num_samples=2, seed=1).flat()[0]
-    ids = torch.tensor([s.prompt_tokens + s.tokens])
+    ids = torch.tensor([s.prompt_tokens + s.tokens], device=_device(run))
     with torch.no_grad():
-        logits = run.model(input_ids=ids).logits[0, len(s.prompt_tokens) - 1:-1].float()
+        logits = run.model(input_ids=ids).logits[0, len(s.prompt_tokens) - 1:-1].float().cpu()
     expected = torch.log_softmax(logits / 0.5, -1).gather(1, torch.tensor(s.tokens)[:, None]).squeeze(1)
     torch.testing.assert_close(torch.tensor(s.logprobs), expected, rtol=0, atol=2e-5)
 
@@ -57,15 +62,16 @@ def test_greedy_and_eos(make_run):
     run = make_run(lora_r=0, seed=4)
     g = run.sample(["hello"], max_tokens=5, temperature=0.0, num_samples=2).flat()
     assert g[0].tokens == g[1].tokens  # greedy is deterministic
-    ids = torch.tensor([g[0].prompt_tokens])
+    dev = _device(run)
+    ids = torch.tensor([g[0].prompt_tokens], device=dev)
     with torch.no_grad():
         for tok in g[0].tokens:
             nxt = int(run.model(input_ids=ids).logits[0, -1].argmax())
             assert nxt == tok
-            ids = torch.cat([ids, torch.tensor([[tok]])], 1)
+            ids = torch.cat([ids, torch.tensor([[tok]], device=dev)], 1)
     assert g[0].finish_reason == "length" and len(g[0].tokens) == 5
 
-    bias = torch.zeros(run.model.config.vocab_size)
+    bias = torch.zeros(run.model.config.vocab_size, device=_device(run))
     bias[EOS_ID] = 100.0  # the model now ends every sequence at once
     hook = run.model.lm_head.register_forward_hook(lambda m, i, out: out + bias)
     try:
