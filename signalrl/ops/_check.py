@@ -57,8 +57,10 @@ def compare(what: str, got: torch.Tensor, expected: torch.Tensor, rtol: float) -
     max_abs = diff.max().item() if diff.numel() else 0.0
     max_rel = (diff / e.abs().clamp_min(1e-30)).max().item() if diff.numel() else 0.0
     norm_rel = (diff.norm() / e.norm().clamp_min(1e-30)).item() if diff.numel() else 0.0
+    # a 0-d result (a mean, a loss) can cancel to ~0: hold it to rtol in absolute terms as well
     scale = e.abs().max().item() if e.numel() else 0.0
-    if norm_rel > rtol and max_abs > rtol * max(scale, 1e-12):
+    floor = 1.0 if e.numel() == 1 else 1e-12
+    if norm_rel > rtol and max_abs > rtol * max(scale, floor):
         raise SignalCheckError(
             f"{what}: max abs error {max_abs:.3e}, max rel error {max_rel:.3e}, "
             f"norm-relative error {norm_rel:.3e} > tolerance {rtol:.1e}"
