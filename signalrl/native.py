@@ -5,7 +5,8 @@ using ``at::parallel_for``; schemas in ``csrc/registration.cpp``, contract in
 ``docs/backends.md``). This module finds or builds it on first use:
 
 1. a prebuilt library next to this file (``signalrl/_native*.so``), made by
-   ``SIGNAL_BUILD_NATIVE=1 pip install -e .`` and used while it is newer than the sources;
+   ``SIGNAL_BUILD_NATIVE=1 pip install -e . --no-build-isolation`` and used while it is newer
+   than the sources (if it fails to load, e.g. built for another torch, the JIT build is used);
 2. otherwise a just-in-time build with :func:`torch.utils.cpp_extension.load` (needs a C++
    compiler and ninja; about a minute on two cores), cached in :func:`build_dir` and reused by
    later processes as long as the sources, flags and torch version are unchanged.
