@@ -77,12 +77,12 @@ def standard_impls(op: str, call: Callable, probe: str, preset: Preset, *, headl
     def comp(device, x):
         if not preset.run_compile:
             raise P.Skipped("torch.compile is not run in the quick preset (first compile takes ≈15 s)")
-        if not preset.compile_all_shapes and not headline and not compile_always:
-            raise P.Skipped("torch.compile runs on headline shapes only in this preset (compile time)")
         if compile_ok is not None:
             why = compile_ok()
             if why:
                 raise P.Skipped(why)
+        if not preset.compile_all_shapes and not headline and not compile_always:
+            raise P.Skipped("torch.compile runs on headline shapes only in this preset (compile time)")
         return P.compile_impl(compile_key or op, call, device)
 
     def backend(name):
