@@ -10,7 +10,6 @@ because it unrolls the Python loop over T into the graph.
 
 from __future__ import annotations
 
-import inspect
 
 import torch
 
@@ -50,10 +49,7 @@ def _maker(B, T):
 
 
 def _call(m, rewards, values, mask, last_values):
-    fn = m.gae
-    if inspect.ismodule(fn):  # signalrl.ops.gae the submodule shadows the lazily exported op
-        fn = fn.gae
-    return fn(rewards, values, mask, gamma=GAMMA, lam=LAM, last_values=last_values)
+    return m.gae(rewards, values, mask, gamma=GAMMA, lam=LAM, last_values=last_values)
 
 
 @torch.no_grad()
