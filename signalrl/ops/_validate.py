@@ -72,3 +72,38 @@ def choice(name: str, value: str, options: Sequence[str]) -> str:
     if value not in options:
         raise ValueError(f"{name}: expected one of {tuple(options)}, got {value!r}")
     return value
+
+
+def linear_head(hidden, weight, targets, bias) -> None:
+    """The inputs of the linear (hidden × LM head) ops: hidden ``[..., H]``, weight ``[V, H]`` of the same
+    dtype and device, targets ``hidden.shape[:-1]`` of an index dtype, optional bias ``[V]``."""
+    tensor("hidden", hidden, dtypes=FLOAT_DTYPES, min_dim=1)
+    tensor("weight", weight, dtypes=FLOAT_DTYPES, ndim=2)
+    tensor("targets", targets, dtypes=INDEX_DTYPES)
+    H = hidden.shape[-1]
+    if weight.shape[1] != H:
+        raise ValueError(f"weight: expected shape [V, {H}] (H = hidden.shape[-1]), got {tuple(weight.shape)}")
+    if weight.dtype != hidden.dtype:
+        raise TypeError(f"weight: expected dtype {hidden.dtype} (the dtype of hidden), got {weight.dtype}")
+    if targets.shape != hidden.shape[:-1]:
+        raise ValueError(
+            f"targets: expected shape {tuple(hidden.shape[:-1])} (hidden.shape[:-1]), got {tuple(targets.shape)}"
+        )
+    same_device("weight", weight, "hidden", hidden)
+    same_device("targets", targets, "hidden", hidden)
+    if bias is not None:
+        tensor("bias", bias, dtypes=FLOAT_DTYPES, ndim=1)
+        if bias.shape[0] != weight.shape[0]:
+            raise ValueError(f"bias: expected shape [{weight.shape[0]}] (V = weight.shape[0]), got {tuple(bias.shape)}")
+        same_device("bias", bias, "hidden", hidden)
+
+
+def clip_range(clip_low, clip_high, dual_clip) -> tuple[float, float, float | None]:
+    """PPO clipping: clip_low in [0, 1], clip_high ≥ 0 (default clip_low), dual_clip None or > 1."""
+    clip_low = in_range("clip_low", clip_low, 0.0, 1.0)
+    clip_high = clip_low if clip_high is None else non_negative("clip_high", clip_high)
+    if dual_clip is not None:
+        if isinstance(dual_clip, bool) or not isinstance(dual_clip, (int, float)) or not dual_clip > 1:
+            raise ValueError(f"dual_clip: expected None or a number > 1, got {dual_clip!r}")
+        dual_clip = float(dual_clip)
+    return clip_low, clip_high, dual_clip

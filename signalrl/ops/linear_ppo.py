@@ -167,20 +167,8 @@ def linear_ppo_loss(
     gradient chunk (Vc ≤ max(1024, 2·H)) plus a float32 ``[N, H]`` d(hidden) accumulator for non-float32 hidden
     (see :mod:`signalrl.kernels.linear_logprobs`). The reference materializes ``[N, V]`` float32 logits.
     """
-    v.tensor("hidden", hidden, dtypes=v.FLOAT_DTYPES, min_dim=1)
-    v.tensor("weight", weight, dtypes=v.FLOAT_DTYPES, ndim=2)
-    v.tensor("targets", targets, dtypes=v.INDEX_DTYPES)
+    v.linear_head(hidden, weight, targets, bias)
     H = hidden.shape[-1]
-    if weight.shape[1] != H:
-        raise ValueError(f"weight: expected shape [V, {H}] (H = hidden.shape[-1]), got {tuple(weight.shape)}")
-    if weight.dtype != hidden.dtype:
-        raise TypeError(f"weight: expected dtype {hidden.dtype} (the dtype of hidden), got {weight.dtype}")
-    if targets.shape != hidden.shape[:-1]:
-        raise ValueError(
-            f"targets: expected shape {tuple(hidden.shape[:-1])} (hidden.shape[:-1]), got {tuple(targets.shape)}"
-        )
-    v.same_device("weight", weight, "hidden", hidden)
-    v.same_device("targets", targets, "hidden", hidden)
     for name, x in (("old_logprobs", old_logprobs), ("advantages", advantages), ("ref_logprobs", ref_logprobs)):
         if x is None and name == "ref_logprobs":
             continue
@@ -188,18 +176,8 @@ def linear_ppo_loss(
         v.same_shape(name, x, "targets", targets)
         v.same_device(name, x, "targets", targets)
     v.optional_mask("mask", mask, "targets", targets)
-    if bias is not None:
-        v.tensor("bias", bias, dtypes=v.FLOAT_DTYPES, ndim=1)
-        if bias.shape[0] != weight.shape[0]:
-            raise ValueError(f"bias: expected shape [{weight.shape[0]}] (V = weight.shape[0]), got {tuple(bias.shape)}")
-        v.same_device("bias", bias, "hidden", hidden)
     temperature = v.positive("temperature", temperature)
-    clip_low = v.in_range("clip_low", clip_low, 0.0, 1.0)
-    clip_high = clip_low if clip_high is None else v.non_negative("clip_high", clip_high)
-    if dual_clip is not None:
-        if isinstance(dual_clip, bool) or not isinstance(dual_clip, (int, float)) or not dual_clip > 1:
-            raise ValueError(f"dual_clip: expected None or a number > 1, got {dual_clip!r}")
-        dual_clip = float(dual_clip)
+    clip_low, clip_high, dual_clip = v.clip_range(clip_low, clip_high, dual_clip)
     for name, c in (("kl_coef", kl_coef), ("entropy_coef", entropy_coef)):
         if isinstance(c, bool) or not isinstance(c, (int, float)) or c != c or c in (float("inf"), float("-inf")):
             raise ValueError(f"{name}: expected a finite number, got {c!r}")

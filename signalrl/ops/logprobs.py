@@ -289,25 +289,8 @@ def linear_token_logprobs(
     online log-sum-exp (forward) and recompute them (backward), needing O(N) float32 plus one block
     of logits per program / thread. The reference materializes ``[N, V]`` float32 logits.
     """
-    v.tensor("hidden", hidden, dtypes=v.FLOAT_DTYPES, min_dim=1)
-    v.tensor("weight", weight, dtypes=v.FLOAT_DTYPES, ndim=2)
-    v.tensor("targets", targets, dtypes=v.INDEX_DTYPES)
+    v.linear_head(hidden, weight, targets, bias)
     H = hidden.shape[-1]
-    if weight.shape[1] != H:
-        raise ValueError(f"weight: expected shape [V, {H}] (H = hidden.shape[-1]), got {tuple(weight.shape)}")
-    if weight.dtype != hidden.dtype:
-        raise TypeError(f"weight: expected dtype {hidden.dtype} (the dtype of hidden), got {weight.dtype}")
-    if targets.shape != hidden.shape[:-1]:
-        raise ValueError(
-            f"targets: expected shape {tuple(hidden.shape[:-1])} (hidden.shape[:-1]), got {tuple(targets.shape)}"
-        )
-    v.same_device("weight", weight, "hidden", hidden)
-    v.same_device("targets", targets, "hidden", hidden)
-    if bias is not None:
-        v.tensor("bias", bias, dtypes=v.FLOAT_DTYPES, ndim=1)
-        if bias.shape[0] != weight.shape[0]:
-            raise ValueError(f"bias: expected shape [{weight.shape[0]}] (V = weight.shape[0]), got {tuple(bias.shape)}")
-        v.same_device("bias", bias, "hidden", hidden)
     temperature = v.positive("temperature", temperature)
     lead = targets.shape
     backend = backend_for("linear_logprobs", "linear_token_logprobs_fwd", hidden)

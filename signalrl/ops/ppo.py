@@ -122,12 +122,7 @@ def clipped_surrogate(
     _check_per_token("old_logprobs", old_logprobs, "logprobs", logprobs)
     _check_per_token("advantages", advantages, "logprobs", logprobs)
     v.optional_mask("mask", mask, "logprobs", logprobs)
-    clip_low = v.in_range("clip_low", clip_low, 0.0, 1.0)
-    clip_high = clip_low if clip_high is None else v.non_negative("clip_high", clip_high)
-    if dual_clip is not None:
-        if isinstance(dual_clip, bool) or not isinstance(dual_clip, (int, float)) or not dual_clip > 1:
-            raise ValueError(f"dual_clip: expected None or a number > 1, got {dual_clip!r}")
-        dual_clip = float(dual_clip)
+    clip_low, clip_high, dual_clip = v.clip_range(clip_low, clip_high, dual_clip)
     v.choice("aggregation", aggregation, AGGREGATIONS)
 
     def ref_fn(lp, old, adv, m):
