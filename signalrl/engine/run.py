@@ -277,8 +277,10 @@ class Run:
                                              "no gradient was accumulated")
                 grads = torch.autograd.grad(res.loss, params, allow_unused=True)
             present = [(n, g) for (n, _), g in zip(named, grads) if g is not None]
-            finite = torch.stack([torch.isfinite(g).all() for _, g in present]).tolist() if present else []
-            bad = [n for (n, _), ok in zip(present, finite) if not ok]  # one host sync for all gradients
+            # One fused multi-tensor norm and one host sync: a NaN/inf anywhere makes its tensor's norm non-finite.
+            norms = torch._foreach_norm([g for _, g in present]) if present else []
+            finite = torch.isfinite(torch.stack(norms)).tolist() if present else []
+            bad = [n for (n, _), ok in zip(present, finite) if not ok]
             if bad:
                 raise FloatingPointError(f"{loss_fn}: non-finite gradients in {bad[:5]}"
                                          f"{' and more' if len(bad) > 5 else ''}; no gradient was accumulated")
