@@ -94,8 +94,8 @@ def gae(
             m2 = torch.ones_like(r2, dtype=_F32)
         elif backend == "triton":  # reads a 1-byte mask: a bool mask goes in as is (a uint8 view)
             m2 = (rows(m) if m.dtype == torch.bool else rows(m) != 0).contiguous().view(torch.uint8)
-        else:
-            m2 = (rows(m) != 0).to(_F32).contiguous()
+        else:  # the C++ kernel reads any dtype as "nonzero = valid" and converts it once itself
+            m2 = rows(m).contiguous()
         if backend == "native":  # the C++ kernel takes float32 (docs/backends.md)
             r2, v2 = r2.to(_F32), v2.to(_F32)
         lv = r2.new_zeros(r2.shape[0], dtype=_F32) if last is None else last.detach().reshape(-1).to(_F32).contiguous()
