@@ -7,25 +7,28 @@
 #   bash benchmarks/gpu_check.sh --dry-run     # CPU sanity run: collects the tests, runs the benchmark cases on tiny
 #                                              # shapes in the Triton interpreter (timings meaningless)
 #   bash benchmarks/gpu_check.sh --skip-tests  # benchmarks only;  --skip-bench: tests only
+#   bash benchmarks/gpu_check.sh --suite       # also the benchmark suite's GPU preset (python -m benchmarks --preset gpu,
+#                                              # ~5.5 min more: with the tests, more than one 10-minute call can hold)
 #   bash benchmarks/gpu_check.sh --quick       # fewer benchmark shapes;  --only <substr>: matching cases only
 #
 # Environment: PYTHON (default .venv/bin/python if it imports torch, else python3), TEST_TIMEOUT (s, default 300),
-# BENCH_TIMEOUT (s, default 240), PYTEST_ARGS (extra pytest arguments).
+# BENCH_TIMEOUT (s, default 240), SUITE_TIMEOUT (s, default 360), PYTEST_ARGS (extra pytest arguments).
 # Adding a benchmark case: a function `bench_<name>(ctx) -> list[dict]` in benchmarks/gpu_logprobs.py or in any
 # benchmarks/gpu_<family>.py (discovered automatically; see the docstring of benchmarks/gpu_logprobs.py).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
-DRY=0 SKIP_TESTS=0 SKIP_BENCH=0
+DRY=0 SKIP_TESTS=0 SKIP_BENCH=0 SUITE=0
 BENCH_ARGS=()
 while [ $# -gt 0 ]; do
   case "$1" in
     --dry-run) DRY=1 ;;
     --skip-tests) SKIP_TESTS=1 ;;
     --skip-bench) SKIP_BENCH=1 ;;
+    --suite) SUITE=1 ;;
     --quick) BENCH_ARGS+=(--quick) ;;
     --only) BENCH_ARGS+=(--only "$2"); shift ;;
-    -h|--help) sed -n '2,16p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,18p' "$0"; exit 0 ;;
     *) echo "gpu_check.sh: unknown argument $1" >&2; exit 2 ;;
   esac
   shift
@@ -110,8 +113,19 @@ if [ -s "$DIR/gpu_test_figures.txt" ]; then
   cat "$DIR/gpu_test_figures.txt"
 fi
 
+SUITE_STATUS="skipped (--suite runs it)"
+if [ "$SUITE" = 1 ]; then
+  echo; echo "== benchmark suite, GPU preset =="
+  SUITE_ARGS=(--preset gpu)
+  [ "$DRY" = 1 ] && SUITE_ARGS=(--quick)
+  timeout -s INT -k 30 "${SUITE_TIMEOUT:-360}" $PYTHON -m benchmarks "${SUITE_ARGS[@]}" --no-progress --out "$DIR/bench" \
+    2> "$DIR/suite.stderr" | tail -n 40
+  SUITE_STATUS="exit ${PIPESTATUS[0]} ($DIR/bench)"
+fi
+
 echo
 echo "== summary =="
 echo "tests:      $TEST_STATUS"
 echo "benchmarks: $BENCH_STATUS"
+echo "suite:      $SUITE_STATUS"
 echo "results:    $DIR   (wall $(( $(date +%s) - START )) s)"
