@@ -386,8 +386,12 @@ def test_gae_matches_reference(b, t, last):
         adv, ret = gae(rewards, values, mask, lv, gamma, lam)
         radv, rret = ref.gae(rewards.double(), values.double(), mask, gamma=gamma, lam=lam,
                              last_values=lv.double() if last else None)
-        check(f"advantages ({name})", adv, radv, torch.float32)
-        check(f"returns ({name})", ret, rret, torch.float32)
+        # A = r + γ·V' − V can cancel to ~0 (a 1×1 case does, now and then): measure the error against the
+        # scale of the terms, which is what float32 rounding is proportional to.
+        scale = (rewards.abs() + values.abs()).double().norm().item() + lv.double().norm().item()
+        for what, got, truth in (("advantages", adv, radv), ("returns", ret, rret)):
+            err = (got.double() - truth).norm().item() / max(truth.norm().item(), scale)
+            assert torch.isfinite(got).all() and err <= 1e-5, f"{what} ({name}): relative error {err:.3e}"
         assert (adv[mask == 0] == 0).all() and (ret[mask == 0] == 0).all(), name
 
 

@@ -23,10 +23,11 @@ def tol_for(dtype: torch.dtype) -> float:
 _ROUNDING = {torch.bfloat16: 2.0**-8, torch.float16: 2.0**-11}
 
 
-def assert_close(what: str, got, truth, dtype, baseline=None):
+def assert_close(what: str, got, truth, dtype, baseline=None, floor: float = 1e-6):
     """fp32: ≲1e-5 relative to float64 truth; bf16/fp16: ≲1e-2, and — given the same-dtype PyTorch
-    ``baseline`` — no worse than twice its error (or than rounding the output to that dtype)."""
-    err = rel_err(got, truth)
+    ``baseline`` — no worse than twice its error (or than rounding the output to that dtype).
+    ``floor`` (see :func:`rel_err`) sets the scale below which errors count as absolute."""
+    err = rel_err(got, truth, floor)
     tol = tol_for(dtype)
     assert err <= tol, f"{what}: relative error {err:.3e} > {tol:.1e}"
     if baseline is not None and dtype in _ROUNDING:

@@ -54,7 +54,9 @@ def test_token_logprobs_values_and_grads(backend, device, dtype, shape, V, tempe
     valid = targets != -100
     lp_b = torch.where(valid, lsm.gather(-1, targets.clamp_min(0).unsqueeze(-1)).squeeze(-1), 0).float()
     assert_close("logprobs", lp, lp_t, dtype, baseline=lp_b)
-    assert_close("entropy", ent, ent_t, dtype)
+    # A near-one-hot row has entropy ≈ log(1 + ε) with ε ≪ 1; the streaming sum s = 1 + ε holds ε to float32's
+    # ulp(1) ≈ 1.2e-7, so entropy is held to 1e-5 relative or 1e-7 nats absolute (floor 1e-2 × tolerance 1e-5).
+    assert_close("entropy", ent, ent_t, dtype, floor=1e-2)
     assert (lp[~valid] == 0).all() and (ent[~valid] == 0).all()
 
     g_lp, g_ent = torch.randn_like(lp), torch.randn_like(ent)
