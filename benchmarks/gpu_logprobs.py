@@ -257,38 +257,35 @@ def bench_linear_backward_breakdown(ctx: Ctx) -> list[dict]:
     return rows
 
 
+def _cce_loss():
+    from cut_cross_entropy import linear_cross_entropy
+
+    return linear_cross_entropy
+
+
+def _liger_loss():
+    from liger_kernel.transformers.functional import liger_fused_linear_cross_entropy
+
+    return liger_fused_linear_cross_entropy
+
+
 def _third_party_linear_ce(ctx, h, w, t, shape, ms_ours) -> list[dict]:
     """Liger-Kernel fused linear cross entropy and Cut Cross-Entropy, when installed (per-token CE = −log-prob)."""
     rows = []
     hr, wr = h.detach().clone().requires_grad_(), w.detach().clone().requires_grad_()
-    try:
-        from cut_cross_entropy import linear_cross_entropy
+    for case, load in (("cut-cross-entropy fwd+bwd", _cce_loss), ("liger fused linear CE fwd+bwd", _liger_loss)):
+        try:
+            loss_fn = load()
 
-        def cce():
-            loss = linear_cross_entropy(hr, wr, t, reduction="sum")
-            return torch.autograd.grad(loss, (hr, wr))
+            def step(loss_fn=loss_fn):
+                return torch.autograd.grad(loss_fn(hr, wr, t, reduction="sum"), (hr, wr))
 
-        ms = ctx.time_ms(cce, warmup=5, rep=20)
-        rows.append(ctx.row("cut-cross-entropy fwd+bwd", shape, ms, vs="linear_token_logprobs fwd+bwd",
-                            speedup=ms / ms_ours))
-    except ImportError:
-        rows.append(ctx.row("cut-cross-entropy fwd+bwd", shape, None, notes="not installed"))
-    except Exception as e:  # noqa: BLE001 - a third-party failure must not stop the run
-        rows.append(ctx.row("cut-cross-entropy fwd+bwd", shape, None, notes=f"error: {e!r}"[:200]))
-    try:
-        from liger_kernel.transformers.functional import liger_fused_linear_cross_entropy
-
-        def liger():
-            loss = liger_fused_linear_cross_entropy(hr, wr, t, reduction="sum")
-            return torch.autograd.grad(loss, (hr, wr))
-
-        ms = ctx.time_ms(liger, warmup=5, rep=20)
-        rows.append(ctx.row("liger fused linear CE fwd+bwd", shape, ms, vs="linear_token_logprobs fwd+bwd",
-                            speedup=ms / ms_ours))
-    except ImportError:
-        rows.append(ctx.row("liger fused linear CE fwd+bwd", shape, None, notes="not installed"))
-    except Exception as e:  # noqa: BLE001
-        rows.append(ctx.row("liger fused linear CE fwd+bwd", shape, None, notes=f"error: {e!r}"[:200]))
+            ms = ctx.time_ms(step, warmup=5, rep=20)
+            rows.append(ctx.row(case, shape, ms, vs="linear_token_logprobs fwd+bwd", speedup=ms / ms_ours))
+        except ImportError:
+            rows.append(ctx.row(case, shape, None, notes="not installed"))
+        except Exception as e:  # noqa: BLE001 - a third-party failure must not stop the run
+            rows.append(ctx.row(case, shape, None, notes=f"error: {e!r}"[:200]))
     return rows
 
 
