@@ -124,6 +124,8 @@ class Run:
         self.created_at = time.time()
         self.step = 0
         self.pending_grads = 0  # forward_backward calls accumulated since the last optim_step
+        self._grad_norms: list[torch.Tensor] | None = None  # per-tensor float32 norms of the accumulated grads
+        self._trainable: list[tuple[str, torch.nn.Parameter]] | None = None  # cache; reset when heads change
         os.makedirs(run_dir, exist_ok=True)
 
         base, self.tokenizer = load_base_model(config.base_model, dtype=self.dtype, device=self.device,
@@ -190,6 +192,7 @@ class Run:
         head.to(self.device)
         head.train()
         self.heads[kind] = head
+        self._trainable = None
         lr = self.optimizer.param_groups[0]["lr"]
         self.optimizer.add_param_group({"params": list(head.parameters()), "lr": lr})
         # LambdaLR keeps one base lr and one lambda per group.
@@ -199,6 +202,7 @@ class Run:
 
     def _drop_head(self, kind: str) -> None:
         head = self.heads.pop(kind)
+        self._trainable = None
         ids = {id(p) for p in head.parameters()}
         for i, group in enumerate(self.optimizer.param_groups):
             if any(id(p) in ids for p in group["params"]):
@@ -222,10 +226,13 @@ class Run:
 
     # ------------------------------------------------------------------ helpers
     def trainable_parameters(self) -> list[tuple[str, torch.nn.Parameter]]:
-        out = [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
-        for kind, head in self.heads.items():
-            out += [(f"heads.{kind}.{n}", p) for n, p in head.named_parameters()]
-        return out
+        """``(name, parameter)`` of every trainable weight: the model's, then each head's (``heads.<kind>.*``)."""
+        if self._trainable is None:
+            out = [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
+            for kind, head in self.heads.items():
+                out += [(f"heads.{kind}.{n}", p) for n, p in head.named_parameters()]
+            self._trainable = out
+        return list(self._trainable)
 
     def _reference(self, spec, kwargs: dict[str, Any]) -> dict[str, Any]:
         if not getattr(spec, "uses_reference", False) or "reference_model" not in kwargs:
@@ -267,19 +274,22 @@ class Run:
         created = self._ensure_heads(spec)
         try:
             kwargs = self._reference(spec, kwargs)
-            self.model.train()
+            if not self.model.training:  # train() walks every module: skip it when nothing changed the mode
+                self.model.train()
             named = self.trainable_parameters()
             params = [p for _, p in named]
             with torch.enable_grad():
                 res = spec(self._policy(kwargs.get("reference_model")), batch, **kwargs)
-                if not torch.isfinite(res.loss.detach()).all():
-                    raise FloatingPointError(f"{loss_fn}: the loss is not finite ({res.loss.item()}); "
-                                             "no gradient was accumulated")
                 grads = torch.autograd.grad(res.loss, params, allow_unused=True)
             present = [(n, g) for (n, _), g in zip(named, grads) if g is not None]
-            # One fused multi-tensor norm and one host sync: a NaN/inf anywhere makes its tensor's norm non-finite.
-            norms = torch._foreach_norm([g for _, g in present]) if present else []
-            finite = torch.isfinite(torch.stack(norms)).tolist() if present else []
+            # One fused multi-tensor norm and one host sync for the loss and every gradient: a NaN/inf anywhere
+            # makes its tensor's norm non-finite. The float32 norms are kept for optim_step's clipping.
+            norms = list(torch._foreach_norm([g for _, g in present], 2, dtype=torch.float32)) if present else []
+            values = torch.stack([res.loss.detach().float().reshape(()), *norms]).tolist()
+            loss_value, finite = values[0], [math.isfinite(v) for v in values[1:]]
+            if not math.isfinite(loss_value):
+                raise FloatingPointError(f"{loss_fn}: the loss is not finite ({loss_value}); "
+                                         "no gradient was accumulated")
             bad = [n for (n, _), ok in zip(present, finite) if not ok]
             if bad:
                 raise FloatingPointError(f"{loss_fn}: non-finite gradients in {bad[:5]}"
@@ -288,6 +298,7 @@ class Run:
             for kind in created:
                 self._drop_head(kind)
             raise
+        fresh = all(p.grad is None for p in params)
         with torch.no_grad():
             for p, g in zip(params, grads):
                 if g is None:
@@ -296,8 +307,10 @@ class Run:
                     p.grad = g.detach()
                 else:
                     p.grad.add_(g)
+        # With nothing accumulated before, these norms are exactly those of the accumulated gradients.
+        self._grad_norms = norms if fresh else None
         self.pending_grads += 1
-        return self._loss_result(ForwardBackwardResult, "forward_backward", loss_fn, res, batch, t0)
+        return self._loss_result(ForwardBackwardResult, "forward_backward", loss_fn, res, batch, t0, loss_value)
 
     def forward(self, batch_data: Any, loss_fn: str, loss_kwargs: dict | None = None) -> ForwardResult:
         t0 = time.perf_counter()
@@ -316,9 +329,11 @@ class Run:
             self.model.train()
         return self._loss_result(ForwardResult, "forward", loss_fn, res, batch, t0)
 
-    def _loss_result(self, cls, op, loss_fn, res, batch, t0):
+    def _loss_result(self, cls, op, loss_fn, res, batch, t0, loss_value: float | None = None):
         n_ex, n_tok = batching.batch_size_and_tokens(batch)
-        result = cls(loss=float(res.loss.detach().item()), metrics=dict(res.metrics), warnings=list(res.warnings),
+        if loss_value is None:
+            loss_value = float(res.loss.detach().item())
+        result = cls(loss=loss_value, metrics=dict(res.metrics), warnings=list(res.warnings),
                      timing={"compute": time.perf_counter() - t0}, loss_fn=loss_fn, step=self.step,
                      num_examples=n_ex, num_tokens=n_tok)
         self._log(op, {"loss_fn": loss_fn, "loss": result.loss, "metrics": result.metrics,
@@ -330,18 +345,17 @@ class Run:
         if learning_rate is not None and (not isinstance(learning_rate, (int, float)) or learning_rate < 0
                                           or not math.isfinite(learning_rate)):
             raise ValueError(f"learning_rate: expected None or a finite number >= 0, got {learning_rate!r}")
-        params = [p for _, p in self.trainable_parameters()]
-        grads = [p.grad for p in params if p.grad is not None]
+        grads = [p.grad for _, p in self.trainable_parameters() if p.grad is not None]
         if grads:
-            norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads]))
-            grad_norm = float(norm.item())
+            # One forward_backward since the last step: its per-tensor norms are those of these gradients.
+            norms = self._grad_norms if self.pending_grads == 1 and self._grad_norms is not None \
+                else torch._foreach_norm(grads, 2, dtype=torch.float32)
+            grad_norm = float(torch.linalg.vector_norm(torch.stack(list(norms))).item())
         else:
             grad_norm = 0.0
         clipped = False
         if self.config.max_grad_norm is not None and grads and grad_norm > self.config.max_grad_norm:
-            scale = self.config.max_grad_norm / (grad_norm + 1e-6)
-            for g in grads:
-                g.mul_(scale)
+            torch._foreach_mul_(grads, self.config.max_grad_norm / (grad_norm + 1e-6))
             clipped = True
         if learning_rate is not None:
             for group in self.optimizer.param_groups:
@@ -352,6 +366,7 @@ class Run:
         self.scheduler.step()  # also restores the scheduled rate after a one-step override
         self.step += 1
         self.pending_grads = 0
+        self._grad_norms = None
         result = OptimStepResult(grad_norm=grad_norm, learning_rate=lr_used, step=self.step, clipped=clipped,
                                  timing={"compute": time.perf_counter() - t0})
         self._log("optim_step", {"grad_norm": grad_norm, "learning_rate": lr_used, "clipped": clipped})
@@ -484,6 +499,7 @@ class Run:
         checkpoint.restore_rng(ckpt["rng"], self.sampling_generator)
         self.optimizer.zero_grad(set_to_none=True)
         self.pending_grads = 0
+        self._grad_norms = None
         self.step = int(ckpt["state"]["step"])
         self._log("load_state", {"path": path})
         return CheckpointResult(name=os.path.basename(path), path=path, step=self.step)
