@@ -202,3 +202,14 @@ def test_quick_on_cuda(tmp_path):
         assert "interpreter" not in (r["note"] or "")
         assert r["check"] in ("reference", "pass"), r
     assert all(r["device"] and "cpu" not in r["device"].lower() for r in rows)
+
+
+def test_api_overhead_quick(tmp_path):
+    """The training-API overhead benchmark runs end to end; its two loops compute the same losses."""
+    from benchmarks import api_overhead
+
+    out = tmp_path / "api.md"
+    assert api_overhead.main(["--quick", "--out", str(out)]) == 0
+    text = out.read_text()
+    assert "**API overhead: " in text and "the losses of the two agree to" in text
+    assert "| 20 ms |" in text  # the pipelining table, with client-side preparation
