@@ -7,12 +7,38 @@ built now, as signalrl/_native*.so, and signalrl.native loads it instead:
     SIGNAL_BUILD_NATIVE=1 pip install -e . --no-build-isolation
 
 (--no-build-isolation so the build sees the installed torch; the library is tied to that torch.)
+
+Every built wheel also carries the C++ sources as signalrl/_csrc/, so an installed (non-editable) package
+can JIT-build the extension too.
 """
 import glob
 import os
+import shutil
 import sys
 
 from setuptools import setup
+from setuptools.command.build_py import build_py
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+CSRC_SUFFIXES = (".cpp", ".h", ".cu", ".cuh")
+
+
+class BuildPyWithSources(build_py):
+    """build_py that also copies csrc/ into the built package as signalrl/_csrc/ (read by signalrl.native)."""
+
+    def run(self):
+        super().run()
+        if getattr(self, "editable_mode", False):
+            return  # an editable install reads csrc/ of the checkout
+        src_root = os.path.join(HERE, "csrc")
+        dst_root = os.path.join(self.build_lib, "signalrl", "_csrc")
+        for dirpath, _, files in os.walk(src_root):
+            for name in files:
+                if name.endswith(CSRC_SUFFIXES):
+                    src = os.path.join(dirpath, name)
+                    dst = os.path.join(dst_root, os.path.relpath(src, src_root))
+                    os.makedirs(os.path.dirname(dst), exist_ok=True)
+                    shutil.copy2(src, dst)
 
 
 def _native_extension() -> dict:
@@ -26,7 +52,6 @@ def _native_extension() -> dict:
             "SIGNAL_BUILD_NATIVE=1 needs torch in the build environment: "
             "run pip with --no-build-isolation"
         ) from exc
-    here = os.path.dirname(os.path.abspath(__file__))
     sources = ["csrc/registration.cpp", *sorted(glob.glob("csrc/cpu/*.cpp"))]
     cuda = sorted(glob.glob("csrc/cuda/*.cu")) if torch.version.cuda and CUDA_HOME else []
     kind = CUDAExtension if cuda else CppExtension
@@ -34,10 +59,14 @@ def _native_extension() -> dict:
     ext = kind(
         "signalrl._native",
         sources + cuda,
-        include_dirs=[os.path.join(here, "csrc")],
+        include_dirs=[os.path.join(HERE, "csrc")],
         extra_compile_args={"cxx": flags, "nvcc": ["-O3"]} if cuda else flags,
     )
-    return {"ext_modules": [ext], "cmdclass": {"build_ext": BuildExtension.with_options(use_ninja=True)}}
+    return {"ext_modules": [ext], "build_ext": BuildExtension.with_options(use_ninja=True)}
 
 
-setup(**_native_extension())
+_native = _native_extension()
+_cmdclass = {"build_py": BuildPyWithSources}
+if "build_ext" in _native:
+    _cmdclass["build_ext"] = _native.pop("build_ext")
+setup(cmdclass=_cmdclass, **_native)

@@ -9,7 +9,8 @@ using ``at::parallel_for``; schemas in ``csrc/registration.cpp``, contract in
    than the sources (if it fails to load, e.g. built for another torch, the JIT build is used);
 2. otherwise a just-in-time build with :func:`torch.utils.cpp_extension.load` (needs a C++
    compiler and ninja; about a minute on two cores), cached in :func:`build_dir` and reused by
-   later processes as long as the sources, flags and torch version are unchanged.
+   later processes as long as the sources, flags and torch version are unchanged. The sources are
+   ``csrc/`` of the checkout, or ``signalrl/_csrc/`` where a wheel was installed (wheels ship them).
 
 Nothing is compiled at import. If the extension cannot be built or loaded, :func:`available`
 returns False, a single ``RuntimeWarning`` gives the reason (also in :func:`why`), and the op
@@ -48,7 +49,16 @@ FUNCTIONS = (
 )
 
 _PACKAGE_DIR = Path(__file__).resolve().parent
-_CSRC = _PACKAGE_DIR.parent / "csrc"
+
+
+def _find_csrc() -> Path:
+    """The C++ sources: ``signalrl/_csrc`` in an installed wheel (setup.py copies them there), else ``csrc/``
+    of the source checkout this package lives in (editable installs, running from the repo)."""
+    shipped = _PACKAGE_DIR / "_csrc"
+    return shipped if (shipped / "registration.cpp").is_file() else _PACKAGE_DIR.parent / "csrc"
+
+
+_CSRC = _find_csrc()
 # The C++ standard is left to torch.utils.cpp_extension. OpenMP is what at::parallel_for runs on
 # in Linux builds of torch; elsewhere the kernels still build, single-threaded.
 _CFLAGS = ["-O3", "-fno-math-errno"] + (["-fopenmp"] if sys.platform.startswith("linux") else [])

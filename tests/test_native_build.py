@@ -112,6 +112,48 @@ def test_import_compiles_nothing(tmp_path):
     assert not (tmp_path / "b").exists(), "importing signalrl.native created the build directory"
 
 
+def test_checkout_reads_csrc_of_the_repo():
+    assert native._CSRC == REPO / "csrc"
+    assert all(p.is_file() and REPO / "csrc" in p.parents for p in native.sources())
+
+
+@needs_native
+def test_installed_wheel_ships_the_sources_and_builds_from_them(tmp_path):
+    """A non-editable install has no checkout beside it: the wheel carries csrc/ as signalrl/_csrc/, and
+    signalrl.native builds (or, with identical sources, reuses the cached build) from there."""
+    wheels, site = tmp_path / "wheels", tmp_path / "site"
+    pip = [sys.executable, "-m", "pip", "--disable-pip-version-check", "-q"]
+    built = subprocess.run([*pip, "wheel", str(REPO), "--no-deps", "--no-build-isolation", "-w", str(wheels)],
+                           cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert built.returncode == 0, built.stderr[-2000:]
+    (wheel,) = wheels.glob("signal_rl-*.whl")
+    inst = subprocess.run([*pip, "install", "--no-deps", "--target", str(site), str(wheel)],
+                          capture_output=True, text=True, timeout=300)
+    assert inst.returncode == 0, inst.stderr[-2000:]
+    repo_sources = sorted(p.relative_to(REPO / "csrc") for p in native._all_source_files())
+    shipped = site / "signalrl" / "_csrc"
+    assert sorted(p.relative_to(shipped) for p in shipped.rglob("*") if p.is_file()) == repo_sources
+    for rel in repo_sources:
+        assert (shipped / rel).read_bytes() == (REPO / "csrc" / rel).read_bytes(), rel
+    out = subprocess.run(
+        [sys.executable, "-c", textwrap.dedent("""
+            import torch, signalrl, signalrl.native as n
+            from signalrl import ops
+            n.load()
+            x, t = torch.randn(3, 7, dtype=torch.float64).float(), torch.tensor([0, 6, 3])
+            with ops.use_backend("native"):
+                lp = ops.token_logprobs(x, t)
+            torch.testing.assert_close(lp, torch.log_softmax(x, -1).gather(1, t[:, None])[:, 0])
+            print(signalrl.__file__); print(n._CSRC); print(n.available())
+            """)],
+        cwd=tmp_path, capture_output=True, text=True, timeout=600,
+        env={**os.environ, "PYTHONPATH": str(site)},
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    mod_file, csrc, ok = out.stdout.strip().splitlines()[-3:]
+    assert Path(mod_file).is_relative_to(site) and Path(csrc) == shipped and ok == "True", out.stdout
+
+
 def test_no_compiler_warns_once_and_falls_back(tmp_path):
     out = _run(
         """
