@@ -9,7 +9,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.signal-installed
 TORCH_CPU_INDEX ?= https://download.pytorch.org/whl/cpu
 
-.PHONY: setup demo tour test test-fast bench bench-quick gpu-check clean
+.PHONY: setup demo tour test test-fast bench bench-quick gpu-check peer-wheels clean
 
 setup: $(STAMP)
 
@@ -37,6 +37,10 @@ bench-quick: $(STAMP)
 
 gpu-check:
 	bash benchmarks/gpu_check.sh
+
+# The benchmark peers as wheels in .whl/, for a GPU machine without network (gpu_check.sh installs them from there).
+peer-wheels:
+	$(PYTHON) -m pip download -q --no-deps --only-binary=:all: -d .whl liger-kernel==0.8.5 cut-cross-entropy==25.1.1
 
 clean:
 	rm -rf $(VENV) build *.egg-info

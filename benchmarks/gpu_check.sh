@@ -11,6 +11,8 @@
 #                                              # ~5.5 min more: with the tests, more than one 10-minute call can hold)
 #   bash benchmarks/gpu_check.sh --quick       # fewer benchmark shapes;  --only <substr>: matching cases only
 #
+# Peers: Liger-Kernel and Cut Cross-Entropy wheels found in .whl/ (`make peer-wheels` downloads them on a machine
+# with network) are installed into a temporary directory first, so a GPU machine without network benchmarks them too.
 # Environment: PYTHON (default .venv/bin/python if it imports torch, else python3), TEST_TIMEOUT (s, default 300),
 # BENCH_TIMEOUT (s, default 240), SUITE_TIMEOUT (s, default 360), PYTEST_ARGS (extra pytest arguments).
 # Adding a benchmark case: a function `bench_<name>(ctx) -> list[dict]` in benchmarks/gpu_logprobs.py or in any
@@ -28,7 +30,7 @@ while [ $# -gt 0 ]; do
     --suite) SUITE=1 ;;
     --quick) BENCH_ARGS+=(--quick) ;;
     --only) BENCH_ARGS+=(--only "$2"); shift ;;
-    -h|--help) sed -n '2,18p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,20p' "$0"; exit 0 ;;
     *) echo "gpu_check.sh: unknown argument $1" >&2; exit 2 ;;
   esac
   shift
@@ -44,6 +46,16 @@ mkdir -p "$DIR"
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 START=$(date +%s)
 
+if compgen -G ".whl/*.whl" > /dev/null; then
+  PEER_SITE=$(mktemp -d /tmp/signal-peers.XXXXXX)
+  if $PYTHON -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target "$PEER_SITE" .whl/*.whl; then
+    export PYTHONPATH="$PYTHONPATH:$PEER_SITE"  # after the repo: never shadows signalrl or installed packages
+    echo "peers: installed $(cd .whl && ls *.whl | tr '\n' ' ')"
+  else
+    echo "peers: could not install the wheels in .whl/ (benchmarks run without them)" >&2
+  fi
+fi
+
 {
   echo "date_utc: $(date -u '+%Y-%m-%d %H:%M:%S')"
   echo "git: $(git rev-parse --short HEAD 2>/dev/null || echo unknown)$(git diff --quiet 2>/dev/null || echo ' (dirty)')"
@@ -56,11 +68,11 @@ try:
     print("triton:", triton.__version__)
 except ImportError:
     print("triton: not installed")
+from importlib.metadata import PackageNotFoundError, version
 for name in ("liger_kernel", "cut_cross_entropy", "transformers", "peft"):
     try:
-        mod = __import__(name)
-        print(f"{name}:", getattr(mod, "__version__", "installed"))
-    except ImportError:
+        print(f"{name}:", version(name.replace("_", "-")))
+    except PackageNotFoundError:
         print(f"{name}: not installed")
 if torch.cuda.is_available():
     p = torch.cuda.get_device_properties(0)
