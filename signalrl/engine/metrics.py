@@ -22,7 +22,6 @@ class MetricsWriter:
     def __init__(self, path: str, tensorboard: bool = False):
         self.path = path
         os.makedirs(os.path.dirname(path), exist_ok=True)
-        self._file = None  # opened on the first record, flushed after every record
         self._tb = None
         if tensorboard:
             try:
@@ -34,10 +33,8 @@ class MetricsWriter:
 
     def write(self, record: dict[str, Any]) -> None:
         record = {"time": time.time(), **record}
-        if self._file is None or self._file.closed:
-            self._file = open(self.path, "a", encoding="utf-8")
-        self._file.write(json.dumps(_jsonable(record)) + "\n")
-        self._file.flush()
+        with open(self.path, "a", encoding="utf-8") as f:
+            f.write(json.dumps(_jsonable(record)) + "\n")
         if self._tb is not None:
             step = int(record.get("step", 0))
             op = record.get("op", "op")
@@ -49,7 +46,5 @@ class MetricsWriter:
                     self._tb.add_scalar(f"{op}/{key}", val, step)
 
     def close(self) -> None:
-        if self._file is not None:
-            self._file.close()
         if self._tb is not None:
             self._tb.close()
