@@ -40,3 +40,14 @@ def test_demo_quick(algo, tmp_path, capsys):
     assert {"sft", "summary"} <= stages and (algo in stages)
     assert (out / "curves.png").stat().st_size > 10_000
     assert (out / "sft_model" / "config.json").exists()
+
+
+def test_demo_default_ppo_improves_the_reward(tmp_path, capsys):
+    """The README's main job with its default settings: the reward after PPO is higher than before (exit 0)."""
+    from signalrl.demo import main
+
+    out = tmp_path / "demo"
+    assert main(["--quiet", "--out", str(out)]) == 0, capsys.readouterr().out[-2000:]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["improved"] and summary["reward_after"] > summary["reward_before"] + 0.5, summary
+    assert summary["task_score_after"] > summary["task_score_before"], summary
