@@ -92,17 +92,26 @@ elif ! $PYTHON -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() el
   exit 2
 fi
 
+# The kernel tests first, so a run cut short by TEST_TIMEOUT has covered what only a GPU can check; then the rest.
+FIRST="tests/gpu tests/kernels tests/ops tests/losses"
+TEST_PATHS="$FIRST"
+for p in tests/*; do
+  case " $FIRST " in *" $p "*) continue ;; esac
+  case "$(basename "$p")" in _*|.*) continue ;; esac
+  if [ -d "$p" ] || [[ "$(basename "$p")" == test_*.py ]]; then TEST_PATHS="$TEST_PATHS $p"; fi
+done
+
 TEST_STATUS="skipped"
 if [ "$SKIP_TESTS" = 0 ]; then
   echo; echo "== pytest (all tests, GPU-only included) =="
   if [ "$DRY" = 1 ]; then
     # no GPU: only check that every test module (the GPU-only ones too) imports and collects
-    $PYTHON -m pytest tests -m "gpu or not gpu" --collect-only -q -p no:cacheprovider > "$DIR/pytest.log" 2>&1
+    $PYTHON -m pytest $TEST_PATHS -m "gpu or not gpu" --collect-only -q -p no:cacheprovider > "$DIR/pytest.log" 2>&1
   else
     # SIGINT on timeout: pytest still prints its summary and writes the junit file
     export SIGNAL_GPU_REPORT="$DIR/gpu_test_figures.txt"
     : > "$SIGNAL_GPU_REPORT"
-    timeout -s INT -k 30 "${TEST_TIMEOUT:-300}" $PYTHON -m pytest tests -m "gpu or not gpu" -q -rfEs \
+    timeout -s INT -k 30 "${TEST_TIMEOUT:-300}" $PYTHON -m pytest $TEST_PATHS -m "gpu or not gpu" -q -rfEs \
       -p no:cacheprovider --junitxml="$DIR/pytest.xml" ${PYTEST_ARGS:-} > "$DIR/pytest.log" 2>&1
   fi
   rc=$?
