@@ -213,3 +213,20 @@ def test_api_overhead_quick(tmp_path):
     text = out.read_text()
     assert "**API overhead: " in text and "the losses of the two agree to" in text
     assert "| 20 ms |" in text  # the pipelining table, with client-side preparation
+
+
+def test_gpu_check_dry_run_collects_every_test_kernel_tests_first(tmp_path):
+    """gpu_check.sh on a CPU (--dry-run): every test module imports and collects, GPU-only ones included, in the
+    order the GPU run uses (tests/gpu, kernels, ops, losses, then the rest)."""
+    env = dict(os.environ, OUT=str(tmp_path), PYTHON=sys.executable)
+    proc = subprocess.run(["bash", "benchmarks/gpu_check.sh", "--dry-run", "--skip-bench"], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    ids = [line for line in (tmp_path / "pytest.log").read_text().splitlines() if "::" in line]
+    plain = subprocess.run([sys.executable, "-m", "pytest", "tests", "-m", "gpu or not gpu", "--collect-only", "-q",
+                            "-p", "no:cacheprovider"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert sorted(ids) == sorted(line for line in plain.stdout.splitlines() if "::" in line)
+    dirs = [i.split("/")[1] for i in ids]
+    first = [d for i, d in enumerate(dirs) if i == 0 or dirs[i - 1] != d]
+    assert first[:4] == ["gpu", "kernels", "ops", "losses"], first
+    assert "tests:" in proc.stdout and "(exit 0)" in proc.stdout
