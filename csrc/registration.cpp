@@ -49,6 +49,75 @@ std::tuple<Tensor, Tensor> gae_fwd_meta(const Tensor& rewards, const Tensor&, co
   return {at::empty(rewards.sizes(), f32), at::empty(rewards.sizes(), f32)};
 }
 
+using OptT = std::optional<Tensor>;
+
+std::tuple<Tensor, Tensor, Tensor, Tensor> ppo_token_fwd_meta(
+    const Tensor& logprobs, const Tensor&, const Tensor&, const Tensor&, const Tensor&, const OptT&,
+    const OptT& entropy, double, double, std::optional<double>, c10::string_view, double, double) {
+  const int64_t N = logprobs.size(0);
+  const auto f32 = logprobs.options().dtype(at::kFloat);
+  const bool has_ent = entropy.has_value() && entropy->defined() && entropy->numel() > 0;
+  return {at::empty({}, f32), at::empty({N}, f32), at::empty({has_ent ? N : 0}, f32), at::empty({9}, f32)};
+}
+
+std::tuple<Tensor, Tensor, Tensor> value_loss_fwd_meta(const Tensor& values, const Tensor&, const Tensor&,
+                                                       const Tensor&, const Tensor&, std::optional<double>) {
+  const auto f32 = values.options().dtype(at::kFloat);
+  return {at::empty({}, f32), at::empty({values.size(0)}, f32), at::empty({4}, f32)};
+}
+
+Tensor kl_penalty_fwd_meta(const Tensor& logprobs, const Tensor&, c10::string_view) {
+  return at::empty({logprobs.size(0)}, logprobs.options().dtype(at::kFloat));
+}
+
+Tensor kl_penalty_bwd_meta(const Tensor&, const Tensor& logprobs, const Tensor&, c10::string_view) {
+  return at::empty({logprobs.size(0)}, logprobs.options().dtype(at::kFloat));
+}
+
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> linear_ppo_fwd_meta(
+    const Tensor& hidden, const Tensor&, const OptT&, const Tensor&, const Tensor&, const Tensor&,
+    const Tensor&, const Tensor&, const OptT&, double, int64_t, double, double, std::optional<double>,
+    c10::string_view, double, double entropy_coef) {
+  const int64_t N = hidden.size(0);
+  const auto f32 = hidden.options().dtype(at::kFloat);
+  return {at::empty({}, f32), at::empty({9}, f32), at::empty({N}, f32), at::empty({N}, f32),
+          at::empty({N}, f32), at::empty({N}, f32), at::empty({entropy_coef != 0.0 ? N : 0}, f32)};
+}
+
+std::tuple<Tensor, Tensor, Tensor> linear_ppo_bwd_meta(
+    const Tensor&, const Tensor& g_lp, const Tensor& g_ent, const Tensor& hidden, const Tensor& weight,
+    const OptT& bias, const Tensor& targets, const Tensor& lse, const Tensor& entropy, double temperature,
+    int64_t ignore_index, bool need_hidden, bool need_weight, bool need_bias) {
+  return linear_token_logprobs_bwd_meta(g_lp, g_ent, hidden, weight, bias, targets, lse, entropy, temperature,
+                                        ignore_index, need_hidden, need_weight, need_bias);
+}
+
+// the CPU kernels take std::string; the dispatcher passes string arguments as string_view
+std::tuple<Tensor, Tensor, Tensor, Tensor> ppo_token_fwd_cpu(
+    const Tensor& lp, const Tensor& old, const Tensor& adv, const Tensor& w, const Tensor& m, const OptT& ref,
+    const OptT& ent, double clip_low, double clip_high, std::optional<double> dual, c10::string_view est,
+    double kl_coef, double entropy_coef) {
+  return signalrl::ppo_token_fwd(lp, old, adv, w, m, ref, ent, clip_low, clip_high, dual, std::string(est),
+                                 kl_coef, entropy_coef);
+}
+
+Tensor kl_penalty_fwd_cpu(const Tensor& lp, const Tensor& ref, c10::string_view est) {
+  return signalrl::kl_penalty_fwd(lp, ref, std::string(est));
+}
+
+Tensor kl_penalty_bwd_cpu(const Tensor& g, const Tensor& lp, const Tensor& ref, c10::string_view est) {
+  return signalrl::kl_penalty_bwd(g, lp, ref, std::string(est));
+}
+
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> linear_ppo_fwd_cpu(
+    const Tensor& hidden, const Tensor& weight, const OptT& bias, const Tensor& targets, const Tensor& old,
+    const Tensor& adv, const Tensor& w, const Tensor& m, const OptT& ref, double temperature,
+    int64_t ignore_index, double clip_low, double clip_high, std::optional<double> dual, c10::string_view est,
+    double kl_coef, double entropy_coef) {
+  return signalrl::linear_ppo_fwd(hidden, weight, bias, targets, old, adv, w, m, ref, temperature, ignore_index,
+                                  clip_low, clip_high, dual, std::string(est), kl_coef, entropy_coef);
+}
+
 }  // namespace
 
 TORCH_LIBRARY(signalrl_native, m) {
@@ -69,6 +138,26 @@ TORCH_LIBRARY(signalrl_native, m) {
   m.def(
       "gae_fwd(Tensor rewards, Tensor values, Tensor mask, Tensor last_values, float gamma, "
       "float lam) -> (Tensor, Tensor)");
+  m.def(
+      "ppo_token_fwd(Tensor logprobs, Tensor old_logprobs, Tensor advantages, Tensor weights, "
+      "Tensor mask, Tensor? ref_logprobs, Tensor? entropy, float clip_low, float clip_high, "
+      "float? dual_clip, str kl_estimator, float kl_coef, float entropy_coef) "
+      "-> (Tensor, Tensor, Tensor, Tensor)");
+  m.def(
+      "value_loss_fwd(Tensor values, Tensor old_values, Tensor returns, Tensor weights, Tensor mask, "
+      "float? clip) -> (Tensor, Tensor, Tensor)");
+  m.def("kl_penalty_fwd(Tensor logprobs, Tensor ref_logprobs, str estimator) -> Tensor");
+  m.def(
+      "kl_penalty_bwd(Tensor grad_kl, Tensor logprobs, Tensor ref_logprobs, str estimator) -> Tensor");
+  m.def(
+      "linear_ppo_fwd(Tensor hidden, Tensor weight, Tensor? bias, Tensor targets, Tensor old_logprobs, "
+      "Tensor advantages, Tensor weights, Tensor mask, Tensor? ref_logprobs, float temperature, "
+      "int ignore_index, float clip_low, float clip_high, float? dual_clip, str kl_estimator, "
+      "float kl_coef, float entropy_coef) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
+  m.def(
+      "linear_ppo_bwd(Tensor grad_loss, Tensor g_lp, Tensor g_ent, Tensor hidden, Tensor weight, "
+      "Tensor? bias, Tensor targets, Tensor lse, Tensor entropy, float temperature, int ignore_index, "
+      "bool need_hidden, bool need_weight, bool need_bias) -> (Tensor, Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(signalrl_native, CPU, m) {
@@ -77,6 +166,12 @@ TORCH_LIBRARY_IMPL(signalrl_native, CPU, m) {
   m.impl("linear_token_logprobs_fwd", &signalrl::linear_token_logprobs_fwd);
   m.impl("linear_token_logprobs_bwd", &signalrl::linear_token_logprobs_bwd);
   m.impl("gae_fwd", &signalrl::gae_fwd);
+  m.impl("ppo_token_fwd", &ppo_token_fwd_cpu);
+  m.impl("value_loss_fwd", &signalrl::value_loss_fwd);
+  m.impl("kl_penalty_fwd", &kl_penalty_fwd_cpu);
+  m.impl("kl_penalty_bwd", &kl_penalty_bwd_cpu);
+  m.impl("linear_ppo_fwd", &linear_ppo_fwd_cpu);
+  m.impl("linear_ppo_bwd", &signalrl::linear_ppo_bwd);
 }
 
 TORCH_LIBRARY_IMPL(signalrl_native, Meta, m) {
@@ -85,4 +180,10 @@ TORCH_LIBRARY_IMPL(signalrl_native, Meta, m) {
   m.impl("linear_token_logprobs_fwd", &linear_token_logprobs_fwd_meta);
   m.impl("linear_token_logprobs_bwd", &linear_token_logprobs_bwd_meta);
   m.impl("gae_fwd", &gae_fwd_meta);
+  m.impl("ppo_token_fwd", &ppo_token_fwd_meta);
+  m.impl("value_loss_fwd", &value_loss_fwd_meta);
+  m.impl("kl_penalty_fwd", &kl_penalty_fwd_meta);
+  m.impl("kl_penalty_bwd", &kl_penalty_bwd_meta);
+  m.impl("linear_ppo_fwd", &linear_ppo_fwd_meta);
+  m.impl("linear_ppo_bwd", &linear_ppo_bwd_meta);
 }

@@ -46,6 +46,12 @@ FUNCTIONS = (
     "linear_token_logprobs_fwd",
     "linear_token_logprobs_bwd",
     "gae_fwd",
+    "ppo_token_fwd",
+    "value_loss_fwd",
+    "kl_penalty_fwd",
+    "kl_penalty_bwd",
+    "linear_ppo_fwd",
+    "linear_ppo_bwd",
 )
 
 _PACKAGE_DIR = Path(__file__).resolve().parent
@@ -308,12 +314,68 @@ def gae_fwd(rewards, values, mask, last_values, gamma, lam):
     return _ops().gae_fwd(rewards, values, mask, last_values, float(gamma), float(lam))
 
 
+def _opt_vec(t: torch.Tensor | None) -> torch.Tensor | None:
+    return None if t is None or t.numel() == 0 else t
+
+
+def ppo_token_fwd(logprobs, old_logprobs, advantages, weights, mask, ref_logprobs, entropy, clip_low, clip_high,
+                  dual_clip, kl_estimator, kl_coef, entropy_coef):
+    """[N] vectors (float, read as f32) → (loss [] f32, grad_logprobs [N] f32, grad_entropy [N] f32 | empty,
+    stats [9] f32); ref_logprobs / entropy None or empty when absent."""
+    return _ops().ppo_token_fwd(
+        logprobs, old_logprobs, advantages, weights, mask, _opt_vec(ref_logprobs), _opt_vec(entropy),
+        float(clip_low), float(clip_high), None if dual_clip is None else float(dual_clip), str(kl_estimator),
+        float(kl_coef), float(entropy_coef),
+    )
+
+
+def value_loss_fwd(values, old_values, returns, weights, mask, clip):
+    """[N] vectors → (loss [] f32, grad_values [N] f32, stats [4] f32)."""
+    return _ops().value_loss_fwd(values, old_values, returns, weights, mask, None if clip is None else float(clip))
+
+
+def kl_penalty_fwd(logprobs, ref_logprobs, estimator):
+    """[N] → kl [N] f32."""
+    return _ops().kl_penalty_fwd(logprobs, ref_logprobs, str(estimator))
+
+
+def kl_penalty_bwd(grad_kl, logprobs, ref_logprobs, estimator):
+    """→ grad_logprobs [N] f32 (the gradient of ref_logprobs is its negation)."""
+    return _ops().kl_penalty_bwd(grad_kl, logprobs, ref_logprobs, str(estimator))
+
+
+def linear_ppo_fwd(hidden, weight, bias, targets, old_logprobs, advantages, weights, mask, ref_logprobs,
+                   temperature, ignore_index, clip_low, clip_high, dual_clip, kl_estimator, kl_coef, entropy_coef):
+    """→ (loss [] f32, stats [9] f32, logprobs, entropy, lse, g_lp [N] f32, g_ent [N] f32 | empty)."""
+    return _ops().linear_ppo_fwd(
+        hidden, weight, bias, targets, old_logprobs, advantages, weights, mask, _opt_vec(ref_logprobs),
+        float(temperature), int(ignore_index), float(clip_low), float(clip_high),
+        None if dual_clip is None else float(dual_clip), str(kl_estimator), float(kl_coef), float(entropy_coef),
+    )
+
+
+def linear_ppo_bwd(grad_loss, g_lp, g_ent, hidden, weight, bias, targets, lse, entropy, temperature, ignore_index,
+                   need_hidden, need_weight, need_bias):
+    """→ (grad_hidden | empty, grad_weight | empty, grad_bias | empty)."""
+    return _ops().linear_ppo_bwd(
+        grad_loss, g_lp, _empty_like(hidden, g_ent), hidden, weight, bias, targets, lse,
+        _empty_like(hidden, entropy), float(temperature), int(ignore_index),
+        bool(need_hidden), bool(need_weight), bool(need_bias) and bias is not None,
+    )
+
+
 _FUNCTIONS: dict[str, Callable] = {
     "token_logprobs_fwd": token_logprobs_fwd,
     "token_logprobs_bwd": token_logprobs_bwd,
     "linear_token_logprobs_fwd": linear_token_logprobs_fwd,
     "linear_token_logprobs_bwd": linear_token_logprobs_bwd,
     "gae_fwd": gae_fwd,
+    "ppo_token_fwd": ppo_token_fwd,
+    "value_loss_fwd": value_loss_fwd,
+    "kl_penalty_fwd": kl_penalty_fwd,
+    "kl_penalty_bwd": kl_penalty_bwd,
+    "linear_ppo_fwd": linear_ppo_fwd,
+    "linear_ppo_bwd": linear_ppo_bwd,
 }
 
 

@@ -192,6 +192,38 @@ def test_meta_and_fake_tensors():
     r = torch.empty(4, 9, device="meta")
     a, ret = ops.gae_fwd(r, r, r, torch.empty(4, device="meta"), 0.9, 0.8)
     assert a.shape == ret.shape == r.shape
+    v = torch.empty(5, device="meta")
+    loss, g, ge, stats = ops.ppo_token_fwd(v, v, v, v, v, None, v, 0.2, 0.2, 3.0, "k3", 0.1, 0.01)
+    assert loss.shape == () and g.shape == ge.shape == (5,) and stats.shape == (9,)
+    assert ops.ppo_token_fwd(v, v, v, v, v, v, None, 0.2, 0.2, None, "k1", 0.1, 0.0)[2].shape == (0,)
+    loss, g, stats = ops.value_loss_fwd(v, v, v, v, v, 0.2)
+    assert loss.shape == () and g.shape == (5,) and stats.shape == (4,)
+    assert ops.kl_penalty_fwd(v, v, "k3").shape == ops.kl_penalty_bwd(v, v, v, "abs").shape == (5,)
+    out = ops.linear_ppo_fwd(h, w, None, t, v, v, v, v, None, 1.0, -100, 0.2, 0.28, None, "k3", 0.0, 0.01)
+    assert [tuple(o.shape) for o in out] == [(), (9,), (5,), (5,), (5,), (5,), (5,)]
+    assert ops.linear_ppo_fwd(h, w, None, t, v, v, v, v, v, 1.0, -100, 0.2, 0.2, 2.0, "k2", 0.1, 0.0)[6].numel() == 0
+    gh, gw, gb = ops.linear_ppo_bwd(torch.empty((), device="meta"), lp, ent, h, w, None, t, lse, ent, 1.0, -100,
+                                    True, True, False)
+    assert gh.shape == h.shape and gw.shape == w.shape and gb.numel() == 0
+
+
+@needs_native
+def test_ppo_epilogue_is_deterministic_across_thread_counts():
+    """Statistics are partial sums over fixed chunks merged in order: the thread count changes no bit."""
+    n = 3 * 4096 + 17
+    lp, old = torch.randn(n) - 2, torch.randn(n) - 2
+    adv, w, m, ref, ent = torch.randn(n), torch.rand(n) / n, (torch.rand(n) > 0.3).float(), torch.randn(n), torch.rand(n)
+    threads = torch.get_num_threads()
+    outs = []
+    try:
+        for k in (1, 2, 3):
+            torch.set_num_threads(k)
+            outs.append(native.get("ppo_token_fwd")(lp, old, adv, w, m, ref, ent, 0.2, 0.28, 3.0, "k3", 0.05, 0.01))
+    finally:
+        torch.set_num_threads(threads)
+    for other in outs[1:]:
+        for a, b in zip(outs[0], other):
+            assert torch.equal(a, b)
 
 
 @needs_native

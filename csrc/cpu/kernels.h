@@ -5,6 +5,7 @@
 #include <ATen/ATen.h>
 
 #include <optional>
+#include <string>
 #include <tuple>
 
 namespace signalrl {
@@ -34,6 +35,37 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_token_logprobs_bwd(
 std::tuple<at::Tensor, at::Tensor> gae_fwd(const at::Tensor& rewards, const at::Tensor& values,
                                            const at::Tensor& mask, const at::Tensor& last_values,
                                            double gamma, double lam);
+
+// family ppo: per-token PPO epilogue, clipped value loss, KL estimators (csrc/cpu/ppo.cpp)
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> ppo_token_fwd(
+    const at::Tensor& logprobs, const at::Tensor& old_logprobs, const at::Tensor& advantages,
+    const at::Tensor& weights, const at::Tensor& mask, const std::optional<at::Tensor>& ref_logprobs,
+    const std::optional<at::Tensor>& entropy, double clip_low, double clip_high,
+    std::optional<double> dual_clip, const std::string& kl_estimator, double kl_coef, double entropy_coef);
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> value_loss_fwd(
+    const at::Tensor& values, const at::Tensor& old_values, const at::Tensor& returns,
+    const at::Tensor& weights, const at::Tensor& mask, std::optional<double> clip);
+
+at::Tensor kl_penalty_fwd(const at::Tensor& logprobs, const at::Tensor& ref_logprobs,
+                          const std::string& estimator);
+
+at::Tensor kl_penalty_bwd(const at::Tensor& grad_kl, const at::Tensor& logprobs,
+                          const at::Tensor& ref_logprobs, const std::string& estimator);
+
+// family linear_ppo (csrc/cpu/linear_ppo.cpp)
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_ppo_fwd(
+    const at::Tensor& hidden, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+    const at::Tensor& targets, const at::Tensor& old_logprobs, const at::Tensor& advantages,
+    const at::Tensor& weights, const at::Tensor& mask, const std::optional<at::Tensor>& ref_logprobs,
+    double temperature, int64_t ignore_index, double clip_low, double clip_high,
+    std::optional<double> dual_clip, const std::string& kl_estimator, double kl_coef, double entropy_coef);
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_ppo_bwd(
+    const at::Tensor& grad_loss, const at::Tensor& g_lp, const at::Tensor& g_ent, const at::Tensor& hidden,
+    const at::Tensor& weight, const std::optional<at::Tensor>& bias, const at::Tensor& targets,
+    const at::Tensor& lse, const at::Tensor& entropy, double temperature, int64_t ignore_index,
+    bool need_hidden, bool need_weight, bool need_bias);
 
 // helpers shared by the kernel files (defined in logprobs.cpp)
 namespace detail {

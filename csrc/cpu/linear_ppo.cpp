@@ -1,0 +1,41 @@
+// family linear_ppo: the PPO policy loss from hidden states and the LM head, without [N, V] logits.
+// Forward: the linear_logprobs forward (log-probs, entropy and LSE from vocab blocks, csrc/cpu/linear_logprobs.cpp)
+// then the ppo epilogue (csrc/cpu/ppo.cpp) on the [N] vectors, which also gives the per-token gradient
+// coefficients g_lp = w·∂ℓ/∂logp and g_H = w·∂ℓ/∂H. Backward: the linear_logprobs backward with those
+// coefficients times the incoming scalar gradient. Memory: that of linear_token_logprobs plus a few [N] vectors.
+#include "kernels.h"
+
+namespace signalrl {
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_ppo_fwd(
+    const at::Tensor& hidden, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+    const at::Tensor& targets, const at::Tensor& old_logprobs, const at::Tensor& advantages,
+    const at::Tensor& weights, const at::Tensor& mask, const std::optional<at::Tensor>& ref_logprobs,
+    double temperature, int64_t ignore_index, double clip_low, double clip_high,
+    std::optional<double> dual_clip, const std::string& kl_estimator, double kl_coef, double entropy_coef) {
+  auto [lp, ent, lse] =
+      linear_token_logprobs_fwd(hidden, weight, bias, targets, temperature, ignore_index, true);
+  auto [loss, g_lp, g_ent, stats] =
+      ppo_token_fwd(lp, old_logprobs, advantages, weights, mask, ref_logprobs, ent, clip_low, clip_high,
+                    dual_clip, kl_estimator, kl_coef, entropy_coef);
+  if (entropy_coef == 0.0) g_ent = at::empty({0}, lp.options());
+  return {loss, stats, lp, ent, lse, g_lp, g_ent};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_ppo_bwd(
+    const at::Tensor& grad_loss, const at::Tensor& g_lp, const at::Tensor& g_ent, const at::Tensor& hidden,
+    const at::Tensor& weight, const std::optional<at::Tensor>& bias, const at::Tensor& targets,
+    const at::Tensor& lse, const at::Tensor& entropy, double temperature, int64_t ignore_index,
+    bool need_hidden, bool need_weight, bool need_bias) {
+  TORCH_CHECK(grad_loss.numel() == 1, "linear_ppo_bwd: grad_loss must hold one value, got shape ",
+              grad_loss.sizes());
+  const at::Tensor scale = grad_loss.reshape({}).to(at::kFloat);
+  const bool has_ent = !detail::is_empty(g_ent);
+  const at::Tensor glp = g_lp * scale;
+  const at::Tensor gent = has_ent ? g_ent * scale : at::empty({0}, g_lp.options());
+  return linear_token_logprobs_bwd(glp, gent, hidden, weight, bias, targets, lse,
+                                   has_ent ? entropy : at::empty({0}, g_lp.options()), temperature,
+                                   ignore_index, need_hidden, need_weight, need_bias);
+}
+
+}  // namespace signalrl

@@ -1,0 +1,336 @@
+// family ppo: the per-token PPO epilogue (clipped surrogate + KL + entropy bonus), the clipped value loss and
+// the KL estimators on [N] vectors. The math is that of docs/backends.md (family ppo) and of the Triton
+// kernels (signalrl/kernels/ppo.py): per-token values in float32 exactly as the reference computes them (the
+// ties of max/min split the gradient in halves, clamp passes it on its closed interval), sums in float64.
+// Statistics are partial sums over fixed chunks of kChunk tokens, merged in chunk order: the result does not
+// depend on the number of threads. Memory: the outputs plus float64 partials, 16 per chunk.
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <string>
+#include <vector>
+
+#include "kernels.h"
+
+namespace signalrl {
+
+namespace {
+
+constexpr int64_t kChunk = 4096;
+constexpr double kInf = std::numeric_limits<double>::infinity();
+constexpr double kNaN = std::numeric_limits<double>::quiet_NaN();
+
+enum class KlEst { k1, k2, k3, abs };
+
+KlEst kl_code(const char* fn, const std::string& name) {
+  if (name == "k1") return KlEst::k1;
+  if (name == "k2") return KlEst::k2;
+  if (name == "k3") return KlEst::k3;
+  if (name == "abs") return KlEst::abs;
+  TORCH_CHECK(false, fn, ": kl_estimator must be one of k1, k2, k3, abs, got '", name, "'");
+}
+
+// KL estimate of d = lp − ref and its derivative in d. k3 in float64 (exp(−d) + d − 1 cancels near d = 0).
+inline void kl_math(float d, KlEst est, float& kl, float& g) {
+  switch (est) {
+    case KlEst::k1:
+      kl = d;
+      g = 1.0f;
+      return;
+    case KlEst::k2:
+      kl = 0.5f * d * d;
+      g = d;
+      return;
+    case KlEst::k3: {
+      const double dd = d, e = std::expm1(-dd);  // exp(−d) − 1
+      kl = static_cast<float>(e + dd);
+      g = static_cast<float>(-e);
+      return;
+    }
+    case KlEst::abs:
+      kl = std::fabs(d);
+      g = d > 0 ? 1.0f : (d < 0 ? -1.0f : 0.0f);
+      return;
+  }
+}
+
+// NaN-propagating max / min / clamp, like torch.maximum / torch.minimum / torch.clamp
+inline float nan_max(float a, float b) { return (std::isnan(a) || std::isnan(b)) ? NAN : std::max(a, b); }
+inline float nan_min(float a, float b) { return (std::isnan(a) || std::isnan(b)) ? NAN : std::min(a, b); }
+inline float nan_clamp(float x, float lo, float hi) { return std::isnan(x) ? x : std::min(std::max(x, lo), hi); }
+inline double sticky_min(double a, double b) { return (std::isnan(a) || std::isnan(b)) ? kNaN : std::min(a, b); }
+inline double sticky_max(double a, double b) { return (std::isnan(a) || std::isnan(b)) ? kNaN : std::max(a, b); }
+
+// a 1-D float tensor of length n read as contiguous float32 (converted from bfloat16/float16/float64)
+at::Tensor vec_f32(const char* fn, const char* name, const at::Tensor& t, int64_t n) {
+  TORCH_CHECK(t.defined() && t.device().is_cpu(), fn, ": ", name, " must be a CPU tensor");
+  TORCH_CHECK(t.dim() == 1 && t.size(0) == n, fn, ": ", name, " must be [", n, "], got shape ", t.sizes());
+  TORCH_CHECK(at::isFloatingType(t.scalar_type()), fn, ": ", name, " must be a float tensor, got ",
+              t.scalar_type());
+  return t.to(at::kFloat).contiguous();
+}
+
+bool present(const std::optional<at::Tensor>& t) { return t.has_value() && !detail::is_empty(*t); }
+
+int64_t chunks_of(int64_t n) { return std::max<int64_t>(1, (n + kChunk - 1) / kChunk); }
+
+at::Tensor scalar_f32(double x) { return at::full({}, x, at::TensorOptions().dtype(at::kFloat)); }
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> ppo_token_fwd(
+    const at::Tensor& logprobs_in, const at::Tensor& old_in, const at::Tensor& adv_in,
+    const at::Tensor& weights_in, const at::Tensor& mask_in, const std::optional<at::Tensor>& ref_in,
+    const std::optional<at::Tensor>& ent_in, double clip_low, double clip_high,
+    std::optional<double> dual_clip, const std::string& kl_estimator, double kl_coef,
+    double entropy_coef) {
+  constexpr const char* fn = "ppo_token_fwd";
+  TORCH_CHECK(logprobs_in.dim() == 1, fn, ": logprobs must be [N], got shape ", logprobs_in.sizes());
+  const int64_t N = logprobs_in.size(0);
+  const at::Tensor lp_t = vec_f32(fn, "logprobs", logprobs_in, N);
+  const at::Tensor old_t = vec_f32(fn, "old_logprobs", old_in, N);
+  const at::Tensor adv_t = vec_f32(fn, "advantages", adv_in, N);
+  const at::Tensor w_t = vec_f32(fn, "weights", weights_in, N);
+  const at::Tensor m_t = vec_f32(fn, "mask", mask_in, N);
+  const bool has_ref = present(ref_in), has_ent = present(ent_in), has_dual = dual_clip.has_value();
+  const at::Tensor ref_t = has_ref ? vec_f32(fn, "ref_logprobs", *ref_in, N) : at::Tensor();
+  const at::Tensor ent_t = has_ent ? vec_f32(fn, "entropy", *ent_in, N) : at::Tensor();
+  const KlEst est = kl_code(fn, kl_estimator);
+
+  const auto f32 = lp_t.options();
+  at::Tensor g_lp_t = at::empty({N}, f32);
+  at::Tensor g_ent_t = at::empty({has_ent ? N : 0}, f32);
+  const float* lp = lp_t.data_ptr<float>();
+  const float* old = old_t.data_ptr<float>();
+  const float* adv = adv_t.data_ptr<float>();
+  const float* w = w_t.data_ptr<float>();
+  const float* m = m_t.data_ptr<float>();
+  const float* ref = has_ref ? ref_t.data_ptr<float>() : nullptr;
+  const float* ent = has_ent ? ent_t.data_ptr<float>() : nullptr;
+  float* g_lp = g_lp_t.data_ptr<float>();
+  float* g_ent = has_ent ? g_ent_t.data_ptr<float>() : nullptr;
+  // the bounds as the reference rounds them: a Python float applied to a float32 tensor
+  const float lo = static_cast<float>(1.0 - clip_low), hi = static_cast<float>(1.0 + clip_high);
+  const float dual = static_cast<float>(dual_clip.value_or(0.0));
+  const float klc = static_cast<float>(kl_coef), entc = static_cast<float>(entropy_coef);
+
+  enum { LOSS, PG, CNT, CLIP, DUAL, AKL, RATIO, RMIN, RMAX, KL, ENT, NCOL };
+  const int64_t C = chunks_of(N);
+  std::vector<double> part(C * NCOL, 0.0);
+  at::parallel_for(0, C, 1, [&](int64_t c0, int64_t c1) {
+    for (int64_t c = c0; c < c1; ++c) {
+      double* row = part.data() + c * NCOL;
+      row[RMIN] = kInf;
+      row[RMAX] = -kInf;
+      for (int64_t i = c * kChunk, end = std::min(N, (c + 1) * kChunk); i < end; ++i) {
+        const float log_ratio = lp[i] - old[i];
+        const float ratio = std::exp(log_ratio);
+        const float unclipped = -adv[i] * ratio;
+        const float clipped = -adv[i] * nan_clamp(ratio, lo, hi);
+        const float g_un = unclipped;  // ∂(−A·ρ)/∂lp
+        const float g_cl = (ratio >= lo && ratio <= hi) ? g_un : 0.0f;
+        float pg = nan_max(unclipped, clipped);
+        float g = unclipped > clipped ? g_un : (clipped > unclipped ? g_cl : 0.5f * (g_un + g_cl));
+        bool dual_flag = false;
+        if (has_dual && adv[i] < 0) {
+          const float bound = -adv[i] * dual;
+          dual_flag = pg > bound;
+          g = pg < bound ? g : (pg > bound ? 0.0f : 0.5f * g);
+          pg = nan_min(pg, bound);
+        }
+        float loss = pg, kl = 0.0f;
+        if (has_ref) {
+          float g_kl;
+          kl_math(lp[i] - ref[i], est, kl, g_kl);
+          loss += klc * kl;
+          g += klc * g_kl;
+        }
+        if (has_ent) {
+          loss -= entc * ent[i];
+          g_ent[i] = w[i] * -entc;
+        }
+        g_lp[i] = w[i] * g;
+        const double mi = m[i];
+        row[LOSS] += static_cast<double>(w[i]) * loss;
+        row[PG] += static_cast<double>(w[i]) * pg;
+        row[CNT] += mi;
+        row[CLIP] += mi * (clipped > unclipped ? 1.0 : 0.0);
+        row[DUAL] += mi * (dual_flag ? 1.0 : 0.0);
+        row[AKL] += mi * (static_cast<double>(ratio) - 1.0 - log_ratio);
+        row[RATIO] += mi * ratio;
+        if (m[i] > 0) {
+          row[RMIN] = sticky_min(row[RMIN], ratio);
+          row[RMAX] = sticky_max(row[RMAX], ratio);
+        }
+        if (has_ref) row[KL] += mi * kl;
+        if (has_ent) row[ENT] += mi * ent[i];
+      }
+    }
+  });
+  double tot[NCOL] = {0};
+  tot[RMIN] = kInf;
+  tot[RMAX] = -kInf;
+  for (int64_t c = 0; c < C; ++c) {
+    const double* row = part.data() + c * NCOL;
+    for (int k = 0; k < NCOL; ++k) {
+      if (k == RMIN) tot[k] = sticky_min(tot[k], row[k]);
+      else if (k == RMAX) tot[k] = sticky_max(tot[k], row[k]);
+      else tot[k] += row[k];
+    }
+  }
+  const double inv = 1.0 / std::max(tot[CNT], 1.0);
+  const bool any = tot[CNT] > 0;
+  at::Tensor stats = at::empty({9}, f32);
+  float* s = stats.data_ptr<float>();
+  s[0] = static_cast<float>(tot[CLIP] * inv);
+  s[1] = static_cast<float>(tot[DUAL] * inv);
+  s[2] = static_cast<float>(tot[AKL] * inv);
+  s[3] = static_cast<float>(tot[RATIO] * inv);
+  s[4] = static_cast<float>(any ? tot[RMIN] : 0.0);
+  s[5] = static_cast<float>(any ? tot[RMAX] : 0.0);
+  s[6] = static_cast<float>(tot[PG]);
+  s[7] = static_cast<float>(tot[ENT] * inv);
+  s[8] = static_cast<float>(tot[KL] * inv);
+  return {scalar_f32(tot[LOSS]), g_lp_t, g_ent_t, stats};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> value_loss_fwd(
+    const at::Tensor& values_in, const at::Tensor& old_in, const at::Tensor& returns_in,
+    const at::Tensor& weights_in, const at::Tensor& mask_in, std::optional<double> clip_in) {
+  constexpr const char* fn = "value_loss_fwd";
+  TORCH_CHECK(values_in.dim() == 1, fn, ": values must be [N], got shape ", values_in.sizes());
+  const int64_t N = values_in.size(0);
+  const bool has_clip = clip_in.has_value();
+  const at::Tensor v_t = vec_f32(fn, "values", values_in, N);
+  const at::Tensor old_t = has_clip ? vec_f32(fn, "old_values", old_in, N) : at::Tensor();
+  const at::Tensor ret_t = vec_f32(fn, "returns", returns_in, N);
+  const at::Tensor w_t = vec_f32(fn, "weights", weights_in, N);
+  const at::Tensor m_t = vec_f32(fn, "mask", mask_in, N);
+  const float* v = v_t.data_ptr<float>();
+  const float* old = has_clip ? old_t.data_ptr<float>() : nullptr;
+  const float* ret = ret_t.data_ptr<float>();
+  const float* w = w_t.data_ptr<float>();
+  const float* m = m_t.data_ptr<float>();
+  at::Tensor g_v_t = at::empty({N}, v_t.options());
+  float* g_v = g_v_t.data_ptr<float>();
+  const float clip = static_cast<float>(clip_in.value_or(0.0));
+
+  // pass 1: loss, gradient, counts and first moments; pass 2: second moments about the means (two-pass
+  // variances in float64, the reference's masked_var)
+  enum { LOSS, CNT, CLIP, SV, SR, SE, NCOL };
+  const int64_t C = chunks_of(N);
+  std::vector<double> part(C * NCOL, 0.0);
+  at::parallel_for(0, C, 1, [&](int64_t c0, int64_t c1) {
+    for (int64_t c = c0; c < c1; ++c) {
+      double* row = part.data() + c * NCOL;
+      for (int64_t i = c * kChunk, end = std::min(N, (c + 1) * kChunk); i < end; ++i) {
+        const float diff = v[i] - ret[i];
+        const float err = diff * diff;
+        float loss, g;
+        bool flag = false;
+        if (has_clip) {
+          const float dv = v[i] - old[i];
+          const float dc = (old[i] + nan_clamp(dv, -clip, clip)) - ret[i];
+          const float err_c = dc * dc;
+          const float g_c = (dv >= -clip && dv <= clip) ? dc : 0.0f;
+          loss = 0.5f * nan_max(err, err_c);
+          g = err > err_c ? diff : (err_c > err ? g_c : 0.5f * (diff + g_c));
+          flag = err_c > err && (dv < -clip || dv > clip);
+        } else {
+          loss = 0.5f * err;
+          g = diff;
+        }
+        g_v[i] = w[i] * g;
+        const double mi = m[i];
+        row[LOSS] += static_cast<double>(w[i]) * loss;
+        row[CNT] += mi;
+        row[CLIP] += mi * (flag ? 1.0 : 0.0);
+        row[SV] += mi * v[i];
+        row[SR] += mi * ret[i];
+        row[SE] += mi * (ret[i] - v[i]);
+      }
+    }
+  });
+  double tot[NCOL] = {0};
+  for (int64_t c = 0; c < C; ++c)
+    for (int k = 0; k < NCOL; ++k) tot[k] += part[c * NCOL + k];
+  const double inv = 1.0 / std::max(tot[CNT], 1.0);
+  const double mean_r = tot[SR] * inv, mean_e = tot[SE] * inv;
+  std::vector<double> sq(C * 2, 0.0);
+  at::parallel_for(0, C, 1, [&](int64_t c0, int64_t c1) {
+    for (int64_t c = c0; c < c1; ++c) {
+      double ssr = 0.0, sse = 0.0;
+      for (int64_t i = c * kChunk, end = std::min(N, (c + 1) * kChunk); i < end; ++i) {
+        const double dr = ret[i] - mean_r, de = static_cast<double>(ret[i] - v[i]) - mean_e;
+        ssr += m[i] * dr * dr;
+        sse += m[i] * de * de;
+      }
+      sq[2 * c] = ssr;
+      sq[2 * c + 1] = sse;
+    }
+  });
+  double ssr = 0.0, sse = 0.0;
+  for (int64_t c = 0; c < C; ++c) {
+    ssr += sq[2 * c];
+    sse += sq[2 * c + 1];
+  }
+  const double bessel = std::max(tot[CNT] - 1.0, 1.0);
+  const double var_r = ssr / bessel, var_e = sse / bessel;
+  const double tiny = std::numeric_limits<float>::min();
+  at::Tensor stats = at::empty({4}, v_t.options());
+  float* s = stats.data_ptr<float>();
+  s[0] = static_cast<float>(tot[CLIP] * inv);
+  s[1] = static_cast<float>(var_r > 0 ? 1.0 - var_e / std::max(var_r, tiny) : 0.0);
+  s[2] = static_cast<float>(tot[SV] * inv);
+  s[3] = static_cast<float>(mean_r);
+  return {scalar_f32(tot[LOSS]), g_v_t, stats};
+}
+
+at::Tensor kl_penalty_fwd(const at::Tensor& logprobs, const at::Tensor& ref_logprobs,
+                          const std::string& estimator) {
+  constexpr const char* fn = "kl_penalty_fwd";
+  TORCH_CHECK(logprobs.dim() == 1, fn, ": logprobs must be [N], got shape ", logprobs.sizes());
+  const int64_t N = logprobs.size(0);
+  const at::Tensor lp_t = vec_f32(fn, "logprobs", logprobs, N);
+  const at::Tensor ref_t = vec_f32(fn, "ref_logprobs", ref_logprobs, N);
+  const KlEst est = kl_code(fn, estimator);
+  at::Tensor out = at::empty({N}, lp_t.options());
+  const float* lp = lp_t.data_ptr<float>();
+  const float* ref = ref_t.data_ptr<float>();
+  float* o = out.data_ptr<float>();
+  at::parallel_for(0, N, kChunk, [&](int64_t b, int64_t e) {
+    for (int64_t i = b; i < e; ++i) {
+      float g;
+      kl_math(lp[i] - ref[i], est, o[i], g);
+    }
+  });
+  return out;
+}
+
+at::Tensor kl_penalty_bwd(const at::Tensor& grad_kl, const at::Tensor& logprobs,
+                          const at::Tensor& ref_logprobs, const std::string& estimator) {
+  constexpr const char* fn = "kl_penalty_bwd";
+  TORCH_CHECK(logprobs.dim() == 1, fn, ": logprobs must be [N], got shape ", logprobs.sizes());
+  const int64_t N = logprobs.size(0);
+  const at::Tensor g_t = vec_f32(fn, "grad_kl", grad_kl, N);
+  const at::Tensor lp_t = vec_f32(fn, "logprobs", logprobs, N);
+  const at::Tensor ref_t = vec_f32(fn, "ref_logprobs", ref_logprobs, N);
+  const KlEst est = kl_code(fn, estimator);
+  at::Tensor out = at::empty({N}, lp_t.options());
+  const float* gk = g_t.data_ptr<float>();
+  const float* lp = lp_t.data_ptr<float>();
+  const float* ref = ref_t.data_ptr<float>();
+  float* o = out.data_ptr<float>();
+  at::parallel_for(0, N, kChunk, [&](int64_t b, int64_t e) {
+    for (int64_t i = b; i < e; ++i) {
+      float kl, d;
+      kl_math(lp[i] - ref[i], est, kl, d);
+      o[i] = gk[i] * d;
+    }
+  });
+  return out;
+}
+
+}  // namespace signalrl
