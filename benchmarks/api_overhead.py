@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
-import platform
 import random
 import statistics
 import tempfile
@@ -171,13 +170,15 @@ async def run(args) -> str:
         pipe_rows.append((prep, statistics.median(seq_t), statistics.median(par_t), statistics.median(sp)))
     engine.close()
 
-    dev_name = torch.cuda.get_device_name() if device.startswith("cuda") else (platform.processor() or "cpu")
+    from benchmarks.runner import device_name
+
+    dev_name = device_name(torch.device(device))
     lines = [
         f"# Training API overhead ({device})",
         "",
         f"Command: `python -m benchmarks.api_overhead --model {args.model} --steps {args.steps} "
         f"--repeats {args.repeats} --batch {args.batch} --seq {args.seq} --prep-ms {args.prep_ms:g}`",
-        f"Device: {dev_name}; torch {torch.__version__}; {torch.get_num_threads()} intra-op threads; "
+        f"Device: {dev_name}; torch {torch.__version__}; "
         f"model {args.model}, full fine-tuning, AdamW, batch {args.batch}×{args.seq} tokens, causal_lm.",
         f"{len(t_hand)} steps of each (forward_backward + optim_step), interleaved step by step after 3 warm-up "
         f"steps; over the first 10 steps the losses of the two agree to {loss_diff:.1e} (relative).",

@@ -1,7 +1,8 @@
 // family ppo: the per-token PPO epilogue (clipped surrogate + KL + entropy bonus), the clipped value loss and
 // the KL estimators on [N] vectors. The math is that of docs/backends.md (family ppo) and of the Triton
 // kernels (signalrl/kernels/ppo.py): per-token values in float32 exactly as the reference computes them (the
-// ties of max/min split the gradient in halves, clamp passes it on its closed interval), sums in float64.
+// ties of max/min split the gradient in halves, clamp passes it on its closed interval), sums in float64;
+// the KL estimators branch-free in float32 so their loops vectorize.
 // Statistics are partial sums over fixed chunks of kChunk tokens, merged in chunk order: the result does not
 // depend on the number of threads. Memory: the outputs plus float64 partials, 16 per chunk.
 #include <ATen/Parallel.h>
@@ -12,6 +13,7 @@
 #include <string>
 #include <vector>
 
+#include "common.h"
 #include "kernels.h"
 
 namespace signalrl {
@@ -32,28 +34,80 @@ KlEst kl_code(const char* fn, const std::string& name) {
   TORCH_CHECK(false, fn, ": kl_estimator must be one of k1, k2, k3, abs, got '", name, "'");
 }
 
-// KL estimate of d = lp − ref and its derivative in d. k3 in float64 (exp(−d) + d − 1 cancels near d = 0).
+// KL estimate of d = lp − ref and its derivative in d, in float32 without branches (the loops vectorize).
+// k3: exp(−d) + d − 1 and 1 − exp(−d) cancel catastrophically near d = 0, where a policy close to its reference
+// lives, so for |d| < 1/2 their Taylor series are used, truncated below 1e-9 relative (as the Triton kernel does).
+template <KlEst E>
+inline void kl_math_t(float d, float& kl, float& g) {
+  if constexpr (E == KlEst::k1) {
+    kl = d;
+    g = 1.0f;
+  } else if constexpr (E == KlEst::k2) {
+    kl = 0.5f * d * d;
+    g = d;
+  } else if constexpr (E == KlEst::k3) {
+    const float e = vexp(-d);
+    float p = 1.0f / 3628800.0f;  // k3 = d²·(1/2 − d/6 + d²/24 − …)
+    p = p * d - 1.0f / 362880.0f;
+    p = p * d + 1.0f / 40320.0f;
+    p = p * d - 1.0f / 5040.0f;
+    p = p * d + 1.0f / 720.0f;
+    p = p * d - 1.0f / 120.0f;
+    p = p * d + 1.0f / 24.0f;
+    p = p * d - 1.0f / 6.0f;
+    p = p * d + 0.5f;
+    float q = 1.0f / 362880.0f;  // 1 − exp(−d) = d·(1 − d/2 + d²/6 − …)
+    q = q * d - 1.0f / 40320.0f;
+    q = q * d + 1.0f / 5040.0f;
+    q = q * d - 1.0f / 720.0f;
+    q = q * d + 1.0f / 120.0f;
+    q = q * d - 1.0f / 24.0f;
+    q = q * d + 1.0f / 6.0f;
+    q = q * d - 0.5f;
+    q = q * d + 1.0f;
+    const bool small = std::fabs(d) < 0.5f;
+    kl = small ? d * d * p : e + d - 1.0f;
+    g = small ? d * q : 1.0f - e;
+  } else {
+    kl = std::fabs(d);
+    g = d > 0 ? 1.0f : (d < 0 ? -1.0f : 0.0f);
+  }
+}
+
 inline void kl_math(float d, KlEst est, float& kl, float& g) {
   switch (est) {
-    case KlEst::k1:
-      kl = d;
-      g = 1.0f;
-      return;
-    case KlEst::k2:
-      kl = 0.5f * d * d;
-      g = d;
-      return;
-    case KlEst::k3: {
-      const double dd = d, e = std::expm1(-dd);  // exp(−d) − 1
-      kl = static_cast<float>(e + dd);
-      g = static_cast<float>(-e);
-      return;
-    }
-    case KlEst::abs:
-      kl = std::fabs(d);
-      g = d > 0 ? 1.0f : (d < 0 ? -1.0f : 0.0f);
-      return;
+    case KlEst::k1: return kl_math_t<KlEst::k1>(d, kl, g);
+    case KlEst::k2: return kl_math_t<KlEst::k2>(d, kl, g);
+    case KlEst::k3: return kl_math_t<KlEst::k3>(d, kl, g);
+    case KlEst::abs: return kl_math_t<KlEst::abs>(d, kl, g);
   }
+}
+
+// out[i] = KL(lp[i] − ref[i]) (forward) or grad[i]·dKL/dd (backward), one estimator per instantiation
+template <KlEst E, bool BWD>
+SIGNAL_MULTIVERSION void kl_loop(const float* lp, const float* ref, const float* grad, float* out, int64_t b,
+                                 int64_t e) {
+  for (int64_t i = b; i < e; ++i) {
+    float kl, g;
+    kl_math_t<E>(lp[i] - ref[i], kl, g);
+    if constexpr (BWD) {
+      out[i] = grad[i] * g;
+    } else {
+      out[i] = kl;
+    }
+  }
+}
+
+template <bool BWD>
+void kl_apply(KlEst est, const float* lp, const float* ref, const float* grad, float* out, int64_t N) {
+  at::parallel_for(0, N, kChunk, [&](int64_t b, int64_t e) {
+    switch (est) {
+      case KlEst::k1: return kl_loop<KlEst::k1, BWD>(lp, ref, grad, out, b, e);
+      case KlEst::k2: return kl_loop<KlEst::k2, BWD>(lp, ref, grad, out, b, e);
+      case KlEst::k3: return kl_loop<KlEst::k3, BWD>(lp, ref, grad, out, b, e);
+      case KlEst::abs: return kl_loop<KlEst::abs, BWD>(lp, ref, grad, out, b, e);
+    }
+  });
 }
 
 // NaN-propagating max / min / clamp, like torch.maximum / torch.minimum / torch.clamp
@@ -299,13 +353,7 @@ at::Tensor kl_penalty_fwd(const at::Tensor& logprobs, const at::Tensor& ref_logp
   at::Tensor out = at::empty({N}, lp_t.options());
   const float* lp = lp_t.data_ptr<float>();
   const float* ref = ref_t.data_ptr<float>();
-  float* o = out.data_ptr<float>();
-  at::parallel_for(0, N, kChunk, [&](int64_t b, int64_t e) {
-    for (int64_t i = b; i < e; ++i) {
-      float g;
-      kl_math(lp[i] - ref[i], est, o[i], g);
-    }
-  });
+  kl_apply<false>(est, lp, ref, nullptr, out.data_ptr<float>(), N);
   return out;
 }
 
@@ -322,14 +370,7 @@ at::Tensor kl_penalty_bwd(const at::Tensor& grad_kl, const at::Tensor& logprobs,
   const float* gk = g_t.data_ptr<float>();
   const float* lp = lp_t.data_ptr<float>();
   const float* ref = ref_t.data_ptr<float>();
-  float* o = out.data_ptr<float>();
-  at::parallel_for(0, N, kChunk, [&](int64_t b, int64_t e) {
-    for (int64_t i = b; i < e; ++i) {
-      float kl, d;
-      kl_math(lp[i] - ref[i], est, kl, d);
-      o[i] = gk[i] * d;
-    }
-  });
+  kl_apply<true>(est, lp, ref, gk, out.data_ptr<float>(), N);
   return out;
 }
 
