@@ -156,26 +156,39 @@ def test_clipped_surrogate_nan_is_not_hidden(backend):
 # --- the fused token kernel with KL and entropy (what linear_ppo_loss uses) ------------------
 
 
-@pytest.mark.skipif(not FAST or "triton" not in FAST, reason="no Triton backend here")
+def _token_fwd_kernel(backend):
+    """The backend's ppo_token_fwd: Triton with small blocks and 3 programs (the persistent loop and the
+    partial-stat reduction), native as it is (its fixed chunks of 4096 tokens are crossed by the shape)."""
+    if backend == "triton":
+        from signalrl.kernels import ppo as K
+
+        return lambda *args: K.ppo_token_fwd(*args, _block=16, _programs=3), (5, 37)
+    from signalrl.ops._backend import get_impl
+
+    return get_impl(backend, "ppo", "ppo_token_fwd"), (3, 3001)
+
+
+@pytest.mark.parametrize("backend", FAST or ["none"])
 @pytest.mark.parametrize("estimator", ["k1", "k2", "k3", "abs"])
 @pytest.mark.parametrize("dual_clip", [None, 1.3])
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_ppo_token_fwd_with_kl_entropy_multi_program(estimator, dual_clip, dtype):
-    """Small blocks and 3 programs: exercises the persistent loop and the partial-stat reduction."""
+def test_ppo_token_fwd_with_kl_entropy_multi_program(backend, estimator, dual_clip, dtype):
+    """The kernel function with KL and entropy terms against the float64 composition of the reference."""
+    if backend == "none":
+        pytest.skip("no fast backend on this machine")
     from signalrl.kernels import ppo as K
     from signalrl.ops import token_weights
 
-    shape = (5, 37)
+    fwd, shape = _token_fwd_kernel(backend)
     lp, old, adv = ppo_inputs(shape, dtype)
     ref = (lp.float() + torch.randn(shape) * 0.3).to(dtype)
     ent = (torch.rand(shape) * 3).to(dtype)
     mask = make_mask("random", shape)
     w = token_weights(mask, "seq-mean-token-mean")
     kl_coef, ent_coef = 0.1, 0.01
-    loss, g_lp, g_ent, stats = K.ppo_token_fwd(
+    loss, g_lp, g_ent, stats = fwd(
         lp.reshape(-1), old.reshape(-1), adv.reshape(-1), w.reshape(-1), mask.float().reshape(-1),
         ref.reshape(-1), ent.reshape(-1), 0.2, 0.25, dual_clip, estimator, kl_coef, ent_coef,
-        _block=16, _programs=3,
     )
     xt = lp.double().requires_grad_()
     m = mask.double()
@@ -278,6 +291,33 @@ def test_value_loss_fwd_multi_program_welford(n, block, programs):
     assert abs(float(stats[0]) - float(st["value_clip_fraction"])) <= 1e-6
     assert abs(float(stats[2]) - float(st["value_mean"])) <= 1e-5 * 1000
     assert abs(float(stats[3]) - float(st["return_mean"])) <= 1e-5 * 1000
+
+
+@pytest.mark.skipif("native" not in FAST, reason="no native backend here")
+def test_value_loss_fwd_native_across_chunks():
+    """Three chunks of 4096 tokens and a large common offset in the returns: the chunked two-pass variance
+    of the explained-variance statistic, merged in chunk order."""
+    from signalrl.ops._backend import get_impl
+
+    n = 3 * 4096 + 17
+    values = torch.randn(n) + 1000.0
+    returns = values + torch.randn(n) * 0.5
+    old = values + torch.randn(n) * 0.1
+    mask = (torch.rand(n) > 0.2).float()
+    w = mask / mask.sum()
+    loss, g, stats = get_impl("native", "ppo", "value_loss_fwd")(values, old, returns, w, mask, 0.05)
+    xt = values.double().requires_grad_()
+    loss_t, st = reference.value_loss(xt, old.double(), returns.double(), mask.double(), clip=0.05)
+    loss_t.backward()
+    x32 = values.clone().requires_grad_()  # float32 PyTorch: old + clip(v − old) rounds at |v| ≈ 1000
+    loss_32, _ = reference.value_loss(x32, old, returns, mask, clip=0.05)
+    loss_32.backward()
+    assert rel_err(loss, loss_t) <= max(1e-5, 2 * rel_err(loss_32, loss_t))
+    assert rel_err(g, xt.grad) <= max(1e-5, 2 * rel_err(x32.grad, xt.grad))
+    assert abs(float(stats[1]) - float(st["explained_variance"])) < 1e-5
+    assert abs(float(stats[0]) - float(st["value_clip_fraction"])) <= 1e-6
+    assert abs(float(stats[2]) - float(st["value_mean"])) <= 1e-6 * 1000
+    assert abs(float(stats[3]) - float(st["return_mean"])) <= 1e-6 * 1000
 
 
 @pytest.mark.skipif("triton" not in FAST, reason="no Triton backend here")
