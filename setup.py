@@ -32,6 +32,7 @@ class BuildPyWithSources(build_py):
             return  # an editable install reads csrc/ of the checkout
         src_root = os.path.join(HERE, "csrc")
         dst_root = os.path.join(self.build_lib, "signalrl", "_csrc")
+        shutil.rmtree(dst_root, ignore_errors=True)  # build/ is reused: a deleted source must not ship
         for dirpath, _, files in os.walk(src_root):
             for name in files:
                 if name.endswith(CSRC_SUFFIXES):

@@ -48,8 +48,10 @@ START=$(date +%s)
 
 if compgen -G ".whl/*.whl" > /dev/null; then
   PEER_SITE=$(mktemp -d /tmp/signal-peers.XXXXXX)
+  trap 'rm -rf "$PEER_SITE"' EXIT
   if $PYTHON -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target "$PEER_SITE" .whl/*.whl; then
-    export PYTHONPATH="$PYTHONPATH:$PEER_SITE"  # after the repo: never shadows signalrl or installed packages
+    # after the repo (never shadows signalrl), before site-packages: these versions win over installed ones
+    export PYTHONPATH="$PYTHONPATH:$PEER_SITE"
     echo "peers: installed $(cd .whl && ls *.whl | tr '\n' ' ')"
   else
     echo "peers: could not install the wheels in .whl/ (benchmarks run without them)" >&2
@@ -94,7 +96,8 @@ fi
 
 # The kernel tests first, so a run cut short by TEST_TIMEOUT has covered what only a GPU can check; then the rest.
 FIRST="tests/gpu tests/kernels tests/ops tests/losses"
-TEST_PATHS="$FIRST"
+TEST_PATHS=""
+for p in $FIRST; do [ -e "$p" ] && TEST_PATHS="$TEST_PATHS $p"; done
 for p in tests/*; do
   case " $FIRST " in *" $p "*) continue ;; esac
   case "$(basename "$p")" in _*|.*) continue ;; esac

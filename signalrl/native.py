@@ -119,12 +119,14 @@ def _fingerprint() -> str:
 
 
 def _prebuilt() -> Path | None:
-    """The library built by setup.py, if present and not older than the sources next to it."""
+    """The library built by setup.py, if present and (in a checkout) not older than the sources."""
     candidates = sorted(_PACKAGE_DIR.glob("_native*.so")) + sorted(_PACKAGE_DIR.glob("_native*.pyd"))
     if not candidates:
         return None
     lib = candidates[0]
-    if _CSRC.is_dir():
+    # In a checkout the sources can be edited after the build; sources shipped in a wheel came with the library
+    # (and installers give every file the install time, in no useful order).
+    if _CSRC.is_dir() and _CSRC != _PACKAGE_DIR / "_csrc":
         newest = max((p.stat().st_mtime for p in _all_source_files()), default=0.0)
         if lib.stat().st_mtime < newest:
             return None

@@ -154,6 +154,29 @@ def test_installed_wheel_ships_the_sources_and_builds_from_them(tmp_path):
     assert Path(mod_file).is_relative_to(site) and Path(csrc) == shipped and ok == "True", out.stdout
 
 
+def test_prebuilt_library_vs_source_times(tmp_path, monkeypatch):
+    """A checkout's prebuilt library older than its sources is stale; a wheel's is not (an installer gives the
+    library and the shipped sources arbitrary times)."""
+    pkg = tmp_path / "signalrl"
+    (pkg / "_csrc").mkdir(parents=True)
+    lib = pkg / "_native.cpython-311-x86_64-linux-gnu.so"
+    lib.write_bytes(b"")
+    src = pkg / "_csrc" / "registration.cpp"
+    src.write_text("// newer than the library")
+    os.utime(lib, (1_000, 1_000))
+    monkeypatch.setattr(native, "_PACKAGE_DIR", pkg)
+    monkeypatch.setattr(native, "_CSRC", pkg / "_csrc")
+    assert native._prebuilt() == lib  # shipped sources: trusted
+    checkout = tmp_path / "csrc"
+    checkout.mkdir()
+    (checkout / "registration.cpp").write_text("// edited after the build")
+    monkeypatch.setattr(native, "_CSRC", checkout)
+    assert native._prebuilt() is None  # a checkout: rebuilt from the newer sources
+    os.utime(lib, None)
+    os.utime(checkout / "registration.cpp", (2_000, 2_000))
+    assert native._prebuilt() == lib
+
+
 def test_no_compiler_warns_once_and_falls_back(tmp_path):
     out = _run(
         """

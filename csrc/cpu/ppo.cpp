@@ -1,7 +1,8 @@
 // family ppo: the per-token PPO epilogue (clipped surrogate + KL + entropy bonus), the clipped value loss and
 // the KL estimators on [N] vectors. The math is that of docs/backends.md (family ppo) and of the Triton
-// kernels (signalrl/kernels/ppo.py): per-token values in float32 exactly as the reference computes them (the
-// ties of max/min split the gradient in halves, clamp passes it on its closed interval), sums in float64;
+// kernels (signalrl/kernels/ppo.py): per-token values in float32 as the reference computes them (the
+// ties of max/min split the gradient in halves, clamp passes it on its closed interval; approx_kl's ρ − 1 − log ρ
+// is formed in float64), sums in float64;
 // the KL estimators branch-free in float32 so their loops vectorize.
 // Statistics are partial sums over fixed chunks of kChunk tokens, merged in chunk order: the result does not
 // depend on the number of threads. Memory: the outputs plus float64 partials, 16 per chunk.

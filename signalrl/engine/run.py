@@ -104,6 +104,14 @@ def _lr_lambda(cfg: RunConfig) -> Callable[[int], float]:
     return f
 
 
+def _float32_norms(grads: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Per-tensor L2 norms as float32 (one fused multi-tensor kernel per dtype; float64 gradients are reduced in
+    float64 and then rounded, as ``_foreach_norm`` will not narrow them)."""
+    if all(g.dtype in (torch.float32, torch.bfloat16, torch.float16) for g in grads):
+        return list(torch._foreach_norm(grads, 2, dtype=torch.float32))
+    return [n.float() for n in torch._foreach_norm(grads, 2)]
+
+
 def _losses():
     import signalrl.losses as losses
     from signalrl.losses import model as loss_model
@@ -284,7 +292,7 @@ class Run:
             present = [(n, g) for (n, _), g in zip(named, grads) if g is not None]
             # One fused multi-tensor norm and one host sync for the loss and every gradient: a NaN/inf anywhere
             # makes its tensor's norm non-finite. The float32 norms are kept for optim_step's clipping.
-            norms = list(torch._foreach_norm([g for _, g in present], 2, dtype=torch.float32)) if present else []
+            norms = _float32_norms([g for _, g in present]) if present else []
             values = torch.stack([res.loss.detach().float().reshape(()), *norms]).tolist()
             loss_value, finite = values[0], [math.isfinite(v) for v in values[1:]]
             if not math.isfinite(loss_value):
@@ -349,7 +357,7 @@ class Run:
         if grads:
             # One forward_backward since the last step: its per-tensor norms are those of these gradients.
             norms = self._grad_norms if self.pending_grads == 1 and self._grad_norms is not None \
-                else torch._foreach_norm(grads, 2, dtype=torch.float32)
+                else _float32_norms(grads)
             grad_norm = float(torch.linalg.vector_norm(torch.stack(list(norms))).item())
         else:
             grad_norm = 0.0
@@ -357,6 +365,7 @@ class Run:
         if self.config.max_grad_norm is not None and grads and grad_norm > self.config.max_grad_norm:
             torch._foreach_mul_(grads, self.config.max_grad_norm / (grad_norm + 1e-6))
             clipped = True
+        self._grad_norms = None  # the gradients may have changed: a retried step recomputes
         if learning_rate is not None:
             for group in self.optimizer.param_groups:
                 group["lr"] = float(learning_rate)

@@ -58,3 +58,31 @@ def test_a_head_created_by_forward_backward_counts_in_the_norm(make_run):
     assert len(run.trainable_parameters()) > n_before and "value" in run.heads
     expected = _norm(_grads(run))
     assert run.optim_step().grad_norm == pytest.approx(expected, rel=1e-5)
+
+
+def test_float64_runs_take_norms_without_narrowing(make_run):
+    run = make_run(lora_r=0, learning_rate=1e-2, max_grad_norm=None, dtype=torch.float64)
+    run.forward_backward(SFT, "causal_lm")
+    grads = _grads(run)
+    assert grads and all(g.dtype == torch.float64 for g in grads)
+    assert run.optim_step().grad_norm == pytest.approx(_norm(grads), rel=1e-6)
+
+
+def test_a_step_retried_after_a_failure_recomputes_the_norm(make_run, monkeypatch):
+    """optim_step clips in place before the optimizer runs: if the optimizer then fails, a retry must measure the
+    gradients as they are now, not reuse the norms cached by forward_backward."""
+    run = make_run(lora_r=4, learning_rate=1e-2, max_grad_norm=1e-4, optimizer="sgd")
+    run.forward_backward(SFT, "causal_lm")
+    real_step = run.optimizer.step
+
+    def fail_once(*args, **kwargs):
+        monkeypatch.setattr(run.optimizer, "step", real_step)
+        raise RuntimeError("simulated failure inside the optimizer")
+
+    monkeypatch.setattr(run.optimizer, "step", fail_once)
+    with pytest.raises(RuntimeError, match="simulated"):
+        run.optim_step()
+    now = _norm(_grads(run))
+    assert now == pytest.approx(1e-4, rel=1e-3)  # clipped once
+    step = run.optim_step()
+    assert step.grad_norm == pytest.approx(now, rel=1e-5)
