@@ -196,14 +196,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> ppo_token_fwd(
           pg = nan_min(pg, bound);
         }
         float loss = pg, kl = 0.0f;
-        if (has_ref) {
+        if (has_ref) {  // a zero coefficient drops the term, as the reference does (0·inf would be NaN)
           float g_kl;
           kl_math(lp[i] - ref[i], est, kl, g_kl);
-          loss += klc * kl;
-          g += klc * g_kl;
+          if (klc != 0.0f) {
+            loss += klc * kl;
+            g += klc * g_kl;
+          }
         }
         if (has_ent) {
-          loss -= entc * ent[i];
+          if (entc != 0.0f) loss -= entc * ent[i];
           g_ent[i] = w[i] * -entc;
         }
         g_lp[i] = w[i] * g;

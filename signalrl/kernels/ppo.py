@@ -138,14 +138,14 @@ def _ppo_token_math(
     else:
         dual_flag = tl.zeros(lp.shape, tl.int1)
     loss = pg
-    if HAS_REF:
+    if HAS_REF:  # a zero coefficient drops the term, as the reference does (0·inf would be NaN)
         kl, g_kl = _kl_math(lp - ref, KL_EST)
-        loss = loss + kl_coef * kl
-        g_lp = g_lp + kl_coef * g_kl
+        loss = tl.where(kl_coef != 0.0, loss + kl_coef * kl, loss)
+        g_lp = tl.where(kl_coef != 0.0, g_lp + kl_coef * g_kl, g_lp)
     else:
         kl = tl.zeros(lp.shape, tl.float32)
     if HAS_ENT:
-        loss = loss - entropy_coef * ent
+        loss = tl.where(entropy_coef != 0.0, loss - entropy_coef * ent, loss)
         g_ent = tl.full(lp.shape, 0.0, tl.float32) - entropy_coef
     else:
         g_ent = tl.zeros(lp.shape, tl.float32)

@@ -109,6 +109,28 @@ def test_linear_ppo_no_ref_no_mask_and_flat_input(backend, device):
 
 
 @pytest.mark.parametrize("backend,device", PARAMS)
+def test_linear_ppo_zero_kl_coef_drops_an_infinite_kl(backend, device):
+    """kl_coef=0 with ref_logprobs given: the KL term is absent from the loss and gradients, as in the reference
+    (not 0·inf = NaN where the reference policy gave a counted token probability 0); the kl stat reports it."""
+    inp = _inputs(2, 6, 16, 120, torch.float32, device, mask=False)
+    inp["ref"] = inp["ref"].clone()
+    inp["ref"][0, 1] = float("-inf")
+    inp["targets"][0, 1] = 5  # counted
+    loss, stats, grads = _compare_finite(backend, inp)
+    assert stats["kl"].item() == float("inf")
+
+
+def _compare_finite(backend, inp):
+    loss, stats, grads = _call(backend, inp, kl_coef=0.0, kl_estimator="k1")
+    t_loss, _, t_grads = _call("reference", inp, dtype=torch.float64, kl_coef=0.0, kl_estimator="k1")
+    assert torch.isfinite(loss) and abs(loss.item() - t_loss.item()) <= 1e-5 * max(1.0, abs(t_loss.item()))
+    for k in grads:
+        assert torch.isfinite(grads[k]).all(), k
+        assert_close(f"d {k}", grads[k], t_grads[k], torch.float32)
+    return loss, stats, grads
+
+
+@pytest.mark.parametrize("backend,device", PARAMS)
 def test_linear_ppo_all_masked_and_length_one(backend, device):
     inp = _inputs(2, 3, 16, 100, torch.float32, device)
     inp["mask"] = torch.zeros_like(inp["old"])
