@@ -63,11 +63,9 @@ def _native_extension() -> dict:
         include_dirs=[os.path.join(HERE, "csrc")],
         extra_compile_args={"cxx": flags, "nvcc": ["-O3"]} if cuda else flags,
     )
-    return {"ext_modules": [ext], "build_ext": BuildExtension.with_options(use_ninja=True)}
+    return {"ext_modules": [ext], "cmdclass": {"build_ext": BuildExtension.with_options(use_ninja=True)}}
 
 
 _native = _native_extension()
-_cmdclass = {"build_py": BuildPyWithSources}
-if "build_ext" in _native:
-    _cmdclass["build_ext"] = _native.pop("build_ext")
+_cmdclass = {"build_py": BuildPyWithSources, **_native.pop("cmdclass", {})}
 setup(cmdclass=_cmdclass, **_native)

@@ -92,32 +92,6 @@ std::tuple<Tensor, Tensor, Tensor> linear_ppo_bwd_meta(
                                         ignore_index, need_hidden, need_weight, need_bias);
 }
 
-// the CPU kernels take std::string; the dispatcher passes string arguments as string_view
-std::tuple<Tensor, Tensor, Tensor, Tensor> ppo_token_fwd_cpu(
-    const Tensor& lp, const Tensor& old, const Tensor& adv, const Tensor& w, const Tensor& m, const OptT& ref,
-    const OptT& ent, double clip_low, double clip_high, std::optional<double> dual, c10::string_view est,
-    double kl_coef, double entropy_coef) {
-  return signalrl::ppo_token_fwd(lp, old, adv, w, m, ref, ent, clip_low, clip_high, dual, std::string(est),
-                                 kl_coef, entropy_coef);
-}
-
-Tensor kl_penalty_fwd_cpu(const Tensor& lp, const Tensor& ref, c10::string_view est) {
-  return signalrl::kl_penalty_fwd(lp, ref, std::string(est));
-}
-
-Tensor kl_penalty_bwd_cpu(const Tensor& g, const Tensor& lp, const Tensor& ref, c10::string_view est) {
-  return signalrl::kl_penalty_bwd(g, lp, ref, std::string(est));
-}
-
-std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> linear_ppo_fwd_cpu(
-    const Tensor& hidden, const Tensor& weight, const OptT& bias, const Tensor& targets, const Tensor& old,
-    const Tensor& adv, const Tensor& w, const Tensor& m, const OptT& ref, double temperature,
-    int64_t ignore_index, double clip_low, double clip_high, std::optional<double> dual, c10::string_view est,
-    double kl_coef, double entropy_coef) {
-  return signalrl::linear_ppo_fwd(hidden, weight, bias, targets, old, adv, w, m, ref, temperature, ignore_index,
-                                  clip_low, clip_high, dual, std::string(est), kl_coef, entropy_coef);
-}
-
 }  // namespace
 
 TORCH_LIBRARY(signalrl_native, m) {
@@ -166,11 +140,11 @@ TORCH_LIBRARY_IMPL(signalrl_native, CPU, m) {
   m.impl("linear_token_logprobs_fwd", &signalrl::linear_token_logprobs_fwd);
   m.impl("linear_token_logprobs_bwd", &signalrl::linear_token_logprobs_bwd);
   m.impl("gae_fwd", &signalrl::gae_fwd);
-  m.impl("ppo_token_fwd", &ppo_token_fwd_cpu);
+  m.impl("ppo_token_fwd", &signalrl::ppo_token_fwd);
   m.impl("value_loss_fwd", &signalrl::value_loss_fwd);
-  m.impl("kl_penalty_fwd", &kl_penalty_fwd_cpu);
-  m.impl("kl_penalty_bwd", &kl_penalty_bwd_cpu);
-  m.impl("linear_ppo_fwd", &linear_ppo_fwd_cpu);
+  m.impl("kl_penalty_fwd", &signalrl::kl_penalty_fwd);
+  m.impl("kl_penalty_bwd", &signalrl::kl_penalty_bwd);
+  m.impl("linear_ppo_fwd", &signalrl::linear_ppo_fwd);
   m.impl("linear_ppo_bwd", &signalrl::linear_ppo_bwd);
 }
 

@@ -55,13 +55,13 @@ FUNCTIONS = (
 )
 
 _PACKAGE_DIR = Path(__file__).resolve().parent
+_SHIPPED_CSRC = _PACKAGE_DIR / "_csrc"  # where setup.py puts the sources in a wheel
 
 
 def _find_csrc() -> Path:
-    """The C++ sources: ``signalrl/_csrc`` in an installed wheel (setup.py copies them there), else ``csrc/``
-    of the source checkout this package lives in (editable installs, running from the repo)."""
-    shipped = _PACKAGE_DIR / "_csrc"
-    return shipped if (shipped / "registration.cpp").is_file() else _PACKAGE_DIR.parent / "csrc"
+    """The C++ sources: ``signalrl/_csrc`` in an installed wheel, else ``csrc/`` of the source checkout this
+    package lives in (editable installs, running from the repo)."""
+    return _SHIPPED_CSRC if (_SHIPPED_CSRC / "registration.cpp").is_file() else _PACKAGE_DIR.parent / "csrc"
 
 
 _CSRC = _find_csrc()
@@ -126,7 +126,7 @@ def _prebuilt() -> Path | None:
     lib = candidates[0]
     # In a checkout the sources can be edited after the build; sources shipped in a wheel came with the library
     # (and installers give every file the install time, in no useful order).
-    if _CSRC.is_dir() and _CSRC != _PACKAGE_DIR / "_csrc":
+    if _CSRC.is_dir() and _CSRC != _SHIPPED_CSRC:
         newest = max((p.stat().st_mtime for p in _all_source_files()), default=0.0)
         if lib.stat().st_mtime < newest:
             return None

@@ -165,6 +165,7 @@ def test_prebuilt_library_vs_source_times(tmp_path, monkeypatch):
     src.write_text("// newer than the library")
     os.utime(lib, (1_000, 1_000))
     monkeypatch.setattr(native, "_PACKAGE_DIR", pkg)
+    monkeypatch.setattr(native, "_SHIPPED_CSRC", pkg / "_csrc")
     monkeypatch.setattr(native, "_CSRC", pkg / "_csrc")
     assert native._prebuilt() == lib  # shipped sources: trusted
     checkout = tmp_path / "csrc"

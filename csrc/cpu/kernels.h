@@ -3,9 +3,9 @@
 #pragma once
 
 #include <ATen/ATen.h>
+#include <c10/util/string_view.h>
 
 #include <optional>
-#include <string>
 #include <tuple>
 
 namespace signalrl {
@@ -41,17 +41,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> ppo_token_fwd(
     const at::Tensor& logprobs, const at::Tensor& old_logprobs, const at::Tensor& advantages,
     const at::Tensor& weights, const at::Tensor& mask, const std::optional<at::Tensor>& ref_logprobs,
     const std::optional<at::Tensor>& entropy, double clip_low, double clip_high,
-    std::optional<double> dual_clip, const std::string& kl_estimator, double kl_coef, double entropy_coef);
+    std::optional<double> dual_clip, c10::string_view kl_estimator, double kl_coef, double entropy_coef);
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> value_loss_fwd(
     const at::Tensor& values, const at::Tensor& old_values, const at::Tensor& returns,
     const at::Tensor& weights, const at::Tensor& mask, std::optional<double> clip);
 
 at::Tensor kl_penalty_fwd(const at::Tensor& logprobs, const at::Tensor& ref_logprobs,
-                          const std::string& estimator);
+                          c10::string_view estimator);
 
 at::Tensor kl_penalty_bwd(const at::Tensor& grad_kl, const at::Tensor& logprobs,
-                          const at::Tensor& ref_logprobs, const std::string& estimator);
+                          const at::Tensor& ref_logprobs, c10::string_view estimator);
 
 // family linear_ppo (csrc/cpu/linear_ppo.cpp)
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_ppo_fwd(
@@ -59,7 +59,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     const at::Tensor& targets, const at::Tensor& old_logprobs, const at::Tensor& advantages,
     const at::Tensor& weights, const at::Tensor& mask, const std::optional<at::Tensor>& ref_logprobs,
     double temperature, int64_t ignore_index, double clip_low, double clip_high,
-    std::optional<double> dual_clip, const std::string& kl_estimator, double kl_coef, double entropy_coef);
+    std::optional<double> dual_clip, c10::string_view kl_estimator, double kl_coef, double entropy_coef);
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_ppo_bwd(
     const at::Tensor& grad_loss, const at::Tensor& g_lp, const at::Tensor& g_ent, const at::Tensor& hidden,

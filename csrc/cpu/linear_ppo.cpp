@@ -12,7 +12,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     const at::Tensor& targets, const at::Tensor& old_logprobs, const at::Tensor& advantages,
     const at::Tensor& weights, const at::Tensor& mask, const std::optional<at::Tensor>& ref_logprobs,
     double temperature, int64_t ignore_index, double clip_low, double clip_high,
-    std::optional<double> dual_clip, const std::string& kl_estimator, double kl_coef, double entropy_coef) {
+    std::optional<double> dual_clip, c10::string_view kl_estimator, double kl_coef, double entropy_coef) {
   auto [lp, ent, lse] =
       linear_token_logprobs_fwd(hidden, weight, bias, targets, temperature, ignore_index, true);
   auto [loss, g_lp, g_ent, stats] =
@@ -31,11 +31,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_ppo_bwd(
               grad_loss.sizes());
   const at::Tensor scale = grad_loss.reshape({}).to(at::kFloat);
   const bool has_ent = !detail::is_empty(g_ent);
-  const at::Tensor glp = g_lp * scale;
-  const at::Tensor gent = has_ent ? g_ent * scale : at::empty({0}, g_lp.options());
-  return linear_token_logprobs_bwd(glp, gent, hidden, weight, bias, targets, lse,
-                                   has_ent ? entropy : at::empty({0}, g_lp.options()), temperature,
-                                   ignore_index, need_hidden, need_weight, need_bias);
+  const at::Tensor none = at::empty({0}, g_lp.options());
+  return linear_token_logprobs_bwd(g_lp * scale, has_ent ? g_ent * scale : none, hidden, weight, bias, targets, lse,
+                                   has_ent ? entropy : none, temperature, ignore_index, need_hidden, need_weight,
+                                   need_bias);
 }
 
 }  // namespace signalrl

@@ -11,7 +11,7 @@
 #include <algorithm>
 #include <cmath>
 #include <limits>
-#include <string>
+#include <type_traits>
 #include <vector>
 
 #include "common.h"
@@ -27,7 +27,7 @@ constexpr double kNaN = std::numeric_limits<double>::quiet_NaN();
 
 enum class KlEst { k1, k2, k3, abs };
 
-KlEst kl_code(const char* fn, const std::string& name) {
+KlEst kl_code(const char* fn, c10::string_view name) {
   if (name == "k1") return KlEst::k1;
   if (name == "k2") return KlEst::k2;
   if (name == "k3") return KlEst::k3;
@@ -75,13 +75,19 @@ inline void kl_math_t(float d, float& kl, float& g) {
   }
 }
 
-inline void kl_math(float d, KlEst est, float& kl, float& g) {
+// f(std::integral_constant<KlEst, E>{}) for the runtime estimator: one instantiation per estimator
+template <class F>
+inline void with_estimator(KlEst est, F&& f) {
   switch (est) {
-    case KlEst::k1: return kl_math_t<KlEst::k1>(d, kl, g);
-    case KlEst::k2: return kl_math_t<KlEst::k2>(d, kl, g);
-    case KlEst::k3: return kl_math_t<KlEst::k3>(d, kl, g);
-    case KlEst::abs: return kl_math_t<KlEst::abs>(d, kl, g);
+    case KlEst::k1: return f(std::integral_constant<KlEst, KlEst::k1>{});
+    case KlEst::k2: return f(std::integral_constant<KlEst, KlEst::k2>{});
+    case KlEst::k3: return f(std::integral_constant<KlEst, KlEst::k3>{});
+    case KlEst::abs: return f(std::integral_constant<KlEst, KlEst::abs>{});
   }
+}
+
+inline void kl_math(float d, KlEst est, float& kl, float& g) {
+  with_estimator(est, [&](auto e) { kl_math_t<decltype(e)::value>(d, kl, g); });
 }
 
 // out[i] = KL(lp[i] − ref[i]) (forward) or grad[i]·dKL/dd (backward), one estimator per instantiation
@@ -102,12 +108,7 @@ SIGNAL_MULTIVERSION void kl_loop(const float* lp, const float* ref, const float*
 template <bool BWD>
 void kl_apply(KlEst est, const float* lp, const float* ref, const float* grad, float* out, int64_t N) {
   at::parallel_for(0, N, kChunk, [&](int64_t b, int64_t e) {
-    switch (est) {
-      case KlEst::k1: return kl_loop<KlEst::k1, BWD>(lp, ref, grad, out, b, e);
-      case KlEst::k2: return kl_loop<KlEst::k2, BWD>(lp, ref, grad, out, b, e);
-      case KlEst::k3: return kl_loop<KlEst::k3, BWD>(lp, ref, grad, out, b, e);
-      case KlEst::abs: return kl_loop<KlEst::abs, BWD>(lp, ref, grad, out, b, e);
-    }
+    with_estimator(est, [&](auto k) { kl_loop<decltype(k)::value, BWD>(lp, ref, grad, out, b, e); });
   });
 }
 
@@ -139,7 +140,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> ppo_token_fwd(
     const at::Tensor& logprobs_in, const at::Tensor& old_in, const at::Tensor& adv_in,
     const at::Tensor& weights_in, const at::Tensor& mask_in, const std::optional<at::Tensor>& ref_in,
     const std::optional<at::Tensor>& ent_in, double clip_low, double clip_high,
-    std::optional<double> dual_clip, const std::string& kl_estimator, double kl_coef,
+    std::optional<double> dual_clip, c10::string_view kl_estimator, double kl_coef,
     double entropy_coef) {
   constexpr const char* fn = "ppo_token_fwd";
   TORCH_CHECK(logprobs_in.dim() == 1, fn, ": logprobs must be [N], got shape ", logprobs_in.sizes());
@@ -346,7 +347,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> value_loss_fwd(
 }
 
 at::Tensor kl_penalty_fwd(const at::Tensor& logprobs, const at::Tensor& ref_logprobs,
-                          const std::string& estimator) {
+                          c10::string_view estimator) {
   constexpr const char* fn = "kl_penalty_fwd";
   TORCH_CHECK(logprobs.dim() == 1, fn, ": logprobs must be [N], got shape ", logprobs.sizes());
   const int64_t N = logprobs.size(0);
@@ -361,7 +362,7 @@ at::Tensor kl_penalty_fwd(const at::Tensor& logprobs, const at::Tensor& ref_logp
 }
 
 at::Tensor kl_penalty_bwd(const at::Tensor& grad_kl, const at::Tensor& logprobs,
-                          const at::Tensor& ref_logprobs, const std::string& estimator) {
+                          const at::Tensor& ref_logprobs, c10::string_view estimator) {
   constexpr const char* fn = "kl_penalty_bwd";
   TORCH_CHECK(logprobs.dim() == 1, fn, ": logprobs must be [N], got shape ", logprobs.sizes());
   const int64_t N = logprobs.size(0);

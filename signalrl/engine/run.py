@@ -355,9 +355,8 @@ class Run:
             raise ValueError(f"learning_rate: expected None or a finite number >= 0, got {learning_rate!r}")
         grads = [p.grad for _, p in self.trainable_parameters() if p.grad is not None]
         if grads:
-            # One forward_backward since the last step: its per-tensor norms are those of these gradients.
-            norms = self._grad_norms if self.pending_grads == 1 and self._grad_norms is not None \
-                else _float32_norms(grads)
+            # Cached by a forward_backward that found no gradient accumulated: the norms of these gradients.
+            norms = self._grad_norms if self._grad_norms is not None else _float32_norms(grads)
             grad_norm = float(torch.linalg.vector_norm(torch.stack(list(norms))).item())
         else:
             grad_norm = 0.0
@@ -375,7 +374,6 @@ class Run:
         self.scheduler.step()  # also restores the scheduled rate after a one-step override
         self.step += 1
         self.pending_grads = 0
-        self._grad_norms = None
         result = OptimStepResult(grad_norm=grad_norm, learning_rate=lr_used, step=self.step, clipped=clipped,
                                  timing={"compute": time.perf_counter() - t0})
         self._log("optim_step", {"grad_norm": grad_norm, "learning_rate": lr_used, "clipped": clipped})
