@@ -215,7 +215,7 @@ def bench_linear_backward_breakdown(ctx: Ctx) -> list[dict]:
     g_lp = torch.ones(N, device=ctx.device)
     lp, ent, lse = LL.linear_token_logprobs_fwd(h, w, None, t, 1.0, IGN, True)
     LL.linear_token_logprobs_bwd(g_lp, g_lp, h, w, None, t, lse, ent, 1.0, IGN, True, True, False)  # tune
-    vc = LL._chunk_cols(N, V, H)
+    vc = LL.backward_plan(N, V, H, w.element_size(), False, True, True, False).cols  # vocab-major: both grads
     G = torch.empty(N, vc, dtype=w.dtype, device=ctx.device)
     gw = torch.empty_like(w)
     gh = torch.zeros(N, H, dtype=torch.float32, device=ctx.device)

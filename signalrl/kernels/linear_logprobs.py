@@ -13,25 +13,36 @@ program walks its range and writes (m, s, t) for its rows; a small kernel merges
 Programs are ordered in groups of row blocks so a vocab tile is reused from L2 by the rows that need it. A row block
 whose targets are all ignore_index (prompt tokens, padding) skips its tiles, here and in the backward recompute.
 
-Backward (``linear_token_logprobs_bwd``): the vocabulary is processed in chunks of Vc columns. For each chunk one
-kernel recomputes the logits tiles, applies the gradient formula in float32 ((delta - p) is formed in float32 before
-the single downcast, so the true-class gradient has no bf16 cancellation) and writes the chunk's g_z/T as G [N, Vc]
-(weight dtype) plus per-row-block column sums for d bias. Then d W[chunk] = G^T @ hidden is one complete GEMM over N
-(cuBLAS through torch.mm, float32 accumulation inside, written straight into the output rows: deterministic, one
-rounding) and d hidden += G @ W[chunk] accumulates in a float32 [N, H] buffer (the output itself for float32
-hidden): cuBLAS with a float32 output (torch.addmm(out_dtype=float32), in place) where this torch has it, else a
-Triton GEMM (``_DH_GEMM``). Work: 4 GEMM-equivalents of 2·N·V·H flops (forward, recompute, d hidden, d weight).
+Backward (``linear_token_logprobs_bwd``): the logits are recomputed tile by tile in chunks of Vc vocabulary
+columns; per chunk, one kernel applies the gradient formula in float32 ((delta - p) is formed in float32 before the
+single downcast, so the true-class gradient has no bf16 cancellation) and writes the chunk's g_z/T as G (weight
+dtype) plus per-row-block column sums for d bias; then cuBLAS/Triton GEMMs consume G. The order depends on what is
+trained (``backward_plan``):
 
-Extra memory (beyond inputs, outputs and a few [N] float32 vectors) — the exact bound:
+- vocab-major (the LM head is trained): each chunk holds all N rows, so d W[chunk] = G^T @ hidden is one complete
+  GEMM over N (cuBLAS through torch.mm, float32 accumulation inside, written straight into the output rows:
+  deterministic, one rounding) and d hidden += G @ W[chunk] accumulates in a float32 [N, H] buffer (the output
+  itself for float32 hidden): cuBLAS with a float32 output (torch.addmm(out_dtype=float32), in place) where this
+  torch has it, else a Triton GEMM (``_DH_GEMM``).
+- row-major (a frozen head, as under LoRA): the rows are cut into chunks of R rows; each row chunk walks every vocab
+  chunk, so its d hidden is complete (float32 accumulator of R rows, cast into the output) and nothing spans chunks.
+  R is the largest multiple of 128 keeping the extra memory within 1 % of the [N, V] float32 logits, at least 1024.
+
+Work: 4 GEMM-equivalents of 2·N·V·H flops (forward, recompute, d hidden, d weight; 3 with a frozen head); the
+row-major order re-reads W once per row chunk.
+
+Extra memory (beyond inputs, outputs and a few [N] float32 vectors) — the exact bound, ``backward_plan(...)``:
     forward:  12·N·SPLIT + 4·N bytes  (SPLIT ≤ ceil(V / 256), about 8 × SM count / (N / 128); a few MiB)
-    backward: N·Vc·e  (one gradient chunk; e = element size of weight; Vc = min(V, max(1024, 2·H)) rounded up to a
-              multiple of 128, i.e. about 2·H columns for H ≥ 512: 4·N·H bytes in bf16)
-            + 4·N·H  (float32 d hidden accumulator; 0 when hidden is float32)
-            + 4·V + 4·Vc·ceil(N / 16)  (float32 d bias and its per-row-block partial sums, only with a bias gradient)
-So the backward's extra memory is O(N·H), independent of V: 2·H/V of the [N, V] float32 logits in bf16 (6.4 % at
-H = 4096, V = 128256; 3.1 % at V = 262144). The float32 d hidden accumulator alone is H/V of them; doing without it
-means accumulating d hidden in bf16 across chunks (one rounding per chunk), atomics (nondeterministic) or a second
-recompute pass ordered by rows (5 GEMM-equivalents). d weight needs no accumulator at all (complete GEMM per chunk).
+    backward: R·Vc·e  (one gradient chunk; e = element size of weight; Vc = max(1024, H / 2) rounded up to a
+              multiple of 128, at most V; R = N in the vocab-major order)
+            + 4·R·H  (float32 d hidden accumulator; 0 when hidden is float32 or needs no gradient)
+            + 4·V + 4·Vc·ceil(R / 16)  (float32 d bias and its per-row-block partial sums, only with a bias gradient)
+With a frozen bf16 head that is ≤ 1 % of the [N, V] float32 logits whenever R ≥ 1024 allows it (H = 4096: from
+N = 4096 at V = 128256). A trained head costs 4·N·H + 2·N·Vc: (H + Vc/2)/V of the logits, 4.0 % at H = 4096,
+V = 128256 (2.0 % at V = 262144). The float32 d hidden accumulator is the floor there: with both gradients, one of
+them must accumulate across the outer loop — d hidden across vocab chunks ([N, H] float32) or d W across row chunks
+([V, H] float32, larger) — and the alternatives give up something stated elsewhere: bf16 accumulation (one
+rounding per chunk), atomics (nondeterministic) or a second recompute pass (5 GEMM-equivalents).
 
 int64 offsets everywhere a product can pass 2^31. No host syncs. Targets outside [0, V) that are not ignore_index
 give NaN log-probs.
@@ -39,6 +50,7 @@ give NaN log-probs.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import torch
@@ -49,7 +61,7 @@ from ._common import (
     INTERPRET, cdiv, empty_f32, interp_store_dtype, is_empty, maybe_autotune, next_pow2, prune_configs,
 )
 
-__all__ = ["linear_token_logprobs_fwd", "linear_token_logprobs_bwd"]
+__all__ = ["linear_token_logprobs_fwd", "linear_token_logprobs_bwd", "backward_plan", "BackwardPlan"]
 
 _NEG_BIG = tl.constexpr(-1.0e38)
 _GROUP_N = 8
@@ -83,7 +95,14 @@ def _launch(raw, tuned, grid, args, flags, work, fixed):
 
 
 def _dot_smem(kw: dict, stages: int, elem: int = 2) -> int:
+    """Shared memory of a logits tile loop: ``stages`` buffers of the x [BLOCK_N, BLOCK_K] and w [BLOCK_V, BLOCK_K]
+    tiles (tests/kernels/test_offline_compile.py checks it bounds what ptxas allocates)."""
     return stages * (kw["BLOCK_N"] + kw["BLOCK_V"]) * kw["BLOCK_K"] * elem
+
+
+def _mm_smem(kw: dict, stages: int, elem: int = 2) -> int:
+    """Shared memory of the accumulating GEMM: ``stages`` buffers of its A and B tiles."""
+    return stages * (kw["BLOCK_M"] + kw["BLOCK_N"]) * kw["BLOCK_K"] * elem
 
 
 def _tile_configs():
@@ -353,7 +372,7 @@ def _prune_mm(configs, named_args, **kwargs):
     return prune_configs(
         configs,
         limits={"BLOCK_M": max(next_pow2(named_args["M"]), 64)},
-        smem_bytes=lambda kw, st: st * (kw["BLOCK_M"] + kw["BLOCK_N"]) * kw["BLOCK_K"] * elem,
+        smem_bytes=lambda kw, st: _mm_smem(kw, st, elem),
     )
 
 
@@ -431,10 +450,47 @@ def _acc_matmul(c: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
             args, dict(DOT_F32=dot_f32, GROUP_N=_GROUP_N), M * K * K2, (_INTERP_MM, {}) if INTERPRET else _SMALL_MM)
 
 
-def _chunk_cols(N: int, V: int, H: int) -> int:
-    if INTERPRET:
-        return min(cdiv(V, 128) * 128, 384)  # several chunks on test shapes
-    return cdiv(min(V, max(1024, 2 * H)), 128) * 128
+# The backward's extra memory target: this fraction of the [N, V] float32 logits (see backward_plan).
+_EXTRA_FRACTION = 0.01
+_MIN_ROWS = 1024  # smallest row chunk on a GPU: below it the per-chunk GEMMs re-read W more than they compute
+
+
+@dataclasses.dataclass(frozen=True)
+class BackwardPlan:
+    """How the backward walks the [N, V] logits of N rows: ``rows`` per row chunk (``rows == N``: the vocab-major
+    order) and ``cols`` per vocab chunk, and the exact ``extra_bytes`` that costs (module docstring)."""
+
+    n: int
+    rows: int
+    cols: int
+    extra_bytes: int
+
+    @property
+    def row_major(self) -> bool:
+        return self.rows < self.n
+
+
+def backward_plan(N: int, V: int, H: int, elem: int, hidden_fp32: bool, need_hidden: bool, need_weight: bool,
+                  need_bias: bool) -> BackwardPlan:
+    """Chunk sizes and extra bytes of ``linear_token_logprobs_bwd`` for hidden [N, H], weight [V, H] of element size
+    ``elem`` (see the module docstring for the two orders)."""
+    if INTERPRET:  # several chunks of both kinds on test shapes
+        cols = min(cdiv(V, 128) * 128, 384)
+    else:
+        cols = cdiv(min(V, max(1024, H // 2)), 128) * 128
+    acc_per_row = 4 * H if (need_hidden and not hidden_fp32) else 0
+    if need_weight or not need_hidden or N == 0:
+        rows = N
+    elif INTERPRET:
+        rows = min(N, 32)
+    else:
+        budget = _EXTRA_FRACTION * 4 * N * V
+        rows = int(budget // (cols * elem + acc_per_row)) // 128 * 128
+        rows = min(N, max(rows, _MIN_ROWS))
+    extra = rows * cols * elem + rows * acc_per_row
+    if need_bias:
+        extra += 4 * V + 4 * cols * cdiv(rows, 16)
+    return BackwardPlan(n=N, rows=rows, cols=cols, extra_bytes=extra)
 
 
 @torch.no_grad()
@@ -447,46 +503,62 @@ def _backward(grad_logprobs, grad_entropy, hidden, weight, bias, targets, lse, e
     with_entropy = not is_empty(grad_entropy)
     if with_entropy and is_empty(entropy):
         raise ValueError("linear_token_logprobs_bwd: grad_entropy given but the forward entropy is empty")
-    gh = torch.zeros(N, H, dtype=torch.float32, device=dev) if need_hidden else empty_f32(dev)
+    hidden_fp32 = hidden.dtype == torch.float32
+    plan = backward_plan(N, V, H, weight.element_size(), hidden_fp32, need_hidden, need_weight, need_bias)
+    rows, vc = plan.rows, plan.cols
     gw = torch.empty_like(weight) if need_weight else empty_f32(dev)
-    gb32 = torch.empty(V, dtype=torch.float32, device=dev) if need_bias else empty_f32(dev)
+    gb32 = torch.zeros(V, dtype=torch.float32, device=dev) if need_bias else empty_f32(dev)
+    if not need_hidden:
+        gh = acc = empty_f32(dev)
+    elif hidden_fp32:
+        gh = acc = torch.zeros(N, H, dtype=torch.float32, device=dev)  # the output accumulates in place
+    elif plan.row_major:
+        gh = torch.empty_like(hidden)
+        acc = torch.empty(rows, H, dtype=torch.float32, device=dev)
+    else:
+        gh = acc = torch.zeros(N, H, dtype=torch.float32, device=dev)  # cast to hidden's dtype at the end
     if N == 0 or not (need_hidden or need_weight or need_bias):
         if need_weight:
             gw.zero_()
-        if need_bias:
-            gb32.zero_()
         return (gh.to(hidden.dtype) if need_hidden else gh, gw, gb32.to(bias.dtype) if need_bias else gb32)
 
-    vc = _chunk_cols(N, V, H)
-    G = torch.empty(N, vc, dtype=interp_store_dtype(weight.dtype), device=dev)
-    dot_f32 = INTERPRET or hidden.dtype == torch.float32
-    max_rb = cdiv(N, 16)  # the smallest BLOCK_N of any config
-    dbias_part = torch.empty(max_rb, vc, dtype=torch.float32, device=dev) if need_bias else gb32
+    G = torch.empty(rows, vc, dtype=interp_store_dtype(weight.dtype), device=dev)
+    dot_f32 = INTERPRET or hidden_fp32
+    dbias_part = torch.empty(cdiv(rows, 16), vc, dtype=torch.float32, device=dev) if need_bias else gb32
     flags = dict(HAS_BIAS=bias is not None, WITH_ENTROPY=with_entropy, HAS_SCALE=scale is not None,
                  NEED_BIAS=need_bias, DOT_F32=dot_f32, GROUP_N=_GROUP_N)
 
-    for c0 in range(0, V, vc):
-        width = min(vc, V - c0)
-        Gc = G if width == vc else G[:, :width]  # the last chunk: a strided view (row stride vc)
-        args = (hidden, weight, bias if bias is not None else hidden, targets, lse, grad_logprobs,
-                grad_entropy if with_entropy else grad_logprobs, entropy if with_entropy else lse,
-                scale if scale is not None else lse, G, dbias_part,
-                N, V, H, min(next_pow2(N), 8192), c0, vc, 1.0 / float(temperature), int(ignore_index))
-        meta = _launch(_grad_chunk_kernel, _grad_chunk_tuned,
-                       lambda meta: (cdiv(N, meta["BLOCK_N"]) * cdiv(vc, meta["BLOCK_V"]),), args, flags,
-                       N * vc * H, (_INTERP_TILE, {}) if INTERPRET else _SMALL_TILE)
-        if G.dtype != weight.dtype:  # interpreter: round to bf16 like a GPU store (see _common)
-            Gc = Gc.to(weight.dtype)
-        if need_weight:
-            torch.mm(Gc.t(), hidden, out=gw[c0:c0 + width])
+    for r0 in range(0, N, rows):
+        n = min(rows, N - r0)
+        sl = slice(r0, r0 + n)
         if need_hidden:
-            _acc_matmul(gh, Gc, weight[c0:c0 + width])
-        if need_bias:
-            n_rb = cdiv(N, meta["BLOCK_N"])
-            torch.sum(dbias_part[:n_rb, :width], dim=0, out=gb32[c0:c0 + width])
+            acc_r = acc[sl] if acc.shape[0] == N else acc[:n]
+            if plan.row_major:
+                acc_r.zero_()
+        h_r = hidden[sl]
+        for c0 in range(0, V, vc):
+            width = min(vc, V - c0)
+            Gc = G[:n, :width]  # a strided view (row stride vc) on the last vocab chunk
+            args = (h_r, weight, bias if bias is not None else hidden, targets[sl], lse[sl], grad_logprobs[sl],
+                    grad_entropy[sl] if with_entropy else grad_logprobs, entropy[sl] if with_entropy else lse,
+                    scale if scale is not None else lse, G, dbias_part,
+                    n, V, H, min(next_pow2(n), 8192), c0, vc, 1.0 / float(temperature), int(ignore_index))
+            meta = _launch(_grad_chunk_kernel, _grad_chunk_tuned,
+                           lambda meta: (cdiv(n, meta["BLOCK_N"]) * cdiv(vc, meta["BLOCK_V"]),), args, flags,
+                           n * vc * H, (_INTERP_TILE, {}) if INTERPRET else _SMALL_TILE)
+            if G.dtype != weight.dtype:  # interpreter: round to bf16 like a GPU store (see _common)
+                Gc = Gc.to(weight.dtype)
+            if need_weight:  # vocab-major: all N rows are in G, so d W[chunk] is complete
+                torch.mm(Gc.t(), h_r, out=gw[c0:c0 + width])
+            if need_hidden:
+                _acc_matmul(acc_r, Gc, weight[c0:c0 + width])
+            if need_bias:
+                gb32[c0:c0 + width] += dbias_part[:cdiv(n, meta["BLOCK_N"]), :width].sum(0)
+        if need_hidden and plan.row_major and not hidden_fp32:
+            gh[sl].copy_(acc_r)
 
-    if need_hidden and hidden.dtype != torch.float32:
-        gh = gh.to(hidden.dtype)
+    if need_hidden and not hidden_fp32 and not plan.row_major:
+        gh = acc.to(hidden.dtype)
     gb = gb32.to(bias.dtype) if need_bias else gb32
     return gh, gw, gb
 

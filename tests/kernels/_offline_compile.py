@@ -62,6 +62,8 @@ class Result:
     async_copies: int = 0  # cp.async global->shared copies in the TTGIR (software pipelining of a dot loop)
     cubin_bytes: int = 0
     ptx_target: str = ""
+    registers: int = -1  # per thread, from the cubin (cuobjdump -res-usage); -1 if unknown
+    local_bytes: int = -1  # per-thread local memory (register spills, stack arrays); -1 if unknown
 
 
 def unavailable_reason() -> str | None:
@@ -214,7 +216,27 @@ def _compile_one(case: dict) -> dict:
     target = next((ln.split()[1] for ln in ptx.splitlines() if ln.startswith(".target")), "")
     cubin = k.asm.get("cubin", b"")
     return dict(shared=int(k.metadata.shared), async_copies=k.asm.get("ttgir", "").count("async_copy_global_to_local"),
-                cubin_bytes=len(cubin), ptx_target=target)
+                cubin_bytes=len(cubin), ptx_target=target, **_resource_usage(cubin))
+
+
+def _resource_usage(cubin: bytes) -> dict:
+    """{registers, local_bytes} of the cubin's kernel from ``cuobjdump -res-usage`` (shipped beside ptxas in the
+    triton wheel); {} when the tool is missing or prints something else."""
+    import re
+
+    from triton.backends.nvidia.compiler import get_ptxas
+
+    tool = os.path.join(os.path.dirname(get_ptxas(TARGET[1]).path), "cuobjdump")
+    if not cubin or not os.path.isfile(tool):
+        return {}
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        text = subprocess.run([tool, "-res-usage", f.name], capture_output=True, text=True).stdout
+    reg, local = re.search(r"REG:(\d+)", text), re.search(r"LOCAL:(\d+)", text)
+    if not (reg and local):
+        return {}
+    return dict(registers=int(reg.group(1)), local_bytes=int(local.group(1)))
 
 
 _LAUNCH_OPTIONS = ("num_warps", "num_stages")

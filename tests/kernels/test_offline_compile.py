@@ -422,3 +422,48 @@ def test_given_cases_compile(report):
     for n, r in report.results.items():
         if n.startswith("given/"):
             assert r.ok, f"{n}: {r.error}"
+
+
+# Per-block shared memory a kernel may use (opt-in maximum): H100/H200 (sm_90) 227 KiB, A100 (sm_80) 163 KiB.
+_SMEM_SM90 = 232448
+_SMEM_SM80 = 166912
+
+
+def test_every_kernel_fits_in_shared_memory_and_does_not_spill(report):
+    """A launch whose shared memory exceeds the device's limit fails on the GPU ("out of resources"), and local
+    memory means register spills; ptxas's figures for sm_90 are exact, so both are checked here, before any GPU.
+    Every fixed (non-autotuned) launch must also fit an A100, the smallest GPU the kernels are tuned for."""
+    rows, checked = [], 0
+    for n, r in _real(report).items():
+        assert r.ok, r.error
+        assert r.shared >= 0 and r.registers > 0 and r.local_bytes >= 0, f"{n}: no resource usage read: {r}"
+        checked += 1
+        if r.shared > _SMEM_SM90:
+            rows.append(f"{n}: {r.shared} B of shared memory > {_SMEM_SM90} (sm_90)")
+        if report.origins.get(n, "").endswith(" launch") and r.shared > _SMEM_SM80:
+            rows.append(f"{n}: {r.shared} B of shared memory > {_SMEM_SM80} (sm_80) in a fixed launch")
+        if r.local_bytes:
+            rows.append(f"{n}: {r.local_bytes} B of local memory per thread (register spills), {r.registers} registers")
+    assert checked > 50
+    assert not rows, "\n".join(rows)
+
+
+def test_prune_estimates_bound_the_real_shared_memory(report):
+    """The autotune prunes drop configs by an estimate of shared memory; a config the estimate keeps but that does
+    not fit would fail at launch. The estimate must be at least what ptxas reports (for the pipelined tiles, where
+    shared memory is the A and B stages)."""
+    from signalrl.kernels import linear_logprobs as ll
+
+    checked = 0
+    for n, c in report.cases.items():
+        r = report.results[n]
+        kernel = c.kernel.rsplit(":", 1)[1]
+        if not r.ok or c.constexprs.get("DOT_F32") or kernel not in (
+                "_lse_partial_kernel", "_grad_chunk_kernel", "_acc_matmul_kernel"):
+            continue
+        elem = 4 if c.signature.get("x_ptr", c.signature.get("a_ptr")) == "*fp32" else 2
+        kw, stages = c.constexprs, c.num_stages or 3
+        est = (ll._mm_smem if kernel == "_acc_matmul_kernel" else ll._dot_smem)(kw, stages, elem)
+        assert r.shared <= est, f"{n}: ptxas uses {r.shared} B of shared memory, the prune estimates {est}"
+        checked += 1
+    assert checked >= 6
