@@ -15,7 +15,8 @@ std::tuple<Tensor, Tensor, Tensor> token_logprobs_fwd_meta(const Tensor& logits,
                                                            int64_t, bool with_entropy) {
   const int64_t N = logits.size(0);
   const auto f32 = logits.options().dtype(at::kFloat);
-  return {at::empty({N}, f32), at::empty({with_entropy ? N : 0}, f32), at::empty({N}, f32)};
+  return {at::empty({N}, f32), at::empty({with_entropy ? N : 0}, f32),
+          at::empty({N}, logits.options().dtype(at::kDouble))};
 }
 
 Tensor token_logprobs_bwd_meta(const Tensor&, const Tensor&, const Tensor& logits, const Tensor&,
@@ -28,7 +29,8 @@ std::tuple<Tensor, Tensor, Tensor> linear_token_logprobs_fwd_meta(
     int64_t, bool with_entropy) {
   const int64_t N = hidden.size(0);
   const auto f32 = hidden.options().dtype(at::kFloat);
-  return {at::empty({N}, f32), at::empty({with_entropy ? N : 0}, f32), at::empty({N}, f32)};
+  return {at::empty({N}, f32), at::empty({with_entropy ? N : 0}, f32),
+          at::empty({N}, hidden.options().dtype(at::kDouble))};
 }
 
 std::tuple<Tensor, Tensor, Tensor> linear_token_logprobs_bwd_meta(
@@ -81,7 +83,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> linear_ppo_fw
   const int64_t N = hidden.size(0);
   const auto f32 = hidden.options().dtype(at::kFloat);
   return {at::empty({}, f32), at::empty({9}, f32), at::empty({N}, f32), at::empty({N}, f32),
-          at::empty({N}, f32), at::empty({N}, f32), at::empty({entropy_coef != 0.0 ? N : 0}, f32)};
+          at::empty({N}, hidden.options().dtype(at::kDouble)), at::empty({N}, f32),
+          at::empty({entropy_coef != 0.0 ? N : 0}, f32)};
 }
 
 std::tuple<Tensor, Tensor, Tensor> linear_ppo_bwd_meta(

@@ -282,7 +282,7 @@ def _ops():
 
 
 def token_logprobs_fwd(logits, targets, temperature, ignore_index, with_entropy):
-    """logits [N, V] f32|bf16|f16, targets [N] int64 → (logprobs [N] f32, entropy [N] f32 | empty, lse [N] f32)."""
+    """logits [N, V] f32|bf16|f16, targets [N] int64 → (logprobs [N] f32, entropy [N] f32 | empty, lse [N] f64)."""
     return _ops().token_logprobs_fwd(logits, targets, float(temperature), int(ignore_index), bool(with_entropy))
 
 
@@ -295,7 +295,7 @@ def token_logprobs_bwd(grad_logprobs, grad_entropy, logits, targets, lse, entrop
 
 
 def linear_token_logprobs_fwd(hidden, weight, bias, targets, temperature, ignore_index, with_entropy):
-    """hidden [N, H], weight [V, H], bias [V] | None, targets [N] → (logprobs, entropy | empty, lse), all f32."""
+    """hidden [N, H], weight [V, H], bias [V] | None, targets [N] → (logprobs, entropy | empty f32, lse f64)."""
     return _ops().linear_token_logprobs_fwd(
         hidden, weight, bias, targets, float(temperature), int(ignore_index), bool(with_entropy)
     )

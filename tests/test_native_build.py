@@ -205,7 +205,7 @@ def test_meta_and_fake_tensors():
     x = torch.empty(5, 11, device="meta", dtype=torch.bfloat16)
     t = torch.empty(5, device="meta", dtype=torch.long)
     lp, ent, lse = ops.token_logprobs_fwd(x, t, 1.0, -100, True)
-    assert lp.shape == ent.shape == lse.shape == (5,) and lp.dtype == torch.float32
+    assert lp.shape == ent.shape == lse.shape == (5,) and lp.dtype == torch.float32 and lse.dtype == torch.float64
     assert ops.token_logprobs_fwd(x, t, 1.0, -100, False)[1].shape == (0,)
     g = ops.token_logprobs_bwd(lp, ent, x, t, lse, ent, 1.0, -100)
     assert g.shape == x.shape and g.dtype == x.dtype
@@ -225,6 +225,7 @@ def test_meta_and_fake_tensors():
     assert ops.kl_penalty_fwd(v, v, "k3").shape == ops.kl_penalty_bwd(v, v, v, "abs").shape == (5,)
     out = ops.linear_ppo_fwd(h, w, None, t, v, v, v, v, None, 1.0, -100, 0.2, 0.28, None, "k3", 0.0, 0.01)
     assert [tuple(o.shape) for o in out] == [(), (9,), (5,), (5,), (5,), (5,), (5,)]
+    assert [o.dtype for o in out].count(torch.float64) == 1 and out[4].dtype == torch.float64  # lse
     assert ops.linear_ppo_fwd(h, w, None, t, v, v, v, v, v, 1.0, -100, 0.2, 0.2, 2.0, "k2", 0.1, 0.0)[6].numel() == 0
     gh, gw, gb = ops.linear_ppo_bwd(torch.empty((), device="meta"), lp, ent, h, w, None, t, lse, ent, 1.0, -100,
                                     True, True, False)
@@ -302,7 +303,7 @@ def test_token_logprobs_matches_reference(dtype, n, v, temperature):
     g_lp, g_ent = torch.randn(n), torch.randn(n)
     r = _ref_logprobs_grads(x, t, g_lp, g_ent, temperature, -100, dtype)
     lp, ent, lse = fwd(x, t, temperature, -100, True)
-    assert lp.dtype == ent.dtype == lse.dtype == torch.float32
+    assert lp.dtype == ent.dtype == torch.float32 and lse.dtype == torch.float64
     check("logprobs", lp, r["truth"][0], dtype)
     check("entropy", ent, r["truth"][1], dtype)
     grad = bwd(g_lp, g_ent, x, t, lse, ent, temperature, -100)
@@ -450,13 +451,9 @@ def test_linear_token_logprobs_all_ignored_and_huge():
     lp, ent, lse = fwd(hidden, weight, None, t, 1.0, -100, True)
     check("logprobs (huge)", lp, r["truth"][0], torch.float32)
     gh, gw, _ = bwd(g, g, hidden, weight, None, t, lse, ent, 1.0, -100, True, True, False)
-    # Known limit of the kernel contract: the backward gets lse as one float32, so p = exp(z − lse) carries lse's
-    # rounding, |lse|·2^-24 relative (6e-4 at |lse| = 1e4; 6e-6 at realistic |logits| ≲ 100). log_softmax keeps the
-    # row max apart and does not. Until lse is passed as (max, log-sum), hold the gradients to that bound.
-    lse_ulp = lse.abs().max().item() * 2.0**-24
-    for what, got, i in (("grad_hidden (huge)", gh, 2), ("grad_weight (huge)", gw, 3)):
-        err, base = rel_err(got, r["truth"][i]), rel_err(r["baseline"][i], r["truth"][i])
-        assert err <= max(1e-5, 2 * base, lse_ulp), f"{what}: relative error {err:.3e} (lse bound {lse_ulp:.1e})"
+    # float64 lse (docs/backends.md): the gradients of ±1e4 logits are held to the plain float32 tolerance
+    check("grad_hidden (huge)", gh, r["truth"][2], torch.float32)
+    check("grad_weight (huge)", gw, r["truth"][3], torch.float32)
 
 
 # ---- family gae ---------------------------------------------------------------------------------

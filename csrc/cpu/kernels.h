@@ -77,6 +77,8 @@ void check_logits_targets(const char* fn, const at::Tensor& logits, const at::Te
 // Checks a 1-D float32 tensor of length n (or, if allow_empty, numel() == 0).
 void check_vec_f32(const char* fn, const char* name, const at::Tensor& t, int64_t n,
                    bool allow_empty);
+// lse crosses the forward/backward boundary as float64 [n] (see rowops.h: split_lse)
+void check_lse(const char* fn, const at::Tensor& t, int64_t n);
 }  // namespace detail
 
 }  // namespace signalrl

@@ -111,12 +111,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_token_logprobs_fwd(
   const auto f32 = hidden.options().dtype(at::kFloat);
   at::Tensor logprobs = at::zeros({a.N}, f32);
   at::Tensor entropy = with_entropy ? at::zeros({a.N}, f32) : at::empty({0}, f32);
-  at::Tensor lse = at::zeros({a.N}, f32);
+  at::Tensor lse = at::zeros({a.N}, hidden.options().dtype(at::kDouble));
   if (a.Nv == 0) return {logprobs, entropy, lse};
 
   float* lp = logprobs.data_ptr<float>();
   float* ent = with_entropy ? entropy.data_ptr<float>() : nullptr;
-  float* ls = lse.data_ptr<float>();
+  double* ls = lse.data_ptr<double>();
   const int64_t* rows = a.valid_rows.data_ptr<int64_t>();
   at::Tensor scratch = at::empty({std::min(kRows, a.Nv) * std::min(kVocab, a.V)}, f32);
   std::vector<OnlineLse> state;
@@ -142,7 +142,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_token_logprobs_fwd(
     for (int64_t i = 0; i < nr; ++i) {
       const int64_t row = rows[r0 + i];
       ls[row] = state[i].lse(a.scale);
-      lp[row] = z_target[i] - ls[row];
+      lp[row] = state[i].logprob(z_target[i], a.scale);
       if (ent != nullptr) ent[row] = state[i].entropy();
     }
   }
@@ -159,7 +159,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_token_logprobs_bwd(
   const LinearArgs a = prepare(fn, hidden, weight, bias, targets, tgt, temperature, ignore_index);
   need_bias = need_bias && a.bias_f32.defined();
   detail::check_vec_f32(fn, "grad_logprobs", grad_logprobs, a.N, false);
-  detail::check_vec_f32(fn, "lse", lse_in, a.N, false);
+  detail::check_lse(fn, lse_in, a.N);
   const bool has_ent = !detail::is_empty(grad_entropy);
   detail::check_vec_f32(fn, "grad_entropy", grad_entropy, a.N, true);
   if (has_ent) detail::check_vec_f32(fn, "entropy (needed with grad_entropy)", entropy_in, a.N, false);
@@ -180,11 +180,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_token_logprobs_bwd(
   const at::Tensor g_lp_t = grad_logprobs.contiguous(), lse_t = lse_in.contiguous();
   const at::Tensor g_ent_t = has_ent ? grad_entropy.contiguous() : at::Tensor();
   const at::Tensor ent_t = has_ent ? entropy_in.contiguous() : at::Tensor();
-  std::vector<float> r_lse(Nv), r_c0(Nv), r_c1(Nv), r_gl(Nv);
+  std::vector<LseParts> r_lse(Nv);
+  std::vector<float> r_c0(Nv), r_c1(Nv), r_gl(Nv);
   std::vector<int64_t> r_tgt(Nv);
   for (int64_t k = 0; k < Nv; ++k) {
     const int64_t i = rows[k];
-    r_lse[k] = lse_t.data_ptr<float>()[i];
+    r_lse[k] = split_lse(lse_t.data_ptr<double>()[i]);
     r_gl[k] = g_lp_t.data_ptr<float>()[i];
     r_c1[k] = has_ent ? g_ent_t.data_ptr<float>()[i] : 0.0f;
     r_c0[k] = r_gl[k] + (has_ent ? r_c1[k] * ent_t.data_ptr<float>()[i] : 0.0f);
@@ -216,7 +217,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_token_logprobs_bwd(
         for (int64_t i = b; i < e; ++i) {
           const int64_t k = r0 + i;
           float* zr = zp + i * nv;
-          vec_softmax_grad(zr, nv, a.scale, r_lse[k], r_c0[k], r_c1[k], a.scale, zr);
+          vec_softmax_grad(zr, nv, a.scale, r_lse[k].hi, r_lse[k].lo, r_c0[k], r_c1[k], a.scale, zr);
           const int64_t t = r_tgt[k];
           if (t >= v0 && t < v0 + nv) zr[t - v0] += a.scale * r_gl[k];
         }

@@ -37,6 +37,13 @@ void check_vec_f32(const char* fn, const char* name, const at::Tensor& t, int64_
               t.scalar_type());
 }
 
+void check_lse(const char* fn, const at::Tensor& t, int64_t n) {
+  TORCH_CHECK(t.defined() && t.dim() == 1 && t.size(0) == n, fn, ": lse must be [", n, "], got shape ",
+              t.defined() ? t.sizes() : at::IntArrayRef{});
+  TORCH_CHECK(t.scalar_type() == at::kDouble, fn, ": lse must be float64 (the forward's), got ",
+              t.scalar_type());
+}
+
 }  // namespace detail
 
 namespace {
@@ -53,14 +60,14 @@ int64_t checked_target(int64_t t, int64_t V, int64_t row) {
 template <typename scalar_t>
 void logprobs_fwd_rows(const scalar_t* logits, const int64_t* targets, int64_t N, int64_t V,
                        float scale, int64_t ignore_index, float* logprobs, float* entropy,
-                       float* lse) {
+                       double* lse) {
   at::parallel_for(0, N, row_grain(V), [&](int64_t begin, int64_t end) {
     std::vector<float> buf(std::is_same<scalar_t, float>::value ? 0 : kRowBlock);
     for (int64_t i = begin; i < end; ++i) {
       const int64_t t = targets[i];
       if (t == ignore_index) {
         logprobs[i] = 0.0f;
-        lse[i] = 0.0f;
+        lse[i] = 0.0;
         if (entropy != nullptr) entropy[i] = 0.0f;
         continue;
       }
@@ -71,9 +78,8 @@ void logprobs_fwd_rows(const scalar_t* logits, const int64_t* targets, int64_t N
         const int64_t n = std::min(kRowBlock, V - c);
         acc.update(load_f32(row + c, n, buf.data()), n, scale, entropy != nullptr);
       }
-      const float l = acc.lse(scale);
-      lse[i] = l;
-      logprobs[i] = static_cast<float>(row[t]) * scale - l;
+      lse[i] = acc.lse(scale);
+      logprobs[i] = acc.logprob(static_cast<float>(row[t]) * scale, scale);
       if (entropy != nullptr) entropy[i] = acc.entropy();
     }
   });
@@ -81,7 +87,7 @@ void logprobs_fwd_rows(const scalar_t* logits, const int64_t* targets, int64_t N
 
 template <typename scalar_t>
 void logprobs_bwd_rows(const float* g_lp, const float* g_ent, const scalar_t* logits,
-                       const int64_t* targets, const float* lse, const float* entropy, int64_t N,
+                       const int64_t* targets, const double* lse, const float* entropy, int64_t N,
                        int64_t V, float scale, int64_t ignore_index, scalar_t* grad) {
   at::parallel_for(0, N, row_grain(V), [&](int64_t begin, int64_t end) {
     std::vector<float> buf(std::is_same<scalar_t, float>::value ? 0 : kRowBlock);
@@ -98,11 +104,12 @@ void logprobs_bwd_rows(const float* g_lp, const float* g_ent, const scalar_t* lo
       const float gl = g_lp[i];
       const float gh = g_ent != nullptr ? g_ent[i] : 0.0f;
       const float c0 = gl + (g_ent != nullptr ? gh * entropy[i] : 0.0f);
+      const LseParts l = split_lse(lse[i]);
       for (int64_t c = 0; c < V; c += kRowBlock) {
         const int64_t n = std::min(kRowBlock, V - c);
         const float* x = load_f32(row + c, n, buf.data());
         float* o = f32_target(out + c, buf.data());
-        vec_softmax_grad(x, n, scale, lse[i], c0, gh, scale, o);
+        vec_softmax_grad(x, n, scale, l.hi, l.lo, c0, gh, scale, o);
         if (t >= c && t < c + n) o[t - c] += scale * gl;
         store_f32(o, n, out + c);
       }
@@ -126,7 +133,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> token_logprobs_fwd(
   const auto f32 = logits.options().dtype(at::kFloat);
   at::Tensor logprobs = at::empty({N}, f32);
   at::Tensor entropy = at::empty({with_entropy ? N : 0}, f32);
-  at::Tensor lse = at::empty({N}, f32);
+  at::Tensor lse = at::empty({N}, logits.options().dtype(at::kDouble));
   if (N == 0) return {logprobs, entropy, lse};
   TORCH_CHECK(V > 0, fn, ": logits must have V >= 1 columns");
   const float scale = static_cast<float>(1.0 / temperature);
@@ -134,7 +141,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> token_logprobs_fwd(
   SIGNAL_DISPATCH_LOGITS(logits.scalar_type(), "signalrl_native", [&] {
     logprobs_fwd_rows<scalar_t>(logits.data_ptr<scalar_t>(), targets.data_ptr<int64_t>(), N, V,
                                 scale, ignore_index, logprobs.data_ptr<float>(), ent,
-                                lse.data_ptr<float>());
+                                lse.data_ptr<double>());
   });
   return {logprobs, entropy, lse};
 }
@@ -149,7 +156,7 @@ at::Tensor token_logprobs_bwd(const at::Tensor& grad_logprobs_in,
   TORCH_CHECK(temperature > 0, fn, ": temperature must be > 0, got ", temperature);
   const int64_t N = logits_in.size(0), V = logits_in.size(1);
   detail::check_vec_f32(fn, "grad_logprobs", grad_logprobs_in, N, false);
-  detail::check_vec_f32(fn, "lse", lse_in, N, false);
+  detail::check_lse(fn, lse_in, N);
   const bool has_ent = !detail::is_empty(grad_entropy_in);
   detail::check_vec_f32(fn, "grad_entropy", grad_entropy_in, N, true);
   if (has_ent) detail::check_vec_f32(fn, "entropy (needed with grad_entropy)", entropy_in, N, false);
@@ -166,7 +173,7 @@ at::Tensor token_logprobs_bwd(const at::Tensor& grad_logprobs_in,
     logprobs_bwd_rows<scalar_t>(g_lp.data_ptr<float>(),
                                 has_ent ? g_ent.data_ptr<float>() : nullptr,
                                 logits.data_ptr<scalar_t>(), targets.data_ptr<int64_t>(),
-                                lse.data_ptr<float>(), has_ent ? ent.data_ptr<float>() : nullptr,
+                                lse.data_ptr<double>(), has_ent ? ent.data_ptr<float>() : nullptr,
                                 N, V, scale, ignore_index, grad.data_ptr<scalar_t>());
   });
   return grad;

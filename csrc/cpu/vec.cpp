@@ -64,8 +64,8 @@ SIGNAL_MULTIVERSION void vec_sum_exp(const float* x, int64_t n, float scale, flo
   if (dot != nullptr) *dot += t;
 }
 
-SIGNAL_MULTIVERSION void vec_softmax_grad(const float* x, int64_t n, float scale, float lse,
-                                          float c0, float c1, float out_scale, float* out) {
+SIGNAL_MULTIVERSION void vec_softmax_grad(const float* x, int64_t n, float scale, float lse_hi,
+                                          float lse_lo, float c0, float c1, float out_scale, float* out) {
   const float* z = x;
   if (scale != 1.0f) {
     // Round z = x·scale first (a separate loop, so it is not fused into an FMA with − lse):
@@ -74,7 +74,7 @@ SIGNAL_MULTIVERSION void vec_softmax_grad(const float* x, int64_t n, float scale
     z = out;
   }
   for (int64_t j = 0; j < n; ++j) {
-    const float lp = z[j] - lse;
+    const float lp = (z[j] - lse_hi) - lse_lo;
     const float p = vexp(lp);
     const float g = -out_scale * p * (c0 + c1 * lp);
     out[j] = p > 0.0f ? g : 0.0f;

@@ -12,11 +12,11 @@ float vec_max(const float* x, int64_t n);
 // (terms with exp(d_j) == 0 contribute 0, so -inf logits are harmless).
 void vec_sum_exp(const float* x, int64_t n, float scale, float m, float* sum, float* dot);
 
-// With lp_j = x[j] * scale - lse and p_j = exp(lp_j):
+// With lp_j = (x[j] * scale - lse_hi) - lse_lo and p_j = exp(lp_j):
 //   out[j] = -out_scale * p_j * (c0 + c1 * lp_j)      (0 where p_j == 0).
-// out may alias x.
-void vec_softmax_grad(const float* x, int64_t n, float scale, float lse, float c0, float c1,
-                      float out_scale, float* out);
+// out may alias x. (lse_hi, lse_lo): split_lse of the forward's float64 lse.
+void vec_softmax_grad(const float* x, int64_t n, float scale, float lse_hi, float lse_lo, float c0,
+                      float c1, float out_scale, float* out);
 
 // dtype conversions (bf16 round-to-nearest-even, NaN preserved)
 void bf16_to_f32(const uint16_t* src, int64_t n, float* dst);

@@ -6,6 +6,8 @@
 - ``maybe_autotune``: ``triton.autotune`` on a GPU, the identity under the interpreter (where the launcher passes
   one fixed config instead: autotuning in the interpreter would run every config, slowly).
 - ``prune_configs``: drops autotune configs whose blocks exceed the problem or whose shared memory does not fit.
+- ``split_lse``: a float64 log-sum-exp -> (hi, lo) float32 with hi + lo = lse to ~2^-48 relative, for p = exp((z - hi)
+  - lo) in float32 (see docs/backends.md: why lse crosses the forward/backward boundary in float64).
 - ``empty_f32``: the ``[0]`` float32 placeholder the backend contract uses where a custom op cannot return None.
 - ``interp_store_dtype``: the dtype a kernel should write instead of ``dtype`` under the interpreter. The interpreter
   converts float32 -> bfloat16 by truncation (a GPU rounds to nearest even), which doubles the rounding error; kernels
@@ -33,6 +35,7 @@ __all__ = [
     "empty_f32",
     "is_empty",
     "interp_store_dtype",
+    "split_lse",
 ]
 
 INTERPRET: bool = os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "yes", "on", "y")
@@ -61,6 +64,14 @@ def next_pow2(n: int) -> int:
 
 def cdiv(a: int, b: int) -> int:
     return (a + b - 1) // b
+
+
+@triton.jit
+def split_lse(lse):
+    """float64 lse -> (hi, lo) float32, hi = fl32(lse), lo = fl32(lse - hi). z - hi is exact for z near lse
+    (Sterbenz), so log p = (z - hi) - lo carries none of hi's rounding (|lse|·2^-24, 6e-4 at |lse| = 1e4)."""
+    hi = lse.to(tl.float32)
+    return hi, (lse - hi.to(tl.float64)).to(tl.float32)
 
 
 def empty_f32(device) -> torch.Tensor:

@@ -58,7 +58,7 @@ import triton
 import triton.language as tl
 
 from ._common import (
-    INTERPRET, cdiv, empty_f32, interp_store_dtype, is_empty, maybe_autotune, next_pow2, prune_configs,
+    INTERPRET, cdiv, empty_f32, interp_store_dtype, is_empty, maybe_autotune, next_pow2, prune_configs, split_lse,
 )
 
 __all__ = ["linear_token_logprobs_fwd", "linear_token_logprobs_bwd", "backward_plan", "BackwardPlan"]
@@ -208,7 +208,7 @@ def _lse_partial_kernel(
 
 @triton.jit
 def _merge_rows(m_ptr, s_ptr, t_ptr, rows, row_ok, N, n_split, WITH_ENTROPY: tl.constexpr):
-    """Merge the n_split partial (m, s, t) of each row: -> (lse, entropy) float32 vectors."""
+    """Merge the n_split partial (m, s, t) of each row: -> (row max, log-sum, entropy) float32 vectors."""
     M = tl.full(rows.shape, _NEG_BIG, tl.float32)
     for k in range(0, n_split):
         M = tl.maximum(M, tl.load(m_ptr + k * N + rows, mask=row_ok, other=_NEG_BIG))
@@ -224,7 +224,7 @@ def _merge_rows(m_ptr, s_ptr, t_ptr, rows, row_ok, N, n_split, WITH_ENTROPY: tl.
             T += a * (tk + (mk - M) * sk)
     log_s = tl.log(S)
     ent = log_s - T / S
-    return M + log_s, ent
+    return M, log_s, ent
 
 
 @triton.jit
@@ -235,13 +235,13 @@ def _merge_kernel(
 ):
     rows = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     row_ok = rows < N
-    lse, ent = _merge_rows(m_ptr, s_ptr, t_ptr, rows, row_ok, N, n_split, WITH_ENTROPY)
+    m_row, log_s, ent = _merge_rows(m_ptr, s_ptr, t_ptr, rows, row_ok, N, n_split, WITH_ENTROPY)
     tgt = tl.load(tgt_ptr + rows, mask=row_ok, other=ignore_index)
     valid = tgt != ignore_index
     zt = tl.load(zt_ptr + rows, mask=row_ok, other=0.0)
-    lp = tl.where((tgt >= 0) & (tgt < V), zt - lse, float("nan"))
+    lp = tl.where((tgt >= 0) & (tgt < V), (zt - m_row) - log_s, float("nan"))
     tl.store(lp_ptr + rows, tl.where(valid, lp, 0.0), mask=row_ok)
-    tl.store(lse_ptr + rows, tl.where(valid, lse, 0.0), mask=row_ok)
+    tl.store(lse_ptr + rows, tl.where(valid, m_row.to(tl.float64) + log_s.to(tl.float64), 0.0), mask=row_ok)
     if WITH_ENTROPY:
         tl.store(ent_ptr + rows, tl.where(valid, ent, 0.0), mask=row_ok)
 
@@ -288,12 +288,12 @@ def _lse_partials(hidden, weight, bias, targets, temperature, ignore_index, with
 
 def linear_token_logprobs_fwd(hidden, weight, bias, targets, temperature, ignore_index, with_entropy):
     """hidden [N, H], weight [V, H], bias [V] | None (same device; hidden/weight same dtype), targets [N] int64 ->
-    (logprobs [N] f32, entropy [N] f32 | empty, lse [N] f32). lse is 0 on ignored rows."""
+    (logprobs [N] f32, entropy [N] f32 | empty, lse [N] f64). lse is 0 on ignored rows."""
     N = hidden.shape[0]
     V = weight.shape[0]
     dev = hidden.device
     lp = torch.empty(N, dtype=torch.float32, device=dev)
-    lse = torch.empty(N, dtype=torch.float32, device=dev)
+    lse = torch.empty(N, dtype=torch.float64, device=dev)
     ent = torch.empty(N, dtype=torch.float32, device=dev) if with_entropy else empty_f32(dev)
     if N == 0:
         return lp, ent, lse
@@ -328,7 +328,7 @@ def _grad_chunk_kernel(
     row_ok = rows < N
     tgt = tl.load(tgt_ptr + rows, mask=row_ok, other=ignore_index)
     valid = row_ok & (tgt != ignore_index)
-    lse = tl.load(lse_ptr + rows, mask=row_ok, other=0.0)
+    lse_hi, lse_lo = split_lse(tl.load(lse_ptr + rows, mask=row_ok, other=0.0))
     g_lp = tl.load(glp_ptr + rows, mask=row_ok, other=0.0)
     if HAS_SCALE:
         g_lp = g_lp * tl.load(scale_ptr)
@@ -338,7 +338,7 @@ def _grad_chunk_kernel(
     k_iters = tl.where(tl.sum(valid.to(tl.int32), 0) > 0, tl.cdiv(H, BLOCK_K), 0)
     z = _tile_logits(x_ptr, w_ptr, b_ptr, rows, cols, N, c_hi, H, k_iters, inv_temp,
                      HAS_BIAS, DOT_F32, BLOCK_N, BLOCK_V, BLOCK_K)
-    logp = z - lse[:, None]
+    logp = (z - lse_hi[:, None]) - lse_lo[:, None]
     p = tl.exp(logp)
     p = tl.where(valid[:, None], p, 0.0)  # ignored rows: lse is 0, p may overflow; their gradient is 0 anyway
     g = g_lp[:, None] * (tl.where(cols[None, :] == tgt[:, None], 1.0, 0.0) - p)

@@ -12,7 +12,11 @@ same pass: besides the running max m and s = sum e^{z-m}, it keeps t = sum e^{z-
 so no cancellation between lse and E[z] for large logits); rescaling to a new max m' gives
 t' = e^{m-m'} (t + (m - m') s), and at the end H = log s - t / s.
 
-Memory: the forward reads the logits once and writes 3 floats per row; the backward reads them once and writes the
+The lse handed to the backward is float64 (max + log s added in float64) and the backward forms
+log p = (z - hi) - lo from its float32 split (``split_lse``), so a float32 rounding of lse (|lse|·2^-24, 6e-4 at
+|lse| = 1e4) never reaches p; the log-prob itself is (z_t - max) - log s.
+
+Memory: the forward reads the logits once and writes 3 values per row; the backward reads them once and writes the
 gradient once (``token_logprobs_bwd_inplace`` writes it over the logits: no [N, V] allocation at all). Ignored rows
 are skipped (never read). Offsets are int64 (row * V overflows int32 at N = 32768, V = 262144). No host syncs.
 A target outside [0, V) that is not ``ignore_index`` gives a NaN log-prob (a loud, sync-free signal).
@@ -24,7 +28,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import empty_f32, interp_store_dtype, is_empty, next_pow2
+from ._common import empty_f32, interp_store_dtype, is_empty, next_pow2, split_lse
 
 __all__ = ["token_logprobs_fwd", "token_logprobs_bwd", "token_logprobs_bwd_inplace"]
 
@@ -78,13 +82,12 @@ def _token_logprobs_fwd_kernel(
     a = tl.exp(m - m_row)
     s_row = tl.sum(a * s, 0)
     log_s = tl.log(s_row)
-    lse = m_row + log_s
     in_range = (target >= 0) & (target < V)
     z_t = tl.load(row_ptr + tl.where(in_range & valid, target, 0), mask=in_range & valid, other=0.0)
     z_t = z_t.to(tl.float32) * inv_temp
-    lp = tl.where(in_range, z_t - lse, float("nan"))
+    lp = tl.where(in_range, (z_t - m_row) - log_s, float("nan"))
     tl.store(lp_ptr + row, tl.where(valid, lp, 0.0))
-    tl.store(lse_ptr + row, tl.where(valid, lse, 0.0))
+    tl.store(lse_ptr + row, tl.where(valid, m_row.to(tl.float64) + log_s.to(tl.float64), 0.0))
     if WITH_ENTROPY:
         t_row = tl.sum(a * (t + (m - m_row) * s), 0)
         tl.store(ent_ptr + row, tl.where(valid, log_s - t_row / s_row, 0.0))
@@ -114,7 +117,7 @@ def _token_logprobs_bwd_kernel(
     out_row = out_ptr + row * stride_out
     cols = tl.arange(0, BLOCK_V)
     g_lp = tl.load(glp_ptr + row)
-    lse = tl.load(lse_ptr + row)
+    lse_hi, lse_lo = split_lse(tl.load(lse_ptr + row))
     if WITH_ENTROPY:
         g_h = tl.load(gent_ptr + row)
         ent = tl.load(ent_ptr + row)
@@ -124,7 +127,7 @@ def _token_logprobs_bwd_kernel(
     for b in range(0, n_live):
         offs = b * BLOCK_V + cols
         z = tl.load(row_ptr + offs, mask=offs < V, other=float("-inf")).to(tl.float32) * inv_temp
-        logp = z - lse
+        logp = (z - lse_hi) - lse_lo
         p = tl.exp(logp)
         # (delta - p) in float32, before any downcast: no cancellation for the true class in bf16
         g = g_lp * (tl.where(offs == target, 1.0, 0.0) - p)
@@ -152,11 +155,11 @@ def token_logprobs_fwd(
     with_entropy: bool,
 ):
     """logits [N, V] f32|bf16|f16 (rows contiguous), targets [N] int64 ->
-    (logprobs [N] f32, entropy [N] f32 | empty, lse [N] f32). lse is 0 on ignored rows."""
+    (logprobs [N] f32, entropy [N] f32 | empty, lse [N] f64). lse is 0 on ignored rows."""
     N, V = logits.shape
     dev = logits.device
     lp = torch.empty(N, dtype=torch.float32, device=dev)
-    lse = torch.empty(N, dtype=torch.float32, device=dev)
+    lse = torch.empty(N, dtype=torch.float64, device=dev)
     ent = torch.empty(N, dtype=torch.float32, device=dev) if with_entropy else empty_f32(dev)
     if N == 0:
         return lp, ent, lse

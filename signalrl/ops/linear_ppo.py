@@ -60,8 +60,8 @@ def _(hidden, weight, bias, targets, old_logprobs, advantages, weights, mask, re
     def vec(k):
         return hidden.new_empty(k, dtype=_F32)
 
-    return (hidden.new_empty((), dtype=_F32), vec(len(STAT_KEYS)), vec(n), vec(n), vec(n), vec(n),
-            vec(n if entropy_coef else 0))
+    return (hidden.new_empty((), dtype=_F32), vec(len(STAT_KEYS)), vec(n), vec(n),
+            hidden.new_empty(n, dtype=torch.float64), vec(n), vec(n if entropy_coef else 0))
 
 
 @torch.library.custom_op("signalrl::linear_ppo_bwd", mutates_args=())
@@ -104,7 +104,7 @@ def _backward(ctx, g_loss, *_unused):
         return (None, None, None) + none_rest
     gh, gw, gb = _linear_ppo_bwd(
         g_loss.to(_F32).contiguous(), g_lp, g_ent, hidden, weight, bias, targets, lse,
-        ent if g_ent.numel() else lse.new_empty(0), temperature, ignore_index, need_h, need_w, need_b, backend,
+        ent if g_ent.numel() else g_lp.new_empty(0), temperature, ignore_index, need_h, need_w, need_b, backend,
     )
     return (gh if need_h else None, gw if need_w else None, gb if need_b else None) + none_rest
 

@@ -19,6 +19,7 @@ from ._backend import backend_for, get_impl
 from ._check import check_enabled, checked
 
 _F32 = torch.float32
+_F64 = torch.float64  # lse crosses the forward/backward boundary in float64 (docs/backends.md)
 
 
 def _empty(like: Tensor) -> Tensor:
@@ -40,7 +41,7 @@ def _token_logprobs_fwd(
 def _(logits, targets, temperature, ignore_index, with_entropy, backend):
     n = logits.shape[0]
     out = logits.new_empty(n, dtype=_F32)
-    return out, logits.new_empty(n if with_entropy else 0, dtype=_F32), logits.new_empty(n, dtype=_F32)
+    return out, logits.new_empty(n if with_entropy else 0, dtype=_F32), logits.new_empty(n, dtype=_F64)
 
 
 @torch.library.custom_op("signalrl::token_logprobs_bwd", mutates_args=())
@@ -72,7 +73,7 @@ def _(grad_logprobs, grad_entropy, logits, targets, lse, entropy, temperature, i
 
 
 def _grads_in(g_lp: Tensor | None, g_ent: Tensor | None, lp: Tensor, with_entropy: bool) -> tuple[Tensor, Tensor]:
-    g_lp = torch.zeros_like(lp) if g_lp is None else g_lp.to(_F32).contiguous()
+    g_lp = lp.new_zeros(lp.shape, dtype=_F32) if g_lp is None else g_lp.to(_F32).contiguous()
     g_ent = g_ent.to(_F32).contiguous() if (with_entropy and g_ent is not None) else _empty(lp)
     return g_lp, g_ent
 
@@ -209,7 +210,7 @@ def _linear_fwd(
 def _(hidden, weight, bias, targets, temperature, ignore_index, with_entropy, backend):
     n = hidden.shape[0]
     out = hidden.new_empty(n, dtype=_F32)
-    return out, hidden.new_empty(n if with_entropy else 0, dtype=_F32), hidden.new_empty(n, dtype=_F32)
+    return out, hidden.new_empty(n if with_entropy else 0, dtype=_F32), hidden.new_empty(n, dtype=_F64)
 
 
 @torch.library.custom_op("signalrl::linear_token_logprobs_bwd", mutates_args=())

@@ -72,7 +72,7 @@ def test_token_logprobs_fwd_bwd(dtype, N, V, T, scale):
     x = (torch.randn(N, V, device=DEV) * scale).to(dtype)
     t = targets_for(N, V)
     lp, ent, lse = TL.token_logprobs_fwd(x, t, T, IGN, True)
-    assert lp.dtype == ent.dtype == lse.dtype == torch.float32 and lp.shape == (N,)
+    assert lp.dtype == ent.dtype == torch.float32 and lse.dtype == torch.float64 and lp.shape == (N,)
     x64 = x.double().requires_grad_()
     lp_t, ent_t = truth_logprobs(x64, t, T)
     # same-dtype PyTorch baseline
@@ -175,7 +175,7 @@ def test_linear_token_logprobs_fwd_bwd(dtype, N, V, H, T, bias):
     h, w, b = _linear_inputs(N, V, H, dtype, bias)
     t = targets_for(N, V)
     lp, ent, lse = LL.linear_token_logprobs_fwd(h, w, b, t, T, IGN, True)
-    assert lp.dtype == ent.dtype == lse.dtype == torch.float32
+    assert lp.dtype == ent.dtype == torch.float32 and lse.dtype == torch.float64
     leaves, lp_t, ent_t = _linear_truth(h, w, b, t, T)
     leaves_b, lp_b, ent_b = _linear_truth(h, w, b, t, T, dt=dtype)  # same-dtype PyTorch baseline
     check("logprobs", lp, lp_t, dtype, lp_b)
@@ -236,6 +236,13 @@ def test_linear_token_logprobs_all_ignored_and_large_logits():
     assert torch.isfinite(lp).all() and torch.isfinite(ent).all()
     assert (lp - lp_t).abs().max().item() <= 1e-5 * lp_t.abs().max().item() + 1e-3
     assert (ent - ent_t).abs().max().item() <= 1e-3
+    # gradients at the plain float32 tolerance: the backward rebuilds log p from the float64 lse (split_lse)
+    g_lp, g_h = torch.randn(N, device=DEV), torch.randn(N, device=DEV)
+    gh, gw, _ = LL.linear_token_logprobs_bwd(g_lp, g_h, h, w_big, None, t, lse, ent, 1.0, IGN, True, True, False)
+    leaves, lp_t, ent_t = _linear_truth(h, w_big, None, t, 1.0)
+    truth = torch.autograd.grad((lp_t * g_lp.double() + ent_t * g_h.double()).sum(), [leaves[0], leaves[1]])
+    check("d hidden (±1e4 logits)", gh, truth[0], torch.float32)
+    check("d weight (±1e4 logits)", gw, truth[1], torch.float32)
 
 
 def test_linear_token_logprobs_skips_ignored_row_blocks():
