@@ -61,6 +61,25 @@ def test_k3_has_no_cancellation_near_zero(backend):
 
 
 @pytest.mark.parametrize("backend", KL_BACKENDS)
+def test_k3_far_from_the_reference_to_float32_overflow(backend):
+    """k3 = exp(−d) + d − 1 for d down to where exp(−d) leaves float32 (−88.72): finite and within float32 rounding
+    of the float64 value until then, inf after, as torch.exp; e^{−d} for large d underflows to 0 gradually."""
+    d = torch.tensor([-88.0, -88.3, -88.5, -88.7, -88.75, -95.0, 50.0, 88.5, 103.0, 110.0])
+    lp = torch.full_like(d, -2.0)
+    ref = lp - d
+    x = lp.clone().requires_grad_()
+    with use_backend(backend):
+        kl = ops.kl_penalty(x, ref, "k3")
+    kl.sum().backward()
+    dd = lp.double() - ref.double()
+    kl_t, g_t = torch.exp(-dd) + dd - 1, 1 - torch.exp(-dd)
+    finite = kl_t < torch.finfo(torch.float32).max
+    assert torch.isfinite(kl[finite]).all() and torch.isinf(kl[~finite]).all(), kl
+    assert ((kl.double() - kl_t)[finite].abs() <= 1e-6 * kl_t[finite].abs()).all(), (kl, kl_t)
+    assert ((x.grad.double() - g_t)[finite].abs() <= 1e-6 * g_t[finite].abs()).all(), (x.grad, g_t)
+
+
+@pytest.mark.parametrize("backend", KL_BACKENDS)
 def test_kl_penalty_known_values_and_only_requested_grads(backend):
     lp = torch.tensor([0.0, -1.0, -2.0, -0.5])
     ref = torch.tensor([0.0, -2.0, -1.0, -0.5])
