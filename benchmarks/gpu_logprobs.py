@@ -167,6 +167,21 @@ def bench_linear_token_logprobs(ctx: Ctx) -> list[dict]:
                             notes="4 GEMM-equivalents; extra memory beyond inputs and d(hidden), d(weight)"))
         rows.append(ctx.row("linear_token_logprobs+entropy fwd+bwd", shape, ms_e,
                             pct_matmul=100 * 4 * flops / (ms_e * 1e-3) / 1e12 / ctx.matmul_tflops))
+
+        def fwd_bwd_frozen():  # a frozen LM head (LoRA): d(hidden) only, the row-major backward
+            lp, _, lse = LL.linear_token_logprobs_fwd(h, w, None, t, 1.0, IGN, False)
+            return LL.linear_token_logprobs_bwd(g_lp, empty, h, w, None, t, lse, empty, 1.0, IGN, True, False, False)
+
+        fwd_bwd_frozen()
+        ms_fz = ctx.time_ms(fwd_bwd_frozen)
+        extra_fz = ctx.peak_extra(fwd_bwd_frozen, keep_bytes=h.numel() * 2)
+        plan = LL.backward_plan(N, V, H, w.element_size(), False, True, False, False)
+        rows.append(ctx.row(
+            "linear_token_logprobs fwd+bwd, frozen head", shape, ms_fz,
+            pct_matmul=100 * 3 * flops / (ms_fz * 1e-3) / 1e12 / ctx.matmul_tflops,
+            **({} if extra_fz is None else dict(extra_mem_mb=extra_fz / 2**20,
+                                               extra_mem_pct_logits=100 * extra_fz / logits_bytes)),
+            notes=f"3 GEMM-equivalents; row chunks of {plan.rows}, bound {plan.extra_bytes / 2**20:.0f} MiB"))
         if ctx.cuda and LL._DH_GEMM == "auto":  # the two d(hidden) accumulation paths, for choosing the default
             cublas = LL._cublas_f32_accumulate_ok(ctx.device.index or 0)
             LL._DH_GEMM = "triton"

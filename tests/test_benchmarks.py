@@ -230,3 +230,21 @@ def test_gpu_check_dry_run_collects_every_test_kernel_tests_first(tmp_path):
     first = [d for i, d in enumerate(dirs) if i == 0 or dirs[i - 1] != d]
     assert first[:4] == ["gpu", "kernels", "ops", "losses"], first
     assert "tests:" in proc.stdout and "(exit 0)" in proc.stdout
+
+
+def test_gpu_kernel_benchmarks_dry_run(tmp_path):
+    """benchmarks/gpu_logprobs.py (which also runs the GAE / PPO cases of gpu_ppo_gae.py) on a CPU with the Triton
+    interpreter and tiny shapes: every case runs without an error row, so a GPU lease is never spent finding out
+    that a benchmark script is broken. Rows include the frozen-head (row-major) linear backward."""
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.gpu_logprobs", "--dry-run", "--out", str(tmp_path)],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    (js,) = list(tmp_path.glob("gpu_logprobs-dryrun-*.json"))
+    rows = json.loads(js.read_text())["rows"]
+    assert not [r for r in rows if "error" in r], [r for r in rows if "error" in r]
+    cases = {r["case"] for r in rows}
+    for want in ("linear_token_logprobs fwd+bwd", "linear_token_logprobs fwd+bwd, frozen head",
+                 "torch unfused logprobs fwd+bwd"):
+        assert want in cases, sorted(cases)
+    assert any(c.startswith("breakdown:") for c in cases) and any("gae" in c.lower() for c in cases), sorted(cases)
