@@ -35,13 +35,12 @@ inline uint32_t float_to_bits(float f) {
 
 // exp(x) for float32 with ~1 ulp error, no branches and no libm call, so loops over it
 // vectorize. exp(x) = 2^n * exp(r), n = round(x / ln 2), |r| <= ln2 / 2, exp(r) by a degree-6
-// polynomial (Cephes coefficients). The whole float32 range, as std::exp: 2^n is applied as
-// 2^(n/2) * 2^(n - n/2), both normal floats, so results overflow to inf only above 88.72 and
-// underflow gradually (subnormals) to exactly 0 below -103.97. NaN stays NaN.
+// polynomial (Cephes coefficients). 2^n is applied as 2 * 2^(n-1), so n = 128 stays a normal
+// float: results overflow to inf exactly where float32 does (above 88.72); below -86.6 (results
+// under 2.3e-38, float32's smallest normals) they flush to 0. NaN stays NaN.
 inline float vexp(float x) {
-  float xc = x < -104.0f ? -104.0f : x;
-  xc = xc > 89.0f ? 89.0f : xc;
-  xc = xc == xc ? xc : 0.0f;  // NaN: any finite n (the result is NaN through y below)
+  float xc = x < -86.6f ? -86.6f : x;
+  xc = xc > 88.75f ? 88.75f : xc;
   // round to nearest with the 1.5 * 2^23 trick (exact for |t| < 2^22; needs no -ffast-math)
   const float t = xc * 1.44269504088896341f;
   const float fn = (t + 12582912.0f) - 12582912.0f;
@@ -53,14 +52,11 @@ inline float vexp(float x) {
   p = p * r + 4.1665795894e-2f;
   p = p * r + 1.6666665459e-1f;
   p = p * r + 5.0000001201e-1f;
-  float y = p * r * r + r + 1.0f;
-  y = x == x ? y : x;
-  const int32_t n = static_cast<int32_t>(fn);  // in [-150, 128]
-  const int32_t n1 = n / 2;
-  float res = y * bits_to_float(static_cast<uint32_t>(n1 + 127) << 23);
-  res = res * bits_to_float(static_cast<uint32_t>(n - n1 + 127) << 23);
-  res = x < -104.0f ? 0.0f : res;
-  res = x > 89.0f ? std::numeric_limits<float>::infinity() : res;
+  const float y = p * r * r + r + 1.0f;
+  const int32_t n = static_cast<int32_t>(fn);  // in [-125, 128]
+  float res = (y * 2.0f) * bits_to_float(static_cast<uint32_t>(n + 126) << 23);
+  res = x < -86.6f ? 0.0f : res;
+  res = x > 88.75f ? std::numeric_limits<float>::infinity() : res;
   return res;
 }
 

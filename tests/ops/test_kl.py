@@ -63,7 +63,7 @@ def test_k3_has_no_cancellation_near_zero(backend):
 @pytest.mark.parametrize("backend", KL_BACKENDS)
 def test_k3_far_from_the_reference_to_float32_overflow(backend):
     """k3 = exp(−d) + d − 1 for d down to where exp(−d) leaves float32 (−88.72): finite and within float32 rounding
-    of the float64 value until then, inf after, as torch.exp; e^{−d} for large d underflows to 0 gradually."""
+    of the float64 value until then, inf after, as torch.exp; for large d, e^{−d} vanishes beside d."""
     d = torch.tensor([-88.0, -88.3, -88.5, -88.7, -88.75, -95.0, 50.0, 88.5, 103.0, 110.0])
     lp = torch.full_like(d, -2.0)
     ref = lp - d
