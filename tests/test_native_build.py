@@ -352,14 +352,8 @@ def test_token_logprobs_huge_logits(dtype):
     check("logprobs", lp, r["truth"][0], dtype)
     check("entropy", ent, r["truth"][1], dtype)
     grad = bwd(g_lp, g_ent, x, t, lse, ent, 1.0, -100)
-    if dtype == torch.float32:
-        # The backward sees lse only as the float32 the contract passes on; near |lse| = 1e4 its
-        # rounding (ulp/2 = 4.9e-4) shifts every log p of a flat row by up to that much, so
-        # 1e-5 is out of reach for any kernel following the contract; 1e-4 is not.
-        err = rel_err(grad, r["truth"][2])
-        assert err <= 1e-4, f"grad_logits: relative error {err:.3e} > 1e-4"
-    else:
-        check("grad_logits", grad, r["truth"][2], dtype, baseline=r["baseline"][2])
+    # lse is float64 in the contract, so near |lse| = 1e4 no float32 rounding of it reaches log p: plain tolerance
+    check("grad_logits", grad, r["truth"][2], dtype, baseline=r["baseline"][2])
 
 
 @needs_native

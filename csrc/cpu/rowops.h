@@ -84,9 +84,11 @@ struct OnlineLse {
 struct LseParts {
   float hi, lo;
 };
+// lo is 0 where lse is not finite (an inf logit then gives NaN in its own column only).
 inline LseParts split_lse(double lse) {
   const float hi = static_cast<float>(lse);
-  return {hi, static_cast<float>(lse - static_cast<double>(hi))};
+  const float lo = static_cast<float>(lse - static_cast<double>(hi));
+  return {hi, lo == lo ? lo : 0.0f};
 }
 
 }  // namespace signalrl

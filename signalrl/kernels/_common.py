@@ -36,6 +36,7 @@ __all__ = [
     "is_empty",
     "interp_store_dtype",
     "split_lse",
+    "check_lse",
 ]
 
 INTERPRET: bool = os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "yes", "on", "y")
@@ -69,9 +70,17 @@ def cdiv(a: int, b: int) -> int:
 @triton.jit
 def split_lse(lse):
     """float64 lse -> (hi, lo) float32, hi = fl32(lse), lo = fl32(lse - hi). z - hi is exact for z near lse
-    (Sterbenz), so log p = (z - hi) - lo carries none of hi's rounding (|lse|·2^-24, 6e-4 at |lse| = 1e4)."""
+    (Sterbenz), so log p = (z - hi) - lo carries none of hi's rounding (|lse|·2^-24, 6e-4 at |lse| = 1e4).
+    lo is 0 where lse is not finite (as a float32 lse would act: an inf logit gives NaN in its own column only)."""
     hi = lse.to(tl.float32)
-    return hi, (lse - hi.to(tl.float64)).to(tl.float32)
+    lo = (lse - hi.to(tl.float64)).to(tl.float32)
+    return hi, tl.where(lo == lo, lo, 0.0)
+
+
+def check_lse(fn: str, lse: torch.Tensor) -> None:
+    """The backward's lse must be the forward's float64 one (a float32 lse would silently lose precision)."""
+    if lse.dtype != torch.float64:
+        raise TypeError(f"{fn}: lse must be float64 (the forward's output), got {lse.dtype}")
 
 
 def empty_f32(device) -> torch.Tensor:

@@ -26,17 +26,19 @@ trained (``backward_plan``):
   torch has it, else a Triton GEMM (``_DH_GEMM``).
 - row-major (a frozen head, as under LoRA): the rows are cut into chunks of R rows; each row chunk walks every vocab
   chunk, so its d hidden is complete (float32 accumulator of R rows, cast into the output) and nothing spans chunks.
-  R is the largest multiple of 128 keeping the extra memory within 1 % of the [N, V] float32 logits, at least 1024.
+  R is the largest multiple of 128 keeping the extra memory within 1 % of the [N, V] float32 logits (bias terms
+  included), at least 1024, then evened out over the chunks (a multiple of 128 again, never larger).
 
 Work: 4 GEMM-equivalents of 2·N·V·H flops (forward, recompute, d hidden, d weight; 3 with a frozen head); the
 row-major order re-reads W once per row chunk.
 
 Extra memory (beyond inputs, outputs and a few [N] float32 vectors) — the exact bound, ``backward_plan(...)``:
     forward:  12·N·SPLIT + 4·N bytes  (SPLIT ≤ ceil(V / 256), about 8 × SM count / (N / 128); a few MiB)
-    backward: R·Vc·e  (one gradient chunk; e = element size of weight; Vc = max(1024, H / 2) rounded up to a
-              multiple of 128, at most V; R = N in the vocab-major order)
+    backward: R·Vc·e  (one gradient chunk; e = element size of weight; Vc = min(V, max(1024, H / 2)) rounded up
+              to a multiple of 128; R = N in the vocab-major order)
             + 4·R·H  (float32 d hidden accumulator; 0 when hidden is float32 or needs no gradient)
-            + 4·V + 4·Vc·ceil(R / 16)  (float32 d bias and its per-row-block partial sums, only with a bias gradient)
+            + 4·V + 4·Vc + 4·Vc·ceil(R / 16)  (float32 d bias, one chunk's column sums and their per-row-block
+              partials, only with a bias gradient)
 With a frozen bf16 head that is ≤ 1 % of the [N, V] float32 logits whenever R ≥ 1024 allows it (H = 4096: from
 N = 4096 at V = 128256). A trained head costs 4·N·H + 2·N·Vc: (H + Vc/2)/V of the logits, 4.0 % at H = 4096,
 V = 128256 (2.0 % at V = 262144). The float32 d hidden accumulator is the floor there: with both gradients, one of
@@ -58,7 +60,8 @@ import triton
 import triton.language as tl
 
 from ._common import (
-    INTERPRET, cdiv, empty_f32, interp_store_dtype, is_empty, maybe_autotune, next_pow2, prune_configs, split_lse,
+    INTERPRET, cdiv, check_lse, empty_f32, interp_store_dtype, is_empty, maybe_autotune, next_pow2, prune_configs,
+    split_lse,
 )
 
 __all__ = ["linear_token_logprobs_fwd", "linear_token_logprobs_bwd", "backward_plan", "BackwardPlan"]
@@ -479,17 +482,20 @@ def backward_plan(N: int, V: int, H: int, elem: int, hidden_fp32: bool, need_hid
     else:
         cols = cdiv(min(V, max(1024, H // 2)), 128) * 128
     acc_per_row = 4 * H if (need_hidden and not hidden_fp32) else 0
+    bias_fixed = 4 * V + 4 * cols if need_bias else 0  # float32 d bias and one chunk's column sums
+    bias_per_16_rows = 4 * cols if need_bias else 0  # per-row-block partial sums
     if need_weight or not need_hidden or N == 0:
         rows = N
     elif INTERPRET:
         rows = min(N, 32)
     else:
-        budget = _EXTRA_FRACTION * 4 * N * V
-        rows = int(budget // (cols * elem + acc_per_row)) // 128 * 128
+        budget = _EXTRA_FRACTION * 4 * N * V - bias_fixed
+        rows = int(budget // (cols * elem + acc_per_row + bias_per_16_rows / 16)) // 128 * 128
         rows = min(N, max(rows, _MIN_ROWS))
-    extra = rows * cols * elem + rows * acc_per_row
-    if need_bias:
-        extra += 4 * V + 4 * cols * cdiv(rows, 16)
+        if rows < N:  # equal chunks: never a last chunk of a few rows that re-reads all of W
+            k = cdiv(N, rows)
+            rows = cdiv(cdiv(N, k), 128) * 128
+    extra = rows * cols * elem + rows * acc_per_row + bias_fixed + bias_per_16_rows * cdiv(rows, 16)
     return BackwardPlan(n=N, rows=rows, cols=cols, extra_bytes=extra)
 
 
@@ -503,6 +509,7 @@ def _backward(grad_logprobs, grad_entropy, hidden, weight, bias, targets, lse, e
     with_entropy = not is_empty(grad_entropy)
     if with_entropy and is_empty(entropy):
         raise ValueError("linear_token_logprobs_bwd: grad_entropy given but the forward entropy is empty")
+    check_lse("linear_token_logprobs_bwd", lse)
     hidden_fp32 = hidden.dtype == torch.float32
     plan = backward_plan(N, V, H, weight.element_size(), hidden_fp32, need_hidden, need_weight, need_bias)
     rows, vc = plan.rows, plan.cols
@@ -525,6 +532,7 @@ def _backward(grad_logprobs, grad_entropy, hidden, weight, bias, targets, lse, e
     G = torch.empty(rows, vc, dtype=interp_store_dtype(weight.dtype), device=dev)
     dot_f32 = INTERPRET or hidden_fp32
     dbias_part = torch.empty(cdiv(rows, 16), vc, dtype=torch.float32, device=dev) if need_bias else gb32
+    dbias_chunk = torch.empty(vc, dtype=torch.float32, device=dev) if need_bias else gb32
     flags = dict(HAS_BIAS=bias is not None, WITH_ENTROPY=with_entropy, HAS_SCALE=scale is not None,
                  NEED_BIAS=need_bias, DOT_F32=dot_f32, GROUP_N=_GROUP_N)
 
@@ -553,7 +561,8 @@ def _backward(grad_logprobs, grad_entropy, hidden, weight, bias, targets, lse, e
             if need_hidden:
                 _acc_matmul(acc_r, Gc, weight[c0:c0 + width])
             if need_bias:
-                gb32[c0:c0 + width] += dbias_part[:cdiv(n, meta["BLOCK_N"]), :width].sum(0)
+                torch.sum(dbias_part[:cdiv(n, meta["BLOCK_N"]), :width], dim=0, out=dbias_chunk[:width])
+                gb32[c0:c0 + width].add_(dbias_chunk[:width])
         if need_hidden and plan.row_major and not hidden_fp32:
             gh[sl].copy_(acc_r)
 

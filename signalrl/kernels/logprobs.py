@@ -28,7 +28,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import empty_f32, interp_store_dtype, is_empty, next_pow2, split_lse
+from ._common import check_lse, empty_f32, interp_store_dtype, is_empty, next_pow2, split_lse
 
 __all__ = ["token_logprobs_fwd", "token_logprobs_bwd", "token_logprobs_bwd_inplace"]
 
@@ -182,6 +182,7 @@ def token_logprobs_fwd(
 
 
 def _launch_bwd(out, grad_logprobs, grad_entropy, logits, targets, lse, entropy, temperature, ignore_index):
+    check_lse("token_logprobs_bwd", lse)
     N, V = logits.shape
     if N == 0:
         return

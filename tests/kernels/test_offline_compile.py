@@ -155,6 +155,35 @@ def scenario_linear_logprobs():
         _linear_call("float32", 64, 64, 1024, True, True)
 
 
+def scenario_linear_frozen_head():
+    """The row-major backward of a frozen LM head (weight without gradient): row chunks of 128 rows and a partial
+    last one (a GPU's minimum chunk of 1024 rows lowered so a small problem takes this path), with and without bias,
+    bf16 and float32, log-probs and linear_ppo_loss."""
+    import torch
+
+    from signalrl import ops
+    from signalrl.kernels import linear_logprobs as LL
+
+    N, H, V = 200, 64, 1024
+    saved = LL._MIN_ROWS
+    LL._MIN_ROWS = 16
+    try:
+        assert LL.backward_plan(N, V, H, 2, False, True, False, False).row_major
+        with ops.use_backend("triton"):
+            for dt, has_bias in (("bfloat16", False), ("bfloat16", True), ("float32", False)):
+                t = torch.randint(0, V, (N,))
+                h, w = _t(N, H, dtype=dt, grad=True), _t(V, H, dtype=dt)
+                b = _t(V, dtype=dt, grad=True) if has_bias else None
+                lp, ent = ops.linear_token_logprobs(h, w, t, bias=b, return_entropy=True)
+                (lp.sum() + ent.sum()).backward()
+            old, adv, mask = _t(N), _t(N), torch.rand(N) > 0.2
+            h, w = _t(N, H, dtype="bfloat16", grad=True), _t(V, H, dtype="bfloat16")
+            loss = ops.linear_ppo_loss(h, w, t, old, adv, mask, entropy_coef=0.01)
+            (loss[0] if isinstance(loss, tuple) else loss).backward()
+    finally:
+        LL._MIN_ROWS = saved
+
+
 def scenario_linear_ppo():
     """linear_ppo_loss fwd + bwd: every KL estimator with a reference, none, dual clip, entropy bonus, bias."""
     import torch
@@ -195,12 +224,13 @@ def _given(name, kernel, sig, const, warps, stages):
 def _given_cases():
     f32, out = "*fp32", []
     for dt in ("bf16", "fp32"):
-        row = dict(logits_ptr="*" + dt, targets_ptr="*i64", lp_ptr=f32, ent_ptr=f32, lse_ptr=f32, V="i32",
+        row = dict(logits_ptr="*" + dt, targets_ptr="*i64", lp_ptr=f32, ent_ptr=f32, lse_ptr="*fp64", V="i32",
                    stride_row="i64", inv_temp="fp32", ignore_index="i32")
         out.append(_given(f"logprobs_fwd/{dt}", "logprobs:_token_logprobs_fwd_kernel", row,
                           dict(WITH_ENTROPY=True, BLOCK_V=8192), 16, 1))
-        bwd = dict(logits_ptr="*" + dt, out_ptr="*" + dt, targets_ptr="*i64", glp_ptr=f32, gent_ptr=f32, lse_ptr=f32,
-                   ent_ptr=f32, V="i32", stride_row="i64", stride_out="i64", inv_temp="fp32", ignore_index="i32")
+        bwd = dict(logits_ptr="*" + dt, out_ptr="*" + dt, targets_ptr="*i64", glp_ptr=f32, gent_ptr=f32,
+                   lse_ptr="*fp64", ent_ptr=f32, V="i32", stride_row="i64", stride_out="i64", inv_temp="fp32",
+                   ignore_index="i32")
         out.append(_given(f"logprobs_bwd/{dt}", "logprobs:_token_logprobs_bwd_kernel", bwd,
                           dict(WITH_ENTROPY=True, BLOCK_V=8192), 16, 1))
     dt = "*bf16"
@@ -210,10 +240,10 @@ def _given_cases():
                ignore_index="i32")
     out.append(_given("lse_partial/bf16", "linear_logprobs:_lse_partial_kernel", fwd,
                       dict(HAS_BIAS=True, WITH_ENTROPY=True, DOT_F32=False, GROUP_N=8, **tile), 8, 3))
-    merge = dict(m_ptr=f32, s_ptr=f32, t_ptr=f32, zt_ptr=f32, tgt_ptr="*i64", lp_ptr=f32, ent_ptr=f32, lse_ptr=f32,
-                 N="i32", V="i32", n_split="i32", ignore_index="i32")
+    merge = dict(m_ptr=f32, s_ptr=f32, t_ptr=f32, zt_ptr=f32, tgt_ptr="*i64", lp_ptr=f32, ent_ptr=f32,
+                 lse_ptr="*fp64", N="i32", V="i32", n_split="i32", ignore_index="i32")
     out.append(_given("merge", "linear_logprobs:_merge_kernel", merge, dict(WITH_ENTROPY=True, BLOCK=256), 4, 1))
-    grad = dict(x_ptr=dt, w_ptr=dt, b_ptr=dt, tgt_ptr="*i64", lse_ptr=f32, glp_ptr=f32, gent_ptr=f32, ent_ptr=f32,
+    grad = dict(x_ptr=dt, w_ptr=dt, b_ptr=dt, tgt_ptr="*i64", lse_ptr="*fp64", glp_ptr=f32, gent_ptr=f32, ent_ptr=f32,
                 scale_ptr=f32, g_ptr=dt, dbias_ptr=f32, N="i32", V="i32", H="i32", n_bucket="i32", c0="i32",
                 vc="i32", inv_temp="fp32", ignore_index="i32")
     out.append(_given("grad_chunk/bf16", "linear_logprobs:_grad_chunk_kernel", grad,

@@ -350,19 +350,39 @@ def test_backward_plan_meets_the_extra_memory_target_for_a_frozen_head(monkeypat
     for V in (128256, 151936, 262144):
         for N in (8192, 16384, 32768):
             logits = 4 * N * V
-            frozen = LL.backward_plan(N, V, H, 2, False, True, False, False)
-            assert frozen.row_major and frozen.rows % 128 == 0 and frozen.rows >= 1024
-            assert frozen.extra_bytes <= 0.01 * logits, (N, V, frozen)
+            for bias in (False, True):
+                frozen = LL.backward_plan(N, V, H, 2, False, True, False, bias)
+                assert frozen.row_major and frozen.rows % 128 == 0 and frozen.rows >= 1024
+                assert frozen.extra_bytes <= 0.01 * logits, (N, V, bias, frozen)
+                # even chunks: the last one is no sliver that re-reads all of W for a few rows
+                k = -(-N // frozen.rows)
+                assert N - (k - 1) * frozen.rows >= frozen.rows - 128 * k, (N, frozen)
             full = LL.backward_plan(N, V, H, 2, False, True, True, False)
             assert not full.row_major and full.cols % 128 == 0
             assert full.extra_bytes == 4 * N * H + 2 * N * full.cols
             assert full.extra_bytes <= (H / V + 0.01) * logits, (N, V, full)
             head_only = LL.backward_plan(N, V, H, 2, False, False, True, False)
             assert head_only.extra_bytes == 2 * N * head_only.cols <= 0.01 * logits
+    # N = 8200 would be 4 chunks of 2048 and one of 8 without evening out
+    odd = LL.backward_plan(8200, 128256, H, 2, False, True, False, False)
+    assert odd.rows == 1664 and 8200 - 4 * odd.rows == 1544
     # small problems: at least one GEMM-sized row chunk, never more than N rows
     small = LL.backward_plan(300, 32000, 256, 2, False, True, False, True)
     assert small.rows == 300 and not small.row_major
-    assert small.extra_bytes == 300 * small.cols * 2 + 300 * 4 * 256 + 4 * 32000 + 4 * small.cols * 19
+    assert small.extra_bytes == 300 * small.cols * 2 + 300 * 4 * 256 + 4 * 32000 + 4 * small.cols * (1 + 19)
 
 
 # The offline sm_90 compile of these kernels (no GPU needed) lives in tests/kernels/test_offline_compile.py.
+
+
+def test_backward_refuses_a_float32_lse():
+    """The contract's lse is float64; a float32 one (e.g. from an old caller) would silently cost precision."""
+    x = torch.randn(3, 50, device=DEV)
+    t = targets_for(3, 50, frac=0.0)
+    lp, ent, lse = TL.token_logprobs_fwd(x, t, 1.0, IGN, True)
+    with pytest.raises(TypeError, match="lse must be float64"):
+        TL.token_logprobs_bwd(lp, ent, x, t, lse.float(), ent, 1.0, IGN)
+    h, w, _ = _linear_inputs(3, 50, 16, torch.float32, False)
+    lp, ent, lse = LL.linear_token_logprobs_fwd(h, w, None, t, 1.0, IGN, True)
+    with pytest.raises(TypeError, match="lse must be float64"):
+        LL.linear_token_logprobs_bwd(lp, ent, h, w, None, t, lse.float(), ent, 1.0, IGN, True, True, False)
