@@ -35,6 +35,18 @@ KlEst kl_code(const char* fn, c10::string_view name) {
   TORCH_CHECK(false, fn, ": kl_estimator must be one of k1, k2, k3, abs, got '", name, "'");
 }
 
+// Σ_{n=0}^{8} (−d)^n / (n + K)!, by Horner from the last term: the tails of exp(−d) that k3 needs near d = 0,
+// k3 = d²·exp_tail<2>(d) and 1 − exp(−d) = d·exp_tail<1>(d) (truncated below 1e-9 relative for |d| < 1/2).
+template <int K>
+inline float exp_tail(float d) {
+  constexpr float kFactorial[] = {1.0f, 1.0f, 2.0f, 6.0f, 24.0f, 120.0f, 720.0f, 5040.0f, 40320.0f, 362880.0f,
+                                  3628800.0f};
+  constexpr int kTerms = 9;
+  float p = 1.0f / kFactorial[kTerms - 1 + K];
+  for (int n = kTerms - 2; n >= 0; --n) p = p * d + (n % 2 ? -1.0f : 1.0f) / kFactorial[n + K];
+  return p;
+}
+
 // KL estimate of d = lp − ref and its derivative in d, in float32 without branches (the loops vectorize).
 // k3: exp(−d) + d − 1 and 1 − exp(−d) cancel catastrophically near d = 0, where a policy close to its reference
 // lives, so for |d| < 1/2 their Taylor series are used, truncated below 1e-9 relative (as the Triton kernel does).
@@ -48,24 +60,8 @@ inline void kl_math_t(float d, float& kl, float& g) {
     g = d;
   } else if constexpr (E == KlEst::k3) {
     const float e = vexp(-d);
-    float p = 1.0f / 3628800.0f;  // k3 = d²·(1/2 − d/6 + d²/24 − …)
-    p = p * d - 1.0f / 362880.0f;
-    p = p * d + 1.0f / 40320.0f;
-    p = p * d - 1.0f / 5040.0f;
-    p = p * d + 1.0f / 720.0f;
-    p = p * d - 1.0f / 120.0f;
-    p = p * d + 1.0f / 24.0f;
-    p = p * d - 1.0f / 6.0f;
-    p = p * d + 0.5f;
-    float q = 1.0f / 362880.0f;  // 1 − exp(−d) = d·(1 − d/2 + d²/6 − …)
-    q = q * d - 1.0f / 40320.0f;
-    q = q * d + 1.0f / 5040.0f;
-    q = q * d - 1.0f / 720.0f;
-    q = q * d + 1.0f / 120.0f;
-    q = q * d - 1.0f / 24.0f;
-    q = q * d + 1.0f / 6.0f;
-    q = q * d - 0.5f;
-    q = q * d + 1.0f;
+    const float p = exp_tail<2>(d);
+    const float q = exp_tail<1>(d);
     const bool small = std::fabs(d) < 0.5f;
     kl = small ? d * d * p : e + d - 1.0f;
     g = small ? d * q : 1.0f - e;

@@ -521,9 +521,10 @@ def _backward(grad_logprobs, grad_entropy, hidden, weight, bias, targets, lse, e
         gh = acc = torch.zeros(N, H, dtype=torch.float32, device=dev)  # the output accumulates in place
     elif plan.row_major:
         gh = torch.empty_like(hidden)
-        acc = torch.empty(rows, H, dtype=torch.float32, device=dev)
+        acc = torch.empty(rows, H, dtype=torch.float32, device=dev)  # one row chunk's, reused
     else:
         gh = acc = torch.zeros(N, H, dtype=torch.float32, device=dev)  # cast to hidden's dtype at the end
+    chunk_acc = need_hidden and plan.row_major and not hidden_fp32
     if N == 0 or not (need_hidden or need_weight or need_bias):
         if need_weight:
             gw.zero_()
@@ -540,7 +541,7 @@ def _backward(grad_logprobs, grad_entropy, hidden, weight, bias, targets, lse, e
         n = min(rows, N - r0)
         sl = slice(r0, r0 + n)
         if need_hidden:
-            acc_r = acc[sl] if acc.shape[0] == N else acc[:n]
+            acc_r = acc[:n] if chunk_acc else acc[sl]
             if plan.row_major:
                 acc_r.zero_()
         h_r = hidden[sl]
@@ -563,7 +564,7 @@ def _backward(grad_logprobs, grad_entropy, hidden, weight, bias, targets, lse, e
             if need_bias:
                 torch.sum(dbias_part[:cdiv(n, meta["BLOCK_N"]), :width], dim=0, out=dbias_chunk[:width])
                 gb32[c0:c0 + width].add_(dbias_chunk[:width])
-        if need_hidden and plan.row_major and not hidden_fp32:
+        if chunk_acc:
             gh[sl].copy_(acc_r)
 
     if need_hidden and not hidden_fp32 and not plan.row_major:

@@ -40,6 +40,18 @@ def test_kl_penalty_values_and_grads(backend, dtype, estimator, shape):
     assert_close("d ref_logprobs", r.grad, rt.grad, dtype, baseline=rb.grad)
 
 
+def _k3_at(backend, d, lp0):
+    """k3 and its logprobs gradient on ``backend`` at lp − ref = d (lp = lp0), with the exact float64 d of the
+    float32 inputs: -> (kl, grad, dd)."""
+    lp = torch.full_like(d, lp0)
+    ref = lp - d
+    x = lp.clone().requires_grad_()
+    with use_backend(backend):
+        kl = ops.kl_penalty(x, ref, "k3")
+    kl.sum().backward()
+    return kl, x.grad, lp.double() - ref.double()
+
+
 @pytest.mark.parametrize("backend", [b for b in KL_BACKENDS if b != "reference"] or ["none"])
 def test_k3_has_no_cancellation_near_zero(backend):
     """k3 = exp(−d) + d − 1 ≈ d²/2 and its derivative 1 − exp(−d) ≈ d for small d: every element
@@ -48,16 +60,10 @@ def test_k3_has_no_cancellation_near_zero(backend):
         pytest.skip("no fast backend on this machine")
     mags = torch.logspace(-6, 0.6, 97)
     d = torch.cat([mags, -mags, torch.tensor([0.0, 0.49999, 0.5, -0.5, 0.50001])])
-    lp = torch.full_like(d, -1.0)
-    ref = lp - d
-    x = lp.clone().requires_grad_()
-    with use_backend(backend):
-        kl = ops.kl_penalty(x, ref, "k3")
-    kl.sum().backward()
-    dd = lp.double() - ref.double()  # the exact difference of the float32 inputs
+    kl, grad, dd = _k3_at(backend, d, -1.0)
     kl_t, g_t = torch.expm1(-dd) + dd, -torch.expm1(-dd)
     assert ((kl.double() - kl_t).abs() <= 1e-6 * kl_t.abs()).all()
-    assert ((x.grad.double() - g_t).abs() <= 1e-6 * g_t.abs()).all()
+    assert ((grad.double() - g_t).abs() <= 1e-6 * g_t.abs()).all()
 
 
 @pytest.mark.parametrize("backend", KL_BACKENDS)
@@ -65,18 +71,12 @@ def test_k3_far_from_the_reference_to_float32_overflow(backend):
     """k3 = exp(−d) + d − 1 for d down to where exp(−d) leaves float32 (−88.72): finite and within float32 rounding
     of the float64 value until then, inf after, as torch.exp; for large d, e^{−d} vanishes beside d."""
     d = torch.tensor([-88.0, -88.3, -88.5, -88.7, -88.75, -95.0, 50.0, 88.5, 103.0, 110.0])
-    lp = torch.full_like(d, -2.0)
-    ref = lp - d
-    x = lp.clone().requires_grad_()
-    with use_backend(backend):
-        kl = ops.kl_penalty(x, ref, "k3")
-    kl.sum().backward()
-    dd = lp.double() - ref.double()
+    kl, grad, dd = _k3_at(backend, d, -2.0)
     kl_t, g_t = torch.exp(-dd) + dd - 1, 1 - torch.exp(-dd)
     finite = kl_t < torch.finfo(torch.float32).max
     assert torch.isfinite(kl[finite]).all() and torch.isinf(kl[~finite]).all(), kl
     assert ((kl.double() - kl_t)[finite].abs() <= 1e-6 * kl_t[finite].abs()).all(), (kl, kl_t)
-    assert ((x.grad.double() - g_t)[finite].abs() <= 1e-6 * g_t[finite].abs()).all(), (x.grad, g_t)
+    assert ((grad.double() - g_t)[finite].abs() <= 1e-6 * g_t[finite].abs()).all(), (grad, g_t)
 
 
 @pytest.mark.parametrize("backend", KL_BACKENDS)
