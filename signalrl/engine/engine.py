@@ -17,6 +17,7 @@ from typing import Any, Callable
 
 import torch
 
+from . import limits
 from .models import load_base_model
 from .reference import ReferenceCache
 from .run import Run, RunConfig
@@ -39,24 +40,28 @@ def default_root_dir() -> str:
 
 
 class _Stats:
-    __slots__ = ("submitted", "completed", "failed", "wait_s", "exec_s", "running")
+    __slots__ = ("submitted", "completed", "failed", "cancelled", "wait_s", "exec_s", "running")
 
     def __init__(self) -> None:
-        self.submitted = self.completed = self.failed = 0
+        self.submitted = self.completed = self.failed = self.cancelled = 0
         self.wait_s = self.exec_s = 0.0
         self.running: str | None = None
 
 
 class Engine:
-    """``Engine(root_dir=None, reference_cache_size=2)``. ``root_dir`` holds one directory per run
-    (``metrics.jsonl``, ``checkpoints/``); default ``$SIGNAL_HOME`` or ``./runs``."""
+    """``Engine(root_dir=None, reference_cache_size=2, max_request_bytes=None)``. ``root_dir`` holds one
+    directory per run (``metrics.jsonl``, ``checkpoints/``); default ``$SIGNAL_HOME`` or ``./runs``.
+    ``max_request_bytes``: the per-request memory limit (:mod:`signalrl.engine.limits`); default
+    ``$SIGNAL_MAX_REQUEST_BYTES`` or half of this device's memory."""
 
     _default: "Engine | None" = None
     _default_lock = threading.Lock()
 
-    def __init__(self, root_dir: str | None = None, *, reference_cache_size: int = 2):
+    def __init__(self, root_dir: str | None = None, *, reference_cache_size: int = 2,
+                 max_request_bytes: int | None = None):
         self.root_dir = os.path.abspath(root_dir or default_root_dir())
-        self.reference_cache = ReferenceCache(lambda name, **kw: load_base_model(name, **kw)[0],
+        self.max_request_bytes = limits.resolve_max_request_bytes(max_request_bytes)
+        self.reference_cache = ReferenceCache(lambda name, **kw: load_base_model(name, arg="reference_model", **kw)[0],
                                               capacity=reference_cache_size)
         self._runs: dict[str, Run] = {}
         self._pending_ids: set[str] = set()
@@ -112,7 +117,12 @@ class Engine:
                 timing["total"] = t_end - t_submit
             return result
 
-        return self._worker(device).submit(task)
+        def cancelled() -> None:
+            if stats is not None:
+                with self._lock:
+                    stats.cancelled += 1
+
+        return self._worker(device).submit(task, key=run_id, on_cancel=cancelled)
 
     def _run(self, run_id: str) -> Run:
         with self._lock:
@@ -143,7 +153,7 @@ class Engine:
             cfg = RunConfig(**config)
             try:
                 cfg.validate()
-            except ValueError as exc:
+            except (ValueError, TypeError) as exc:
                 fut_err = exc
         if fut_err is not None:
             f: Future = Future()
@@ -154,12 +164,19 @@ class Engine:
         cfg.device = device
 
         def make() -> dict[str, Any]:
-            run = Run(run_id, cfg, run_dir=os.path.join(self.root_dir, run_id),
-                      reference_cache=self.reference_cache, device=device)
+            try:
+                run = Run(run_id, cfg, run_dir=os.path.join(self.root_dir, run_id),
+                          reference_cache=self.reference_cache, device=device,
+                          max_request_bytes=self.max_request_bytes)
+            finally:
+                with self._lock:
+                    self._pending_ids.discard(run_id)
             with self._lock:
                 self._runs[run_id] = run
             return run.info()
 
+        with self._lock:
+            self._pending_ids.add(run_id)
         return self._submit(device, run_id, "create_run", make)
 
     def list_runs(self) -> list[dict[str, Any]]:
@@ -175,19 +192,32 @@ class Engine:
         if op not in _OPS:
             raise ValueError(f"op: expected one of {sorted(_OPS)}, got {op!r}")
 
+        with self._lock:
+            known = run_id in self._runs or run_id in self._pending_ids
+        if not known:  # fails at once, and leaves no statistics behind for a run that does not exist
+            f: Future = Future()
+            try:
+                self._run(run_id)
+            except RunNotFoundError as exc:
+                f.set_exception(exc)
+            return f
+
         def call() -> Any:
             return getattr(self._run(run_id), op)(*args, **kwargs)
 
         return self._submit(self._device_of(run_id), run_id, op, call)
 
     def queue_stats(self, run_id: str | None = None) -> dict[str, Any]:
+        """Per-run request counts: ``submitted = completed + failed + cancelled + pending``."""
+        if run_id is not None:
+            self._run(run_id)  # RunNotFoundError for an unknown run
         with self._lock:
             items = [(run_id, self._stats.get(run_id, _Stats()))] if run_id is not None else list(self._stats.items())
         out = {}
         for rid, s in items:
             done = s.completed + s.failed
             out[rid] = {"submitted": s.submitted, "completed": s.completed, "failed": s.failed,
-                        "pending": s.submitted - done, "running": s.running,
+                        "cancelled": s.cancelled, "pending": s.submitted - done - s.cancelled, "running": s.running,
                         "mean_queue_wait_s": s.wait_s / done if done else 0.0,
                         "mean_exec_s": s.exec_s / done if done else 0.0}
         return out[run_id] if run_id is not None else out

@@ -37,7 +37,7 @@ BUILTIN_MODELS: dict[str, BuiltinModel] = {
 DEFAULT_BASE_MODEL = "signal-tiny"
 
 _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-           "float16": torch.float16, "fp16": torch.float16}
+           "float16": torch.float16, "fp16": torch.float16, "float64": torch.float64, "fp64": torch.float64}
 
 
 def resolve_dtype(dtype: Any) -> torch.dtype:
@@ -61,12 +61,13 @@ def builtin_config(name: str):
     )
 
 
-def load_base_model(name: str, *, dtype: Any = "float32", device: Any = "cpu", seed: int = 0
-                    ) -> tuple[torch.nn.Module, TokenizerAdapter]:
+def load_base_model(name: str, *, dtype: Any = "float32", device: Any = "cpu", seed: int = 0,
+                    arg: str = "base_model") -> tuple[torch.nn.Module, TokenizerAdapter]:
     """Load ``name`` as ``(AutoModelForCausalLM, tokenizer)``.
 
     ``name`` is a built-in (:data:`BUILTIN_MODELS`, initialized from ``seed``), a local model directory,
-    or a hub name already in the local cache (``local_files_only=True``: nothing is downloaded).
+    or a hub name already in the local cache (``local_files_only=True``: nothing is downloaded). ``arg`` is the
+    argument named in the error (``reference_model`` when a reference is loaded by name).
     """
     torch_dtype = resolve_dtype(dtype)
     if name in BUILTIN_MODELS:
@@ -89,7 +90,7 @@ def load_base_model(name: str, *, dtype: Any = "float32", device: Any = "cpu", s
     except (OSError, ValueError) as exc:
         where = "local directory" if os.path.isdir(name) else "name"
         raise ValueError(
-            f"base_model: could not load {name!r} ({where}) offline: {exc}. Use a built-in "
+            f"{arg}: could not load {name!r} ({where}) offline: {exc}. Use a built-in "
             f"({', '.join(BUILTIN_MODELS)}), a local model directory, or a hub model already in the local cache."
         ) from exc
     model.to(device)

@@ -11,6 +11,7 @@ call is removed again).
 """
 from __future__ import annotations
 
+import functools
 import math
 import os
 import time
@@ -20,7 +21,7 @@ from typing import Any, Sequence
 
 import torch
 
-from . import batching, checkpoint
+from . import batching, checkpoint, limits
 from .config import HEADS, RunConfig, _lr_lambda
 from .metrics import MetricsWriter
 from .models import BUILTIN_MODELS, load_base_model, resolve_dtype
@@ -38,6 +39,30 @@ def _float32_norms(grads: list[torch.Tensor]) -> list[torch.Tensor]:
     return [n.float() for n in torch._foreach_norm(grads, 2)]
 
 
+def _own_rng(method):
+    """Run ``method`` on the run's own torch RNG stream (CPU generator; on a CUDA run, that device's too)."""
+    @functools.wraps(method)
+    def wrapper(self, *args, **kwargs):
+        saved = torch.random.get_rng_state()
+        cuda = self.device.type == "cuda"
+        saved_cuda = torch.cuda.get_rng_state(self.device) if cuda else None
+        torch.random.set_rng_state(self._rng_state)
+        if cuda:
+            if self._cuda_rng_state is None:
+                torch.cuda.manual_seed(self.config.seed + 29)
+            else:
+                torch.cuda.set_rng_state(self._cuda_rng_state, self.device)
+        try:
+            return method(self, *args, **kwargs)
+        finally:
+            self._rng_state = torch.random.get_rng_state()
+            torch.random.set_rng_state(saved)
+            if cuda:
+                self._cuda_rng_state = torch.cuda.get_rng_state(self.device)
+                torch.cuda.set_rng_state(saved_cuda, self.device)
+    return wrapper
+
+
 def _losses():
     import signalrl.losses as losses
     from signalrl.losses import model as loss_model
@@ -47,8 +72,13 @@ def _losses():
 
 class Run:
     def __init__(self, run_id: str, config: RunConfig, *, run_dir: str, reference_cache: ReferenceCache,
-                 device: str):
+                 device: str, max_request_bytes: int | None = None):
         config.validate()
+        self.max_request_bytes = limits.resolve_max_request_bytes(max_request_bytes)
+        # The run's own stream of the global torch RNG (dropout, LoRA dropout included): seeded by config.seed,
+        # swapped in around every request, so a run is reproducible whatever else the process does.
+        self._rng_state = torch.Generator().manual_seed(config.seed + 23).get_state()
+        self._cuda_rng_state: torch.Tensor | None = None
         self.run_id = run_id
         self.config = config
         self.run_dir = run_dir
@@ -195,12 +225,18 @@ class Run:
         batch = batching.prepare_batch(batch_data, self.tokenizer, loss_fn=loss_fn, device=self.device,
                                        accepted_keys={f.key for f in spec.batch})
         spec.validate_batch(batch)
+        limits.check_request(self._base().config, self._element_size(), self.max_request_bytes,
+                             limits.batch_sequences(batch))
         return spec, kwargs, batch
+
+    def _element_size(self) -> int:
+        return torch.empty((), dtype=self.dtype).element_size()
 
     def _log(self, op: str, record: dict[str, Any]) -> None:
         self.metrics.write({"run_id": self.run_id, "op": op, "step": self.step, **record})
 
     # ------------------------------------------------------------------ requests
+    @_own_rng
     def forward_backward(self, batch_data: Any, loss_fn: str, loss_kwargs: dict | None = None
                          ) -> ForwardBackwardResult:
         t0 = time.perf_counter()
@@ -246,6 +282,7 @@ class Run:
         self.pending_grads += 1
         return self._loss_result(ForwardBackwardResult, "forward_backward", loss_fn, res, batch, t0, loss_value)
 
+    @_own_rng
     def forward(self, batch_data: Any, loss_fn: str, loss_kwargs: dict | None = None) -> ForwardResult:
         t0 = time.perf_counter()
         spec, kwargs, batch = self._prepare(batch_data, loss_fn, loss_kwargs)
@@ -276,9 +313,12 @@ class Run:
 
     def optim_step(self, learning_rate: float | None = None) -> OptimStepResult:
         t0 = time.perf_counter()
-        if learning_rate is not None and (not isinstance(learning_rate, (int, float)) or learning_rate < 0
-                                          or not math.isfinite(learning_rate)):
+        if learning_rate is not None and (not isinstance(learning_rate, (int, float)) or isinstance(learning_rate, bool)
+                                          or learning_rate < 0 or not math.isfinite(learning_rate)):
             raise ValueError(f"learning_rate: expected None or a finite number >= 0, got {learning_rate!r}")
+        if self.pending_grads == 0:
+            raise ValueError("optim_step: expected gradients accumulated by forward_backward since the last step, "
+                             "got none; the step and the schedule are unchanged")
         grads = [p.grad for _, p in self.trainable_parameters() if p.grad is not None]
         if grads:
             # Cached by a forward_backward that found no gradient accumulated: the norms of these gradients.
@@ -305,6 +345,7 @@ class Run:
         self._log("optim_step", {"grad_norm": grad_norm, "learning_rate": lr_used, "clipped": clipped})
         return result
 
+    @_own_rng
     def sample(self, prompts: Sequence[str | Sequence[int]], max_tokens: int = 32, temperature: float = 1.0,
                num_samples: int = 1, seed: int | None = None) -> SampleResult:
         t0 = time.perf_counter()
@@ -315,9 +356,13 @@ class Run:
             raise ValueError(f"max_tokens: expected an int >= 1, got {max_tokens!r}")
         if not isinstance(num_samples, int) or num_samples < 1:
             raise ValueError(f"num_samples: expected an int >= 1, got {num_samples!r}")
-        if not isinstance(temperature, (int, float)) or temperature < 0 or not math.isfinite(temperature):
+        if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or temperature < 0 \
+                or not math.isfinite(temperature):
             raise ValueError(f"temperature: expected a finite number >= 0, got {temperature!r}")
+        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**63):
+            raise ValueError(f"seed: expected None or an int in [0, 2**63), got {seed!r}")
         prompt_ids = [batching.encode_prompt(p, self.tokenizer, f"prompts[{i}]") for i, p in enumerate(prompts)]
+        self._check_prompts(prompt_ids, max_tokens, num_samples)
         generator = self.sampling_generator
         if seed is not None:
             generator = torch.Generator(device=self.device)
@@ -332,15 +377,44 @@ class Run:
         seqs = to_sequences(raw, prompt_ids, self.tokenizer.decode)
         return SampleResult(sequences=seqs, timing={"compute": time.perf_counter() - t0})
 
+    def _check_prompts(self, prompt_ids: list[list[int]], max_tokens: int, num_samples: int) -> None:
+        from signalrl.losses._values import model_limits
+
+        vocab, positions = model_limits(self._base())
+        for i, ids in enumerate(prompt_ids):
+            bad = [t for t in ids if not 0 <= t < (vocab or 2**63)]
+            if bad:
+                raise ValueError(f"prompts[{i}]: expected token ids in [0, {vocab}) (the model's vocabulary), "
+                                 f"got {bad[0]}")
+            if positions is not None and len(ids) + max_tokens > positions:
+                raise ValueError(f"max_tokens: expected prompt length + max_tokens <= {positions} (the model's "
+                                 f"max_position_embeddings), got {len(ids)} + {max_tokens} for prompts[{i}]")
+        longest = max(len(ids) for ids in prompt_ids) + max_tokens
+        limits.check_request(self._base().config, self._element_size(), self.max_request_bytes,
+                             [("prompts", len(prompt_ids) * num_samples, longest)], what="sample")
+
+    def _sequences(self, batch_data: Any, what: str) -> dict[str, Any]:
+        """A batch of plain sequences (``input_ids``/``attention_mask``), its values checked against the model."""
+        batch = batching.prepare_batch(batch_data, self.tokenizer, loss_fn=None, device=self.device)
+        if "input_ids" not in batch or "attention_mask" not in batch:
+            raise ValueError(f"{what}: batch_data must give sequences (input_ids/attention_mask, texts, "
+                             "or prompt/response pairs)")
+        from signalrl.losses._values import check_values, model_limits
+        from signalrl.losses.base import Field
+
+        vocab, positions = model_limits(self._base())
+        fields = (Field("input_ids", ("B", "T"), "int"), Field("attention_mask", ("B", "T"), "mask"))
+        check_values(what, fields, batch, vocab_size=vocab, max_positions=positions)
+        limits.check_request(self._base().config, self._element_size(), self.max_request_bytes,
+                             limits.batch_sequences(batch), what=what)
+        return batch
+
     def score(self, batch_data: Any) -> ScoreResult:
         """Scalar reward-head outputs for sequences (a reward-model run)."""
         if "reward" not in self.heads:
             raise ValueError("score: this run has no reward head (train it with loss_fn='reward_modeling' or "
                              "create it with reward_head=True)")
-        batch = batching.prepare_batch(batch_data, self.tokenizer, loss_fn=None, device=self.device)
-        if "input_ids" not in batch:
-            raise ValueError("score: batch_data must give sequences (input_ids/attention_mask, texts, "
-                             "or prompt/response pairs)")
+        batch = self._sequences(batch_data, "score")
         self.model.eval()
         try:
             with torch.no_grad():
@@ -350,7 +424,7 @@ class Run:
         return ScoreResult(rewards=[float(x) for x in r.float().tolist()])
 
     def compute_logprobs(self, batch_data: Any) -> LogprobsResult:
-        batch = batching.prepare_batch(batch_data, self.tokenizer, loss_fn=None, device=self.device)
+        batch = self._sequences(batch_data, "compute_logprobs")
         self.model.eval()
         try:
             with torch.no_grad():
@@ -374,6 +448,7 @@ class Run:
     def checkpoint_path(self, name: str) -> str:
         return os.path.join(self.run_dir, "checkpoints", name)
 
+    @_own_rng
     def save_state(self, name: str) -> CheckpointResult:
         if not isinstance(name, str) or not name or "/" in name or name.startswith("."):
             raise ValueError(f"name: expected a non-empty checkpoint name without '/' or a leading '.', got {name!r}")
@@ -386,6 +461,7 @@ class Run:
         self._log("save_state", {"name": name, "path": path})
         return CheckpointResult(name=name, path=path, step=self.step)
 
+    @_own_rng
     def load_state(self, name_or_path: str) -> CheckpointResult:
         path = name_or_path if os.path.isdir(name_or_path) else self.checkpoint_path(name_or_path)
         if not os.path.isdir(path):

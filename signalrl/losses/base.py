@@ -18,6 +18,8 @@ from typing import Any, Callable, Mapping
 import torch
 from torch import Tensor, nn
 
+from ._values import check_values, model_limits
+
 # --- result ---------------------------------------------------------------------------------
 
 
@@ -214,6 +216,18 @@ def number(lo: float | None = None, hi: float | None = None, *, lo_open=False, h
     return Check(ok, desc, lambda v: None if v is None else float(v))
 
 
+def integer(lo: int | None = None, *, optional=False) -> Check:
+    def ok(v):
+        if v is None:
+            return optional
+        if isinstance(v, bool) or not isinstance(v, int):
+            return False
+        return lo is None or v >= lo
+
+    desc = "an integer" + ("" if lo is None else f" ≥ {lo}") + (" or None" if optional else "")
+    return Check(ok, desc, lambda v: None if v is None else int(v))
+
+
 def boolean() -> Check:
     return Check(lambda v: isinstance(v, bool), "True or False")
 
@@ -331,6 +345,8 @@ class LossSpec:
             )
         data = self.validate_batch(batch)
         policy = as_policy(policy)
+        vocab, positions = model_limits(policy.base_model())
+        check_values(self.name, self.batch, data, vocab_size=vocab, max_positions=positions)
         computed = self.compute(policy, data, kw)
         metrics = dict(computed.metrics)
         metrics["loss"] = computed.loss.detach()

@@ -77,8 +77,13 @@ def test_failed_requests_leave_state_untouched(client, engine, sft_batch, lora_r
             assert_same(before, snapshot(run))
 
         # Non-finite loss: raises before any gradient is accumulated.
-        bad = [dict(ex, old_log_probs=[float("nan")] * len(ex["old_log_probs"])) for ex in good_ppo]
+        bad = [dict(ex, rewards=float("nan")) for ex in good_ppo]
         with pytest.raises(FloatingPointError):
+            await tc.forward_backward(bad, "enhanced_ppo")
+        assert_same(before, snapshot(run))
+        # NaN log-probs where they count: a named error before any compute.
+        bad = [dict(ex, old_log_probs=[float("nan")] * len(ex["old_log_probs"])) for ex in good_ppo]
+        with pytest.raises(ValueError, match="old_log_probs.*finite"):
             await tc.forward_backward(bad, "enhanced_ppo")
         assert_same(before, snapshot(run))
 
@@ -111,7 +116,7 @@ def test_failed_requests_leave_state_untouched(client, engine, sft_batch, lora_r
         return await tc.queue_stats()
 
     stats = asyncio.run(main())
-    assert stats["failed"] == 12 and stats["pending"] == 0
+    assert stats["failed"] == 13 and stats["pending"] == 0
 
 
 def test_unknown_run_is_raised_from_the_awaited_call(client, sft_batch):
