@@ -158,6 +158,11 @@ def _collate_sequences(examples: list[dict], tok: TokenizerAdapter, loss_fn: str
 
 def _collate_pairs(examples: list[dict], tok: TokenizerAdapter) -> dict[str, torch.Tensor]:
     out: dict[str, torch.Tensor] = {}
+    for i, ex in enumerate(examples):
+        missing = [k for k in ("chosen", "rejected") if k not in ex]
+        if missing:
+            raise ValueError(f"batch_data[{i}]: expected a preference pair with 'chosen' and 'rejected' "
+                             f"(+ optional 'prompt'), got keys {sorted(ex)} (missing {missing})")
     for side in ("chosen", "rejected"):
         sub = []
         for ex in examples:
@@ -175,6 +180,13 @@ def _collate_pairs(examples: list[dict], tok: TokenizerAdapter) -> dict[str, tor
 
 
 def _collate_groups(examples: list[dict], tok: TokenizerAdapter) -> dict[str, torch.Tensor]:
+    for i, ex in enumerate(examples):
+        if "prompt" not in ex:
+            raise ValueError(f"batch_data[{i}]: expected 'prompt' with 'responses' and 'rewards', got keys {sorted(ex)}")
+        rs = ex.get("responses")
+        if not isinstance(rs, (list, tuple)) or not rs:
+            raise ValueError(f"batch_data[{i}].responses: expected a non-empty list of responses (strings or "
+                             f"token-id lists), got {rs!r}")
     prompts = [encode_prompt(ex["prompt"], tok, f"batch_data[{i}].prompt") for i, ex in enumerate(examples)]
     S = len(examples[0]["responses"])
     resp, rewards, old = [], [], []

@@ -85,8 +85,9 @@ def load_base_model(name: str, *, dtype: Any = "float32", device: Any = "cpu", s
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     try:
-        model = AutoModelForCausalLM.from_pretrained(name, local_files_only=True, dtype=torch_dtype)
-        tok = AutoTokenizer.from_pretrained(name, local_files_only=True)
+        path = name if os.path.isdir(name) else _cached_snapshot(name)
+        model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True, dtype=torch_dtype)
+        tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
     except (OSError, ValueError) as exc:
         where = "local directory" if os.path.isdir(name) else "name"
         raise ValueError(
@@ -95,3 +96,14 @@ def load_base_model(name: str, *, dtype: Any = "float32", device: Any = "cpu", s
         ) from exc
     model.to(device)
     return model, TokenizerAdapter(tok)
+
+
+def _cached_snapshot(name: str) -> str:
+    """The local snapshot directory of a hub model already in the cache; never touches the network (a bare
+    ``from_pretrained(name, local_files_only=True)`` still probes the hub for adapter files)."""
+    from huggingface_hub import snapshot_download
+
+    try:
+        return snapshot_download(name, local_files_only=True)
+    except Exception as exc:  # noqa: BLE001 - every failure here means "not in the local cache"
+        raise OSError(f"not a local directory and not in the local Hugging Face cache ({type(exc).__name__})") from None
