@@ -1,6 +1,7 @@
 """Checks on a batch's *values* (the shapes and dtypes are :func:`signalrl.losses.base.validate_batch`'s):
 token ids inside the vocabulary, labels inside it or ``-100``, masks of 0 and 1, no empty dimension, sequences
-no longer than the model's positions, and log-probs finite and ≤ 0 wherever they count.
+no longer than the model's positions, floating values finite wherever they count (what a masked position holds
+is never read), and log-probs ≤ 0 there too.
 
 They run before the model, with one device→host transfer for the whole batch (a second one only to describe
 a failure), so a bad batch raises a ``ValueError`` naming the key, what was expected and what came — never an
@@ -55,15 +56,14 @@ def _counting_mask(key: str, pattern: tuple, data: dict[str, Tensor]) -> Tensor 
 
 
 def check_values(loss_name: str, fields, data: dict[str, Tensor], *, vocab_size: int | None,
-                 max_positions: int | None) -> None:
+                 max_positions: int | None, min_tokens: int = 1) -> None:
     """Raise ``ValueError`` for the first key whose values break the rules in the module docstring."""
     for f in fields:
         t = data.get(f.key)
         if isinstance(t, Tensor) and t.numel() == 0:
             raise ValueError(f"{loss_name}: batch[{f.key!r}]: expected at least one element in every dimension "
                              f"(a non-empty batch), got shape {list(t.shape)}")
-    if max_positions is not None:
-        _check_lengths(loss_name, data, max_positions)
+    _check_lengths(loss_name, data, max_positions, min_tokens)
 
     checks: list[tuple[str, str, Tensor, Callable[[], str]]] = []  # (key, expected, bad-mask, describe)
     for f in fields:
@@ -80,14 +80,16 @@ def check_values(loss_name: str, fields, data: dict[str, Tensor], *, vocab_size:
             bad = ((t < 0) | (t >= vocab_size)) & (t != IGNORE_INDEX)
             checks.append((f.key, f"token ids in [0, {vocab_size}) or {IGNORE_INDEX} (ignored)", bad,
                            lambda t=t, bad=bad: _first_bad(t, bad)))
-        elif f.kind == "float" and f.key.endswith("log_probs"):
-            pattern = f.patterns()[0] if len(f.patterns()) == 1 else None
+        elif f.kind == "float":
+            pattern = next((p for p in f.patterns() if len(p) == t.dim()), None)
             count = _counting_mask(f.key, pattern, data) if t.dim() > 1 else None
-            bad = ~torch.isfinite(t) | (t > LOGPROB_SLACK)
+            logprob = f.key.endswith("log_probs")
+            bad = ~torch.isfinite(t) | (t > LOGPROB_SLACK) if logprob else ~torch.isfinite(t)
             if count is not None:
                 bad = bad & count
-            where = " where they count" if count is not None else ""
-            checks.append((f.key, f"finite log-probabilities <= 0{where}", bad, lambda t=t, bad=bad: _first_bad(t, bad)))
+            expected = ("finite log-probabilities <= 0" if logprob else "finite values") + \
+                (" where they count (garbage is allowed where the mask is 0)" if count is not None else "")
+            checks.append((f.key, expected, bad, lambda t=t, bad=bad: _first_bad(t, bad)))
     if not checks:
         return
     flags = torch.stack([bad.any() for _, _, bad, _ in checks]).tolist()  # the one host sync
@@ -102,12 +104,15 @@ def _first_bad(t: Tensor, bad: Tensor) -> str:
     return f"{t[tuple(idx)].item()!r} at index {idx}" + (f" ({n} such entries)" if n > 1 else "")
 
 
-def _check_lengths(loss_name: str, data: dict[str, Any], max_positions: int) -> None:
+def _check_lengths(loss_name: str, data: dict[str, Any], max_positions: int | None, min_tokens: int) -> None:
     lengths = [(k, data[k].shape[-1]) for k in ("input_ids", "chosen_input_ids", "rejected_input_ids")
                if isinstance(data.get(k), Tensor)]
     if isinstance(data.get("prompt_ids"), Tensor) and isinstance(data.get("response_ids"), Tensor):
         lengths.append(("prompt_ids + response_ids", data["prompt_ids"].shape[-1] + data["response_ids"].shape[-1]))
     for key, n in lengths:
-        if n > max_positions:
+        if n < min_tokens:
+            raise ValueError(f"{loss_name}: batch[{key!r}]: expected sequences of at least {min_tokens} tokens "
+                             f"(a token and the next one it predicts), got {n}")
+        if max_positions is not None and n > max_positions:
             raise ValueError(f"{loss_name}: batch[{key!r}]: expected sequences of at most {max_positions} tokens "
                              f"(the model's max_position_embeddings), got {n}")
