@@ -147,7 +147,7 @@ async def _sft(client, rec: Recorder, cfg: Settings, rng: random.Random, out_dir
         pending = (fb, st)
     _report_sft(rec, bar, *[await f for f in pending])
     bar.close()
-    return await tc.export_model(os.path.join(out_dir, "sft_model"))
+    return await tc.export_model(os.path.join(out_dir, "sft_model"), overwrite=True)
 
 
 def _report_sft(rec: Recorder, bar, fb, st) -> None:

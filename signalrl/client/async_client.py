@@ -97,8 +97,8 @@ class TrainingClient:
     async def load_state_async(self, name: str) -> APIFuture[CheckpointResult]:
         return self._queue("load_state", name)
 
-    async def export_model_async(self, path: str) -> APIFuture[str]:
-        return self._queue("export_model", path)
+    async def export_model_async(self, path: str, overwrite: bool = False) -> APIFuture[str]:
+        return self._queue("export_model", path, overwrite=overwrite)
 
     # --- awaited results
     async def forward_backward(self, batch_data: Any, loss_fn: str, loss_kwargs: dict | None = None
@@ -134,9 +134,9 @@ class TrainingClient:
         """Restore a checkpoint of this run by name, or any compatible checkpoint by path."""
         return await (await self.load_state_async(name))
 
-    async def export_model(self, path: str) -> str:
+    async def export_model(self, path: str, overwrite: bool = False) -> str:
         """Write a Hugging Face model directory (LoRA merged) + tokenizer; usable as a ``base_model``."""
-        return await (await self.export_model_async(path))
+        return await (await self.export_model_async(path, overwrite))
 
     async def queue_stats(self) -> dict[str, Any]:
         """Submitted / completed / failed / pending requests and mean queue-wait and execution times."""

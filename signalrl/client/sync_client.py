@@ -77,8 +77,8 @@ class SyncTrainingClient:
     def load_state(self, name: str) -> APIFuture:
         return self._queue("load_state", name)
 
-    def export_model(self, path: str) -> APIFuture:
-        return self._queue("export_model", path)
+    def export_model(self, path: str, overwrite: bool = False) -> APIFuture:
+        return self._queue("export_model", path, overwrite=overwrite)
 
     def queue_stats(self) -> dict[str, Any]:
         return self.engine.queue_stats(self.run_id)

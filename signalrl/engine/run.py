@@ -52,13 +52,18 @@ def _own_rng(method):
                 torch.cuda.manual_seed(self.config.seed + 29)
             else:
                 torch.cuda.set_rng_state(self._cuda_rng_state, self.device)
+        ok = False
         try:
-            return method(self, *args, **kwargs)
+            result = method(self, *args, **kwargs)
+            ok = True
+            return result
         finally:
-            self._rng_state = torch.random.get_rng_state()
+            if ok:  # a failed request leaves the run's stream where it was, as it leaves everything else
+                self._rng_state = torch.random.get_rng_state()
+                if cuda:
+                    self._cuda_rng_state = torch.cuda.get_rng_state(self.device)
             torch.random.set_rng_state(saved)
             if cuda:
-                self._cuda_rng_state = torch.cuda.get_rng_state(self.device)
                 torch.cuda.set_rng_state(saved_cuda, self.device)
     return wrapper
 
@@ -91,6 +96,7 @@ class Run:
         self._grad_norms: list[torch.Tensor] | None = None  # per-tensor float32 norms of the accumulated grads
         self._trainable: list[tuple[str, torch.nn.Parameter]] | None = None  # cache; reset when heads change
         os.makedirs(run_dir, exist_ok=True)
+        checkpoint.clean_leftovers(os.path.join(run_dir, "checkpoints"))  # what an interrupted save left
 
         base, self.tokenizer = load_base_model(config.base_model, dtype=self.dtype, device=self.device,
                                                seed=config.seed)
@@ -446,90 +452,60 @@ class Run:
         return h.hexdigest()[:16]
 
     def checkpoint_path(self, name: str) -> str:
-        return os.path.join(self.run_dir, "checkpoints", name)
+        """``<run_dir>/checkpoints/<name>`` (a symlink to the checkpoint's current version directory)."""
+        return os.path.join(self.run_dir, "checkpoints", checkpoint.validate_name(name))
 
     @_own_rng
     def save_state(self, name: str) -> CheckpointResult:
-        if not isinstance(name, str) or not name or "/" in name or name.startswith("."):
-            raise ValueError(f"name: expected a non-empty checkpoint name without '/' or a leading '.', got {name!r}")
-        tensors = {n: p for n, p in self.trainable_parameters()}
+        """Save the run as checkpoint ``name`` (≤ 200 bytes, no ``/``, NUL or leading ``.``), atomically replacing
+        one of that name: whenever the process dies, the name is the previous or the new checkpoint. The format
+        and the guarantee: :mod:`signalrl.engine.checkpoint`."""
+        path = self.checkpoint_path(name)
         state = {"step": self.step, "heads": list(self.heads), "run_id": self.run_id,
                  "config": asdict(self.config), "lora": self.is_lora, "frozen_fingerprint": self.frozen_fingerprint()}
-        path = checkpoint.write_checkpoint(
-            self.checkpoint_path(name), tensors=tensors, optimizer=self.optimizer.state_dict(),
+        checkpoint.write_checkpoint(
+            path, tensors=dict(self.trainable_parameters()), optimizer=self.optimizer.state_dict(),
             scheduler=self.scheduler.state_dict(), rng=checkpoint.capture_rng(self.sampling_generator), state=state)
         self._log("save_state", {"name": name, "path": path})
         return CheckpointResult(name=name, path=path, step=self.step)
 
     @_own_rng
-    def load_state(self, name_or_path: str) -> CheckpointResult:
-        path = name_or_path if os.path.isdir(name_or_path) else self.checkpoint_path(name_or_path)
-        if not os.path.isdir(path):
-            raise ValueError(f"name: no checkpoint {name_or_path!r} (looked for {path!r})")
-        ckpt = checkpoint.read_checkpoint(path, self.device)
-        heads = ckpt["state"]["heads"]
-        if list(self.heads) != heads[:len(self.heads)]:
-            raise ValueError(f"checkpoint {path!r} has heads {heads}, this run has {list(self.heads)} "
-                             "(created in a different order)")
-        own = dict(self.trainable_parameters())
-        tensors = ckpt["tensors"]
-        expected = set(own) | {n for n in tensors if n.startswith("heads.")}
-        if set(tensors) != expected:
-            missing, extra = sorted(expected - set(tensors))[:5], sorted(set(tensors) - expected)[:5]
-            raise ValueError(f"checkpoint {path!r} does not match this run's trainable weights "
-                             f"(missing {missing}, unexpected {extra}); was it saved by a run with the same "
-                             "base model and LoRA settings?")
-        saved_fp = ckpt["state"].get("frozen_fingerprint")
-        if saved_fp is not None and saved_fp != self.frozen_fingerprint():
-            raise ValueError(f"checkpoint {path!r} was saved on different frozen base weights than this run's "
-                             f"(base_model {ckpt['state']['config'].get('base_model')!r}, seed "
-                             f"{ckpt['state']['config'].get('seed')}); create the run with the same base_model and "
-                             "seed")
-        created = []
-        try:
-            for kind in heads[len(self.heads):]:
-                self._create_head(kind)
-                created.append(kind)
-            own = dict(self.trainable_parameters())
-            for n, p in own.items():
-                if tensors[n].shape != p.shape:
-                    raise ValueError(f"checkpoint {path!r}: {n} has shape {tuple(tensors[n].shape)}, "
-                                     f"expected {tuple(p.shape)}")
-        except BaseException:
-            for kind in created:
-                self._drop_head(kind)
-            raise
-        with torch.no_grad():
-            for n, p in own.items():
-                p.copy_(tensors[n])
-        self.optimizer.load_state_dict(ckpt["optimizer"])
-        self.scheduler.load_state_dict(ckpt["scheduler"])
-        self.scheduler.lr_lambdas = [_lr_lambda(self.config)] * len(self.optimizer.param_groups)
-        checkpoint.restore_rng(ckpt["rng"], self.sampling_generator)
+    def load_state(self, name_or_path: str | os.PathLike) -> CheckpointResult:
+        """Restore a checkpoint, all or nothing.
+
+        ``name_or_path``: a string without a path separator is a checkpoint name of *this* run
+        (``<run_dir>/checkpoints/<name>``, never a directory of the current directory); one with a separator
+        (``./dir``, ``/abs/dir``) or an ``os.PathLike`` is a path to any compatible checkpoint (same
+        ``base_model``, LoRA settings and seed). Every file is read and checked (shapes, dtypes, finite values,
+        heads, base fingerprint, optimizer, scheduler and RNG states) before the run changes; a bad checkpoint
+        raises one ``ValueError`` naming the file, and the run is then exactly as before. Accumulated
+        gradients are dropped by a successful load."""
+        path = checkpoint.resolve(os.path.join(self.run_dir, "checkpoints"), name_or_path)
+        plan = checkpoint.plan_load(self, path)
+        checkpoint.apply_load(self, plan)
         self.optimizer.zero_grad(set_to_none=True)
         self.pending_grads = 0
         self._grad_norms = None
-        self.step = int(ckpt["state"]["step"])
+        self.step = plan.step
         self._log("load_state", {"path": path})
-        return CheckpointResult(name=os.path.basename(path), path=path, step=self.step)
+        return CheckpointResult(name=os.path.basename(os.path.normpath(path)), path=path, step=self.step)
 
-    def export_model(self, path: str) -> str:
+    def export_model(self, path: str, overwrite: bool = False) -> str:
         """Write a standalone Hugging Face model directory (LoRA merged) plus the tokenizer, loadable with
-        ``from_pretrained`` and usable as another run's ``base_model`` or as a ``reference_model``."""
+        ``from_pretrained`` and usable as another run's ``base_model`` or as a ``reference_model``.
+
+        ``path`` must be missing or an empty directory; ``overwrite=True`` replaces only a previous Signal
+        export (marked by ``signal_export.json``) that holds nothing else. Never deletes anything else."""
         import copy
 
-        model = self.model
-        if self.is_lora:
-            model = copy.deepcopy(self.model).merge_and_unload()
-        path = os.path.abspath(path)
-        tmp = f"{path}.tmp-export"
-        model.save_pretrained(tmp, safe_serialization=True)
-        self.tokenizer.save_pretrained(tmp)
-        if os.path.exists(path):
-            import shutil
+        from .export import export_dir
 
-            shutil.rmtree(path)
-        os.rename(tmp, path)
+        def write(tmp: str) -> None:
+            model = copy.deepcopy(self.model).merge_and_unload() if self.is_lora else self.model
+            model.save_pretrained(tmp, safe_serialization=True)
+            self.tokenizer.save_pretrained(tmp)
+
+        path = export_dir(path, write, overwrite=overwrite)
         self._log("export_model", {"path": path})
         return path
 

@@ -48,8 +48,8 @@ def test_resume_gives_identical_losses(client, optimizer):
     assert ck.step == 2 and loaded.step == 2 and info_b["step"] == 5 and info_b["heads"] == ["value"]
     assert resumed == straight  # tokens, losses, grad norms, learning rates: exactly equal
     assert rewound == straight
-    assert sorted(os.listdir(ck.path)) == ["optimizer.pt", "rng.pt", "scheduler.pt", "state.json",
-                                           "weights.safetensors"]
+    assert sorted(os.listdir(ck.path)) == ["optimizer.json", "optimizer.safetensors", "rng.json", "rng.safetensors",
+                                           "scheduler.json", "state.json", "weights.safetensors"]
     with open(os.path.join(ck.path, "state.json")) as f:
         assert json.load(f)["step"] == 2
 
