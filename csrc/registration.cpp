@@ -55,7 +55,8 @@ using OptT = std::optional<Tensor>;
 
 std::tuple<Tensor, Tensor, Tensor, Tensor> ppo_token_fwd_meta(
     const Tensor& logprobs, const Tensor&, const Tensor&, const Tensor&, const Tensor&, const OptT&,
-    const OptT& entropy, double, double, std::optional<double>, c10::string_view, double, double) {
+    const OptT& entropy, double, double, std::optional<double>, c10::string_view, double, double,
+    std::optional<double>) {
   const int64_t N = logprobs.size(0);
   const auto f32 = logprobs.options().dtype(at::kFloat);
   const bool has_ent = entropy.has_value() && entropy->defined() && entropy->numel() > 0;
@@ -79,7 +80,7 @@ Tensor kl_penalty_bwd_meta(const Tensor&, const Tensor& logprobs, const Tensor&,
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> linear_ppo_fwd_meta(
     const Tensor& hidden, const Tensor&, const OptT&, const Tensor&, const Tensor&, const Tensor&,
     const Tensor&, const Tensor&, const OptT&, double, int64_t, double, double, std::optional<double>,
-    c10::string_view, double, double entropy_coef) {
+    c10::string_view, double, double entropy_coef, std::optional<double>) {
   const int64_t N = hidden.size(0);
   const auto f32 = hidden.options().dtype(at::kFloat);
   return {at::empty({}, f32), at::empty({9}, f32), at::empty({N}, f32), at::empty({N}, f32),
@@ -118,8 +119,8 @@ TORCH_LIBRARY(signalrl_native, m) {
   m.def(
       "ppo_token_fwd(Tensor logprobs, Tensor old_logprobs, Tensor advantages, Tensor weights, "
       "Tensor mask, Tensor? ref_logprobs, Tensor? entropy, float clip_low, float clip_high, "
-      "float? dual_clip, str kl_estimator, float kl_coef, float entropy_coef) "
-      "-> (Tensor, Tensor, Tensor, Tensor)");
+      "float? dual_clip, str kl_estimator, float kl_coef, float entropy_coef, "
+      "float? log_ratio_clamp=None) -> (Tensor, Tensor, Tensor, Tensor)");
   m.def(
       "value_loss_fwd(Tensor values, Tensor old_values, Tensor returns, Tensor weights, Tensor mask, "
       "float? clip) -> (Tensor, Tensor, Tensor)");
@@ -130,7 +131,8 @@ TORCH_LIBRARY(signalrl_native, m) {
       "linear_ppo_fwd(Tensor hidden, Tensor weight, Tensor? bias, Tensor targets, Tensor old_logprobs, "
       "Tensor advantages, Tensor weights, Tensor mask, Tensor? ref_logprobs, float temperature, "
       "int ignore_index, float clip_low, float clip_high, float? dual_clip, str kl_estimator, "
-      "float kl_coef, float entropy_coef) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
+      "float kl_coef, float entropy_coef, float? log_ratio_clamp=None) "
+      "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
   m.def(
       "linear_ppo_bwd(Tensor grad_loss, Tensor g_lp, Tensor g_ent, Tensor hidden, Tensor weight, "
       "Tensor? bias, Tensor targets, Tensor lse, Tensor entropy, float temperature, int ignore_index, "

@@ -320,14 +320,18 @@ def _opt_vec(t: torch.Tensor | None) -> torch.Tensor | None:
     return None if t is None or t.numel() == 0 else t
 
 
+def _opt_float(x) -> float | None:
+    return None if x is None else float(x)
+
+
 def ppo_token_fwd(logprobs, old_logprobs, advantages, weights, mask, ref_logprobs, entropy, clip_low, clip_high,
-                  dual_clip, kl_estimator, kl_coef, entropy_coef):
+                  dual_clip, kl_estimator, kl_coef, entropy_coef, log_ratio_clamp=None):
     """[N] vectors (float, read as f32) → (loss [] f32, grad_logprobs [N] f32, grad_entropy [N] f32 | empty,
     stats [9] f32); ref_logprobs / entropy None or empty when absent."""
     return _ops().ppo_token_fwd(
         logprobs, old_logprobs, advantages, weights, mask, _opt_vec(ref_logprobs), _opt_vec(entropy),
-        float(clip_low), float(clip_high), None if dual_clip is None else float(dual_clip), str(kl_estimator),
-        float(kl_coef), float(entropy_coef),
+        float(clip_low), float(clip_high), _opt_float(dual_clip), str(kl_estimator),
+        float(kl_coef), float(entropy_coef), _opt_float(log_ratio_clamp),
     )
 
 
@@ -347,12 +351,13 @@ def kl_penalty_bwd(grad_kl, logprobs, ref_logprobs, estimator):
 
 
 def linear_ppo_fwd(hidden, weight, bias, targets, old_logprobs, advantages, weights, mask, ref_logprobs,
-                   temperature, ignore_index, clip_low, clip_high, dual_clip, kl_estimator, kl_coef, entropy_coef):
+                   temperature, ignore_index, clip_low, clip_high, dual_clip, kl_estimator, kl_coef, entropy_coef,
+                   log_ratio_clamp=None):
     """→ (loss [] f32, stats [9] f32, logprobs, entropy, lse, g_lp [N] f32, g_ent [N] f32 | empty)."""
     return _ops().linear_ppo_fwd(
         hidden, weight, bias, targets, old_logprobs, advantages, weights, mask, _opt_vec(ref_logprobs),
         float(temperature), int(ignore_index), float(clip_low), float(clip_high),
-        None if dual_clip is None else float(dual_clip), str(kl_estimator), float(kl_coef), float(entropy_coef),
+        _opt_float(dual_clip), str(kl_estimator), float(kl_coef), float(entropy_coef), _opt_float(log_ratio_clamp),
     )
 
 

@@ -36,12 +36,14 @@ std::tuple<at::Tensor, at::Tensor> gae_fwd(const at::Tensor& rewards, const at::
                                            const at::Tensor& mask, const at::Tensor& last_values,
                                            double gamma, double lam);
 
-// family ppo: per-token PPO epilogue, clipped value loss, KL estimators (csrc/cpu/ppo.cpp)
+// family ppo: per-token PPO epilogue, clipped value loss, KL estimators (csrc/cpu/ppo.cpp).
+// The mask selects: per-token inputs are read as 0 where mask == 0, whatever they hold.
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> ppo_token_fwd(
     const at::Tensor& logprobs, const at::Tensor& old_logprobs, const at::Tensor& advantages,
     const at::Tensor& weights, const at::Tensor& mask, const std::optional<at::Tensor>& ref_logprobs,
     const std::optional<at::Tensor>& entropy, double clip_low, double clip_high,
-    std::optional<double> dual_clip, c10::string_view kl_estimator, double kl_coef, double entropy_coef);
+    std::optional<double> dual_clip, c10::string_view kl_estimator, double kl_coef, double entropy_coef,
+    std::optional<double> log_ratio_clamp);
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> value_loss_fwd(
     const at::Tensor& values, const at::Tensor& old_values, const at::Tensor& returns,
@@ -59,7 +61,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     const at::Tensor& targets, const at::Tensor& old_logprobs, const at::Tensor& advantages,
     const at::Tensor& weights, const at::Tensor& mask, const std::optional<at::Tensor>& ref_logprobs,
     double temperature, int64_t ignore_index, double clip_low, double clip_high,
-    std::optional<double> dual_clip, c10::string_view kl_estimator, double kl_coef, double entropy_coef);
+    std::optional<double> dual_clip, c10::string_view kl_estimator, double kl_coef, double entropy_coef,
+    std::optional<double> log_ratio_clamp);
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_ppo_bwd(
     const at::Tensor& grad_loss, const at::Tensor& g_lp, const at::Tensor& g_ent, const at::Tensor& hidden,

@@ -12,12 +12,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     const at::Tensor& targets, const at::Tensor& old_logprobs, const at::Tensor& advantages,
     const at::Tensor& weights, const at::Tensor& mask, const std::optional<at::Tensor>& ref_logprobs,
     double temperature, int64_t ignore_index, double clip_low, double clip_high,
-    std::optional<double> dual_clip, c10::string_view kl_estimator, double kl_coef, double entropy_coef) {
+    std::optional<double> dual_clip, c10::string_view kl_estimator, double kl_coef, double entropy_coef,
+    std::optional<double> log_ratio_clamp) {
   auto [lp, ent, lse] =
       linear_token_logprobs_fwd(hidden, weight, bias, targets, temperature, ignore_index, true);
   auto [loss, g_lp, g_ent, stats] =
       ppo_token_fwd(lp, old_logprobs, advantages, weights, mask, ref_logprobs, ent, clip_low, clip_high,
-                    dual_clip, kl_estimator, kl_coef, entropy_coef);
+                    dual_clip, kl_estimator, kl_coef, entropy_coef, log_ratio_clamp);
   if (entropy_coef == 0.0) g_ent = at::empty({0}, lp.options());
   return {loss, stats, lp, ent, lse, g_lp, g_ent};
 }

@@ -4,6 +4,8 @@
 // ties of max/min split the gradient in halves, clamp passes it on its closed interval; approx_kl's ρ − 1 − log ρ
 // is formed in float64), sums in float64;
 // the KL estimators branch-free in float32 so their loops vectorize.
+// The mask selects: every per-token input is read as 0 where mask == 0 (a ternary, never a product with the mask,
+// since NaN·0 = NaN), so whatever a masked position holds, results equal those with zeros there.
 // Statistics are partial sums over fixed chunks of kChunk tokens, merged in chunk order: the result does not
 // depend on the number of threads. Memory: the outputs plus float64 partials, 16 per chunk.
 #include <ATen/Parallel.h>
@@ -137,7 +139,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> ppo_token_fwd(
     const at::Tensor& weights_in, const at::Tensor& mask_in, const std::optional<at::Tensor>& ref_in,
     const std::optional<at::Tensor>& ent_in, double clip_low, double clip_high,
     std::optional<double> dual_clip, c10::string_view kl_estimator, double kl_coef,
-    double entropy_coef) {
+    double entropy_coef, std::optional<double> log_ratio_clamp) {
   constexpr const char* fn = "ppo_token_fwd";
   TORCH_CHECK(logprobs_in.dim() == 1, fn, ": logprobs must be [N], got shape ", logprobs_in.sizes());
   const int64_t N = logprobs_in.size(0);
@@ -167,6 +169,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> ppo_token_fwd(
   const float lo = static_cast<float>(1.0 - clip_low), hi = static_cast<float>(1.0 + clip_high);
   const float dual = static_cast<float>(dual_clip.value_or(0.0));
   const float klc = static_cast<float>(kl_coef), entc = static_cast<float>(entropy_coef);
+  const bool has_lr_clamp = log_ratio_clamp.has_value();
+  const float lr_c = static_cast<float>(log_ratio_clamp.value_or(0.0));
 
   enum { LOSS, PG, CNT, CLIP, DUAL, AKL, RATIO, RMIN, RMAX, KL, ENT, NCOL };
   const int64_t C = chunks_of(N);
@@ -177,32 +181,40 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> ppo_token_fwd(
       row[RMIN] = kInf;
       row[RMAX] = -kInf;
       for (int64_t i = c * kChunk, end = std::min(N, (c + 1) * kChunk); i < end; ++i) {
-        const float log_ratio = lp[i] - old[i];
+        const bool sel = m[i] != 0.0f;
+        const float lpi = sel ? lp[i] : 0.0f, oldi = sel ? old[i] : 0.0f, a = sel ? adv[i] : 0.0f;
+        float log_ratio = lpi - oldi;
+        // torch.clamp: the gradient passes on the closed interval only
+        const bool lr_free = !has_lr_clamp || (log_ratio >= -lr_c && log_ratio <= lr_c);
+        if (has_lr_clamp) log_ratio = nan_clamp(log_ratio, -lr_c, lr_c);
         const float ratio = std::exp(log_ratio);
-        const float unclipped = -adv[i] * ratio;
-        const float clipped = -adv[i] * nan_clamp(ratio, lo, hi);
+        const float r = a == 0.0f ? 1.0f : ratio;  // A = 0: ℓ_pg = −0·1 = 0, no gradient, whatever ρ (no 0·inf)
+        const float unclipped = -a * r;
+        const float clipped = -a * nan_clamp(r, lo, hi);
         const float g_un = unclipped;  // ∂(−A·ρ)/∂lp
-        const float g_cl = (ratio >= lo && ratio <= hi) ? g_un : 0.0f;
+        const float g_cl = (r >= lo && r <= hi) ? g_un : 0.0f;
         float pg = nan_max(unclipped, clipped);
         float g = unclipped > clipped ? g_un : (clipped > unclipped ? g_cl : 0.5f * (g_un + g_cl));
         bool dual_flag = false;
-        if (has_dual && adv[i] < 0) {
-          const float bound = -adv[i] * dual;
+        if (has_dual && a < 0) {
+          const float bound = -a * dual;
           dual_flag = pg > bound;
           g = pg < bound ? g : (pg > bound ? 0.0f : 0.5f * g);
           pg = nan_min(pg, bound);
         }
+        if (!lr_free) g = 0.0f;
         float loss = pg, kl = 0.0f;
         if (has_ref) {  // a zero coefficient drops the term, as the reference does (0·inf would be NaN)
           float g_kl;
-          kl_math(lp[i] - ref[i], est, kl, g_kl);
+          kl_math(lpi - (sel ? ref[i] : 0.0f), est, kl, g_kl);
           if (klc != 0.0f) {
             loss += klc * kl;
             g += klc * g_kl;
           }
         }
+        const float enti = has_ent && sel ? ent[i] : 0.0f;
         if (has_ent) {
-          if (entc != 0.0f) loss -= entc * ent[i];
+          if (entc != 0.0f) loss -= entc * enti;
           g_ent[i] = w[i] * -entc;
         }
         g_lp[i] = w[i] * g;
@@ -219,7 +231,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> ppo_token_fwd(
           row[RMAX] = sticky_max(row[RMAX], ratio);
         }
         if (has_ref) row[KL] += mi * kl;
-        if (has_ent) row[ENT] += mi * ent[i];
+        if (has_ent) row[ENT] += mi * enti;
       }
     }
   });
@@ -280,13 +292,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> value_loss_fwd(
     for (int64_t c = c0; c < c1; ++c) {
       double* row = part.data() + c * NCOL;
       for (int64_t i = c * kChunk, end = std::min(N, (c + 1) * kChunk); i < end; ++i) {
-        const float diff = v[i] - ret[i];
+        const bool sel = m[i] != 0.0f;
+        const float vi = sel ? v[i] : 0.0f, ri = sel ? ret[i] : 0.0f;
+        const float diff = vi - ri;
         const float err = diff * diff;
         float loss, g;
         bool flag = false;
         if (has_clip) {
-          const float dv = v[i] - old[i];
-          const float dc = (old[i] + nan_clamp(dv, -clip, clip)) - ret[i];
+          const float oi = sel ? old[i] : 0.0f;
+          const float dv = vi - oi;
+          const float dc = (oi + nan_clamp(dv, -clip, clip)) - ri;
           const float err_c = dc * dc;
           const float g_c = (dv >= -clip && dv <= clip) ? dc : 0.0f;
           loss = 0.5f * nan_max(err, err_c);
@@ -301,9 +316,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> value_loss_fwd(
         row[LOSS] += static_cast<double>(w[i]) * loss;
         row[CNT] += mi;
         row[CLIP] += mi * (flag ? 1.0 : 0.0);
-        row[SV] += mi * v[i];
-        row[SR] += mi * ret[i];
-        row[SE] += mi * (ret[i] - v[i]);
+        row[SV] += mi * vi;
+        row[SR] += mi * ri;
+        row[SE] += mi * (ri - vi);
       }
     }
   });
@@ -317,7 +332,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> value_loss_fwd(
     for (int64_t c = c0; c < c1; ++c) {
       double ssr = 0.0, sse = 0.0;
       for (int64_t i = c * kChunk, end = std::min(N, (c + 1) * kChunk); i < end; ++i) {
-        const double dr = ret[i] - mean_r, de = static_cast<double>(ret[i] - v[i]) - mean_e;
+        const bool sel = m[i] != 0.0f;
+        const float vi = sel ? v[i] : 0.0f, ri = sel ? ret[i] : 0.0f;
+        const double dr = ri - mean_r, de = static_cast<double>(ri - vi) - mean_e;
         ssr += m[i] * dr * dr;
         sse += m[i] * de * de;
       }

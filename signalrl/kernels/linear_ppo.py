@@ -11,7 +11,7 @@ host sync): the logits tiles are recomputed and d hidden, d weight, d bias come 
     linear_ppo_fwd(hidden[N,H], weight[V,H], bias[V] | None, targets[N] int64, old_logprobs[N] f32,
                    advantages[N] f32, weights[N] f32, mask[N] f32 (0/1, counted tokens), ref_logprobs[N] f32 | empty,
                    temperature, ignore_index, clip_low, clip_high, dual_clip | None, kl_estimator, kl_coef,
-                   entropy_coef)
+                   entropy_coef, log_ratio_clamp | None = None)
         -> (loss[] f32, stats[9] f32 (signalrl.kernels.ppo.PPO_STAT_KEYS order), logprobs[N] f32, entropy[N] f32,
             lse[N] f64, g_lp[N] f32, g_ent[N] f32 | empty (empty when entropy_coef == 0))
     linear_ppo_bwd(grad_loss[] f32, g_lp, g_ent | empty, hidden, weight, bias | None, targets, lse, entropy,
@@ -33,13 +33,14 @@ __all__ = ["linear_ppo_fwd", "linear_ppo_bwd", "PPO_STAT_KEYS"]
 
 
 def linear_ppo_fwd(hidden, weight, bias, targets, old_logprobs, advantages, weights, mask, ref_logprobs,
-                   temperature, ignore_index, clip_low, clip_high, dual_clip, kl_estimator, kl_coef, entropy_coef):
+                   temperature, ignore_index, clip_low, clip_high, dual_clip, kl_estimator, kl_coef, entropy_coef,
+                   log_ratio_clamp=None):
     lp, ent, lse = linear_token_logprobs_fwd(hidden, weight, bias, targets, temperature, ignore_index, True)
     ref = None if is_empty(ref_logprobs) else ref_logprobs
     loss, g_lp, g_ent, stats = ppo_token_fwd(
         lp, old_logprobs, advantages, weights, mask, ref, ent,
         float(clip_low), float(clip_high), None if dual_clip is None else float(dual_clip),
-        kl_estimator, float(kl_coef), float(entropy_coef),
+        kl_estimator, float(kl_coef), float(entropy_coef), log_ratio_clamp,
     )
     if not entropy_coef:
         g_ent = empty_f32(hidden.device)

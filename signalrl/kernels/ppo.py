@@ -10,16 +10,19 @@ one-program kernel reduces the ``[programs, columns]`` table to the loss and the
 (no host sync; deterministic: no atomics; two launches in all).
 
 Kernel functions (all 1-D contiguous ``[N]`` tensors; float32, bfloat16 or float16 inputs are
-read as float32; ``weights`` and ``mask`` are float32 with mask 0/1; "empty" = a 0-element tensor)::
+read as float32; ``weights`` and ``mask`` are float32 with mask 0/1; "empty" = a 0-element tensor).
+The mask *selects*: every per-token input is read as 0 where mask = 0 (``tl.where``, never a product with
+the mask), so whatever a masked position holds (NaN, ±inf) the results are those with zeros there::
 
     ppo_token_fwd(logprobs, old_logprobs, advantages, weights, mask,
                   ref_logprobs | None | empty, entropy | None | empty,
                   clip_low: float, clip_high: float, dual_clip: float | None,
-                  kl_estimator: str, kl_coef: float, entropy_coef: float)
+                  kl_estimator: str, kl_coef: float, entropy_coef: float, log_ratio_clamp: float | None = None)
         -> (loss[] f32, grad_logprobs[N] f32, grad_entropy[N] f32 | empty, stats[9] f32)
 
-      ratio ρ = exp(lp − old); ℓ_pg = max(−A·ρ, −A·clip(ρ, 1−clip_low, 1+clip_high));
-      dual-clip c: where A < 0, ℓ_pg = min(ℓ_pg, −A·c);
+      log ρ = lp − old, clamped to [−c, c] for log_ratio_clamp c (no gradient where the clamp is active);
+      ρ = exp(log ρ); ℓ_pg = max(−A·ρ, −A·clip(ρ, 1−clip_low, 1+clip_high)), and ℓ_pg = 0 with zero gradient
+      where A = 0 (whatever ρ: no 0·inf); dual-clip c: where A < 0, ℓ_pg = min(ℓ_pg, −A·c);
       ℓ = ℓ_pg + kl_coef·KL_est(lp − ref) [if ref given] − entropy_coef·H [if entropy given].
       grad_logprobs = w·∂ℓ/∂lp, grad_entropy = w·∂ℓ/∂H = −entropy_coef·w. Ties of max/min split the
       gradient in halves and clamp passes it on its closed interval, exactly like torch autograd.
@@ -43,8 +46,8 @@ read as float32; ``weights`` and ``mask`` are float32 with mask 0/1; "empty" = a
 Device functions for other kernels' epilogues (``linear_ppo_loss`` calls them on register tiles)::
 
     _kl_math(d, KL_EST) -> (kl, dkl/dd)                       KL_EST = KL_CODES[estimator]
-    _ppo_token_math(lp, old, adv, ref, ent, clip_low, clip_high, dual_clip, kl_coef, entropy_coef,
-                    HAS_DUAL, HAS_REF, KL_EST, HAS_ENT)
+    _ppo_token_math(lp, old, adv, ref, ent, clip_low, clip_high, dual_clip, kl_coef, entropy_coef, lr_clamp,
+                    HAS_DUAL, HAS_REF, KL_EST, HAS_ENT, HAS_LR_CLAMP)
         -> (loss, pg_loss, g_lp, g_ent, ratio, approx_kl, clip_flag, dual_flag, kl)   per token, unweighted
     _value_token_math(v, old, ret, clip, HAS_CLIP) -> (loss, g_v, clip_flag)       per token, unweighted
 
@@ -114,18 +117,23 @@ def _kl_math(d, KL_EST: tl.constexpr):
 
 @triton.jit
 def _ppo_token_math(
-    lp, old, adv, ref, ent, clip_low, clip_high, dual_clip, kl_coef, entropy_coef,
+    lp, old, adv, ref, ent, clip_low, clip_high, dual_clip, kl_coef, entropy_coef, lr_clamp,
     HAS_DUAL: tl.constexpr, HAS_REF: tl.constexpr, KL_EST: tl.constexpr, HAS_ENT: tl.constexpr,
+    HAS_LR_CLAMP: tl.constexpr,
 ):
     """Per-token PPO loss and its derivatives (unweighted); see the module docstring."""
     log_ratio = lp - old
+    if HAS_LR_CLAMP:
+        lr_free = (log_ratio >= -lr_clamp) & (log_ratio <= lr_clamp)  # torch.clamp passes the gradient here
+        log_ratio = tl.clamp(log_ratio, -lr_clamp, lr_clamp, propagate_nan=tl.PropagateNan.ALL)
     ratio = tl.exp(log_ratio)
+    r = tl.where(adv == 0.0, 1.0, ratio)  # A = 0: ℓ_pg = −0·1 = 0 and no gradient, whatever ρ (no 0·inf)
     lo = 1.0 - clip_low
     hi = 1.0 + clip_high
-    unclipped = -adv * ratio
-    clipped = -adv * tl.clamp(ratio, lo, hi, propagate_nan=tl.PropagateNan.ALL)
+    unclipped = -adv * r
+    clipped = -adv * tl.clamp(r, lo, hi, propagate_nan=tl.PropagateNan.ALL)
     g_un = unclipped  # ∂(−A·ρ)/∂lp = −A·ρ
-    g_cl = tl.where((ratio >= lo) & (ratio <= hi), g_un, 0.0)
+    g_cl = tl.where((r >= lo) & (r <= hi), g_un, 0.0)
     pg = tl.maximum(unclipped, clipped, propagate_nan=tl.PropagateNan.ALL)
     g_lp = tl.where(unclipped > clipped, g_un, tl.where(clipped > unclipped, g_cl, 0.5 * (g_un + g_cl)))
     clip_flag = clipped > unclipped
@@ -137,6 +145,8 @@ def _ppo_token_math(
         pg = tl.where(neg, tl.minimum(pg, bound, propagate_nan=tl.PropagateNan.ALL), pg)
     else:
         dual_flag = tl.zeros(lp.shape, tl.int1)
+    if HAS_LR_CLAMP:
+        g_lp = tl.where(lr_free, g_lp, 0.0)
     loss = pg
     if HAS_REF:  # a zero coefficient drops the term, as the reference does (0·inf would be NaN)
         kl, g_kl = _kl_math(lp - ref, KL_EST)
@@ -179,9 +189,9 @@ def _value_token_math(v, old, ret, clip, HAS_CLIP: tl.constexpr):
 @triton.jit
 def _ppo_fwd_kernel(
     lp_ptr, old_ptr, adv_ptr, w_ptr, m_ptr, ref_ptr, ent_ptr, g_lp_ptr, g_ent_ptr, part_ptr,
-    N, blocks_per_prog, clip_low, clip_high, dual_clip, kl_coef, entropy_coef,
+    N, blocks_per_prog, clip_low, clip_high, dual_clip, kl_coef, entropy_coef, lr_clamp,
     HAS_DUAL: tl.constexpr, HAS_REF: tl.constexpr, KL_EST: tl.constexpr, HAS_ENT: tl.constexpr,
-    BLOCK: tl.constexpr,
+    HAS_LR_CLAMP: tl.constexpr, BLOCK: tl.constexpr,
 ):
     pid = tl.program_id(0)
     nprog = tl.num_programs(0)
@@ -193,22 +203,23 @@ def _ppo_fwd_kernel(
     for i in range(0, blocks_per_prog):
         offs = (pid + i * nprog).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
         inb = offs < N
-        lp = tl.load(lp_ptr + offs, mask=inb, other=0.0).to(tl.float32)
-        old = tl.load(old_ptr + offs, mask=inb, other=0.0).to(tl.float32)
-        adv = tl.load(adv_ptr + offs, mask=inb, other=0.0).to(tl.float32)
         w = tl.load(w_ptr + offs, mask=inb, other=0.0).to(tl.float32)
         m = tl.load(m_ptr + offs, mask=inb, other=0.0).to(tl.float32)
+        sel = m != 0.0  # per-token inputs are selected, never multiplied by the mask (NaN·0 = NaN)
+        lp = tl.where(sel, tl.load(lp_ptr + offs, mask=inb, other=0.0).to(tl.float32), 0.0)
+        old = tl.where(sel, tl.load(old_ptr + offs, mask=inb, other=0.0).to(tl.float32), 0.0)
+        adv = tl.where(sel, tl.load(adv_ptr + offs, mask=inb, other=0.0).to(tl.float32), 0.0)
         if HAS_REF:
-            ref = tl.load(ref_ptr + offs, mask=inb, other=0.0).to(tl.float32)
+            ref = tl.where(sel, tl.load(ref_ptr + offs, mask=inb, other=0.0).to(tl.float32), 0.0)
         else:
             ref = zero
         if HAS_ENT:
-            ent = tl.load(ent_ptr + offs, mask=inb, other=0.0).to(tl.float32)
+            ent = tl.where(sel, tl.load(ent_ptr + offs, mask=inb, other=0.0).to(tl.float32), 0.0)
         else:
             ent = zero
         loss, pg, g_lp, g_ent, ratio, akl, cflag, dflag, kl = _ppo_token_math(
-            lp, old, adv, ref, ent, clip_low, clip_high, dual_clip, kl_coef, entropy_coef,
-            HAS_DUAL, HAS_REF, KL_EST, HAS_ENT,
+            lp, old, adv, ref, ent, clip_low, clip_high, dual_clip, kl_coef, entropy_coef, lr_clamp,
+            HAS_DUAL, HAS_REF, KL_EST, HAS_ENT, HAS_LR_CLAMP,
         )
         tl.store(g_lp_ptr + offs, w * g_lp, mask=inb)
         if HAS_ENT:
@@ -257,12 +268,13 @@ def _value_fwd_kernel(
     for i in range(0, blocks_per_prog):
         offs = (pid + i * nprog).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
         inb = offs < N
-        v = tl.load(v_ptr + offs, mask=inb, other=0.0).to(tl.float32)
-        ret = tl.load(ret_ptr + offs, mask=inb, other=0.0).to(tl.float32)
         w = tl.load(w_ptr + offs, mask=inb, other=0.0).to(tl.float32)
         m = tl.load(m_ptr + offs, mask=inb, other=0.0).to(tl.float32)
+        sel = m != 0.0  # selected, never multiplied by the mask
+        v = tl.where(sel, tl.load(v_ptr + offs, mask=inb, other=0.0).to(tl.float32), 0.0)
+        ret = tl.where(sel, tl.load(ret_ptr + offs, mask=inb, other=0.0).to(tl.float32), 0.0)
         if HAS_CLIP:
-            old = tl.load(old_ptr + offs, mask=inb, other=0.0).to(tl.float32)
+            old = tl.where(sel, tl.load(old_ptr + offs, mask=inb, other=0.0).to(tl.float32), 0.0)
         else:
             old = zero
         loss, g, flag = _value_token_math(v, old, ret, clip, HAS_CLIP)
@@ -443,6 +455,7 @@ def ppo_token_fwd(
     kl_estimator: str,
     kl_coef: float,
     entropy_coef: float,
+    log_ratio_clamp: float | None = None,
     *,
     _block: int = _BLOCK,
     _programs: int | None = None,
@@ -462,8 +475,9 @@ def ppo_token_fwd(
         ref_logprobs if has_ref else logprobs, entropy if has_ent else logprobs,
         g_lp, g_ent if has_ent else g_lp, part,
         n, per_prog, float(clip_low), float(clip_high), float(dual_clip or 0.0), float(kl_coef), float(entropy_coef),
+        float(log_ratio_clamp or 0.0),
         HAS_DUAL=dual_clip is not None, HAS_REF=has_ref, KL_EST=_kl_code(kl_estimator), HAS_ENT=has_ent,
-        BLOCK=_block, num_warps=_NUM_WARPS,
+        HAS_LR_CLAMP=log_ratio_clamp is not None, BLOCK=_block, num_warps=_NUM_WARPS,
     )
     loss = torch.empty((), dtype=torch.float32, device=dev)
     stats = torch.empty(len(PPO_STAT_KEYS), dtype=torch.float32, device=dev)

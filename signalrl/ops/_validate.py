@@ -56,6 +56,14 @@ def positive(name: str, value: float) -> float:
     return float(value)
 
 
+def optional_positive(name: str, value: float | None) -> float | None:
+    if value is None:
+        return None
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or not value > 0:
+        raise ValueError(f"{name}: expected None or a positive number, got {value!r}")
+    return float(value)
+
+
 def non_negative(name: str, value: float) -> float:
     if not isinstance(value, (int, float)) or isinstance(value, bool) or not value >= 0:
         raise ValueError(f"{name}: expected a number ≥ 0, got {value!r}")

@@ -44,7 +44,8 @@ def gae(
     Args:
         rewards, values: ``[B, T]`` (or ``[..., T]``; 1-D is one row), float32, bfloat16 or float16
             (float64 runs the reference), same shape and device.
-        mask: optional ``[B, T]``, nonzero (True) where a token is part of the trajectory.
+        mask: optional ``[B, T]``, nonzero (True) where a token is part of the trajectory. Rewards and
+            values outside it are never read into the result (NaN or inf there change nothing).
         gamma, lam: discount and GAE λ, in [0, 1].
         last_values: optional ``[B]`` (``rewards.shape[:-1]``) bootstrap value after the last valid
             token of each row; 0 if None.

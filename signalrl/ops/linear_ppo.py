@@ -42,19 +42,19 @@ def _linear_ppo_fwd(
     hidden: Tensor, weight: Tensor, bias: Optional[Tensor], targets: Tensor, old_logprobs: Tensor,
     advantages: Tensor, weights: Tensor, mask: Tensor, ref_logprobs: Tensor, temperature: float, ignore_index: int,
     clip_low: float, clip_high: float, dual_clip: Optional[float], kl_estimator: str, kl_coef: float,
-    entropy_coef: float, backend: str,
+    entropy_coef: float, log_ratio_clamp: Optional[float], backend: str,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     fn = get_impl(backend, "linear_ppo", "linear_ppo_fwd")
     loss, stats, lp, ent, lse, g_lp, g_ent = fn(
         hidden, weight, bias, targets, old_logprobs, advantages, weights, mask, ref_logprobs, temperature,
-        ignore_index, clip_low, clip_high, dual_clip, kl_estimator, kl_coef, entropy_coef,
+        ignore_index, clip_low, clip_high, dual_clip, kl_estimator, kl_coef, entropy_coef, log_ratio_clamp,
     )
     return loss.clone(), stats, lp, ent, lse, g_lp, g_ent
 
 
 @_linear_ppo_fwd.register_fake
 def _(hidden, weight, bias, targets, old_logprobs, advantages, weights, mask, ref_logprobs, temperature,
-      ignore_index, clip_low, clip_high, dual_clip, kl_estimator, kl_coef, entropy_coef, backend):
+      ignore_index, clip_low, clip_high, dual_clip, kl_estimator, kl_coef, entropy_coef, log_ratio_clamp, backend):
     n = hidden.shape[0]
 
     def vec(k):
@@ -99,7 +99,7 @@ def _backward(ctx, g_loss, *_unused):
     temperature, ignore_index, backend = ctx.args
     need_h, need_w, need_b = ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[2]
     need_b = bool(need_b and bias is not None)
-    none_rest = (None,) * 15
+    none_rest = (None,) * 16
     if g_loss is None or not (need_h or need_w or need_b):
         return (None, None, None) + none_rest
     gh, gw, gb = _linear_ppo_bwd(
@@ -134,6 +134,7 @@ def linear_ppo_loss(
     kl_estimator: str = "k3",
     entropy_coef: float = 0.0,
     aggregation: str = "token-mean",
+    log_ratio_clamp: float | None = None,
 ):
     """The PPO policy loss from final hidden states and the LM head, without materializing the logits.
 
@@ -144,7 +145,9 @@ def linear_ppo_loss(
         targets: ``[B, T]`` int64/int32 sampled token ids, or ``ignore_index`` (such tokens do not count).
         old_logprobs, advantages: ``[B, T]`` float (read as float32): log π_old of the targets and per-token
             advantages (e.g. GAE).
-        mask: optional ``[B, T]``, 1 where a token counts (combined with ``targets != ignore_index``).
+        mask: optional ``[B, T]``, 1 where a token counts (combined with ``targets != ignore_index``). The counted
+            tokens *select*: whatever ``old_logprobs``, ``advantages`` or ``ref_logprobs`` hold elsewhere (NaN,
+            ±inf), loss, stats and gradients equal those with zeros there.
         ref_logprobs: optional ``[B, T]`` log π_ref for the KL penalty (``kl`` stat is 0 without it).
         temperature: T > 0, logits are divided by it.
         clip_low, clip_high, dual_clip: the ratio clip ``[1 − clip_low, 1 + clip_high]`` (``clip_high``
@@ -152,6 +155,8 @@ def linear_ppo_loss(
         kl_coef, kl_estimator: KL penalty weight and estimator (``k1``, ``k2``, ``k3``, ``abs``).
         entropy_coef: entropy bonus weight.
         aggregation: ``token-mean``, ``seq-mean-token-sum``, ``seq-mean-token-mean``, ``seq-mean-token-sum-norm``.
+        log_ratio_clamp: c > 0 clamps log ρ = logp − old to ``[−c, c]`` before the exp (zero gradient where the
+            clamp is active; verl uses 20); None (default): no clamp. As in :func:`signalrl.ops.clipped_surrogate`.
 
     Returns:
         ``(loss, stats)``: a 0-d float32 loss (differentiable in hidden, weight, bias) and 0-d float32 stats
@@ -159,7 +164,8 @@ def linear_ppo_loss(
         ``pg_loss``, ``entropy``, ``kl`` (means over counted tokens; no host sync).
 
     Math: z = (hidden @ weight.T + bias) / T, logp = z_t − logsumexp(z), H = −Σ p log p, ρ = exp(logp − old),
-    ℓ_pg = max(−A·ρ, −A·clip(ρ, 1 − clip_low, 1 + clip_high)) (dual clip: min(ℓ_pg, −A·c) where A < 0),
+    ℓ_pg = max(−A·ρ, −A·clip(ρ, 1 − clip_low, 1 + clip_high)) (dual clip: min(ℓ_pg, −A·c) where A < 0; 0 with zero
+    gradient where A = 0, whatever ρ),
     loss = agg(ℓ_pg) + kl_coef·agg(KL(logp, ref)) − entropy_coef·agg(H) — exactly
     :func:`signalrl.reference.linear_ppo_loss`.
 
@@ -186,13 +192,14 @@ def linear_ppo_loss(
     kl_coef, entropy_coef = float(kl_coef), float(entropy_coef)
     v.choice("kl_estimator", kl_estimator, KL_ESTIMATORS)
     v.choice("aggregation", aggregation, AGGREGATIONS)
+    log_ratio_clamp = v.optional_positive("log_ratio_clamp", log_ratio_clamp)
     ignore_index = int(ignore_index)
 
     def ref_fn(h, w, t, old, adv, m, b, ref):
         return reference.linear_ppo_loss(
             h, w, t, old, adv, m, bias=b, ref_logprobs=ref, temperature=temperature, ignore_index=ignore_index,
             clip_low=clip_low, clip_high=clip_high, dual_clip=dual_clip, kl_coef=kl_coef, kl_estimator=kl_estimator,
-            entropy_coef=entropy_coef, aggregation=aggregation,
+            entropy_coef=entropy_coef, aggregation=aggregation, log_ratio_clamp=log_ratio_clamp,
         )
 
     backend = backend_for("linear_ppo", "linear_ppo_fwd", hidden)
@@ -213,7 +220,7 @@ def linear_ppo_loss(
         loss, stats, *_ = _linear_ppo_fwd(
             h2, w.contiguous(), None if b is None else b.contiguous(), t2, _flat32(old), _flat32(adv),
             _flat32(wts), _flat32(counted), ref2, temperature, ignore_index, clip_low, clip_high, dual_clip,
-            kl_estimator, kl_coef, entropy_coef, backend,
+            kl_estimator, kl_coef, entropy_coef, log_ratio_clamp, backend,
         )
         return loss, dict(zip(STAT_KEYS, stats.unbind(0)))
 

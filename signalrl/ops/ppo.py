@@ -45,18 +45,18 @@ def _check_per_token(name: str, x, ref_name: str, ref: Tensor) -> Tensor:
 @torch.library.custom_op("signalrl::clipped_surrogate_fwd", mutates_args=())
 def _surrogate_fwd(
     logprobs: Tensor, old_logprobs: Tensor, advantages: Tensor, weights: Tensor, mask: Tensor,
-    clip_low: float, clip_high: float, dual_clip: Optional[float], backend: str,
+    clip_low: float, clip_high: float, dual_clip: Optional[float], log_ratio_clamp: Optional[float], backend: str,
 ) -> tuple[Tensor, Tensor, Tensor]:
     fn = get_impl(backend, "ppo", "ppo_token_fwd")
     loss, g_lp, _, stats = fn(
         logprobs, old_logprobs, advantages, weights, mask, None, None,
-        clip_low, clip_high, dual_clip, "k3", 0.0, 0.0,
+        clip_low, clip_high, dual_clip, "k3", 0.0, 0.0, log_ratio_clamp,
     )
     return loss, g_lp, stats[: len(SURROGATE_STAT_KEYS)].clone()
 
 
 @_surrogate_fwd.register_fake
-def _(logprobs, old_logprobs, advantages, weights, mask, clip_low, clip_high, dual_clip, backend):
+def _(logprobs, old_logprobs, advantages, weights, mask, clip_low, clip_high, dual_clip, log_ratio_clamp, backend):
     n = logprobs.shape[0]
     return (logprobs.new_empty((), dtype=_F32), logprobs.new_empty(n, dtype=_F32),
             logprobs.new_empty(len(SURROGATE_STAT_KEYS), dtype=_F32))
@@ -72,7 +72,7 @@ def _surrogate_setup(ctx, inputs, output):
 def _surrogate_backward(ctx, g_loss, _g_glp, _g_stats):
     (g_lp,) = ctx.saved_tensors
     grad = (g_lp * g_loss).to(ctx.lp_dtype) if g_loss is not None else None
-    return grad, None, None, None, None, None, None, None, None
+    return grad, None, None, None, None, None, None, None, None, None
 
 
 torch.library.register_autograd(
@@ -93,6 +93,7 @@ def clipped_surrogate(
     clip_high: float | None = None,
     dual_clip: float | None = None,
     aggregation: str = "token-mean",
+    log_ratio_clamp: float | None = None,
 ):
     """PPO clipped policy surrogate with per-token advantages.
 
@@ -101,19 +102,27 @@ def clipped_surrogate(
             float32, bfloat16 or float16 (float64 runs the reference).
         old_logprobs, advantages: same shape and device, any float dtype (read as float32).
         mask: optional ``[B, T]``, 1 (or True) where a token counts; fractional values weight tokens.
+            The mask *selects*: whatever a masked position of ``logprobs``, ``old_logprobs`` or
+            ``advantages`` holds (NaN, ±inf), loss, stats and gradients equal those with zeros there, and
+            the gradient there is exactly 0.
         clip_low, clip_high: the ratio is clipped to ``[1 − clip_low, 1 + clip_high]``;
             ``clip_high`` defaults to ``clip_low`` (set it higher for DAPO's clip-higher).
         dual_clip: c > 1 bounds the loss of negative-advantage tokens by −A·c (dual-clip PPO).
         aggregation: ``token-mean``, ``seq-mean-token-sum``, ``seq-mean-token-mean`` or
             ``seq-mean-token-sum-norm`` (see :func:`signalrl.reference.aggregate`).
+        log_ratio_clamp: c > 0 clamps log ρ = logp − old_logp to ``[−c, c]`` before the exp, with zero
+            gradient where the clamp is active (``torch.clamp``; verl clamps to ±20); the default None
+            does not clamp. Without it a token with A < 0 and log ρ ≳ 89 gives ρ = inf and an infinite loss.
 
     Returns:
         ``(loss, stats)``: the aggregated loss, a 0-d float32 tensor, and 0-d float32 stats
         ``clip_fraction``, ``dual_clip_fraction``, ``approx_kl`` (mean of ρ − 1 − log ρ),
-        ``ratio_mean``, ``ratio_min``, ``ratio_max`` over counted tokens (no host sync).
+        ``ratio_mean``, ``ratio_min``, ``ratio_max`` over counted tokens, with ρ after the clamp
+        (no host sync).
 
-    Math: ρ = exp(logp − old_logp), ℓ = max(−A·ρ, −A·clip(ρ, 1 − clip_low, 1 + clip_high)), with
-    dual-clip ℓ = min(ℓ, −A·c) where A < 0; loss = Σ w·ℓ with the aggregation's weights w.
+    Math: ρ = exp(clamp(logp − old_logp)), ℓ = max(−A·ρ, −A·clip(ρ, 1 − clip_low, 1 + clip_high)), with
+    dual-clip ℓ = min(ℓ, −A·c) where A < 0; loss = Σ w·ℓ with the aggregation's weights w. A token with
+    A = 0 contributes exactly 0 and zero gradient, whatever its ratio (even ρ = inf: no 0·inf = NaN).
     Gradient flows to ``logprobs`` only (old log-probs and advantages are constants).
     Memory: the fused backend keeps one ``[N]`` float32 per-token gradient between forward and
     backward (it is computed in the forward pass) and a few hundred floats of partial statistics.
@@ -124,10 +133,12 @@ def clipped_surrogate(
     v.optional_mask("mask", mask, "logprobs", logprobs)
     clip_low, clip_high, dual_clip = v.clip_range(clip_low, clip_high, dual_clip)
     v.choice("aggregation", aggregation, AGGREGATIONS)
+    log_ratio_clamp = v.optional_positive("log_ratio_clamp", log_ratio_clamp)
 
     def ref_fn(lp, old, adv, m):
         return reference.clipped_surrogate(
-            lp, old, adv, m, clip_low=clip_low, clip_high=clip_high, dual_clip=dual_clip, aggregation=aggregation
+            lp, old, adv, m, clip_low=clip_low, clip_high=clip_high, dual_clip=dual_clip, aggregation=aggregation,
+            log_ratio_clamp=log_ratio_clamp,
         )
 
     backend = backend_for("ppo", "ppo_token_fwd", logprobs)
@@ -140,7 +151,7 @@ def clipped_surrogate(
         w = token_weights(m, aggregation, shape=lp.shape, device=lp.device)
         m32 = torch.ones(lp.numel(), dtype=_F32, device=lp.device) if m is None else _flat(m.to(_F32))
         loss, _, stats = _surrogate_fwd(
-            _flat(lp), _flat(old), _flat(adv), _flat(w), m32, clip_low, clip_high, dual_clip, backend
+            _flat(lp), _flat(old), _flat(adv), _flat(w), m32, clip_low, clip_high, dual_clip, log_ratio_clamp, backend
         )
         return loss, dict(zip(SURROGATE_STAT_KEYS, stats.unbind(0)))
 
@@ -203,7 +214,9 @@ def value_loss(
         values: ``[B, T]`` (or ``[..., T]``) predictions of the value head; float32, bfloat16 or
             float16 (float64 runs the reference).
         old_values, returns: same shape and device, any float dtype (read as float32).
-        mask: optional ``[B, T]``, 1 (or True) where a token counts.
+        mask: optional ``[B, T]``, 1 (or True) where a token counts. It *selects*: whatever a masked
+            position of ``values``, ``old_values`` or ``returns`` holds (NaN, ±inf), loss, stats and
+            gradients equal those with zeros there (the gradient there is exactly 0).
         clip: c > 0 clips the new prediction to ``old_values ± c``; None disables clipping.
         aggregation: as in :func:`clipped_surrogate`.
 

@@ -3,6 +3,7 @@
 
 These are a handful of reductions over ``[B, T]`` tensors that PyTorch already runs at memory speed,
 so every backend uses the reference implementation (autograd included). No host syncs.
+Masks select: whatever a masked element holds (NaN, ±inf), results and gradients are those with 0 there.
 """
 from __future__ import annotations
 

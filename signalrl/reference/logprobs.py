@@ -6,7 +6,7 @@ With z = logits / T (temperature T), lse = logsumexp(z) over the vocabulary:
     entropy_i = -sum_j p_ij log p_ij,  p_i = softmax(z_i)
 
 Positions whose target equals ``ignore_index`` give 0 (log-prob and entropy) and receive zero
-gradient. Outputs are float32 (float64 for float64 inputs) whatever the input dtype.
+gradient, whatever their logits hold. Outputs are float32 (float64 for float64 inputs) whatever the input dtype.
 """
 from __future__ import annotations
 
@@ -27,9 +27,10 @@ def token_logprobs(
 
     Memory: materializes the full ``[..., V]`` float32 log-softmax (that is what the fused ops avoid).
     """
-    z = logits.to(acc_dtype(logits)) / temperature
-    logp_all = torch.log_softmax(z, dim=-1)
     valid = targets != ignore_index
+    # ignored rows select 0 logits: whatever they hold (NaN, ±inf), outputs and gradients are those of zeros
+    z = torch.where(valid.unsqueeze(-1), logits.to(acc_dtype(logits)) / temperature, 0.0)
+    logp_all = torch.log_softmax(z, dim=-1)
     safe_targets = torch.where(valid, targets, torch.zeros_like(targets))
     logp = logp_all.gather(-1, safe_targets.unsqueeze(-1)).squeeze(-1)
     zero = logp.new_zeros(())

@@ -3,6 +3,11 @@ reference composition of the fused ``linear_ppo_loss``.
 
 All per-token arrays are ``[B, T]`` (a 1-D ``[N]`` input is treated as one row) with ``mask``
 1 where a token counts. Statistics are returned as 0-d tensors (no host sync).
+
+Masks *select*: every per-token input is replaced by 0 outside the mask (``torch.where``, never a
+product with the mask, since NaN·0 = NaN), so whatever a masked position holds (NaN, ±inf, 1e30), the
+loss, the statistics and the gradients equal those computed with zeros there, and the gradient at a
+masked position is exactly 0.
 """
 from __future__ import annotations
 
@@ -11,7 +16,7 @@ import torch
 from ._dtype import acc_dtype
 from .kl import kl_penalty
 from .logprobs import linear_token_logprobs
-from .stats import masked_mean, masked_var
+from .stats import masked_mean, masked_var, zero_outside
 
 AGGREGATIONS = ("token-mean", "seq-mean-token-sum", "seq-mean-token-mean", "seq-mean-token-sum-norm")
 
@@ -35,8 +40,8 @@ def aggregate(per_token: torch.Tensor, mask: torch.Tensor | None = None, mode: s
 
     Every denominator is clamped to ≥ 1, so an all-masked batch gives 0.
     """
-    x = _rows(per_token)
     m = _rows(_mask_for(per_token, mask))
+    x = zero_outside(_rows(per_token), m)
     if mode == "token-mean":
         return (x * m).sum() / m.sum().clamp_min(1.0)
     row_tokens = m.sum(-1)
@@ -67,26 +72,32 @@ def clipped_surrogate(
     clip_high: float | None = None,
     dual_clip: float | None = None,
     aggregation: str = "token-mean",
+    log_ratio_clamp: float | None = None,
 ):
-    """PPO clipped surrogate. ratio ρ = exp(logp − old_logp), A the advantages:
+    """PPO clipped surrogate. log ρ = logp − old_logp (clamped to [−c, c] when ``log_ratio_clamp``
+    is c, with zero gradient where the clamp is active), ρ = exp(log ρ), A the advantages:
 
         ℓ = max(−A·ρ, −A·clip(ρ, 1 − clip_low, 1 + clip_high))
         dual-clip (c > 1): where A < 0, ℓ = min(ℓ, −A·c)
 
+    A token with A = 0 contributes exactly 0 with zero gradient, whatever its ratio (no 0·inf = NaN).
     ``clip_high`` defaults to ``clip_low``. Returns ``(aggregate(ℓ), stats)`` with stats
     ``clip_fraction`` (tokens where the clipped branch is strictly larger), ``dual_clip_fraction``,
     ``approx_kl`` (mean of (ρ − 1) − log ρ, the k3 estimate of KL(old‖new)), ``ratio_mean``,
-    ``ratio_min``, ``ratio_max`` — all over counted tokens, as 0-d tensors.
+    ``ratio_min``, ``ratio_max`` — all over counted tokens (ρ after the clamp), as 0-d tensors.
     Gradient flows to ``logprobs`` only.
     """
     clip_high = clip_low if clip_high is None else clip_high
     dt = acc_dtype(logprobs, old_logprobs, advantages)
-    logp, old, adv = logprobs.to(dt), old_logprobs.to(dt), advantages.to(dt)
-    m = _mask_for(logp, mask)
+    m = _mask_for(logprobs.to(dt), mask)
+    logp, old, adv = (zero_outside(x.to(dt), m) for x in (logprobs, old_logprobs, advantages))
     log_ratio = logp - old
-    ratio = torch.exp(log_ratio)
-    unclipped = -adv * ratio
-    clipped = -adv * torch.clamp(ratio, 1.0 - clip_low, 1.0 + clip_high)
+    if log_ratio_clamp is not None:
+        log_ratio = torch.clamp(log_ratio, -log_ratio_clamp, log_ratio_clamp)
+    # A = 0: ρ is taken as 1 (before exp, so no inf reaches the backward): ℓ = −0·1 = 0, ∂ℓ/∂logp = 0
+    ratio_pg = torch.exp(torch.where(adv != 0, log_ratio, 0.0))
+    unclipped = -adv * ratio_pg
+    clipped = -adv * torch.clamp(ratio_pg, 1.0 - clip_low, 1.0 + clip_high)
     per_token = torch.maximum(unclipped, clipped)
     dual_active = torch.zeros_like(per_token, dtype=torch.bool)
     if dual_clip is not None:
@@ -95,6 +106,7 @@ def clipped_surrogate(
         per_token = torch.where(adv < 0, torch.minimum(per_token, bound), per_token)
     loss = aggregate(per_token, m, aggregation)
     with torch.no_grad():
+        ratio = torch.exp(log_ratio)
         stats = {
             "clip_fraction": masked_mean((clipped > unclipped).to(dt), m),
             "dual_clip_fraction": masked_mean(dual_active.to(dt), m),
@@ -124,8 +136,8 @@ def value_loss(
     Gradient flows to ``values`` only.
     """
     dt = acc_dtype(values, old_values, returns)
-    v, old, ret = values.to(dt), old_values.to(dt), returns.to(dt)
-    m = _mask_for(v, mask)
+    m = _mask_for(values.to(dt), mask)
+    v, old, ret = (zero_outside(x.to(dt), m) for x in (values, old_values, returns))
     err = (v - ret) ** 2
     if clip is None:
         per_token = 0.5 * err
@@ -168,13 +180,15 @@ def linear_ppo_loss(
     kl_estimator: str = "k3",
     entropy_coef: float = 0.0,
     aggregation: str = "token-mean",
+    log_ratio_clamp: float | None = None,
 ):
     """The full PPO policy loss from hidden states ``[B, T, H]`` and the LM head ``[V, H]``:
 
         logp, H = linear_token_logprobs(hidden, weight, targets)
         loss    = clipped_surrogate(logp, old, A) + kl_coef·agg(kl_penalty(logp, ref)) − entropy_coef·agg(H)
 
-    The counted tokens are ``mask`` (default all) and not ``targets == ignore_index``.
+    The counted tokens are ``mask`` (default all) and not ``targets == ignore_index``; the per-token inputs
+    are selected by them (0 elsewhere). ``log_ratio_clamp`` as in :func:`clipped_surrogate`.
     Stats: those of :func:`clipped_surrogate` plus ``pg_loss``, ``entropy`` and ``kl`` (masked means;
     ``kl`` is 0 without ``ref_logprobs``). This composition is the ground truth of the fused op.
     """
@@ -187,13 +201,14 @@ def linear_ppo_loss(
     pg_loss, stats = clipped_surrogate(
         logp, old_logprobs, advantages, m,
         clip_low=clip_low, clip_high=clip_high, dual_clip=dual_clip, aggregation=aggregation,
+        log_ratio_clamp=log_ratio_clamp,
     )
     loss = pg_loss
     if entropy_coef:
         loss = loss - entropy_coef * aggregate(entropy, m, aggregation)
     kl_mean = logp.new_zeros(())
     if ref_logprobs is not None:
-        kl = kl_penalty(logp, ref_logprobs, kl_estimator)
+        kl = kl_penalty(zero_outside(logp, m), zero_outside(ref_logprobs, m), kl_estimator)  # d = 0 outside
         if kl_coef:
             loss = loss + kl_coef * aggregate(kl, m, aggregation)
         kl_mean = masked_mean(kl.detach(), m)

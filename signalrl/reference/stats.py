@@ -1,6 +1,7 @@
 """Masked statistics and GRPO group normalization.
 
 ``mask`` is 1 (or True) where a position counts. A mean over no counted position is 0, not NaN.
+Masks *select*: whatever a masked position holds (NaN, ±inf), results and gradients are those with 0 there.
 """
 from __future__ import annotations
 
@@ -15,10 +16,16 @@ def _mask_like(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
     return mask.to(x.dtype).expand_as(x)
 
 
+def zero_outside(x: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
+    """x where m ≠ 0, else 0: a select, never x·m (NaN·0 = NaN); the gradient outside is exactly 0."""
+    return torch.where(m != 0, x, 0.0)
+
+
 def masked_mean(x: torch.Tensor, mask: torch.Tensor | None = None, dim=None) -> torch.Tensor:
     """Σ x·m / max(Σ m, 1) over ``dim`` (all dims if None)."""
     x = x.to(acc_dtype(x))
     m = _mask_like(x, mask)
+    x = zero_outside(x, m)
     if dim is None:
         return (x * m).sum() / m.sum().clamp_min(1.0)
     return (x * m).sum(dim) / m.sum(dim).clamp_min(1.0)
@@ -28,6 +35,7 @@ def masked_var(x: torch.Tensor, mask: torch.Tensor | None = None, unbiased: bool
     """Variance of the counted elements (Bessel-corrected when ``unbiased`` and more than one counts)."""
     x = x.to(acc_dtype(x))
     m = _mask_like(x, mask)
+    x = zero_outside(x, m)
     n = m.sum()
     mean = (x * m).sum() / n.clamp_min(1.0)
     ss = (((x - mean) ** 2) * m).sum()
@@ -42,6 +50,7 @@ def masked_whiten(
     positions outside the mask are returned as 0."""
     x = x.to(acc_dtype(x))
     m = _mask_like(x, mask)
+    x = zero_outside(x, m)
     mean = masked_mean(x, m)
     var = masked_var(x, m)
     out = (x - mean) * torch.rsqrt(var + eps)
