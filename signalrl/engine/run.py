@@ -21,7 +21,7 @@ from typing import Any, Sequence
 
 import torch
 
-from . import batching, checkpoint, limits
+from . import batching, checkpoint, checkpoint_load, limits
 from .config import HEADS, RunConfig, _lr_lambda
 from .metrics import MetricsWriter
 from .models import BUILTIN_MODELS, load_base_model, resolve_dtype
@@ -481,8 +481,8 @@ class Run:
         raises one ``ValueError`` naming the file, and the run is then exactly as before. Accumulated
         gradients are dropped by a successful load."""
         path = checkpoint.resolve(os.path.join(self.run_dir, "checkpoints"), name_or_path)
-        plan = checkpoint.plan_load(self, path)
-        checkpoint.apply_load(self, plan)
+        plan = checkpoint_load.plan_load(self, path)
+        checkpoint_load.apply_load(self, plan)
         self.optimizer.zero_grad(set_to_none=True)
         self.pending_grads = 0
         self._grad_norms = None
