@@ -47,12 +47,12 @@ def _predicted(attention_mask: Tensor) -> Tensor:
 
 def _counting_mask(key: str, pattern: tuple, data: dict[str, Tensor]) -> Tensor | None:
     """Where ``data[key]`` counts: the loss's response/loss mask of the same shape, else the predicted tokens."""
+    predicted = _predicted(data["attention_mask"]) if pattern == ("B", "T") and "attention_mask" in data else None
     for mk in _COUNTING_MASKS.get(pattern, ()):
         if mk in data and data[mk].shape == data[key].shape:
-            return data[mk].bool()
-    if pattern == ("B", "T") and "attention_mask" in data:
-        return _predicted(data["attention_mask"])
-    return None
+            # the losses count a [B, T] response/loss mask only where a token is predicted
+            return data[mk].bool() if predicted is None else data[mk].bool() & predicted
+    return predicted
 
 
 def check_values(loss_name: str, fields, data: dict[str, Tensor], *, vocab_size: int | None,

@@ -325,6 +325,7 @@ class LossSpec:
     needs_value_head: bool = False
     needs_reward_head: bool = False
     uses_reference: bool = False
+    min_tokens: int = 2  # per sequence: a first token and one predicted from it
     metric_names: tuple[str, ...] = ()
     summary: str = ""
 
@@ -346,7 +347,8 @@ class LossSpec:
         data = self.validate_batch(batch)
         policy = as_policy(policy)
         vocab, positions = model_limits(policy.base_model())
-        check_values(self.name, self.batch, data, vocab_size=vocab, max_positions=positions)
+        check_values(self.name, self.batch, data, vocab_size=vocab, max_positions=positions,
+                     min_tokens=self.min_tokens)
         computed = self.compute(policy, data, kw)
         metrics = dict(computed.metrics)
         metrics["loss"] = computed.loss.detach()

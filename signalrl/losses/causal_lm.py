@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from ._common import COMMON_CHECKS, _aggregate
+from ._common import COMMON_CHECKS, _aggregate, masked_sum, select
 from .base import Computed, Field, LossModule, LossSpec
 from .model import IGNORE_INDEX, predicted_mask
 from .registry import register_loss
@@ -34,16 +34,17 @@ METRICS = ("loss", "perplexity", "num_tokens")
 
 def _causal_lm(policy, batch, kw) -> Computed:
     ids, attn = batch["input_ids"], batch["attention_mask"]
+    dt = policy.compute_dtype  # float32, or float64 for a float64 model
     labels = batch.get("labels", ids)
-    mask = predicted_mask(attn) * (labels != IGNORE_INDEX).float()
-    if "loss_mask" in batch:
-        mask = mask * batch["loss_mask"].float()
-    labels = torch.where(mask > 0, labels, torch.full_like(labels, IGNORE_INDEX))
-    lp = policy.token_logprobs(ids, attn, labels=labels)
+    mask = select(predicted_mask(attn, dt), labels != IGNORE_INDEX)
+    if "loss_mask" in batch:  # a weight per token; ignored where nothing is predicted
+        mask = select(batch["loss_mask"].to(dt), mask)
+    labels = torch.where(mask != 0, labels, torch.full_like(labels, IGNORE_INDEX))
+    lp = policy.token_logprobs(ids, attn, labels=labels).to(dt)
     loss = _aggregate(-lp, mask, kw["loss_aggregation"])
     with torch.no_grad():
         n = mask.sum()
-        mean_nll = (-lp * mask).sum() / n.clamp_min(1.0)
+        mean_nll = masked_sum(-lp, mask) / n.clamp_min(1.0)
         metrics = {"perplexity": torch.exp(mean_nll), "num_tokens": n}
     return Computed(loss=loss, metrics=metrics)
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ._common import COMMON_CHECKS, sequence_logprob
+from ._common import COMMON_CHECKS, select, sequence_logprob
 from .base import Computed, Field, LossModule, LossSpec
 from .model import predicted_mask
 from .registry import register_loss
@@ -42,14 +42,15 @@ METRICS = ("implicit_reward", "chosen_reward", "rejected_reward", "reward_margin
 # --- math ------------------------------------------------------------------------------------
 
 
-def response_tokens(attention_mask, prompt_lengths=None, loss_mask=None):
-    """``[B, T]`` float32: predicted tokens, minus the first ``prompt_lengths`` real tokens, times ``loss_mask``."""
-    m = predicted_mask(attention_mask)
+def response_tokens(attention_mask, prompt_lengths=None, loss_mask=None, dtype=torch.float32):
+    """``[B, T]`` in ``dtype``: predicted tokens, minus the first ``prompt_lengths`` real tokens, weighted by
+    ``loss_mask`` (what ``loss_mask`` holds outside those tokens is ignored)."""
+    m = predicted_mask(attention_mask, dtype)
     if prompt_lengths is not None:
-        index_among_real = attention_mask.long().cumsum(-1) - 1  # 0 for the first real token
-        m = m * (index_among_real >= prompt_lengths.long().unsqueeze(-1)).float()
+        index_among_real = (attention_mask != 0).long().cumsum(-1) - 1  # 0 for the first real token
+        m = select(m, index_among_real >= prompt_lengths.long().unsqueeze(-1))
     if loss_mask is not None:
-        m = m * loss_mask.float()
+        m = select(loss_mask.to(dtype), m)
     return m
 
 
@@ -63,26 +64,28 @@ def pair_batch(batch, pad_id: int = 0):
         return F.pad(x, (0, T - x.shape[1]), value=value)
 
     ids = torch.cat([pad(ci, pad_id), pad(ri, pad_id)])
-    attn = torch.cat([pad(ca.long(), 0), pad(ra.long(), 0)])
+    attn = torch.cat([pad((ca != 0).long(), 0), pad((ra != 0).long(), 0)])
     return ids, attn, T
 
 
 def _dpo(policy, batch, kw) -> Computed:
     B = batch["chosen_input_ids"].shape[0]
+    dt = policy.compute_dtype  # float32, or float64 for a float64 model
     ids, attn, T = pair_batch(batch)
     pl = batch.get("prompt_lengths")
     masks = []
     for side in ("chosen", "rejected"):
-        m = response_tokens(batch[f"{side}_attention_mask"], pl, batch.get(f"{side}_loss_mask"))
+        m = response_tokens(batch[f"{side}_attention_mask"], pl, batch.get(f"{side}_loss_mask"), dt)
         masks.append(F.pad(m, (0, T - m.shape[1])))
     mask = torch.cat(masks)
 
-    logp = sequence_logprob(policy.token_logprobs(ids, attn), mask)
+    logp = sequence_logprob(policy.token_logprobs(ids, attn).to(dt), mask)
     pi_w, pi_l = logp[:B], logp[B:]
     if "ref_chosen_log_probs" in batch and "ref_rejected_log_probs" in batch:
-        ref_w, ref_l = batch["ref_chosen_log_probs"].float(), batch["ref_rejected_log_probs"].float()
+        ref_w, ref_l = batch["ref_chosen_log_probs"].to(dt), batch["ref_rejected_log_probs"].to(dt)
     else:
-        ref = sequence_logprob(policy.reference_logprobs(ids, attn, reference_model=kw["reference_model"]), mask)
+        ref_lp = policy.reference_logprobs(ids, attn, reference_model=kw["reference_model"]).to(dt)
+        ref = sequence_logprob(ref_lp, mask)
         ref_w, ref_l = ref[:B], ref[B:]
 
     beta, eps = kw["beta"], kw["label_smoothing"]
@@ -96,7 +99,7 @@ def _dpo(policy, batch, kw) -> Computed:
             "chosen_reward": chosen_r.mean(),
             "rejected_reward": rejected_r.mean(),
             "reward_margin": (chosen_r - rejected_r).mean(),
-            "preference_accuracy": (chosen_r > rejected_r).float().mean(),
+            "preference_accuracy": (chosen_r > rejected_r).to(h.dtype).mean(),
         }
     return Computed(loss=loss, metrics=metrics)
 

@@ -34,7 +34,8 @@ class FusedPathWarning(UserWarning):
 
 
 class ValueHead(nn.Module):
-    """V(s) = w·h + b on the final hidden state: ``Linear(hidden_size, 1)`` (float32 weights)."""
+    """V(s) = w·h + b on the final hidden state: ``Linear(hidden_size, 1)`` (float32 weights; ``.double()``
+    it for a float64 run)."""
 
     def __init__(self, hidden_size: int):
         super().__init__()
@@ -43,20 +44,24 @@ class ValueHead(nn.Module):
         nn.init.zeros_(self.linear.bias)
 
     def forward(self, hidden: Tensor) -> Tensor:
-        """``[..., H]`` → ``[...]`` float32."""
-        return self.linear(hidden.to(self.linear.weight.dtype)).squeeze(-1).float()
+        """``[..., H]`` → ``[...]``, computed and returned in float32, or in float64 when the hidden
+        states or the head are float64 (a float64 run stays float64 end to end)."""
+        w, b = self.linear.weight, self.linear.bias
+        dt = torch.promote_types(torch.promote_types(hidden.dtype, w.dtype), torch.float32)
+        out = nn.functional.linear(hidden.to(dt), w.to(dt), None if b is None else b.to(dt))
+        return out.squeeze(-1)
 
 
 class RewardHead(ValueHead):
     """r(x, y) = w·h_last + b: ``Linear(hidden_size, 1)`` applied at the last non-padding token."""
 
 
-def predicted_mask(attention_mask: Tensor) -> Tensor:
+def predicted_mask(attention_mask: Tensor, dtype: torch.dtype = torch.float32) -> Tensor:
     """1 where token t is predicted from a real context: attention_mask[t] and attention_mask[t−1];
-    0 at t = 0. float32 ``[B, T]``. (attention_mask shifted to the predicted tokens.)"""
-    m = attention_mask.to(torch.float32)
-    out = torch.zeros_like(m)
-    out[:, 1:] = m[:, 1:] * m[:, :-1]
+    0 at t = 0. 0/1 ``[B, T]`` in ``dtype`` (float32 by default). (attention_mask shifted to the predicted tokens.)"""
+    real = attention_mask != 0
+    out = torch.zeros(attention_mask.shape, dtype=dtype, device=attention_mask.device)
+    out[:, 1:] = (real[:, 1:] & real[:, :-1]).to(dtype)
     return out
 
 
@@ -76,9 +81,9 @@ _warned: "weakref.WeakSet[nn.Module]" = weakref.WeakSet()
 
 @dataclass
 class PolicyOutput:
-    logprobs: Tensor  # [B, T] float32
-    entropy: Tensor | None = None  # [B, T] float32
-    values: Tensor | None = None  # [B, T] float32
+    logprobs: Tensor  # [B, T] float32 (float64 for a float64 model)
+    entropy: Tensor | None = None  # [B, T], same dtype
+    values: Tensor | None = None  # [B, T], same dtype
     hidden: Tensor | None = None  # [B, T, H]
 
 
@@ -127,6 +132,16 @@ class PolicyModel(nn.Module):
     @property
     def hidden_size(self) -> int:
         return int(self.config.hidden_size)
+
+    @property
+    def compute_dtype(self) -> torch.dtype:
+        """float64 for a float64 model (its output layer, else its first floating parameter), else float32:
+        the dtype the losses read batch tensors in and compute with."""
+        head = getattr(self.base_model(), "get_output_embeddings", lambda: None)()
+        w = getattr(head, "weight", None)
+        if not isinstance(w, Tensor):
+            w = next((p for p in self.model.parameters() if p.is_floating_point()), None)
+        return torch.float64 if w is not None and w.dtype == torch.float64 else torch.float32
 
     def fused_unsupported_reason(self) -> str | None:
         """Why the fused hidden-state path cannot reproduce this model's logits (None if it can)."""
@@ -250,7 +265,8 @@ class PolicyModel(nn.Module):
         self, input_ids: Tensor, attention_mask: Tensor, *, with_entropy: bool = False, temperature: float = 1.0,
         labels: Tensor | None = None,
     ):
-        """log p(input_ids[t] | input_ids[<t]) ``[B, T]`` float32 (entry 0 and non-predicted tokens 0),
+        """log p(input_ids[t] | input_ids[<t]) ``[B, T]`` float32, float64 for a float64 model (entry 0 and
+        non-predicted tokens 0),
         plus the entropy ``[B, T]`` of the distribution at each position when ``with_entropy``."""
         out = self.forward(input_ids, attention_mask, labels=labels, with_entropy=with_entropy, temperature=temperature)
         return (out.logprobs, out.entropy) if with_entropy else out.logprobs
@@ -289,13 +305,13 @@ class PolicyModel(nn.Module):
         return _shift_in(self.value_head(hidden[:, :-1]))
 
     def values(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
-        """V(input_ids[<t]) ``[B, T]`` float32 from the value head (entry 0 is 0)."""
+        """V(input_ids[<t]) ``[B, T]`` float32 (float64 in a float64 run) from the value head (entry 0 is 0)."""
         if self.value_head is None:
             self.values_from_hidden(None)  # raises the explanation
         return self.values_from_hidden(self.hidden_states(input_ids, attention_mask))
 
     def sequence_rewards(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
-        """Scalar reward ``[B]`` float32: the reward head at the last non-padding token."""
+        """Scalar reward ``[B]`` float32 (float64 in a float64 run): the reward head at the last non-padding token."""
         if self.reward_head is None:
             raise ValueError(
                 "this policy has no reward head: build PolicyModel(model, reward_head=RewardHead(hidden_size))"

@@ -11,14 +11,18 @@ conservative_ppo:
 
 Per-token arrays are ``[B, T]`` aligned with input_ids: token t is an action when response_mask[t]
 (default: attention_mask shifted to the predicted tokens); old_log_probs[t], rewards[t], values[t]
-belong to that action. H, KL and the surrogate are aggregated with ``loss_aggregation``.
+belong to that action. H, KL and the surrogate are aggregated with ``loss_aggregation``; the ratio
+ρ = exp(clamp(logπ − logπ_old, ±log_ratio_clamp)) (20 by default, verl's bound; None: unbounded).
+Whatever a slot that is not an action holds (NaN, inf) is selected away: it changes nothing.
 """
 from __future__ import annotations
 
 import torch
 
 from .. import ops
-from ._common import COMMON_CHECKS, masked_std, policy_objective, response_mask
+from ._common import (
+    COMMON_CHECKS, LOG_RATIO_CLAMP, batch_float, masked_std, masked_sum, policy_objective, response_mask, select,
+)
 from .base import Computed, Field, LossModule, LossSpec
 from .registry import register_loss
 
@@ -44,6 +48,7 @@ ENHANCED_DEFAULTS = dict(
     clip_epsilon=0.2,
     clip_epsilon_high=None,
     dual_clip=None,
+    log_ratio_clamp=LOG_RATIO_CLAMP,
     value_loss_coef=0.5,
     entropy_coef=0.01,
     beta=0.01,
@@ -77,47 +82,51 @@ CONSERVATIVE_METRICS = PPO_METRICS[:-1] + ("kl_violation", "kl_penalty", "max_kl
 def _ppo(policy, batch, kw, *, conservative: bool) -> Computed:
     name = "conservative_ppo" if conservative else "enhanced_ppo"
     ids, attn = batch["input_ids"], batch["attention_mask"]
-    mask = response_mask(batch)
-    rewards = batch["rewards"].float()
+    dt = policy.compute_dtype  # float32, or float64 for a float64 model
+    mask = response_mask(batch, dtype=dt)
+    # Every per-token batch array is selected to 0 where it does not count: masked slots may hold anything.
+    rewards = batch_float(batch, "rewards", dt, mask)
 
     # Values: the value head (one backbone pass shared with the policy), else the batch's values
     # (a constant: no value training), else — conservative_ppo only — a zero baseline.
     hidden, value_fn = None, True
     if policy.value_head is not None:
         hidden = policy.hidden_states(ids, attn)
-        values = policy.values_from_hidden(hidden)
+        values = select(policy.values_from_hidden(hidden).to(dt), mask)
     elif "values" in batch:
-        values = batch["values"].float()
+        values = batch_float(batch, "values", dt, mask)
     elif conservative:
         values, value_fn = torch.zeros_like(rewards), False
     else:
         raise ValueError(
             f"{name}: no values: give batch['values'] or a value head (PolicyModel(model, value_head=ValueHead(H)))"
         )
-    rollout_values = batch["values"].float() if "values" in batch else values.detach()
-    old_values = batch["old_values"].float() if "old_values" in batch else rollout_values
+    rollout_values = batch_float(batch, "values", dt, mask) if "values" in batch else values.detach()
+    old_values = batch_float(batch, "old_values", dt, mask) if "old_values" in batch else rollout_values
 
     with torch.no_grad():
         lam = kw["gae_lambda"] if kw["use_gae"] else 1.0
         advantages, returns = ops.gae(rewards, rollout_values, mask, gamma=kw["gamma"], lam=lam)
+        advantages, returns = select(advantages, mask), select(returns, mask)
         adv_mean, adv_std = ops.masked_mean(advantages, mask), masked_std(advantages, mask)
         if kw["normalize_advantages"]:
-            advantages = ops.masked_whiten(advantages, mask)
+            advantages = select(ops.masked_whiten(advantages, mask), mask)
 
     need_ref = conservative or kw["beta"] > 0
     ref = None
     if need_ref and "ref_log_probs" in batch:
-        ref = batch["ref_log_probs"].float()
+        ref = batch_float(batch, "ref_log_probs", dt, mask)
     elif need_ref:
         ref = policy.reference_logprobs(ids, attn, reference_model=kw["reference_model"], temperature=kw["temperature"])
+        ref = select(ref.to(dt), mask)
 
     terms = policy_objective(
         policy, ids, attn, mask, advantages,
-        old_logprobs=batch["old_log_probs"].float(), ref_logprobs=ref,
+        old_logprobs=batch_float(batch, "old_log_probs", dt, mask), ref_logprobs=ref,
         clip_low=kw["clip_epsilon"], clip_high=kw["clip_epsilon_high"], dual_clip=kw["dual_clip"],
         kl_coef=kw["beta"], kl_estimator=kw["kl_estimator"], entropy_coef=kw["entropy_coef"],
-        aggregation=kw["loss_aggregation"], temperature=kw["temperature"], hidden=hidden,
-        need_kl_grad=conservative,
+        aggregation=kw["loss_aggregation"], temperature=kw["temperature"], log_ratio_clamp=kw["log_ratio_clamp"],
+        hidden=hidden, need_kl_grad=conservative,
     )
     p = slice(1, None)  # the T − 1 predicted positions, as in the policy part
     v_loss, v_stats = ops.value_loss(
@@ -140,8 +149,9 @@ def _ppo(policy, batch, kw, *, conservative: bool) -> Computed:
         "explained_variance": v_stats["explained_variance"],
         "value_mean": v_stats["value_mean"],
         "return_mean": v_stats["return_mean"],
-        "reward_mean": (rewards * mask).sum(-1).mean(),
-        "_rewards_outside_mask": (rewards * (1.0 - mask)).abs().sum(),
+        "reward_mean": masked_sum(rewards, mask, -1).mean(),
+        # anything (nonzero, NaN, inf) in a reward slot that does not count: a note, never a number
+        "_rewards_outside_mask": ((batch["rewards"] != 0) & (mask == 0)).any().float(),
     }
     if conservative:
         excess = torch.relu(terms.kl - kw["max_kl_divergence"])

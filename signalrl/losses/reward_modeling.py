@@ -44,7 +44,7 @@ def _reward_modeling(policy, batch, kw) -> Computed:
     loss = F.softplus(-z).mean()  # −log σ(z)
     with torch.no_grad():
         metrics = {
-            "preference_accuracy": (r_w > r_l).float().mean(),
+            "preference_accuracy": (r_w > r_l).to(r.dtype).mean(),
             "reward_margin": (r_w - r_l).mean(),
             "chosen_reward_mean": r_w.mean(),
             "rejected_reward_mean": r_l.mean(),
@@ -63,6 +63,7 @@ reward_modeling = register_loss(LossSpec(
     checks=COMMON_CHECKS,
     compute=_reward_modeling,
     needs_reward_head=True,
+    min_tokens=1,  # a reward is read at the last token: a one-token sequence has one
     metric_names=METRICS,
     summary="−log σ((r_w − r_l)/temperature − margin)",
 ))

@@ -49,7 +49,12 @@ def f64_hidden(model64, ids, attn):
 
 def f64_token_logprobs(model64, ids, attn, temperature=1.0):
     """(logprobs, entropy) [B, T] float64, entry t = log p(ids[t] | ids[<t]), entry 0 = 0 (all positions)."""
-    logits = f64_logits(model64, ids, attn) / temperature
+    return logprobs_from_logits(f64_logits(model64, ids, attn), ids, temperature)
+
+
+def logprobs_from_logits(logits, ids, temperature=1.0):
+    """(logprobs, entropy) [B, T] float64 from full logits [B, T, V] (entry 0 = 0)."""
+    logits = logits.double() / temperature
     logp_all = torch.log_softmax(logits[:, :-1], -1)
     lp = logp_all.gather(-1, ids[:, 1:, None]).squeeze(-1)
     ent = -(logp_all.exp() * logp_all).sum(-1)
@@ -112,10 +117,12 @@ def ppo_oracle(pol64, ref64, head64, ids, attn, old, rewards, mask, *, values=No
                normalize=True, use_gae=True, conservative=None, dual_clip=None, estimator="k3", agg="token-mean"):
     """enhanced_ppo (and conservative_ppo with conservative=(coef, max_kl)) in float64, written out."""
     clip_high = clip if clip_high is None else clip_high
-    lp, ent = f64_token_logprobs(pol64, ids, attn)
+    # one backbone pass for the log-probs and the values, as the loss does: HF's float64 Llama runs its RMSNorm
+    # in float32, so one backward of a sum and two backwards summed differ by ~1e-7
+    hid = f64_hidden(pol64, ids, attn)
+    lp, ent = logprobs_from_logits(pol64.lm_head(hid), ids)
     ref_lp = f64_token_logprobs(ref64, ids, attn)[0] if ref64 is not None else None
     if head64 is not None:
-        hid = f64_hidden(pol64, ids, attn)
         v = torch.zeros(ids.shape, dtype=torch.float64)
         v = torch.cat([v[:, :1], (hid[:, :-1] @ head64.linear.weight.t()).squeeze(-1) + head64.linear.bias], 1)
     else:

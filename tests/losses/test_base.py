@@ -122,8 +122,10 @@ def test_result_and_metrics_are_python_floats_and_loss_is_always_a_metric():
     assert metrics == {"m": 2.0, "k": 2.0, "loss": 6.0} and all(type(v) is float for v in metrics.values())
     loss.backward()
     assert x.grad.tolist() == [2.0, 2.0, 2.0]
-    with pytest.raises(L.NonFiniteLossError, match="toy"):
+    with pytest.raises(ValueError, match=r"toy: batch\['x'\]: expected finite"):  # checked before compute
         spec(torch.nn.Linear(1, 1), {"x": torch.tensor([1.0, float("inf")])})
+    with pytest.raises(L.NonFiniteLossError, match="toy"):  # finite inputs whose loss overflows
+        spec(torch.nn.Linear(1, 1), {"x": torch.tensor([1.0, 3e38])}, scale=2.0)
     assert to_floats({"a": torch.tensor(1.5), "b": 3}) == {"a": 1.5, "b": 3.0}
     assert math.isnan(to_floats({"a": torch.tensor(float("nan"))})["a"])
 

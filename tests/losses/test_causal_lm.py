@@ -120,3 +120,21 @@ def test_convergence_loss_goes_down():
         opt.step()
     assert res.metrics["loss"] < 0.3 * first["loss"]
     assert res.metrics["perplexity"] == pytest.approx(math.exp(res.metrics["loss"]), rel=1e-5)
+
+
+def test_float64_model_matches_formula_to_1e_12():
+    model = tiny_model()
+    batch = make_batch()
+    m64, o64 = double(model), double(model)
+    res = L.causal_lm(m64, batch)
+    res.loss.backward()
+    count = shifted_mask(batch["attention_mask"])
+    loss64, metrics64 = oracle(o64, batch, count)
+    loss64.backward()
+    assert res.loss.dtype == torch.float64
+    assert_close(res.loss.detach(), loss64.detach(), rtol=1e-12, atol=1e-12, what="loss")
+    assert_metrics(res, dict(metrics64, loss=loss64.detach()), METRICS, rtol=1e-12, atol=1e-12)
+    for (name, p), q in zip(m64.named_parameters(), o64.parameters()):
+        assert (p.grad is None) == (q.grad is None), name
+        if p.grad is not None:
+            assert_close(p.grad, q.grad, rtol=1e-12, atol=1e-12, what=f"d {name}")

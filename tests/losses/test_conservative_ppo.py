@@ -77,8 +77,11 @@ def test_kwargs_and_batch_validation():
 
 def test_non_finite_raises_before_backward():
     model, ref, head, policy, batch, mask = setup()
-    with pytest.raises(L.NonFiniteLossError):
+    with pytest.raises(ValueError, match="rewards"):  # non-finite batch values are refused before compute
         L.conservative_ppo(policy, dict(batch, rewards=batch["rewards"] * float("inf")))
+    stale = torch.full_like(batch["old_log_probs"], -1e4)  # valid, but ρ = inf without the log-ratio clamp
+    with pytest.raises(L.NonFiniteLossError):
+        L.conservative_ppo(policy, dict(batch, old_log_probs=stale), log_ratio_clamp=None)
     assert all(p.grad is None for p in model.parameters())
 
 
@@ -97,3 +100,22 @@ def test_kl_warning_and_convergence_pulls_kl_under_threshold():
         opt.step()
     assert res.metrics["kl_divergence"] < 0.5 * first.metrics["kl_divergence"]
     assert res.metrics["loss"] < first.metrics["loss"]
+
+
+def test_float64_model_matches_formula_to_1e_12():
+    model, ref, head, policy, batch, mask = setup()
+    m64, r64, h64, o64 = double(model), double(ref), double(head), double(model)
+    res = L.conservative_ppo(L.PolicyModel(m64, reference_model=r64, value_head=h64), batch,
+                             max_kl_divergence=0.0, conservative_coef=3.0)
+    res.loss.backward()
+    loss64, metrics64 = ppo_oracle(o64, r64, double(head), batch["input_ids"], batch["attention_mask"],
+                                   batch["old_log_probs"], batch["rewards"], mask, vf_coef=0.0, ent_coef=0.0,
+                                   beta=0.0, conservative=(3.0, 0.0))
+    loss64.backward()
+    assert res.loss.dtype == torch.float64
+    assert_close(res.loss.detach(), loss64.detach(), rtol=1e-12, atol=1e-12, what="loss")
+    assert_metrics(res, metrics64, CONSERVATIVE_METRICS, rtol=1e-12, atol=1e-12)
+    for (name, p), q in zip(m64.named_parameters(), o64.parameters()):
+        assert (p.grad is None) == (q.grad is None), name
+        if p.grad is not None:
+            assert_close(p.grad, q.grad, rtol=1e-12, atol=1e-12, what=f"d {name}")

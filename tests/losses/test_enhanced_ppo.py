@@ -148,9 +148,12 @@ def test_kwargs_and_batch_validation():
 def test_non_finite_raises_before_backward():
     model, ref, head, policy, batch, mask = setup()
     bad = batch["old_log_probs"].clone()
-    bad[1, 4] = float("nan")
-    with pytest.raises(L.NonFiniteLossError):
+    bad[1, 4] = float("nan")  # where it counts: the batch check names the key
+    with pytest.raises(ValueError, match="old_log_probs"):
         L.enhanced_ppo(policy, dict(batch, old_log_probs=bad))
+    stale = torch.full_like(bad, -1e4)  # valid but stale: ρ = inf on negative-advantage tokens without the clamp
+    with pytest.raises(L.NonFiniteLossError):
+        L.enhanced_ppo(policy, dict(batch, old_log_probs=stale), log_ratio_clamp=None)
     assert all(p.grad is None for p in model.parameters())
     assert all(p.grad is None for p in head.parameters())
 
@@ -202,3 +205,28 @@ def test_precomputed_reference_log_probs_skip_the_reference():
     pre = L.enhanced_ppo(no_ref, dict(batch, ref_log_probs=ref_lp), beta=0.1)
     assert_close(pre.loss.detach(), full.loss.detach(), rtol=1e-6, atol=1e-7, what="precomputed reference")
     assert pre.metrics["kl_divergence"] == pytest.approx(full.metrics["kl_divergence"], rel=1e-5)
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_float64_model_matches_formula_to_1e_12(fused, monkeypatch):
+    """A float64 model and value head compute in float64 throughout: no float32 casts of batch or heads."""
+    if not fused:
+        monkeypatch.setattr(_common, "_fused_ppo_op", lambda: None)
+    model, ref, head, policy, batch, mask = setup()
+    m64, r64, h64 = double(model), double(ref), double(head)
+    o64, oh64 = double(model), double(head)  # the oracle's own copies (its own gradients)
+    kw = dict(beta=0.05, entropy_coef=0.03, dual_clip=2.0)
+    res = L.enhanced_ppo(L.PolicyModel(m64, reference_model=r64, value_head=h64), batch, **kw)
+    res.loss.backward()
+    loss64, metrics64 = ppo_oracle(o64, r64, oh64, batch["input_ids"], batch["attention_mask"],
+                                   batch["old_log_probs"], batch["rewards"], mask, beta=0.05, ent_coef=0.03,
+                                   dual_clip=2.0)
+    loss64.backward()
+    assert res.loss.dtype == torch.float64
+    assert_close(res.loss.detach(), loss64.detach(), rtol=1e-12, atol=1e-12, what="loss")
+    assert_metrics(res, metrics64, PPO_METRICS, rtol=1e-12, atol=1e-12)
+    for (name, p), q in zip(list(m64.named_parameters()) + list(h64.named_parameters()),
+                            list(o64.parameters()) + list(oh64.parameters())):
+        assert (p.grad is None) == (q.grad is None), name
+        if p.grad is not None:
+            assert_close(p.grad, q.grad, rtol=1e-12, atol=1e-12, what=f"d {name}")

@@ -1,3 +1,5 @@
+import math
+
 import pytest
 import torch
 
@@ -34,13 +36,13 @@ def sequences(batch):
     return torch.stack(ids), torch.stack(attn), torch.stack(mask)
 
 
-def oracle(m64, r64, batch, old=None, beta=0.01, clip=0.2, scale=True):
+def oracle(m64, r64, batch, old=None, beta=0.01, clip=0.2, scale=True, eps=1e-6):
     ids, attn, mask = sequences(batch)
     lp, ent = f64_token_logprobs(m64, ids, attn)
     r = batch["rewards"].double()
     mean = r.mean(-1, keepdim=True)
     std = torch.tensor([[float(torch.std(r[b]))] for b in range(B)], dtype=torch.float64)
-    A_seq = (r - mean) / (std + 1e-6) if scale else r - mean
+    A_seq = (r - mean) / (std + eps) if scale else r - mean
     A = A_seq.reshape(B * S, 1) * mask
     old_lp = lp.detach() if old is None else torch.cat([torch.zeros(B, S, P), old], -1).reshape(B * S, P + LEN).double()
     ratio = torch.exp(lp - old_lp)
@@ -130,9 +132,11 @@ def test_validation():
 def test_non_finite_raises_before_backward():
     model, ref = setup()
     batch = make_batch()
-    batch["old_log_probs"] = torch.full((B, S, LEN), float("nan"))
+    with pytest.raises(ValueError, match="old_log_probs"):  # counted NaN log-probs: the batch check names the key
+        L.grpo(model, dict(batch, old_log_probs=torch.full((B, S, LEN), float("nan"))), reference_model=ref)
+    stale = torch.full((B, S, LEN), -1e4)  # valid but stale: ρ = inf on negative-advantage tokens without the clamp
     with pytest.raises(L.NonFiniteLossError):
-        L.grpo(model, batch, reference_model=ref)
+        L.grpo(model, dict(batch, old_log_probs=stale), reference_model=ref, log_ratio_clamp=None)
     assert all(p.grad is None for p in model.parameters())
 
 
@@ -188,3 +192,125 @@ def test_masked_span_inside_a_response_stays_visible_context():
     A = ((r - r.mean(-1, keepdim=True)) / (r.std(-1, keepdim=True) + 1e-6)).reshape(B * S, 1)
     expected = (-A * mask).sum() / mask.sum()  # ratio 1
     assert_close(res.loss.detach(), expected.detach(), rtol=1e-4, atol=1e-6, what="masked span")
+
+
+def _left_pad_prompts(batch, k):
+    """The same batch with k more left-padding columns on the prompts (any token id there)."""
+    out = dict(batch)
+    out["prompt_ids"] = torch.cat([torch.randint(0, V, (B, k)), batch["prompt_ids"]], 1)
+    out["prompt_attention_mask"] = torch.cat([torch.zeros(B, k, dtype=torch.long), batch["prompt_attention_mask"]], 1)
+    return out
+
+
+def _loss_and_grads(model, batch, **kw):
+    model.zero_grad(set_to_none=True)
+    res = L.grpo(model, batch, **kw)
+    res.loss.backward()
+    grads = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad(set_to_none=True)
+    return res, grads
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_dr_grpo_constant_ignores_prompt_padding(fused, monkeypatch):
+    """seq-mean-token-sum-norm divides by B·S·max_completion_length (default L), never by the prompt's width:
+    more left padding on the prompts changes neither the loss nor the gradients."""
+    if not fused:
+        monkeypatch.setattr(_common, "_fused_ppo_op", lambda: None)
+    model, ref = setup()
+    batch = make_batch()
+    ids, attn, _ = sequences(batch)
+    with torch.no_grad():
+        lp = L.PolicyModel(model).token_logprobs(ids, attn)
+    batch["old_log_probs"] = (lp[:, P:] + 0.3 * torch.randn(B * S, LEN)).reshape(B, S, LEN).clamp(max=0.0)
+    kw = dict(beta=0.05, reference_model=ref, loss_aggregation="seq-mean-token-sum-norm", scale_rewards=False)
+    base, g0 = _loss_and_grads(model, batch, **kw)
+    for k in (1, 5):
+        padded, g1 = _loss_and_grads(model, _left_pad_prompts(batch, k), **kw)
+        assert_close(padded.loss.detach(), base.loss.detach(), rtol=1e-5, atol=1e-7, what=f"loss, {k} more pad columns")
+        assert padded.metrics["policy_loss"] == pytest.approx(base.metrics["policy_loss"], rel=1e-5, abs=1e-7)
+        for a, b in zip(g1, g0):
+            assert_close(a, b, rtol=1e-4, atol=1e-7, what=f"grad, {k} more pad columns")
+    # the constant: Σ_tokens ℓ / (B·S·max_completion_length); token-mean is Σ ℓ / Σ m over the same tokens
+    kw0 = dict(kw, beta=0.0)
+    tm = L.grpo(model, batch, **dict(kw0, loss_aggregation="token-mean"))
+    n = float(batch["response_masks"].sum())
+    for horizon in (None, LEN, 16):
+        res = L.grpo(model, batch, **kw0) if horizon is None else L.grpo(model, batch, max_completion_length=horizon, **kw0)
+        expected = tm.metrics["loss"] * n / (B * S * (horizon or LEN))
+        assert res.metrics["loss"] == pytest.approx(expected, rel=1e-5, abs=1e-8)
+    with pytest.raises(ValueError, match="max_completion_length"):
+        L.grpo(model, batch, max_completion_length=0, **kw0)
+
+
+def test_advantage_epsilon_and_single_sample_groups():
+    model, ref = setup()
+    batch = make_batch()
+    batch["rewards"][0] = torch.tensor([1.0, 1.0 + 1e-4, 1.0 - 1e-4])  # std ~ 1e-4: ε matters
+    for eps in (1e-6, 1e-4):
+        res = L.grpo(model, batch, beta=0.0, advantage_epsilon=eps)
+        loss64, metrics64 = oracle(double(model), None, batch, beta=0.0, eps=eps)
+        assert_close(res.loss.detach(), loss64.detach(), rtol=1e-4, atol=1e-6, what=f"advantage_epsilon={eps}")
+        assert_metrics(res, metrics64, METRICS, rtol=1e-3, atol=1e-6)
+    assert L.get_loss("grpo").defaults["advantage_epsilon"] == 1e-6
+    # a group of one sample has no baseline: A = 0 (scaled or not), so no policy gradient
+    one = {k: (v[:, :1] if k in ("response_ids", "response_masks", "rewards") else v) for k, v in batch.items()}
+    for scale in (True, False):
+        res, grads = _loss_and_grads(model, one, beta=0.0, scale_rewards=scale)
+        assert res.metrics["advantage_mean"] == 0.0 and res.metrics["advantage_std"] == 0.0
+        assert res.metrics["loss"] == 0.0 and all(float(g.abs().max()) == 0.0 for g in grads)
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_log_ratio_clamp(fused, monkeypatch):
+    if not fused:
+        monkeypatch.setattr(_common, "_fused_ppo_op", lambda: None)
+    model, ref = setup()
+    batch = make_batch()
+    ids, attn, _ = sequences(batch)
+    with torch.no_grad():
+        lp = L.PolicyModel(model).token_logprobs(ids, attn)[:, P:].reshape(B, S, LEN)
+    assert L.get_loss("grpo").defaults["log_ratio_clamp"] == 20.0
+    # moderate ratios: the default clamp (20) changes nothing
+    near = dict(batch, old_log_probs=(lp + 0.3 * torch.randn(B, S, LEN)).clamp(max=0.0))
+    a, b = L.grpo(model, near, beta=0.0), L.grpo(model, near, beta=0.0, log_ratio_clamp=None)
+    assert a.metrics == b.metrics
+    # a stale old log-prob of −1e4 on a negative-advantage token: ρ = e^(~1e4) overflows without the clamp
+    r = batch["rewards"]
+    s_neg = int(torch.argmin(r[0]))
+    stale = near["old_log_probs"].clone()
+    stale[0, s_neg, 0] = -1e4
+    far = dict(near, old_log_probs=stale)
+    with pytest.raises(L.NonFiniteLossError):
+        L.grpo(model, far, beta=0.0, log_ratio_clamp=None)
+    res, grads = _loss_and_grads(model, far, beta=0.0)
+    assert math.isfinite(res.metrics["loss"]) and all(torch.isfinite(g).all() for g in grads)
+    # the clamp is the ratio's: log ρ beyond ±c is c (here c = 0.1 against an explicit oracle)
+    c = 0.1
+    res = L.grpo(model, near, beta=0.0, log_ratio_clamp=c)
+    clamped_old = (lp.double() - (lp.double() - near["old_log_probs"].double()).clamp(-c, c))
+    loss64, _ = oracle(double(model), None, batch, old=clamped_old, beta=0.0)
+    assert_close(res.loss.detach(), loss64.detach(), rtol=1e-4, atol=1e-6, what="clamped ratio")
+
+
+def test_float64_model_matches_formula_to_1e_12():
+    """A float64 model computes in float64 throughout (batch tensors are not cast to float32)."""
+    model, ref = setup()
+    batch = make_batch()
+    ids, attn, _ = sequences(batch)
+    with torch.no_grad():
+        lp = L.PolicyModel(model).token_logprobs(ids, attn)
+    old = (lp[:, P:] + 0.3 * torch.randn(B * S, LEN)).reshape(B, S, LEN).clamp(max=0.0)
+    batch["old_log_probs"] = old
+    m64, r64, o64 = double(model), double(ref), double(model)
+    res = L.grpo(m64, batch, reference_model=r64, beta=0.05)
+    res.loss.backward()
+    loss64, metrics64 = oracle(o64, r64, batch, old=old, beta=0.05)
+    loss64.backward()
+    assert res.loss.dtype == torch.float64
+    assert_close(res.loss.detach(), loss64.detach(), rtol=1e-12, atol=1e-12, what="loss")
+    assert_metrics(res, metrics64, METRICS, rtol=1e-12, atol=1e-12)
+    for (name, p), q in zip(m64.named_parameters(), o64.parameters()):
+        assert (p.grad is None) == (q.grad is None), name
+        if p.grad is not None:
+            assert_close(p.grad, q.grad, rtol=1e-12, atol=1e-12, what=f"d {name}")

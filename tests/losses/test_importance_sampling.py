@@ -108,8 +108,10 @@ def test_non_finite_and_overflowing_weights():
     res.loss.backward()
     assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
     model.zero_grad(set_to_none=True)
-    with pytest.raises(L.NonFiniteLossError):
+    with pytest.raises(ValueError, match="rewards"):  # non-finite batch values are refused before compute
         L.importance_sampling(model, dict(batch, rewards=torch.tensor([float("nan"), 0, 0, 0])), beta=0.0)
+    with pytest.raises(L.NonFiniteLossError):  # finite rewards whose mean overflows
+        L.importance_sampling(model, dict(batch, rewards=torch.full((B,), 3e38)), beta=0.0)
     assert all(p.grad is None for p in model.parameters())
 
 
@@ -144,3 +146,31 @@ def test_precomputed_reference_log_probs():
     ref_lp = L.PolicyModel(ref).token_logprobs(batch["input_ids"], batch["attention_mask"]).detach()
     pre = L.importance_sampling(model, dict(batch, ref_log_probs=ref_lp))
     assert_close(pre.loss.detach(), full.loss.detach(), rtol=1e-6, atol=1e-7, what="precomputed reference")
+
+
+def test_float64_model_matches_formula_to_1e_12():
+    model, ref, batch, mask = setup()
+    batch = dict(batch, rewards=torch.randn(B, T))  # per-token rewards, summed over the response
+    m64, r64, o64 = double(model), double(ref), double(model)
+    res = L.importance_sampling(m64, batch, reference_model=r64, clip_ratio=2.0)
+    res.loss.backward()
+    loss64, metrics64 = oracle(o64, r64, batch, mask, clip_ratio=2.0)
+    loss64.backward()
+    assert res.loss.dtype == torch.float64
+    assert_close(res.loss.detach(), loss64.detach(), rtol=1e-12, atol=1e-12, what="loss")
+    assert_metrics(res, metrics64, METRICS, rtol=1e-12, atol=1e-12)
+    for (name, p), q in zip(m64.named_parameters(), o64.parameters()):
+        assert (p.grad is None) == (q.grad is None), name
+        if p.grad is not None:
+            assert_close(p.grad, q.grad, rtol=1e-12, atol=1e-12, what=f"d {name}")
+
+
+def test_log_ratio_clamp_bounds_the_sequence_ratio():
+    model, ref, batch, mask = setup()
+    assert L.get_loss("importance_sampling").defaults["log_ratio_clamp"] is None  # see the module docstring
+    huge = dict(batch, behavior_log_probs=batch["behavior_log_probs"] - torch.tensor([1e4, 0, 0, 0]))
+    res = L.importance_sampling(model, huge, beta=0.0, log_ratio_clamp=20.0, clip_ratio=1e10)
+    assert res.metrics["is_ratio_max"] == pytest.approx(math.exp(20.0), rel=1e-5)
+    assert res.metrics["clipped_fraction"] == 0.25  # of the unclamped log-ratio
+    loss64, _ = oracle(double(model), None, huge, mask, beta=0.0, clip_ratio=math.exp(20.0))
+    assert_close(res.loss.detach(), loss64.detach(), rtol=1e-5, atol=1e-6, what="clamped weight")

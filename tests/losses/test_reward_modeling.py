@@ -123,3 +123,21 @@ def test_convergence_preferences_are_learned():
         opt.step()
     assert res.metrics["loss"] < 0.3 * first["loss"]
     assert res.metrics["preference_accuracy"] == 1.0 and res.metrics["reward_margin"] > 0.1
+
+
+def test_float64_model_matches_formula_to_1e_12():
+    model, head, policy = setup()
+    batch = make_batch()
+    m64, h64, o64, oh64 = double(model), double(head), double(model), double(head)
+    res = L.reward_modeling(L.PolicyModel(m64, reward_head=h64), batch, margin=2.5, temperature=0.5)
+    res.loss.backward()
+    loss64, metrics64 = oracle(o64, oh64, batch, 2.5, 0.5)
+    loss64.backward()
+    assert res.loss.dtype == torch.float64
+    assert_close(res.loss.detach(), loss64.detach(), rtol=1e-12, atol=1e-12, what="loss")
+    assert_metrics(res, metrics64, METRICS, rtol=1e-12, atol=1e-12)
+    for (name, p), q in zip(list(m64.named_parameters()) + list(h64.named_parameters()),
+                            list(o64.parameters()) + list(oh64.parameters())):
+        assert (p.grad is None) == (q.grad is None), name
+        if p.grad is not None:
+            assert_close(p.grad, q.grad, rtol=1e-12, atol=1e-12, what=f"d {name}")
