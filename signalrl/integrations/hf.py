@@ -85,34 +85,15 @@ def _loss_reason(model: nn.Module) -> str | None:
     return None
 
 
-# Output-layer settings that change the logits after the head, besides those PolicyModel checks (soft-capping,
-# logit_scale, logits_scaling): Falcon-H1's lm_head_multiplier, Muse's output_multiplier. Read on the text config too.
-_LOGIT_SETTINGS = (("final_logit_softcapping", None), ("logit_scale", 1.0), ("logits_scaling", 1.0),
-                   ("lm_head_multiplier", 1.0), ("output_multiplier", 1.0))
-
-
-def _config_reason(model: nn.Module) -> str | None:
-    cfg = getattr(model, "config", None)
-    if cfg is None:
-        return None
-    text = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
-    for c in {id(cfg): cfg, id(text): text}.values():
-        for attr, neutral in _LOGIT_SETTINGS:
-            val = getattr(c, attr, neutral)
-            if val is not None and val != neutral:
-                return f"its config sets {attr}={val}"
-    return None
-
-
 def unsupported_reason(model: nn.Module) -> str | None:
     """Why the fused path cannot reproduce ``model``'s loss (None if it can): the checks of
-    :meth:`signalrl.losses.PolicyModel.fused_unsupported_reason`, the text config's logit settings, and the loss
-    function. (At run time :func:`patch` also checks, once per model, that the forward returns the output layer's
+    :meth:`signalrl.losses.PolicyModel.fused_unsupported_reason` (head type, logit settings of the config and its
+    text config) and the loss function. (At run time :func:`patch` also checks, once per model, that the forward returns the output layer's
     result untouched.)"""
     target = _causal_lm(model)
     if not callable(getattr(target, "get_output_embeddings", None)) or target.get_output_embeddings() is None:
         return "it has no output embeddings (get_output_embeddings() is None)"
-    return PolicyModel(target).fused_unsupported_reason() or _config_reason(target) or _loss_reason(target)
+    return PolicyModel(target).fused_unsupported_reason() or _loss_reason(target)
 
 
 def _warn_once(model: nn.Module, reason: str, what: str = "keeps its stock loss path") -> None:

@@ -29,6 +29,12 @@ from .. import ops
 IGNORE_INDEX = -100
 
 
+# Config settings that change the logits after the LM head (with their neutral values): Gemma-2's soft-capping,
+# Cohere's logit_scale, Granite's logits_scaling, Falcon-H1's lm_head_multiplier, Muse's output_multiplier.
+LOGIT_SETTINGS = (("final_logit_softcapping", None), ("logit_scale", 1.0), ("logits_scaling", 1.0),
+                  ("lm_head_multiplier", 1.0), ("output_multiplier", 1.0))
+
+
 class FusedPathWarning(UserWarning):
     """A model needs full logits (the fused hidden-state path cannot reproduce its output layer)."""
 
@@ -151,10 +157,14 @@ class PolicyModel(nn.Module):
         if not head.weight.is_floating_point():
             return f"its LM head weight is {head.weight.dtype} (quantized)"
         cfg = self.config
-        for attr, neutral in (("final_logit_softcapping", None), ("logit_scale", 1.0), ("logits_scaling", 1.0)):
-            val = getattr(cfg, attr, neutral)
-            if val is not None and val != neutral:
-                return f"its config sets {attr}={val}"
+        if cfg is None:
+            return None
+        text = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
+        for c in {id(cfg): cfg, id(text): text}.values():
+            for attr, neutral in LOGIT_SETTINGS:
+                val = getattr(c, attr, neutral)
+                if val is not None and val != neutral:
+                    return f"its config sets {attr}={val}"
         return None
 
     def _fused(self) -> bool:
