@@ -8,8 +8,9 @@ using ``at::parallel_for``; schemas in ``csrc/registration.cpp``, contract in
    ``SIGNAL_BUILD_NATIVE=1 pip install -e . --no-build-isolation`` and used while it is newer
    than the sources (if it fails to load, e.g. built for another torch, the JIT build is used);
 2. otherwise a just-in-time build with :func:`torch.utils.cpp_extension.load` (needs a C++
-   compiler and ninja; about a minute on two cores), cached in :func:`build_dir` and reused by
-   later processes as long as the sources, flags and torch version are unchanged. The sources are
+   compiler and ninja; about a minute on two cores), cached in a subdirectory of :func:`build_dir` named by
+   the hash of the sources and flags, and reused by later processes as long as they are unchanged (builds
+   of other source versions untouched for a week are removed after a successful build). The sources are
    ``csrc/`` of the checkout, or ``signalrl/_csrc/`` where a wheel was installed (wheels ship them).
 
 Nothing is compiled at import. If the extension cannot be built or loaded, :func:`available`
@@ -150,13 +151,32 @@ def _ensure_ninja_on_path() -> None:
     raise RuntimeError("ninja is not installed (pip install ninja)")
 
 
+_STALE_S = 7 * 24 * 3600  # a build of other sources untouched this long is removed after a successful build
+
+
+def _prune_other_builds(keep: Path) -> None:
+    """Remove builds of other source versions that nobody touched for a week (never the one in use)."""
+    import time
+
+    for other in keep.parent.iterdir():
+        if other == keep or not other.is_dir() or not (other / f"{LIBRARY}.fingerprint").exists():
+            continue
+        try:
+            if time.time() - other.stat().st_mtime > _STALE_S:
+                shutil.rmtree(other, ignore_errors=True)
+        except OSError:
+            pass
+
+
 def _jit_build() -> str:
     if not _CSRC.is_dir():
         raise RuntimeError(f"the C++ sources are not installed (no {_CSRC})")
-    d = build_dir()
+    fp = _fingerprint()
+    # one directory per source version: ninja rebuilds by file times, so two checkouts (a CI clone beside a working
+    # tree, say) sharing one directory would link each other's object files, and concurrent builds would race
+    d = build_dir() / fp[:16]
     lib = d / f"{LIBRARY}.so"
     stamp = d / f"{LIBRARY}.fingerprint"
-    fp = _fingerprint()
     if lib.exists() and stamp.exists() and stamp.read_text().strip() == fp:
         torch.ops.load_library(str(lib))
         return str(lib)
@@ -178,6 +198,7 @@ def _jit_build() -> str:
         verbose=os.environ.get("SIGNAL_NATIVE_VERBOSE", "") == "1",
     )
     stamp.write_text(fp)
+    _prune_other_builds(d)
     return str(lib)
 
 

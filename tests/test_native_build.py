@@ -372,9 +372,17 @@ def test_token_logprobs_inf_and_nan():
 
 
 @needs_native
-def test_token_logprobs_target_out_of_range_raises():
-    with pytest.raises(RuntimeError, match="out of range"):
-        native.get("token_logprobs_fwd")(torch.randn(2, 10), torch.tensor([1, 10]), 1.0, -100, False)
+def test_token_logprobs_target_out_of_range_is_nan_never_read():
+    """The kernel contract (docs/backends.md, "Bad inputs"): NaN log-prob, entropy as usual, no log-prob gradient;
+    the public op refuses such targets on CPU before any kernel runs."""
+    x = torch.randn(3, 10)
+    t = torch.tensor([1, 10, -2])
+    lp, ent, lse = native.get("token_logprobs_fwd")(x, t, 1.0, -100, True)
+    rlp, rent = ref.token_logprobs(x.double(), t, return_entropy=True)
+    assert torch.isfinite(lp[0]) and torch.isnan(lp[1:]).all()
+    torch.testing.assert_close(ent.double(), rent, rtol=1e-5, atol=1e-6)
+    g = native.get("token_logprobs_bwd")(torch.ones(3), torch.zeros(3), x, t, lse, ent, 1.0, -100)
+    assert (g[1:] == 0).all() and (g[0] != 0).any()
 
 
 # ---- family linear_logprobs -------------------------------------------------------------------

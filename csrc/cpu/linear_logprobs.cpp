@@ -1,5 +1,6 @@
 // family linear_logprobs: per-token log-probs (+ entropy) of logits = hidden @ weight.T + bias,
-// without materializing the [N, V] logits. Rows whose target is ignore_index are dropped up front.
+// without materializing the [N, V] logits. Rows whose target is ignore_index are dropped up front; a
+// target outside [0, V) gives a NaN log-prob and no log-prob gradient (never an out-of-bounds read).
 // The remaining rows are processed in blocks of kRows, the vocabulary in blocks of kVocab; each
 // [kRows, kVocab] float32 logits block comes from one GEMM (at::mm, float32 accumulation) and is
 // folded into a per-row online log-sum-exp. Memory: O(kRows·kVocab + (kRows + kVocab)·H) on top
@@ -7,6 +8,7 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <limits>
 #include <vector>
 
 #include "kernels.h"
@@ -62,9 +64,7 @@ LinearArgs prepare(const char* fn, const at::Tensor& hidden, const at::Tensor& w
   for (int64_t i = 0; i < a.N; ++i) {
     const int64_t t = a.targets[i];
     if (t == ignore_index) continue;
-    TORCH_CHECK(t >= 0 && t < a.V, fn, ": target ", t, " at row ", i, " is out of range [0, ",
-                a.V, ") and is not ignore_index");
-    rows.push_back(i);
+    rows.push_back(i);  // a target outside [0, V) is kept but never read: NaN log-prob, no log-prob gradient
   }
   a.Nv = static_cast<int64_t>(rows.size());
   a.valid_rows = at::empty({a.Nv}, targets_i64.options());
@@ -142,7 +142,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_token_logprobs_fwd(
     for (int64_t i = 0; i < nr; ++i) {
       const int64_t row = rows[r0 + i];
       ls[row] = state[i].lse(a.scale);
-      lp[row] = state[i].logprob(z_target[i], a.scale);
+      const int64_t t = a.targets[row];
+      lp[row] = (t >= 0 && t < a.V) ? state[i].logprob(z_target[i], a.scale)
+                                    : std::numeric_limits<float>::quiet_NaN();
       if (ent != nullptr) ent[row] = state[i].entropy();
     }
   }
@@ -186,7 +188,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_token_logprobs_bwd(
   for (int64_t k = 0; k < Nv; ++k) {
     const int64_t i = rows[k];
     r_lse[k] = split_lse(lse_t.data_ptr<double>()[i]);
-    r_gl[k] = g_lp_t.data_ptr<float>()[i];
+    r_gl[k] = (a.targets[i] >= 0 && a.targets[i] < a.V) ? g_lp_t.data_ptr<float>()[i] : 0.0f;
     r_c1[k] = has_ent ? g_ent_t.data_ptr<float>()[i] : 0.0f;
     r_c0[k] = r_gl[k] + (has_ent ? r_c1[k] * ent_t.data_ptr<float>()[i] : 0.0f);
     r_tgt[k] = a.targets[i];

@@ -5,6 +5,7 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <limits>
 #include <vector>
 
 #include "kernels.h"
@@ -51,11 +52,9 @@ namespace {
 // rows per parallel task: enough work (~64K elements) to amortize the task overhead
 int64_t row_grain(int64_t V) { return std::max<int64_t>(1, 65536 / std::max<int64_t>(V, 1)); }
 
-int64_t checked_target(int64_t t, int64_t V, int64_t row) {
-  TORCH_CHECK(t >= 0 && t < V, "signalrl_native: target ", t, " at row ", row,
-              " is out of range [0, ", V, ") and is not ignore_index");
-  return t;
-}
+// A target outside [0, V) that is not ignore_index is never read: its log-prob is NaN and its
+// log-prob gradient 0 (docs/backends.md, "Bad inputs"; the op layer refuses it on CPU first).
+inline bool target_in_range(int64_t t, int64_t V) { return t >= 0 && t < V; }
 
 template <typename scalar_t>
 void logprobs_fwd_rows(const scalar_t* logits, const int64_t* targets, int64_t N, int64_t V,
@@ -71,7 +70,6 @@ void logprobs_fwd_rows(const scalar_t* logits, const int64_t* targets, int64_t N
         if (entropy != nullptr) entropy[i] = 0.0f;
         continue;
       }
-      checked_target(t, V, i);
       const scalar_t* row = logits + i * V;
       OnlineLse acc;
       for (int64_t c = 0; c < V; c += kRowBlock) {
@@ -79,7 +77,8 @@ void logprobs_fwd_rows(const scalar_t* logits, const int64_t* targets, int64_t N
         acc.update(load_f32(row + c, n, buf.data()), n, scale, entropy != nullptr);
       }
       lse[i] = acc.lse(scale);
-      logprobs[i] = acc.logprob(static_cast<float>(row[t]) * scale, scale);
+      logprobs[i] = target_in_range(t, V) ? acc.logprob(static_cast<float>(row[t]) * scale, scale)
+                                          : std::numeric_limits<float>::quiet_NaN();
       if (entropy != nullptr) entropy[i] = acc.entropy();
     }
   });
@@ -98,10 +97,9 @@ void logprobs_bwd_rows(const float* g_lp, const float* g_ent, const scalar_t* lo
         std::fill(out, out + V, scalar_t(0));
         continue;
       }
-      checked_target(t, V, i);
       const scalar_t* row = logits + i * V;
       // d/dz_j = g_lp·(δ_jt − p_j) − g_H·p_j·(log p_j + H); d/dx = d/dz · scale
-      const float gl = g_lp[i];
+      const float gl = target_in_range(t, V) ? g_lp[i] : 0.0f;
       const float gh = g_ent != nullptr ? g_ent[i] : 0.0f;
       const float c0 = gl + (g_ent != nullptr ? gh * entropy[i] : 0.0f);
       const LseParts l = split_lse(lse[i]);

@@ -335,7 +335,8 @@ def _grad_chunk_kernel(
     g_lp = tl.load(glp_ptr + rows, mask=row_ok, other=0.0)
     if HAS_SCALE:
         g_lp = g_lp * tl.load(scale_ptr)
-    g_lp = tl.where(valid, g_lp, 0.0)
+    # ignored rows: no gradient; a target outside [0, V): NaN log-prob, no log-prob gradient (docs/backends.md)
+    g_lp = tl.where(valid & (tgt >= 0) & (tgt < V), g_lp, 0.0)
 
     # a row block whose targets are all ignore_index (e.g. prompt tokens) skips the product: its gradient is 0
     k_iters = tl.where(tl.sum(valid.to(tl.int32), 0) > 0, tl.cdiv(H, BLOCK_K), 0)

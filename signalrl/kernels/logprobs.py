@@ -19,7 +19,8 @@ log p = (z - hi) - lo from its float32 split (``split_lse``), so a float32 round
 Memory: the forward reads the logits once and writes 3 values per row; the backward reads them once and writes the
 gradient once (``token_logprobs_bwd_inplace`` writes it over the logits: no [N, V] allocation at all). Ignored rows
 are skipped (never read). Offsets are int64 (row * V overflows int32 at N = 32768, V = 262144). No host syncs.
-A target outside [0, V) that is not ``ignore_index`` gives a NaN log-prob (a loud, sync-free signal).
+A target outside [0, V) that is not ``ignore_index`` gives a NaN log-prob (a loud, sync-free signal), is never read,
+and gets no log-prob gradient (the entropy term still flows).
 """
 
 from __future__ import annotations
@@ -116,7 +117,8 @@ def _token_logprobs_bwd_kernel(
     row_ptr = logits_ptr + row * stride_row
     out_row = out_ptr + row * stride_out
     cols = tl.arange(0, BLOCK_V)
-    g_lp = tl.load(glp_ptr + row)
+    # a target outside [0, V) (not ignore_index) has a NaN log-prob and no log-prob gradient (docs/backends.md)
+    g_lp = tl.where((target >= 0) & (target < V), tl.load(glp_ptr + row), 0.0)
     lse_hi, lse_lo = split_lse(tl.load(lse_ptr + row))
     if WITH_ENTROPY:
         g_h = tl.load(gent_ptr + row)

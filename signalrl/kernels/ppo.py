@@ -185,6 +185,17 @@ def _value_token_math(v, old, ret, clip, HAS_CLIP: tl.constexpr):
     return loss, g, flag
 
 
+@triton.jit
+def _nan_min(a, b):
+    """min that keeps a NaN (torch.amin's semantics; tl.minimum/tl.min default to dropping it, as fminf does)."""
+    return tl.minimum(a, b, propagate_nan=tl.PropagateNan.ALL)
+
+
+@triton.jit
+def _nan_max(a, b):
+    return tl.maximum(a, b, propagate_nan=tl.PropagateNan.ALL)
+
+
 # ----------------------------------------------------------------------------- kernels
 @triton.jit
 def _ppo_fwd_kernel(
@@ -232,8 +243,8 @@ def _ppo_fwd_kernel(
         acc_akl += m * akl
         acc_ratio += m * ratio
         counted = inb & (m > 0)
-        r_min = tl.minimum(r_min, tl.where(counted, ratio, float("inf")))
-        r_max = tl.maximum(r_max, tl.where(counted, ratio, -float("inf")))
+        r_min = _nan_min(r_min, tl.where(counted, ratio, float("inf")))  # a counted NaN ratio makes the stat NaN
+        r_max = _nan_max(r_max, tl.where(counted, ratio, -float("inf")))
         if HAS_REF:
             acc_kl += m * kl
         if HAS_ENT:
@@ -246,8 +257,8 @@ def _ppo_fwd_kernel(
     tl.store(row + 4, tl.sum(acc_dual, axis=0))
     tl.store(row + 5, tl.sum(acc_akl, axis=0))
     tl.store(row + 6, tl.sum(acc_ratio, axis=0))
-    tl.store(row + 7, tl.min(r_min, axis=0))
-    tl.store(row + 8, tl.max(r_max, axis=0))
+    tl.store(row + 7, tl.reduce(r_min, 0, _nan_min))
+    tl.store(row + 8, tl.reduce(r_max, 0, _nan_max))
     tl.store(row + 9, tl.sum(acc_kl, axis=0))
     tl.store(row + 10, tl.sum(acc_ent, axis=0))
 
@@ -328,8 +339,8 @@ def _ppo_finish_kernel(part_ptr, P, loss_ptr, stats_ptr, BLOCK_P: tl.constexpr):
         s_dual += tl.load(row + 4, mask=ok, other=0.0)
         s_akl += tl.load(row + 5, mask=ok, other=0.0)
         s_ratio += tl.load(row + 6, mask=ok, other=0.0)
-        r_min = tl.minimum(r_min, tl.load(row + 7, mask=ok, other=float("inf")))
-        r_max = tl.maximum(r_max, tl.load(row + 8, mask=ok, other=-float("inf")))
+        r_min = _nan_min(r_min, tl.load(row + 7, mask=ok, other=float("inf")))
+        r_max = _nan_max(r_max, tl.load(row + 8, mask=ok, other=-float("inf")))
         s_kl += tl.load(row + 9, mask=ok, other=0.0)
         s_ent += tl.load(row + 10, mask=ok, other=0.0)
     count = tl.sum(s_n, axis=0)
@@ -339,8 +350,8 @@ def _ppo_finish_kernel(part_ptr, P, loss_ptr, stats_ptr, BLOCK_P: tl.constexpr):
     tl.store(stats_ptr + 1, tl.sum(s_dual, axis=0) * inv)
     tl.store(stats_ptr + 2, tl.sum(s_akl, axis=0) * inv)
     tl.store(stats_ptr + 3, tl.sum(s_ratio, axis=0) * inv)
-    tl.store(stats_ptr + 4, tl.where(count > 0, tl.min(r_min, axis=0), 0.0))
-    tl.store(stats_ptr + 5, tl.where(count > 0, tl.max(r_max, axis=0), 0.0))
+    tl.store(stats_ptr + 4, tl.where(count > 0, tl.reduce(r_min, 0, _nan_min), 0.0))
+    tl.store(stats_ptr + 5, tl.where(count > 0, tl.reduce(r_max, 0, _nan_max), 0.0))
     tl.store(stats_ptr + 6, tl.sum(s_pg, axis=0))
     tl.store(stats_ptr + 7, tl.sum(s_ent, axis=0) * inv)
     tl.store(stats_ptr + 8, tl.sum(s_kl, axis=0) * inv)

@@ -3,6 +3,8 @@ equals Σ_i w_i·ℓ_i for weights that depend on the mask only, so fused kernel
 """
 from __future__ import annotations
 
+import math
+
 import torch
 
 from ..reference.ppo import AGGREGATIONS
@@ -21,11 +23,11 @@ def token_weights(
         m = torch.ones(shape, dtype=torch.float32, device=device)
     else:
         m = mask.to(torch.float32)
-    rows = m.unsqueeze(0) if m.dim() == 1 else m.reshape(-1, m.shape[-1])
+    rows = m.unsqueeze(0) if m.dim() == 1 else m.reshape(math.prod(m.shape[:-1]), m.shape[-1])
     if aggregation == "token-mean":
         w = rows / rows.sum().clamp_min(1.0)
     elif aggregation == "seq-mean-token-sum-norm":
-        w = rows / float(rows.numel())
+        w = rows / float(max(rows.numel(), 1))
     elif aggregation in ("seq-mean-token-sum", "seq-mean-token-mean"):
         row_tokens = rows.sum(-1, keepdim=True)
         rows_valid = (row_tokens > 0).to(torch.float32).sum().clamp_min(1.0)

@@ -7,6 +7,8 @@ inputs are read as constants (as in every PPO code base) and the outputs do not 
 """
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
@@ -45,13 +47,15 @@ def gae(
         rewards, values: ``[B, T]`` (or ``[..., T]``; 1-D is one row), float32, bfloat16 or float16
             (float64 runs the reference), same shape and device.
         mask: optional ``[B, T]``, nonzero (True) where a token is part of the trajectory. Rewards and
-            values outside it are never read into the result (NaN or inf there change nothing).
+            values outside it are never read into the result (NaN or inf there change nothing). Its values
+            must be finite and ≥ 0 as for every op's mask (a ``ValueError`` on CPU; unchecked on CUDA).
         gamma, lam: discount and GAE λ, in [0, 1].
         last_values: optional ``[B]`` (``rewards.shape[:-1]``) bootstrap value after the last valid
             token of each row; 0 if None.
 
     Returns:
-        ``(advantages, returns)``, float32 ``[B, T]``, not differentiable.
+        ``(advantages, returns)``, float32 ``[B, T]`` (float64 for float64 input), not differentiable.
+        B = 0 or T = 0 gives empty outputs of the input shape.
 
     Math: per row, drop masked positions, then δ_k = r_k + γ·V_{k+1} − V_k (V_{K+1} = last_values),
     A_k = δ_k + γλ·A_{k+1}, R_k = A_k + V_k, scattered back with 0 at masked positions. This covers
@@ -74,9 +78,11 @@ def gae(
                 f"last_values: expected shape {tuple(lead)} (rewards.shape[:-1]), got {tuple(last_values.shape)}"
             )
         v.same_device("last_values", last_values, "rewards", rewards)
+    v.mask_values("mask", mask)
+    B = math.prod(lead)
 
     def rows(x):
-        return None if x is None else x.detach().reshape(-1, T)
+        return None if x is None else x.detach().reshape(B, T)
 
     def ref_fn(r, val, m, last):
         lv = None if last is None else last.reshape(-1)

@@ -64,12 +64,13 @@ def kl_penalty(logprobs: Tensor, ref_logprobs: Tensor, estimator: str = "k3") ->
 
     Args:
         logprobs: ``[B, T]`` (any shape) float32, bfloat16 or float16 (float64 runs the reference).
-        ref_logprobs: the same shape and device, any float dtype.
+        ref_logprobs: the same shape and device, any float dtype (float64 runs the reference).
         estimator: with d = logprobs − ref_logprobs, ``k1`` = d, ``k2`` = ½·d²,
             ``k3`` = exp(−d) + d − 1 (unbiased and non-negative), ``abs`` = |d|.
 
     Returns:
-        float32 tensor of the input shape. Differentiable in both inputs.
+        float32 tensor of the input shape (float64 for a float64 input; empty for an empty input).
+        Differentiable in both inputs.
     Memory: the output plus, in backward, one float32 gradient of the input size.
     """
     v.tensor("logprobs", logprobs, dtypes=v.FLOAT_DTYPES)

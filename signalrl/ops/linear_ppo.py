@@ -140,12 +140,15 @@ def linear_ppo_loss(
 
     Args:
         hidden: ``[B, T, H]`` (any leading dims; ``[N, H]`` is one row) float32, bfloat16 or float16
-            (float64 runs the reference).
-        weight: ``[V, H]`` LM head, same dtype and device as ``hidden``; bias: optional ``[V]``.
-        targets: ``[B, T]`` int64/int32 sampled token ids, or ``ignore_index`` (such tokens do not count).
+            (float64 runs the reference); H ≥ 1. An empty batch is an all-masked one: loss and stats 0.
+        weight: ``[V, H]`` LM head (V ≥ 1), same dtype and device as ``hidden``; bias: optional ``[V]``, same dtype.
+        targets: ``[B, T]`` int64/int32 sampled token ids in ``[0, V)``, or ``ignore_index`` (such tokens do not
+            count); other values: as in :func:`signalrl.ops.token_logprobs` (ValueError on CPU, NaN on CUDA).
         old_logprobs, advantages: ``[B, T]`` float (read as float32): log π_old of the targets and per-token
-            advantages (e.g. GAE).
-        mask: optional ``[B, T]``, 1 where a token counts (combined with ``targets != ignore_index``). The counted
+            advantages (e.g. GAE). A float64 one (or ``ref_logprobs``) makes loss and stats float64 on every backend
+            (the fused backends compute in float32 and convert).
+        mask: optional ``[B, T]``, 1 where a token counts (combined with ``targets != ignore_index``); weights ≥ 0
+            as in :func:`signalrl.ops.clipped_surrogate`. The counted
             tokens *select*: whatever ``old_logprobs``, ``advantages`` or ``ref_logprobs`` hold elsewhere (NaN,
             ±inf), loss, stats and gradients equal those with zeros there.
         ref_logprobs: optional ``[B, T]`` log π_ref for the KL penalty (``kl`` stat is 0 without it).
@@ -175,6 +178,7 @@ def linear_ppo_loss(
     when it is frozen (LoRA). Exact bound: :func:`signalrl.kernels.linear_logprobs.backward_plan`. The reference
     materializes ``[N, V]`` float32 logits.
     """
+    v.tensor("hidden", hidden, dtypes=v.FLOAT_DTYPES, min_dim=2)  # [N, H] at least: the loss needs a token row
     v.linear_head(hidden, weight, targets, bias)
     H = hidden.shape[-1]
     for name, x in (("old_logprobs", old_logprobs), ("advantages", advantages), ("ref_logprobs", ref_logprobs)):
@@ -186,14 +190,13 @@ def linear_ppo_loss(
     v.optional_mask("mask", mask, "targets", targets)
     temperature = v.positive("temperature", temperature)
     clip_low, clip_high, dual_clip = v.clip_range(clip_low, clip_high, dual_clip)
-    for name, c in (("kl_coef", kl_coef), ("entropy_coef", entropy_coef)):
-        if isinstance(c, bool) or not isinstance(c, (int, float)) or c != c or c in (float("inf"), float("-inf")):
-            raise ValueError(f"{name}: expected a finite number, got {c!r}")
-    kl_coef, entropy_coef = float(kl_coef), float(entropy_coef)
+    kl_coef, entropy_coef = v.finite("kl_coef", kl_coef), v.finite("entropy_coef", entropy_coef)
     v.choice("kl_estimator", kl_estimator, KL_ESTIMATORS)
     v.choice("aggregation", aggregation, AGGREGATIONS)
     log_ratio_clamp = v.optional_positive("log_ratio_clamp", log_ratio_clamp)
-    ignore_index = int(ignore_index)
+    ignore_index = v.index("ignore_index", ignore_index)
+    v.targets_in_range(targets, weight.shape[0], ignore_index)
+    v.mask_values("mask", mask)
 
     def ref_fn(h, w, t, old, adv, m, b, ref):
         return reference.linear_ppo_loss(
@@ -205,6 +208,9 @@ def linear_ppo_loss(
     backend = backend_for("linear_ppo", "linear_ppo_fwd", hidden)
     if hidden.dtype == torch.float64 or targets.numel() == 0:
         backend = "reference"
+    # a float64 per-token input makes the reference's result float64; the fused kernel keeps running (the reference
+    # would materialize [N, V] logits) and its float32 loss and stats are returned as float64, as the reference's
+    out_f64 = torch.float64 in (old_logprobs.dtype, advantages.dtype, getattr(ref_logprobs, "dtype", None))
     inputs = (hidden, weight, targets, old_logprobs, advantages, mask, bias, ref_logprobs)
     if backend == "reference":
         return ref_fn(*inputs)
@@ -222,6 +228,8 @@ def linear_ppo_loss(
             _flat32(wts), _flat32(counted), ref2, temperature, ignore_index, clip_low, clip_high, dual_clip,
             kl_estimator, kl_coef, entropy_coef, log_ratio_clamp, backend,
         )
+        if out_f64:
+            loss, stats = loss.double(), stats.double()
         return loss, dict(zip(STAT_KEYS, stats.unbind(0)))
 
     if check_enabled():

@@ -136,17 +136,23 @@ def token_logprobs(
 
     Args:
         logits: ``[..., V]`` float32, bfloat16 or float16 (float64 runs the reference).
-        targets: ``[...]`` int64/int32 token ids in ``[0, V)``, or ``ignore_index``.
-        temperature: T > 0; logits are divided by it.
-        ignore_index: targets with this value give 0 and receive no gradient.
+        targets: ``[...]`` int64/int32 token ids in ``[0, V)``, or ``ignore_index``. Any other value is a
+            ``ValueError`` naming the first one for CPU tensors; on CUDA it is not checked (that would sync) and
+            gives a NaN log-prob (docs/backends.md, "Bad inputs").
+        temperature: T > 0 (finite); logits are divided by it.
+        ignore_index: an int; targets with this value give 0 and receive no gradient.
         return_entropy: also return the entropy of softmax(logits / T) per position.
         inplace_backward: Triton only — write d(logits) into the logits buffer during backward
             (saves an ``[N, V]`` allocation; the logits must not be used after backward).
 
     Returns:
-        log-probs ``[...]`` float32 (and entropy ``[...]`` float32). Ignored positions are 0.
+        log-probs ``[...]`` float32 (and entropy ``[...]`` float32; float64 for float64 logits). Ignored positions
+        are 0. An empty ``[...]`` gives empty outputs; V = 0 is a ``ValueError``.
 
-    Math: logprob = z_t − logsumexp(z), entropy = −Σ p log p, z = logits / T.
+    Math: logprob = z_t − logsumexp(z), entropy = −Σ p log p, z = logits / T, with IEEE semantics for non-finite
+    logits as ``torch.log_softmax``: a −inf logit has p = 0 (log-prob −inf if it is the target; entropy unaffected);
+    a counted row holding a NaN or +inf logit, or only −inf, gives NaN log-prob and entropy (its gradient is
+    unspecified).
     Memory: the fused backends read the logits once forward and once backward with an online
     log-sum-exp, allocating only O(N) float32 beside the ``[N, V]`` gradient; the reference
     materializes an ``[N, V]`` float32 log-softmax.
@@ -159,9 +165,13 @@ def token_logprobs(
         )
     v.same_device("targets", targets, "logits", logits)
     temperature = v.positive("temperature", temperature)
+    ignore_index = v.index("ignore_index", ignore_index)
+    return_entropy = v.flag("return_entropy", return_entropy)
+    inplace_backward = v.flag("inplace_backward", inplace_backward)
     V = logits.shape[-1]
     if V == 0:
         raise ValueError("logits: expected a non-empty vocabulary dimension, got shape " f"{tuple(logits.shape)}")
+    v.targets_in_range(targets, V, ignore_index)
     lead = targets.shape
     backend = backend_for("logprobs", "token_logprobs_fwd", logits)
     if logits.dtype == torch.float64 or targets.numel() == 0:
@@ -278,9 +288,9 @@ def linear_token_logprobs(
     Args:
         hidden: ``[..., H]`` float32, bfloat16 or float16.
         weight: ``[V, H]`` LM-head weight, same dtype as ``hidden``.
-        targets: ``[...]`` int64/int32 in ``[0, V)`` or ``ignore_index``.
-        bias: optional ``[V]``.
-        temperature, ignore_index, return_entropy: as in :func:`token_logprobs`.
+        targets: ``[...]`` int64/int32 in ``[0, V)`` or ``ignore_index`` (checked as in :func:`token_logprobs`).
+        bias: optional ``[V]``, same dtype as ``hidden``.
+        temperature, ignore_index, return_entropy: as in :func:`token_logprobs`. H = 0 or V = 0 is a ``ValueError``.
 
     Returns:
         log-probs ``[...]`` float32 (and entropy ``[...]`` float32).
@@ -296,6 +306,9 @@ def linear_token_logprobs(
     v.linear_head(hidden, weight, targets, bias)
     H = hidden.shape[-1]
     temperature = v.positive("temperature", temperature)
+    ignore_index = v.index("ignore_index", ignore_index)
+    return_entropy = v.flag("return_entropy", return_entropy)
+    v.targets_in_range(targets, weight.shape[0], ignore_index)
     lead = targets.shape
     backend = backend_for("linear_logprobs", "linear_token_logprobs_fwd", hidden)
     if hidden.dtype == torch.float64 or targets.numel() == 0:

@@ -32,6 +32,11 @@ def _flat(x: Tensor) -> Tensor:
     return x.reshape(-1).contiguous()
 
 
+def _any_f64(*xs: Tensor) -> bool:
+    """A float64 input makes a float64 result: such calls run the reference on every backend."""
+    return any(x is not None and x.dtype == torch.float64 for x in xs)
+
+
 def _check_per_token(name: str, x, ref_name: str, ref: Tensor) -> Tensor:
     v.tensor(name, x, dtypes=v.FLOAT_DTYPES)
     v.same_shape(name, x, ref_name, ref)
@@ -99,9 +104,13 @@ def clipped_surrogate(
 
     Args:
         logprobs: ``[B, T]`` (or ``[..., T]``; 1-D is one row) log π_θ of the sampled tokens;
-            float32, bfloat16 or float16 (float64 runs the reference).
-        old_logprobs, advantages: same shape and device, any float dtype (read as float32).
-        mask: optional ``[B, T]``, 1 (or True) where a token counts; fractional values weight tokens.
+            float32, bfloat16 or float16 (float64 runs the reference). An empty batch (any size 0) is an
+            all-masked one: loss and stats 0.
+        old_logprobs, advantages: same shape and device, any float dtype (read as float32; a float64 one makes
+            the result float64 and runs the reference).
+        mask: optional ``[B, T]``, 1 (or True) where a token counts; values are weights, finite and ≥ 0
+            (0 = not counted, 0.5 = half a token); a negative, NaN or inf value is a ``ValueError`` on CPU
+            (not checked on CUDA: that would sync).
             The mask *selects*: whatever a masked position of ``logprobs``, ``old_logprobs`` or
             ``advantages`` holds (NaN, ±inf), loss, stats and gradients equal those with zeros there, and
             the gradient there is exactly 0.
@@ -134,6 +143,7 @@ def clipped_surrogate(
     clip_low, clip_high, dual_clip = v.clip_range(clip_low, clip_high, dual_clip)
     v.choice("aggregation", aggregation, AGGREGATIONS)
     log_ratio_clamp = v.optional_positive("log_ratio_clamp", log_ratio_clamp)
+    v.mask_values("mask", mask)
 
     def ref_fn(lp, old, adv, m):
         return reference.clipped_surrogate(
@@ -142,7 +152,7 @@ def clipped_surrogate(
         )
 
     backend = backend_for("ppo", "ppo_token_fwd", logprobs)
-    if logprobs.dtype == torch.float64 or logprobs.numel() == 0:
+    if _any_f64(logprobs, old_logprobs, advantages) or logprobs.numel() == 0:
         backend = "reference"
     if backend == "reference":
         return ref_fn(logprobs, old_logprobs, advantages, mask)
@@ -212,9 +222,11 @@ def value_loss(
 
     Args:
         values: ``[B, T]`` (or ``[..., T]``) predictions of the value head; float32, bfloat16 or
-            float16 (float64 runs the reference).
-        old_values, returns: same shape and device, any float dtype (read as float32).
-        mask: optional ``[B, T]``, 1 (or True) where a token counts. It *selects*: whatever a masked
+            float16 (float64 runs the reference). An empty batch gives loss and stats 0.
+        old_values, returns: same shape and device, any float dtype (read as float32; float64 runs the
+            reference and gives float64).
+        mask: optional ``[B, T]``, 1 (or True) where a token counts; weights ≥ 0 as in
+            :func:`clipped_surrogate`. It *selects*: whatever a masked
             position of ``values``, ``old_values`` or ``returns`` holds (NaN, ±inf), loss, stats and
             gradients equal those with zeros there (the gradient there is exactly 0).
         clip: c > 0 clips the new prediction to ``old_values ± c``; None disables clipping.
@@ -237,12 +249,13 @@ def value_loss(
     if clip is not None:
         clip = v.positive("clip", clip)
     v.choice("aggregation", aggregation, AGGREGATIONS)
+    v.mask_values("mask", mask)
 
     def ref_fn(val, old, ret, m):
         return reference.value_loss(val, old, ret, m, clip=clip, aggregation=aggregation)
 
     backend = backend_for("ppo", "value_loss_fwd", values)
-    if values.dtype == torch.float64 or values.numel() == 0:
+    if _any_f64(values, old_values, returns) or values.numel() == 0:
         backend = "reference"
     if backend == "reference":
         return ref_fn(values, old_values, returns, mask)

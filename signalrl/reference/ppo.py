@@ -11,6 +11,8 @@ masked position is exactly 0.
 """
 from __future__ import annotations
 
+import math
+
 import torch
 
 from ._dtype import acc_dtype
@@ -22,7 +24,8 @@ AGGREGATIONS = ("token-mean", "seq-mean-token-sum", "seq-mean-token-mean", "seq-
 
 
 def _rows(x: torch.Tensor) -> torch.Tensor:
-    return x.unsqueeze(0) if x.dim() == 1 else x.reshape(-1, x.shape[-1])
+    # rows by the product of the leading sizes, not -1: a [0, 0] batch has no inferable row count
+    return x.unsqueeze(0) if x.dim() == 1 else x.reshape(math.prod(x.shape[:-1]), x.shape[-1])
 
 
 def _mask_for(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
@@ -38,7 +41,7 @@ def aggregate(per_token: torch.Tensor, mask: torch.Tensor | None = None, mode: s
     - ``seq-mean-token-mean``:     (1/B') Σ_rows (Σ_t x·m / Σ_t m)
     - ``seq-mean-token-sum-norm``: Σ x·m / (B·T)   (Dr. GRPO: a constant horizon, no length bias)
 
-    Every denominator is clamped to ≥ 1, so an all-masked batch gives 0.
+    Every denominator is clamped to ≥ 1, so an all-masked batch gives 0, and so does an empty one.
     """
     m = _rows(_mask_for(per_token, mask))
     x = zero_outside(_rows(per_token), m)
@@ -51,11 +54,13 @@ def aggregate(per_token: torch.Tensor, mask: torch.Tensor | None = None, mode: s
     if mode == "seq-mean-token-mean":
         return ((x * m).sum(-1) / row_tokens.clamp_min(1.0)).sum() / rows_valid
     if mode == "seq-mean-token-sum-norm":
-        return (x * m).sum() / float(x.numel())
+        return (x * m).sum() / float(max(x.numel(), 1))
     raise ValueError(f"aggregation: expected one of {AGGREGATIONS}, got {mode!r}")
 
 
 def _masked_extreme(x: torch.Tensor, m: torch.Tensor, largest: bool) -> torch.Tensor:
+    if x.numel() == 0:  # an empty batch: no counted token (a shape test, no sync)
+        return x.new_zeros(())
     fill = float("-inf") if largest else float("inf")
     masked = torch.where(m > 0, x, torch.full_like(x, fill))
     ext = masked.amax() if largest else masked.amin()
@@ -195,6 +200,9 @@ def linear_ppo_loss(
     logp, entropy = linear_token_logprobs(
         hidden, weight, targets, bias=bias, temperature=temperature, ignore_index=ignore_index, return_entropy=True
     )
+    # any float64 input makes every result float64 (the loss and every stat, whatever kl_coef and entropy_coef)
+    dt = acc_dtype(logp, old_logprobs, advantages, ref_logprobs)
+    logp, entropy = logp.to(dt), entropy.to(dt)
     m = (targets != ignore_index).to(logp.dtype)
     if mask is not None:
         m = m * mask.to(logp.dtype)

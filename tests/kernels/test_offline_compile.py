@@ -56,6 +56,7 @@ def scenario_ppo_ops():
                 mask = torch.rand(shape) > 0.3
                 for dual in (None, 3.0):
                     ops.clipped_surrogate(lp, old, adv, mask, dual_clip=dual)
+                ops.clipped_surrogate(lp, old, adv, mask, log_ratio_clamp=20.0)  # the clamp path (HAS_LR_CLAMP)
                 for clip in (None, 0.2):
                     ops.value_loss(lp, old, adv, mask, clip=clip)
                 for est in ("k1", "k2", "k3", "abs") if dt == "float32" else ("k3",):
@@ -194,8 +195,8 @@ def scenario_linear_ppo():
     t = torch.randint(0, V, (2, 24))
     old, adv, mask = _t(2, 24), _t(2, 24), torch.rand(2, 24) > 0.2
     calls = [dict(ref_logprobs=_t(2, 24), kl_coef=0.1, kl_estimator=est) for est in ("k1", "k2", "k3", "abs")]
-    calls += [dict(dual_clip=3.0, entropy_coef=0.01, bias=True), dict(dual_clip=3.0, ref_logprobs=_t(2, 24),
-                                                                     kl_coef=0.1, bias=True), dict()]
+    calls += [dict(dual_clip=3.0, entropy_coef=0.01, bias=True, log_ratio_clamp=20.0),
+              dict(dual_clip=3.0, ref_logprobs=_t(2, 24), kl_coef=0.1, bias=True), dict()]
     with ops.use_backend("triton"):
         for dt in ("bfloat16", "float32"):
             for kw in calls if dt == "bfloat16" else calls[-2:-1]:
@@ -384,6 +385,8 @@ def test_constexpr_and_dtype_combinations_the_launchers_use(report):
         assert any(c[0] == dual and not c[1] and c[3] for c in ppo)
         for dt in ("*fp32", "*bf16", "*fp16"):
             assert (dual, False, 2, False, dt) in ppo  # clipped_surrogate (k3 is its fixed estimator code)
+    lr_clamp = _combos(report, "_ppo_fwd_kernel", "HAS_LR_CLAMP", "HAS_ENT")
+    assert {(True, False), (True, True)} <= lr_clamp  # log_ratio_clamp: clipped_surrogate and linear_ppo_loss
     per_prog = _combos(report, "_ppo_fwd_kernel", "blocks_per_prog")
     assert (1,) in per_prog and ("i32",) in per_prog
     assert _combos(report, "_value_fwd_kernel", "HAS_CLIP") == {(False,), (True,)}

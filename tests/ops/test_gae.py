@@ -227,9 +227,9 @@ def test_torch_compile_fullgraph(backend):
 @pytest.mark.parametrize("mask_dtype", [torch.bool, torch.float32, torch.int64, torch.uint8])
 def test_gae_mask_dtypes_mean_nonzero(backend, mask_dtype):
     rewards, values, last = _inputs((3, 21))
-    codes = torch.randint(-1, 3, (3, 21))  # −1, 0, 1, 2: nonzero counts, like the reference's mask.bool()
-    mask = (codes != 0) if mask_dtype == torch.bool else codes.abs().to(mask_dtype) if mask_dtype == torch.uint8 \
-        else codes.to(mask_dtype)
+    # 0, 1, 2: nonzero counts, like the reference's mask.bool() (a negative weight is an error: tests/ops/test_errors.py)
+    codes = torch.randint(0, 3, (3, 21))
+    mask = (codes != 0) if mask_dtype == torch.bool else codes.to(mask_dtype)
     with use_backend(backend):
         adv, ret = ops.gae(rewards, values, mask, last_values=last)
     adv_t, ret_t = gae_truth(rewards, values, codes != 0, last_values=last)
