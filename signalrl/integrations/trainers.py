@@ -32,7 +32,6 @@ from torch import Tensor, nn
 
 from .. import ops
 from ..losses.model import PolicyModel
-from .hf import _config_reason
 
 try:
     import trl
@@ -152,7 +151,7 @@ def fused_head_outputs(hidden: Tensor, weight: Tensor, bias: Tensor | None, labe
 
 def _fused_reason(model: nn.Module) -> str | None:
     """Why Signal's op cannot reproduce this model's logits (None if it can)."""
-    return PolicyModel(model).fused_unsupported_reason() or _config_reason(model)
+    return PolicyModel(model).fused_unsupported_reason()
 
 
 def _signal_head_forward(self, *args, **kwargs):
