@@ -66,7 +66,7 @@ SIGNAL_KERNELS: dict[str, tuple[str, str]] = {
     "linear_token_logprobs": ("linear_logprobs", "linear_token_logprobs_fwd"),
     "gae": ("gae", "gae_fwd"),
     "clipped_surrogate": ("ppo", "ppo_token_fwd"),
-    "kl_penalty": ("ppo", "kl_penalty_fwd"),
+    "kl_penalty": ("kl", "kl_penalty_fwd"),
     "value_loss": ("ppo", "value_loss_fwd"),
     "linear_ppo_loss": ("linear_ppo", "linear_ppo_fwd"),
 }

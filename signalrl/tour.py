@@ -43,7 +43,7 @@ def _cases(torch, device):
          lambda o, x, t: o.token_logprobs(x, t, return_entropy=True)),
         ("linear_token_logprobs", "linear_logprobs", "linear_token_logprobs_fwd", linear_in,
          lambda o, h, w, t: o.linear_token_logprobs(h, w, t, return_entropy=True)),
-        ("kl_penalty", "ppo", "kl_penalty_fwd", ppo_in, lambda o, lp, old, a, m: o.kl_penalty(lp, old, "k3")),
+        ("kl_penalty", "kl", "kl_penalty_fwd", ppo_in, lambda o, lp, old, a, m: o.kl_penalty(lp, old, "k3")),
         ("clipped_surrogate", "ppo", "ppo_token_fwd", ppo_in,
          lambda o, lp, old, a, m: o.clipped_surrogate(lp, old, a, m, dual_clip=3.0)[0]),
         ("value_loss", "ppo", "value_loss_fwd", ppo_in, lambda o, v, old, r, m: o.value_loss(v, old, r, m, clip=0.2)[0]),

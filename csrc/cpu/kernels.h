@@ -36,7 +36,7 @@ std::tuple<at::Tensor, at::Tensor> gae_fwd(const at::Tensor& rewards, const at::
                                            const at::Tensor& mask, const at::Tensor& last_values,
                                            double gamma, double lam);
 
-// family ppo: per-token PPO epilogue, clipped value loss, KL estimators (csrc/cpu/ppo.cpp).
+// family ppo: per-token PPO epilogue, clipped value loss (csrc/cpu/ppo.cpp).
 // The mask selects: per-token inputs are read as 0 where mask == 0, whatever they hold.
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> ppo_token_fwd(
     const at::Tensor& logprobs, const at::Tensor& old_logprobs, const at::Tensor& advantages,
@@ -49,6 +49,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> value_loss_fwd(
     const at::Tensor& values, const at::Tensor& old_values, const at::Tensor& returns,
     const at::Tensor& weights, const at::Tensor& mask, std::optional<double> clip);
 
+// family kl: the KL estimators on [N] vectors (csrc/cpu/kl.cpp)
 at::Tensor kl_penalty_fwd(const at::Tensor& logprobs, const at::Tensor& ref_logprobs,
                           c10::string_view estimator);
 
@@ -82,6 +83,8 @@ void check_vec_f32(const char* fn, const char* name, const at::Tensor& t, int64_
                    bool allow_empty);
 // lse crosses the forward/backward boundary as float64 [n] (see rowops.h: split_lse)
 void check_lse(const char* fn, const at::Tensor& t, int64_t n);
+// A CPU 1-D float tensor of length n read as contiguous float32 (converted from bfloat16/float16/float64).
+at::Tensor vec_f32(const char* fn, const char* name, const at::Tensor& t, int64_t n);
 }  // namespace detail
 
 }  // namespace signalrl

@@ -45,6 +45,15 @@ void check_lse(const char* fn, const at::Tensor& t, int64_t n) {
               t.scalar_type());
 }
 
+// a 1-D float tensor of length n read as contiguous float32 (converted from bfloat16/float16/float64)
+at::Tensor vec_f32(const char* fn, const char* name, const at::Tensor& t, int64_t n) {
+  TORCH_CHECK(t.defined() && t.device().is_cpu(), fn, ": ", name, " must be a CPU tensor");
+  TORCH_CHECK(t.dim() == 1 && t.size(0) == n, fn, ": ", name, " must be [", n, "], got shape ", t.sizes());
+  TORCH_CHECK(at::isFloatingType(t.scalar_type()), fn, ": ", name, " must be a float tensor, got ",
+              t.scalar_type());
+  return t.to(at::kFloat).contiguous();
+}
+
 }  // namespace detail
 
 namespace {

@@ -1,9 +1,9 @@
-// family ppo: the per-token PPO epilogue (clipped surrogate + KL + entropy bonus), the clipped value loss and
-// the KL estimators on [N] vectors. The math is that of docs/backends.md (family ppo) and of the Triton
-// kernels (signalrl/kernels/ppo.py): per-token values in float32 as the reference computes them (the
-// ties of max/min split the gradient in halves, clamp passes it on its closed interval; approx_kl's ρ − 1 − log ρ
-// is formed in float64), sums in float64;
-// the KL estimators branch-free in float32 so their loops vectorize.
+// family ppo: the per-token PPO epilogue (clipped surrogate + KL + entropy bonus) and the clipped value loss
+// (the KL estimators: kl.h for their math, kl.cpp for the kl ops). The math is that of docs/backends.md
+// (family ppo) and of the Triton kernels (signalrl/kernels/ppo.py): per-token values in float32 as the reference
+// computes them (the ties of max/min split the gradient in halves, clamp passes it on its closed interval;
+// approx_kl's ρ − 1 − log ρ is formed in float64), sums in float64. Stats are written in the order of
+// signalrl/reference/stat_keys.py (PPO_STAT_KEYS, VALUE_STAT_KEYS).
 // The mask selects: every per-token input is read as 0 where mask == 0 (a ternary, never a product with the mask,
 // since NaN·0 = NaN), so whatever a masked position holds, results equal those with zeros there.
 // Statistics are partial sums over fixed chunks of kChunk tokens, merged in chunk order: the result does not
@@ -18,6 +18,7 @@
 
 #include "common.h"
 #include "kernels.h"
+#include "kl.h"
 
 namespace signalrl {
 
@@ -27,89 +28,6 @@ constexpr int64_t kChunk = 4096;
 constexpr double kInf = std::numeric_limits<double>::infinity();
 constexpr double kNaN = std::numeric_limits<double>::quiet_NaN();
 
-enum class KlEst { k1, k2, k3, abs };
-
-KlEst kl_code(const char* fn, c10::string_view name) {
-  if (name == "k1") return KlEst::k1;
-  if (name == "k2") return KlEst::k2;
-  if (name == "k3") return KlEst::k3;
-  if (name == "abs") return KlEst::abs;
-  TORCH_CHECK(false, fn, ": kl_estimator must be one of k1, k2, k3, abs, got '", name, "'");
-}
-
-// Σ_{n=0}^{8} (−d)^n / (n + K)!, by Horner from the last term: the tails of exp(−d) that k3 needs near d = 0,
-// k3 = d²·exp_tail<2>(d) and 1 − exp(−d) = d·exp_tail<1>(d) (truncated below 1e-9 relative for |d| < 1/2).
-template <int K>
-inline float exp_tail(float d) {
-  constexpr float kFactorial[] = {1.0f, 1.0f, 2.0f, 6.0f, 24.0f, 120.0f, 720.0f, 5040.0f, 40320.0f, 362880.0f,
-                                  3628800.0f};
-  constexpr int kTerms = 9;
-  float p = 1.0f / kFactorial[kTerms - 1 + K];
-  for (int n = kTerms - 2; n >= 0; --n) p = p * d + (n % 2 ? -1.0f : 1.0f) / kFactorial[n + K];
-  return p;
-}
-
-// KL estimate of d = lp − ref and its derivative in d, in float32 without branches (the loops vectorize).
-// k3: exp(−d) + d − 1 and 1 − exp(−d) cancel catastrophically near d = 0, where a policy close to its reference
-// lives, so for |d| < 1/2 their Taylor series are used, truncated below 1e-9 relative (as the Triton kernel does).
-template <KlEst E>
-inline void kl_math_t(float d, float& kl, float& g) {
-  if constexpr (E == KlEst::k1) {
-    kl = d;
-    g = 1.0f;
-  } else if constexpr (E == KlEst::k2) {
-    kl = 0.5f * d * d;
-    g = d;
-  } else if constexpr (E == KlEst::k3) {
-    const float e = vexp(-d);
-    const float p = exp_tail<2>(d);
-    const float q = exp_tail<1>(d);
-    const bool small = std::fabs(d) < 0.5f;
-    kl = small ? d * d * p : e + d - 1.0f;
-    g = small ? d * q : 1.0f - e;
-  } else {
-    kl = std::fabs(d);
-    g = d > 0 ? 1.0f : (d < 0 ? -1.0f : 0.0f);
-  }
-}
-
-// f(std::integral_constant<KlEst, E>{}) for the runtime estimator: one instantiation per estimator
-template <class F>
-inline void with_estimator(KlEst est, F&& f) {
-  switch (est) {
-    case KlEst::k1: return f(std::integral_constant<KlEst, KlEst::k1>{});
-    case KlEst::k2: return f(std::integral_constant<KlEst, KlEst::k2>{});
-    case KlEst::k3: return f(std::integral_constant<KlEst, KlEst::k3>{});
-    case KlEst::abs: return f(std::integral_constant<KlEst, KlEst::abs>{});
-  }
-}
-
-inline void kl_math(float d, KlEst est, float& kl, float& g) {
-  with_estimator(est, [&](auto e) { kl_math_t<decltype(e)::value>(d, kl, g); });
-}
-
-// out[i] = KL(lp[i] − ref[i]) (forward) or grad[i]·dKL/dd (backward), one estimator per instantiation
-template <KlEst E, bool BWD>
-SIGNAL_MULTIVERSION void kl_loop(const float* lp, const float* ref, const float* grad, float* out, int64_t b,
-                                 int64_t e) {
-  for (int64_t i = b; i < e; ++i) {
-    float kl, g;
-    kl_math_t<E>(lp[i] - ref[i], kl, g);
-    if constexpr (BWD) {
-      out[i] = grad[i] * g;
-    } else {
-      out[i] = kl;
-    }
-  }
-}
-
-template <bool BWD>
-void kl_apply(KlEst est, const float* lp, const float* ref, const float* grad, float* out, int64_t N) {
-  at::parallel_for(0, N, kChunk, [&](int64_t b, int64_t e) {
-    with_estimator(est, [&](auto k) { kl_loop<decltype(k)::value, BWD>(lp, ref, grad, out, b, e); });
-  });
-}
-
 // NaN-propagating max / min / clamp, like torch.maximum / torch.minimum / torch.clamp
 inline float nan_max(float a, float b) { return (std::isnan(a) || std::isnan(b)) ? NAN : std::max(a, b); }
 inline float nan_min(float a, float b) { return (std::isnan(a) || std::isnan(b)) ? NAN : std::min(a, b); }
@@ -117,14 +35,7 @@ inline float nan_clamp(float x, float lo, float hi) { return std::isnan(x) ? x :
 inline double sticky_min(double a, double b) { return (std::isnan(a) || std::isnan(b)) ? kNaN : std::min(a, b); }
 inline double sticky_max(double a, double b) { return (std::isnan(a) || std::isnan(b)) ? kNaN : std::max(a, b); }
 
-// a 1-D float tensor of length n read as contiguous float32 (converted from bfloat16/float16/float64)
-at::Tensor vec_f32(const char* fn, const char* name, const at::Tensor& t, int64_t n) {
-  TORCH_CHECK(t.defined() && t.device().is_cpu(), fn, ": ", name, " must be a CPU tensor");
-  TORCH_CHECK(t.dim() == 1 && t.size(0) == n, fn, ": ", name, " must be [", n, "], got shape ", t.sizes());
-  TORCH_CHECK(at::isFloatingType(t.scalar_type()), fn, ": ", name, " must be a float tensor, got ",
-              t.scalar_type());
-  return t.to(at::kFloat).contiguous();
-}
+using detail::vec_f32;
 
 bool present(const std::optional<at::Tensor>& t) { return t.has_value() && !detail::is_empty(*t); }
 
@@ -357,38 +268,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> value_loss_fwd(
   s[2] = static_cast<float>(tot[SV] * inv);
   s[3] = static_cast<float>(mean_r);
   return {scalar_f32(tot[LOSS]), g_v_t, stats};
-}
-
-at::Tensor kl_penalty_fwd(const at::Tensor& logprobs, const at::Tensor& ref_logprobs,
-                          c10::string_view estimator) {
-  constexpr const char* fn = "kl_penalty_fwd";
-  TORCH_CHECK(logprobs.dim() == 1, fn, ": logprobs must be [N], got shape ", logprobs.sizes());
-  const int64_t N = logprobs.size(0);
-  const at::Tensor lp_t = vec_f32(fn, "logprobs", logprobs, N);
-  const at::Tensor ref_t = vec_f32(fn, "ref_logprobs", ref_logprobs, N);
-  const KlEst est = kl_code(fn, estimator);
-  at::Tensor out = at::empty({N}, lp_t.options());
-  const float* lp = lp_t.data_ptr<float>();
-  const float* ref = ref_t.data_ptr<float>();
-  kl_apply<false>(est, lp, ref, nullptr, out.data_ptr<float>(), N);
-  return out;
-}
-
-at::Tensor kl_penalty_bwd(const at::Tensor& grad_kl, const at::Tensor& logprobs,
-                          const at::Tensor& ref_logprobs, c10::string_view estimator) {
-  constexpr const char* fn = "kl_penalty_bwd";
-  TORCH_CHECK(logprobs.dim() == 1, fn, ": logprobs must be [N], got shape ", logprobs.sizes());
-  const int64_t N = logprobs.size(0);
-  const at::Tensor g_t = vec_f32(fn, "grad_kl", grad_kl, N);
-  const at::Tensor lp_t = vec_f32(fn, "logprobs", logprobs, N);
-  const at::Tensor ref_t = vec_f32(fn, "ref_logprobs", ref_logprobs, N);
-  const KlEst est = kl_code(fn, estimator);
-  at::Tensor out = at::empty({N}, lp_t.options());
-  const float* gk = g_t.data_ptr<float>();
-  const float* lp = lp_t.data_ptr<float>();
-  const float* ref = ref_t.data_ptr<float>();
-  kl_apply<true>(est, lp, ref, gk, out.data_ptr<float>(), N);
-  return out;
 }
 
 }  // namespace signalrl

@@ -2,6 +2,6 @@
 
 Families: ``logprobs`` (token log-probs + entropy from logits), ``linear_logprobs`` (the same from hidden states and
 the LM head, never materializing [N, V] logits), ``linear_ppo`` (the PPO policy loss from hidden states in one pass
-over vocab tiles), ``ppo`` (PPO epilogue, value loss, KL) and ``gae``. The op layer imports a family on first use
+over vocab tiles), ``ppo`` (PPO epilogue, value loss), ``kl`` (KL estimators) and ``gae``. The op layer imports a family on first use
 (``signalrl.ops._backend.get_impl``), so importing this package does not import triton.
 """

@@ -12,7 +12,7 @@ host sync): the logits tiles are recomputed and d hidden, d weight, d bias come 
                    advantages[N] f32, weights[N] f32, mask[N] f32 (0/1, counted tokens), ref_logprobs[N] f32 | empty,
                    temperature, ignore_index, clip_low, clip_high, dual_clip | None, kl_estimator, kl_coef,
                    entropy_coef, log_ratio_clamp | None = None)
-        -> (loss[] f32, stats[9] f32 (signalrl.kernels.ppo.PPO_STAT_KEYS order), logprobs[N] f32, entropy[N] f32,
+        -> (loss[] f32, stats[9] f32 (signalrl.reference.stat_keys.PPO_STAT_KEYS order), logprobs[N] f32, entropy[N] f32,
             lse[N] f64, g_lp[N] f32, g_ent[N] f32 | empty (empty when entropy_coef == 0))
     linear_ppo_bwd(grad_loss[] f32, g_lp, g_ent | empty, hidden, weight, bias | None, targets, lse, entropy,
                    temperature, ignore_index, need_hidden, need_weight, need_bias)

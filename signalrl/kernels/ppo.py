@@ -1,8 +1,8 @@
-"""Triton kernels for the per-token PPO epilogue (clipped surrogate + KL + entropy bonus), the
-clipped value loss and the KL estimators. Family ``ppo`` of :mod:`signalrl.ops._backend`.
+"""Triton kernels for the per-token PPO epilogue (clipped surrogate + KL + entropy bonus) and the
+clipped value loss. Family ``ppo`` of :mod:`signalrl.ops._backend` (the KL estimators: :mod:`signalrl.kernels.kl`).
 
 Every loss is a weighted token sum ``loss = Σ_i w_i·ℓ_i``; the weights ``w`` come from
-``signalrl.ops._aggregate.token_weights(mask, aggregation)``, so one kernel serves every
+``signalrl.ops.token_weights(mask, aggregation)``, so one kernel serves every
 aggregation. The forward writes the per-token gradient ``w_i·∂ℓ_i/∂x_i`` in the same pass, so the
 backward is one multiply by the incoming scalar gradient. Statistics are reduced in the same pass:
 each program writes one row of partial sums (min/max, Welford moments for variances), then a
@@ -39,17 +39,7 @@ the mask), so whatever a masked position holds (NaN, ±inf) the results are thos
       with |v − old| > c whose clipped error is the larger),
       explained_variance (1 − Var(R − v)/Var(R), 0 when Var(R) = 0), value_mean, return_mean.
 
-    kl_penalty_fwd(logprobs, ref_logprobs, estimator: str) -> kl[N] f32   (k3 without cancellation near d = 0)
-    kl_penalty_bwd(grad_kl[N] f32, logprobs, ref_logprobs, estimator: str) -> grad_logprobs[N] f32
-      (the gradient of ref_logprobs is its negation: every estimator is a function of lp − ref).
-
-Device functions for other kernels' epilogues (``linear_ppo_loss`` calls them on register tiles)::
-
-    _kl_math(d, KL_EST) -> (kl, dkl/dd)                       KL_EST = KL_CODES[estimator]
-    _ppo_token_math(lp, old, adv, ref, ent, clip_low, clip_high, dual_clip, kl_coef, entropy_coef, lr_clamp,
-                    HAS_DUAL, HAS_REF, KL_EST, HAS_ENT, HAS_LR_CLAMP)
-        -> (loss, pg_loss, g_lp, g_ent, ratio, approx_kl, clip_flag, dual_flag, kl)   per token, unweighted
-    _value_token_math(v, old, ret, clip, HAS_CLIP) -> (loss, g_v, clip_flag)       per token, unweighted
+Per-token math (device functions): :mod:`signalrl.kernels.ppo_math`.
 
 Memory: the outputs ([N] float32 gradients) plus a ``[programs, ≤ 11]`` float32 partial table;
 programs ≤ 4 × SM count on a GPU (each program loops over blocks).
@@ -62,138 +52,15 @@ import torch
 import triton
 import triton.language as tl
 
-KL_CODES = {"k1": 0, "k2": 1, "k3": 2, "abs": 3}
-PPO_STAT_KEYS = (
-    "clip_fraction", "dual_clip_fraction", "approx_kl", "ratio_mean", "ratio_min", "ratio_max",
-    "pg_loss", "entropy", "kl",
-)
-VALUE_STAT_KEYS = ("value_clip_fraction", "explained_variance", "value_mean", "return_mean")
+from ..reference.stat_keys import PPO_STAT_KEYS, VALUE_STAT_KEYS
+from .kl import KL_CODES, _kl_code, kl_penalty_bwd, kl_penalty_fwd  # noqa: F401  (the KL ops lived here: re-exported)
+from .ppo_math import _nan_max, _nan_min, _ppo_token_math, _value_token_math
+
+__all__ = ["KL_CODES", "PPO_STAT_KEYS", "VALUE_STAT_KEYS", "ppo_token_fwd", "value_loss_fwd"]
 
 _BLOCK = 1024
 _FINISH_BLOCK = 256
 _NUM_WARPS = 4
-
-
-# ----------------------------------------------------------------------------- device functions
-@triton.jit
-def _kl_math(d, KL_EST: tl.constexpr):
-    """KL estimate of d = lp − ref and its derivative in d (k1, k2, k3, abs)."""
-    if KL_EST == 0:
-        kl = d
-        g = tl.full(d.shape, 1.0, tl.float32)
-    elif KL_EST == 1:
-        kl = 0.5 * d * d
-        g = d
-    elif KL_EST == 2:
-        # exp(−d) + d − 1 and 1 − exp(−d) cancel catastrophically near d = 0 (where a policy close to its
-        # reference lives): for |d| < 1/2 use their Taylor series, truncated below 1e-9 relative.
-        e = tl.exp(-d)
-        small = tl.abs(d) < 0.5
-        p = 1.0 / 3628800.0
-        p = p * d - 1.0 / 362880.0
-        p = p * d + 1.0 / 40320.0
-        p = p * d - 1.0 / 5040.0
-        p = p * d + 1.0 / 720.0
-        p = p * d - 1.0 / 120.0
-        p = p * d + 1.0 / 24.0
-        p = p * d - 1.0 / 6.0
-        p = p * d + 0.5  # k3 = d²·(1/2 − d/6 + d²/24 − …)
-        q = 1.0 / 362880.0
-        q = q * d - 1.0 / 40320.0
-        q = q * d + 1.0 / 5040.0
-        q = q * d - 1.0 / 720.0
-        q = q * d + 1.0 / 120.0
-        q = q * d - 1.0 / 24.0
-        q = q * d + 1.0 / 6.0
-        q = q * d - 0.5
-        q = q * d + 1.0  # 1 − exp(−d) = d·(1 − d/2 + d²/6 − …)
-        kl = tl.where(small, d * d * p, e + d - 1.0)
-        g = tl.where(small, d * q, 1.0 - e)
-    else:
-        kl = tl.abs(d)
-        g = tl.where(d > 0, 1.0, tl.where(d < 0, -1.0, 0.0))
-    return kl, g
-
-
-@triton.jit
-def _ppo_token_math(
-    lp, old, adv, ref, ent, clip_low, clip_high, dual_clip, kl_coef, entropy_coef, lr_clamp,
-    HAS_DUAL: tl.constexpr, HAS_REF: tl.constexpr, KL_EST: tl.constexpr, HAS_ENT: tl.constexpr,
-    HAS_LR_CLAMP: tl.constexpr,
-):
-    """Per-token PPO loss and its derivatives (unweighted); see the module docstring."""
-    log_ratio = lp - old
-    if HAS_LR_CLAMP:
-        lr_free = (log_ratio >= -lr_clamp) & (log_ratio <= lr_clamp)  # torch.clamp passes the gradient here
-        log_ratio = tl.clamp(log_ratio, -lr_clamp, lr_clamp, propagate_nan=tl.PropagateNan.ALL)
-    ratio = tl.exp(log_ratio)
-    r = tl.where(adv == 0.0, 1.0, ratio)  # A = 0: ℓ_pg = −0·1 = 0 and no gradient, whatever ρ (no 0·inf)
-    lo = 1.0 - clip_low
-    hi = 1.0 + clip_high
-    unclipped = -adv * r
-    clipped = -adv * tl.clamp(r, lo, hi, propagate_nan=tl.PropagateNan.ALL)
-    g_un = unclipped  # ∂(−A·ρ)/∂lp = −A·ρ
-    g_cl = tl.where((r >= lo) & (r <= hi), g_un, 0.0)
-    pg = tl.maximum(unclipped, clipped, propagate_nan=tl.PropagateNan.ALL)
-    g_lp = tl.where(unclipped > clipped, g_un, tl.where(clipped > unclipped, g_cl, 0.5 * (g_un + g_cl)))
-    clip_flag = clipped > unclipped
-    if HAS_DUAL:
-        bound = -adv * dual_clip
-        neg = adv < 0
-        dual_flag = neg & (pg > bound)
-        g_lp = tl.where(neg, tl.where(pg < bound, g_lp, tl.where(pg > bound, 0.0, 0.5 * g_lp)), g_lp)
-        pg = tl.where(neg, tl.minimum(pg, bound, propagate_nan=tl.PropagateNan.ALL), pg)
-    else:
-        dual_flag = tl.zeros(lp.shape, tl.int1)
-    if HAS_LR_CLAMP:
-        g_lp = tl.where(lr_free, g_lp, 0.0)
-    loss = pg
-    if HAS_REF:  # a zero coefficient drops the term, as the reference does (0·inf would be NaN)
-        kl, g_kl = _kl_math(lp - ref, KL_EST)
-        loss = tl.where(kl_coef != 0.0, loss + kl_coef * kl, loss)
-        g_lp = tl.where(kl_coef != 0.0, g_lp + kl_coef * g_kl, g_lp)
-    else:
-        kl = tl.zeros(lp.shape, tl.float32)
-    if HAS_ENT:
-        loss = tl.where(entropy_coef != 0.0, loss - entropy_coef * ent, loss)
-        g_ent = tl.full(lp.shape, 0.0, tl.float32) - entropy_coef
-    else:
-        g_ent = tl.zeros(lp.shape, tl.float32)
-    approx_kl = ratio - 1.0 - log_ratio
-    return loss, pg, g_lp, g_ent, ratio, approx_kl, clip_flag, dual_flag, kl
-
-
-@triton.jit
-def _value_token_math(v, old, ret, clip, HAS_CLIP: tl.constexpr):
-    """Per-token clipped value loss, its derivative in v, and the clip flag (unweighted)."""
-    diff = v - ret
-    err = diff * diff
-    if HAS_CLIP:
-        dv = v - old
-        dc = (old + tl.clamp(dv, -clip, clip, propagate_nan=tl.PropagateNan.ALL)) - ret
-        err_c = dc * dc
-        inside = (dv >= -clip) & (dv <= clip)
-        g_c = tl.where(inside, dc, 0.0)
-        loss = 0.5 * tl.maximum(err, err_c, propagate_nan=tl.PropagateNan.ALL)
-        g = tl.where(err > err_c, diff, tl.where(err_c > err, g_c, 0.5 * (diff + g_c)))
-        # inside the clip range v_c = v up to one rounding of old + (v − old): not a clipped token
-        flag = (err_c > err) & ((dv < -clip) | (dv > clip))
-    else:
-        loss = 0.5 * err
-        g = diff
-        flag = tl.zeros(v.shape, tl.int1)
-    return loss, g, flag
-
-
-@triton.jit
-def _nan_min(a, b):
-    """min that keeps a NaN (torch.amin's semantics; tl.minimum/tl.min default to dropping it, as fminf does)."""
-    return tl.minimum(a, b, propagate_nan=tl.PropagateNan.ALL)
-
-
-@triton.jit
-def _nan_max(a, b):
-    return tl.maximum(a, b, propagate_nan=tl.PropagateNan.ALL)
 
 
 # ----------------------------------------------------------------------------- kernels
@@ -405,27 +272,6 @@ def _value_finish_kernel(part_ptr, P, loss_ptr, stats_ptr, TINY: tl.constexpr, B
     tl.store(stats_ptr + 3, mean_r)
 
 
-@triton.jit
-def _kl_fwd_kernel(lp_ptr, ref_ptr, out_ptr, N, KL_EST: tl.constexpr, BLOCK: tl.constexpr):
-    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    inb = offs < N
-    lp = tl.load(lp_ptr + offs, mask=inb, other=0.0).to(tl.float32)
-    ref = tl.load(ref_ptr + offs, mask=inb, other=0.0).to(tl.float32)
-    kl, _ = _kl_math(lp - ref, KL_EST)
-    tl.store(out_ptr + offs, kl, mask=inb)
-
-
-@triton.jit
-def _kl_bwd_kernel(g_ptr, lp_ptr, ref_ptr, out_ptr, N, KL_EST: tl.constexpr, BLOCK: tl.constexpr):
-    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    inb = offs < N
-    g = tl.load(g_ptr + offs, mask=inb, other=0.0).to(tl.float32)
-    lp = tl.load(lp_ptr + offs, mask=inb, other=0.0).to(tl.float32)
-    ref = tl.load(ref_ptr + offs, mask=inb, other=0.0).to(tl.float32)
-    _, dkl = _kl_math(lp - ref, KL_EST)
-    tl.store(out_ptr + offs, g * dkl, mask=inb)
-
-
 # ----------------------------------------------------------------------------- launchers
 @functools.lru_cache(maxsize=None)
 def _max_programs(device_index: int) -> int:
@@ -444,12 +290,6 @@ def _grid(n: int, device: torch.device, block: int, programs: int | None) -> tup
 
 def _present(t: torch.Tensor | None) -> bool:
     return t is not None and t.numel() > 0
-
-
-def _kl_code(estimator: str) -> int:
-    if estimator not in KL_CODES:
-        raise ValueError(f"kl_estimator: expected one of {tuple(KL_CODES)}, got {estimator!r}")
-    return KL_CODES[estimator]
 
 
 def ppo_token_fwd(
@@ -525,27 +365,3 @@ def value_loss_fwd(
         part, programs, loss, stats, TINY=torch.finfo(torch.float32).tiny, BLOCK_P=_finish_block, num_warps=_NUM_WARPS
     )
     return loss, g_v, stats
-
-
-def kl_penalty_fwd(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, estimator: str) -> torch.Tensor:
-    """Per-token KL estimate (float32), see :mod:`signalrl.reference.kl`."""
-    n = logprobs.numel()
-    out = torch.empty(n, dtype=torch.float32, device=logprobs.device)
-    if n:
-        _kl_fwd_kernel[(triton.cdiv(n, _BLOCK),)](
-            logprobs, ref_logprobs, out, n, KL_EST=_kl_code(estimator), BLOCK=_BLOCK, num_warps=_NUM_WARPS
-        )
-    return out
-
-
-def kl_penalty_bwd(
-    grad_kl: torch.Tensor, logprobs: torch.Tensor, ref_logprobs: torch.Tensor, estimator: str
-) -> torch.Tensor:
-    """grad_kl · ∂KL/∂logprobs (float32); the gradient of ref_logprobs is its negation."""
-    n = logprobs.numel()
-    out = torch.empty(n, dtype=torch.float32, device=logprobs.device)
-    if n:
-        _kl_bwd_kernel[(triton.cdiv(n, _BLOCK),)](
-            grad_kl, logprobs, ref_logprobs, out, n, KL_EST=_kl_code(estimator), BLOCK=_BLOCK, num_warps=_NUM_WARPS
-        )
-    return out

@@ -13,13 +13,10 @@ import torch
 from torch import Tensor
 
 from .. import ops
+from ..ops import AGGREGATIONS, KL_ESTIMATORS, token_weights
 from .base import Check, boolean, integer, model_or_none, number, one_of
 from .model import IGNORE_INDEX, PolicyModel, predicted_mask
 
-
-
-AGGREGATIONS = ("token-mean", "seq-mean-token-sum", "seq-mean-token-mean", "seq-mean-token-sum-norm")
-KL_ESTIMATORS = ("k1", "k2", "k3", "abs")
 LOG_RATIO_CLAMP = 20.0  # verl's bound on log ρ before exp (token-level ratios: PPO, GRPO)
 
 # Checks for keywords that several losses share.
@@ -90,22 +87,6 @@ def masked_std(x: Tensor, mask: Tensor) -> Tensor:
 def sequence_logprob(logprobs: Tensor, mask: Tensor) -> Tensor:
     """Σ_t logprobs·mask over the response tokens ``[B]`` (positions with mask 0 selected away)."""
     return masked_sum(logprobs, mask, -1)
-
-
-def token_weights(mask: Tensor, aggregation: str, dtype: torch.dtype, norm_constant: float | None = None) -> Tensor:
-    """Per-token weights ``[B, T]`` in ``dtype`` with aggregate(ℓ) = Σ w·ℓ — the weights of
-    :func:`signalrl.ops.token_weights`, computed in the loss's dtype (float64 in a float64 run), and with
-    ``norm_constant`` replacing B·T as the denominator of ``seq-mean-token-sum-norm`` when given."""
-    rows = mask.to(dtype)
-    if aggregation == "token-mean":
-        return rows / rows.sum().clamp_min(1.0)
-    if aggregation == "seq-mean-token-sum-norm":
-        return rows / float(rows.numel() if norm_constant is None else norm_constant)
-    if aggregation in ("seq-mean-token-sum", "seq-mean-token-mean"):
-        row_tokens = rows.sum(-1, keepdim=True)
-        w = rows / (row_tokens > 0).to(dtype).sum().clamp_min(1.0)
-        return w / row_tokens.clamp_min(1.0) if aggregation == "seq-mean-token-mean" else w
-    raise ValueError(f"aggregation: expected one of {AGGREGATIONS}, got {aggregation!r}")
 
 
 def norm_scale(mask: Tensor, aggregation: str, norm_constant: float | None) -> float:
@@ -236,6 +217,7 @@ def policy_objective(
 
 def _aggregate(x: Tensor, mask: Tensor, aggregation: str, norm_constant: float | None = None) -> Tensor:
     """Σ w·x over the T − 1 predicted positions (1..T−1) of ``[B, T]`` arrays, with the aggregation's token
-    weights (:func:`token_weights`, in x's dtype); x is selected to 0 where the mask is 0."""
+    weights (:func:`signalrl.ops.token_weights` in x's dtype, ``norm_constant`` replacing B·T as the denominator of
+    ``seq-mean-token-sum-norm`` when given); x is selected to 0 where the mask is 0."""
     m = mask[:, 1:]
-    return (token_weights(m, aggregation, x.dtype, norm_constant) * select(x[:, 1:], m)).sum()
+    return (token_weights(m, aggregation, dtype=x.dtype, norm_constant=norm_constant) * select(x[:, 1:], m)).sum()

@@ -5,7 +5,8 @@ would run, ``use_backend`` / ``SIGNAL_BACKEND`` force one, ``check_mode`` / ``SI
 compare every call with the float64 reference. Importing this package does not import triton or
 build the native extension: both happen on the first call that needs them.
 """
-from ._aggregate import token_weights
+from ..reference.aggregate import AGGREGATIONS, token_weights
+from ..reference.kl import KL_ESTIMATORS
 from ._backend import BACKENDS, available_backends, backend_for, forced_backend, use_backend
 from ._check import SignalCheckError, check_enabled, check_mode
 from .gae import gae
@@ -16,8 +17,8 @@ from .ppo import clipped_surrogate, value_loss
 from .stats import group_normalize, masked_mean, masked_whiten
 
 __all__ = [
-    "BACKENDS", "SignalCheckError", "available_backends", "backend_for", "check_enabled", "check_mode",
-    "clipped_surrogate", "forced_backend", "gae", "group_normalize", "kl_penalty", "linear_ppo_loss",
-    "linear_token_logprobs", "masked_mean", "masked_whiten", "token_logprobs", "token_weights", "use_backend",
-    "value_loss",
+    "AGGREGATIONS", "BACKENDS", "KL_ESTIMATORS", "SignalCheckError", "available_backends", "backend_for",
+    "check_enabled", "check_mode", "clipped_surrogate", "forced_backend", "gae", "group_normalize", "kl_penalty",
+    "linear_ppo_loss", "linear_token_logprobs", "masked_mean", "masked_whiten", "token_logprobs", "token_weights",
+    "use_backend", "value_loss",
 ]

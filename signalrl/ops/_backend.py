@@ -82,7 +82,7 @@ def native_usable(device: torch.device) -> bool:
     return device.type == "cpu" and native is not None and native.available()
 
 
-_TRITON_FAMILIES = ("logprobs", "linear_logprobs", "linear_ppo", "ppo", "gae")
+_TRITON_FAMILIES = ("logprobs", "linear_logprobs", "linear_ppo", "ppo", "kl", "gae")
 
 
 def get_impl(backend: str, family: str, name: str) -> Callable | None:

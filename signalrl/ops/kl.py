@@ -1,7 +1,7 @@
 """Per-token KL estimators between the policy and a reference policy.
 
 Validates, picks a backend and runs a ``torch.library`` custom op (Triton: ``kl_penalty_fwd`` /
-``kl_penalty_bwd`` of :mod:`signalrl.kernels.ppo`); the reference backend is
+``kl_penalty_bwd`` of :mod:`signalrl.kernels.kl`); the reference backend is
 :func:`signalrl.reference.kl_penalty`. In check mode every call is compared with the reference.
 """
 from __future__ import annotations
@@ -20,7 +20,7 @@ _F32 = torch.float32
 
 @torch.library.custom_op("signalrl::kl_penalty_fwd", mutates_args=())
 def _kl_fwd(logprobs: Tensor, ref_logprobs: Tensor, estimator: str, backend: str) -> Tensor:
-    return get_impl(backend, "ppo", "kl_penalty_fwd")(logprobs, ref_logprobs, estimator)
+    return get_impl(backend, "kl", "kl_penalty_fwd")(logprobs, ref_logprobs, estimator)
 
 
 @_kl_fwd.register_fake
@@ -30,7 +30,7 @@ def _(logprobs, ref_logprobs, estimator, backend):
 
 @torch.library.custom_op("signalrl::kl_penalty_bwd", mutates_args=())
 def _kl_bwd(grad_kl: Tensor, logprobs: Tensor, ref_logprobs: Tensor, estimator: str, backend: str) -> Tensor:
-    return get_impl(backend, "ppo", "kl_penalty_bwd")(grad_kl, logprobs, ref_logprobs, estimator)
+    return get_impl(backend, "kl", "kl_penalty_bwd")(grad_kl, logprobs, ref_logprobs, estimator)
 
 
 @_kl_bwd.register_fake
@@ -82,7 +82,7 @@ def kl_penalty(logprobs: Tensor, ref_logprobs: Tensor, estimator: str = "k3") ->
     def ref_fn(lp, ref):
         return reference.kl_penalty(lp, ref, estimator)
 
-    backend = backend_for("ppo", "kl_penalty_fwd", logprobs)
+    backend = backend_for("kl", "kl_penalty_fwd", logprobs)
     if torch.float64 in (logprobs.dtype, ref_logprobs.dtype) or logprobs.numel() == 0:
         backend = "reference"
     if backend == "reference":

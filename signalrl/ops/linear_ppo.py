@@ -1,6 +1,6 @@
 """The PPO policy loss straight from hidden states and the LM head: ``linear_ppo_loss``.
 
-Validation → per-token weights (:func:`signalrl.ops._aggregate.token_weights`) → backend choice → a
+Validation → per-token weights (:func:`signalrl.reference.aggregate.token_weights`) → backend choice → a
 ``torch.library`` custom op whose forward runs :func:`signalrl.kernels.linear_ppo.linear_ppo_fwd` (one pass over
 vocab tiles, PPO epilogue and statistics, per-token gradient coefficients) and whose backward recomputes the tiles
 (:func:`signalrl.kernels.linear_ppo.linear_ppo_bwd`). The reference backend is the composition
@@ -15,19 +15,14 @@ import torch
 from torch import Tensor
 
 from .. import reference
+from ..reference.aggregate import AGGREGATIONS, token_weights
 from ..reference.kl import KL_ESTIMATORS
-from ..reference.ppo import AGGREGATIONS
+from ..reference.stat_keys import PPO_STAT_KEYS as STAT_KEYS
 from . import _validate as v
-from ._aggregate import token_weights
 from ._backend import backend_for, get_impl
 from ._check import check_enabled, checked
 
 _F32 = torch.float32
-# the order of signalrl.kernels.ppo.PPO_STAT_KEYS and of the reference's stats dict
-STAT_KEYS = (
-    "clip_fraction", "dual_clip_fraction", "approx_kl", "ratio_mean", "ratio_min", "ratio_max",
-    "pg_loss", "entropy", "kl",
-)
 
 
 def _flat32(x: Tensor) -> Tensor:

@@ -1,7 +1,7 @@
 """PPO objectives: the clipped policy surrogate and the clipped value loss.
 
 The public functions validate their arguments, turn the aggregation into per-token weights
-(:func:`signalrl.ops._aggregate.token_weights`: every aggregation is Σ_i w_i·ℓ_i), pick a backend
+(:func:`signalrl.reference.aggregate.token_weights`: every aggregation is Σ_i w_i·ℓ_i), pick a backend
 and run a ``torch.library`` custom op whose forward computes the loss, its per-token gradient and
 the statistics in one pass (Triton: :mod:`signalrl.kernels.ppo`); the backward is one multiply.
 The reference backend is :mod:`signalrl.reference.ppo` itself. In check mode every call is
@@ -15,17 +15,13 @@ import torch
 from torch import Tensor
 
 from .. import reference
-from ..reference.ppo import AGGREGATIONS
+from ..reference.aggregate import AGGREGATIONS, token_weights
+from ..reference.stat_keys import SURROGATE_STAT_KEYS, VALUE_STAT_KEYS
 from . import _validate as v
-from ._aggregate import token_weights
 from ._backend import backend_for, get_impl
 from ._check import check_enabled, checked
 
 _F32 = torch.float32
-SURROGATE_STAT_KEYS = (
-    "clip_fraction", "dual_clip_fraction", "approx_kl", "ratio_mean", "ratio_min", "ratio_max",
-)
-VALUE_STAT_KEYS = ("value_clip_fraction", "explained_variance", "value_mean", "return_mean")
 
 
 def _flat(x: Tensor) -> Tensor:

@@ -1,5 +1,5 @@
-"""PPO objectives: clipped policy surrogate, clipped value loss, their aggregation, and the
-reference composition of the fused ``linear_ppo_loss``.
+"""PPO objectives: clipped policy surrogate and clipped value loss (their aggregation:
+:mod:`signalrl.reference.aggregate`; the composition of the fused ``linear_ppo_loss``: :mod:`signalrl.reference.linear_ppo`).
 
 All per-token arrays are ``[B, T]`` (a 1-D ``[N]`` input is treated as one row) with ``mask``
 1 where a token counts. Statistics are returned as 0-d tensors (no host sync).
@@ -11,52 +11,14 @@ masked position is exactly 0.
 """
 from __future__ import annotations
 
-import math
-
 import torch
 
 from ._dtype import acc_dtype
-from .kl import kl_penalty
-from .logprobs import linear_token_logprobs
+from .aggregate import AGGREGATIONS, _mask_for, aggregate
+from .stat_keys import SURROGATE_STAT_KEYS, VALUE_STAT_KEYS
 from .stats import masked_mean, masked_var, zero_outside
 
-AGGREGATIONS = ("token-mean", "seq-mean-token-sum", "seq-mean-token-mean", "seq-mean-token-sum-norm")
-
-
-def _rows(x: torch.Tensor) -> torch.Tensor:
-    # rows by the product of the leading sizes, not -1: a [0, 0] batch has no inferable row count
-    return x.unsqueeze(0) if x.dim() == 1 else x.reshape(math.prod(x.shape[:-1]), x.shape[-1])
-
-
-def _mask_for(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-    return torch.ones_like(x) if mask is None else mask.to(x.dtype).reshape(x.shape)
-
-
-def aggregate(per_token: torch.Tensor, mask: torch.Tensor | None = None, mode: str = "token-mean") -> torch.Tensor:
-    """Reduce a per-token loss ``[B, T]`` to a scalar. With m the mask and B' the number of rows
-    that have at least one counted token:
-
-    - ``token-mean``:              Σ x·m / Σ m
-    - ``seq-mean-token-sum``:      (1/B') Σ_rows Σ_t x·m
-    - ``seq-mean-token-mean``:     (1/B') Σ_rows (Σ_t x·m / Σ_t m)
-    - ``seq-mean-token-sum-norm``: Σ x·m / (B·T)   (Dr. GRPO: a constant horizon, no length bias)
-
-    Every denominator is clamped to ≥ 1, so an all-masked batch gives 0, and so does an empty one.
-    """
-    m = _rows(_mask_for(per_token, mask))
-    x = zero_outside(_rows(per_token), m)
-    if mode == "token-mean":
-        return (x * m).sum() / m.sum().clamp_min(1.0)
-    row_tokens = m.sum(-1)
-    rows_valid = (row_tokens > 0).to(x.dtype).sum().clamp_min(1.0)
-    if mode == "seq-mean-token-sum":
-        return (x * m).sum() / rows_valid
-    if mode == "seq-mean-token-mean":
-        return ((x * m).sum(-1) / row_tokens.clamp_min(1.0)).sum() / rows_valid
-    if mode == "seq-mean-token-sum-norm":
-        return (x * m).sum() / float(max(x.numel(), 1))
-    raise ValueError(f"aggregation: expected one of {AGGREGATIONS}, got {mode!r}")
-
+__all__ = ["AGGREGATIONS", "aggregate", "clipped_surrogate", "value_loss"]
 
 def _masked_extreme(x: torch.Tensor, m: torch.Tensor, largest: bool) -> torch.Tensor:
     if x.numel() == 0:  # an empty batch: no counted token (a shape test, no sync)
@@ -112,14 +74,14 @@ def clipped_surrogate(
     loss = aggregate(per_token, m, aggregation)
     with torch.no_grad():
         ratio = torch.exp(log_ratio)
-        stats = {
-            "clip_fraction": masked_mean((clipped > unclipped).to(dt), m),
-            "dual_clip_fraction": masked_mean(dual_active.to(dt), m),
-            "approx_kl": masked_mean(ratio - 1.0 - log_ratio, m),
-            "ratio_mean": masked_mean(ratio, m),
-            "ratio_min": _masked_extreme(ratio, m, largest=False),
-            "ratio_max": _masked_extreme(ratio, m, largest=True),
-        }
+        stats = dict(zip(SURROGATE_STAT_KEYS, (
+            masked_mean((clipped > unclipped).to(dt), m),        # clip_fraction
+            masked_mean(dual_active.to(dt), m),                  # dual_clip_fraction
+            masked_mean(ratio - 1.0 - log_ratio, m),             # approx_kl
+            masked_mean(ratio, m),                               # ratio_mean
+            _masked_extreme(ratio, m, largest=False),            # ratio_min
+            _masked_extreme(ratio, m, largest=True),             # ratio_max
+        )))
     return loss, stats
 
 
@@ -157,68 +119,19 @@ def value_loss(
     with torch.no_grad():
         var_r = masked_var(ret, m)
         ev = 1.0 - masked_var(ret - v, m) / var_r.clamp_min(torch.finfo(dt).tiny)
-        stats = {
-            "value_clip_fraction": masked_mean(clip_active.to(dt), m),
-            "explained_variance": torch.where(var_r > 0, ev, torch.zeros_like(ev)),
-            "value_mean": masked_mean(v, m),
-            "return_mean": masked_mean(ret, m),
-        }
+        stats = dict(zip(VALUE_STAT_KEYS, (
+            masked_mean(clip_active.to(dt), m),                  # value_clip_fraction
+            torch.where(var_r > 0, ev, torch.zeros_like(ev)),    # explained_variance
+            masked_mean(v, m),                                   # value_mean
+            masked_mean(ret, m),                                 # return_mean
+        )))
     return loss, stats
 
 
-def linear_ppo_loss(
-    hidden: torch.Tensor,
-    weight: torch.Tensor,
-    targets: torch.Tensor,
-    old_logprobs: torch.Tensor,
-    advantages: torch.Tensor,
-    mask: torch.Tensor | None = None,
-    *,
-    bias: torch.Tensor | None = None,
-    ref_logprobs: torch.Tensor | None = None,
-    temperature: float = 1.0,
-    ignore_index: int = -100,
-    clip_low: float = 0.2,
-    clip_high: float | None = None,
-    dual_clip: float | None = None,
-    kl_coef: float = 0.0,
-    kl_estimator: str = "k3",
-    entropy_coef: float = 0.0,
-    aggregation: str = "token-mean",
-    log_ratio_clamp: float | None = None,
-):
-    """The full PPO policy loss from hidden states ``[B, T, H]`` and the LM head ``[V, H]``:
+def __getattr__(name: str):
+    # linear_ppo_loss lived here; it is in signalrl.reference.linear_ppo now (which imports this module)
+    if name == "linear_ppo_loss":
+        from .linear_ppo import linear_ppo_loss
 
-        logp, H = linear_token_logprobs(hidden, weight, targets)
-        loss    = clipped_surrogate(logp, old, A) + kl_coef·agg(kl_penalty(logp, ref)) − entropy_coef·agg(H)
-
-    The counted tokens are ``mask`` (default all) and not ``targets == ignore_index``; the per-token inputs
-    are selected by them (0 elsewhere). ``log_ratio_clamp`` as in :func:`clipped_surrogate`.
-    Stats: those of :func:`clipped_surrogate` plus ``pg_loss``, ``entropy`` and ``kl`` (masked means;
-    ``kl`` is 0 without ``ref_logprobs``). This composition is the ground truth of the fused op.
-    """
-    logp, entropy = linear_token_logprobs(
-        hidden, weight, targets, bias=bias, temperature=temperature, ignore_index=ignore_index, return_entropy=True
-    )
-    # any float64 input makes every result float64 (the loss and every stat, whatever kl_coef and entropy_coef)
-    dt = acc_dtype(logp, old_logprobs, advantages, ref_logprobs)
-    logp, entropy = logp.to(dt), entropy.to(dt)
-    m = (targets != ignore_index).to(logp.dtype)
-    if mask is not None:
-        m = m * mask.to(logp.dtype)
-    pg_loss, stats = clipped_surrogate(
-        logp, old_logprobs, advantages, m,
-        clip_low=clip_low, clip_high=clip_high, dual_clip=dual_clip, aggregation=aggregation,
-        log_ratio_clamp=log_ratio_clamp,
-    )
-    loss = pg_loss
-    if entropy_coef:
-        loss = loss - entropy_coef * aggregate(entropy, m, aggregation)
-    kl_mean = logp.new_zeros(())
-    if ref_logprobs is not None:
-        kl = kl_penalty(zero_outside(logp, m), zero_outside(ref_logprobs, m), kl_estimator)  # d = 0 outside
-        if kl_coef:
-            loss = loss + kl_coef * aggregate(kl, m, aggregation)
-        kl_mean = masked_mean(kl.detach(), m)
-    stats = dict(stats, pg_loss=pg_loss.detach(), entropy=masked_mean(entropy.detach(), m), kl=kl_mean)
-    return loss, stats
+        return linear_ppo_loss
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

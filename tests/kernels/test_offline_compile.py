@@ -24,7 +24,7 @@ _REASON = unavailable_reason()
 pytestmark = pytest.mark.skipif(_REASON is not None, reason=str(_REASON))
 
 HERE = pathlib.Path(__file__).resolve()
-KERNEL_MODULES = ("ppo", "gae", "linear_ppo", "logprobs", "linear_logprobs")
+KERNEL_MODULES = ("ppo", "kl", "gae", "linear_ppo", "logprobs", "linear_logprobs")
 
 
 # ------------------------------------------------------------------------------------------------ scenarios

@@ -45,7 +45,7 @@ KERNELS = {
     "linear_token_logprobs": ("linear_logprobs", "linear_token_logprobs_fwd"),
     "clipped_surrogate": ("ppo", "ppo_token_fwd"),
     "value_loss": ("ppo", "value_loss_fwd"),
-    "kl_penalty": ("ppo", "kl_penalty_fwd"),
+    "kl_penalty": ("kl", "kl_penalty_fwd"),
     "gae": ("gae", "gae_fwd"),
     "linear_ppo_loss": ("linear_ppo", "linear_ppo_fwd"),
 }

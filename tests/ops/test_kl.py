@@ -8,7 +8,7 @@ from signalrl.ops import SignalCheckError, available_backends, check_mode, use_b
 
 from ._oracle import assert_close, rel_err
 
-KL_BACKENDS = available_backends("ppo", "kl_penalty_fwd")
+KL_BACKENDS = available_backends("kl", "kl_penalty_fwd")
 ESTIMATORS = list(reference.KL_ESTIMATORS)
 DTYPES = [torch.float32, torch.bfloat16]
 
