@@ -17,7 +17,8 @@ model and by the task score. ``--algo grpo`` replaces stage 3 by GRPO (groups of
 ``--algo dpo`` replaces stages 2–3 by DPO on pairs of SFT samples ranked by the task score.
 
 Writes ``metrics.jsonl`` (one line per step and stage, plus a summary), ``curves.png`` (reward, KL and loss
-curves), ``summary.json`` and the runs' own files under ``--out`` (default ``./demo_out``).
+curves), ``summary.json`` and the runs' own files under ``--out`` (default ``./demo_out``). With ``--remote URL``
+the runs train on a ``signal serve`` server (their files stay there) and the same table is printed.
 """
 from __future__ import annotations
 
@@ -131,7 +132,7 @@ async def _evaluate(policy, rm, prompts: Sequence[str], max_tokens: int, rm_stat
     return out
 
 
-async def _sft(client, rec: Recorder, cfg: Settings, rng: random.Random, out_dir: str, quiet: bool) -> str:
+async def _sft(client, rec: Recorder, cfg: Settings, rng: random.Random, out_dir: str | None, quiet: bool) -> str:
     run = await client.create_run(base_model="signal-tiny", lora_r=0, learning_rate=cfg.sft_lr, seed=0,
                                   name="sft", max_grad_norm=1.0)
     tc = client.get_training_client(run["run_id"])
@@ -147,7 +148,9 @@ async def _sft(client, rec: Recorder, cfg: Settings, rng: random.Random, out_dir
         pending = (fb, st)
     _report_sft(rec, bar, *[await f for f in pending])
     bar.close()
-    return await tc.export_model(os.path.join(out_dir, "sft_model"), overwrite=True)
+    # Remote (out_dir None): a directory of the server, relative to this API key's workspace there.
+    target = os.path.join(out_dir, "sft_model") if out_dir is not None else f"signal-demo/{run['run_id']}/sft_model"
+    return await tc.export_model(target, overwrite=True)
 
 
 def _report_sft(rec: Recorder, bar, fb, st) -> None:
@@ -318,8 +321,9 @@ def _table(rows: list[tuple[str, str, str]], title: str) -> None:
 
 
 async def run_demo(algo: str = "ppo", out_dir: str = "demo_out", quick: bool = False, seed: int = 0,
-                   quiet: bool = False) -> dict[str, Any]:
-    """Run the pipeline; returns the summary (also written to ``<out_dir>/summary.json``)."""
+                   quiet: bool = False, remote: str | None = None, api_key: str | None = None) -> dict[str, Any]:
+    """Run the pipeline; returns the summary (also written to ``<out_dir>/summary.json``). ``remote``: the URL of a
+    ``signal serve`` server to train on (``api_key`` or ``$SIGNAL_API_KEY``) instead of a local engine."""
     from signalrl.client import AsyncSignalClient
     from signalrl.engine import Engine
 
@@ -334,10 +338,12 @@ async def run_demo(algo: str = "ppo", out_dir: str = "demo_out", quick: bool = F
     rng = random.Random(seed)
     eval_prompts = [make_prompt(random.Random(50_000 + i)) for i in range(cfg.eval_prompts)]
     t0 = time.perf_counter()
-    engine = Engine(os.path.join(out_dir, "runs"))
-    client = AsyncSignalClient(engine=engine)
+    if remote:
+        client = AsyncSignalClient(base_url=remote, api_key=api_key)
+    else:
+        client = AsyncSignalClient(engine=Engine(os.path.join(out_dir, "runs")))
     try:
-        sft_dir = await _sft(client, rec, cfg, rng, out_dir, quiet)
+        sft_dir = await _sft(client, rec, cfg, rng, None if remote else out_dir, quiet)
         rm, rm_acc, rm_stats = None, None, None
         if algo in ("ppo", "grpo"):
             rm, rm_acc = await _reward_model(client, rec, cfg, rng, sft_dir, quiet)
@@ -403,8 +409,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="a few steps of each stage (CI)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    parser.add_argument("--remote", metavar="URL", default=None,
+                        help="train on a `signal serve` server at URL (same results as the local engine)")
+    parser.add_argument("--api-key", default=None, help="the server's API key (default $SIGNAL_API_KEY)")
     args = parser.parse_args(list(sys.argv[1:] if argv is None else argv))
-    summary = asyncio.run(run_demo(args.algo, args.out, args.quick, args.seed, args.quiet))
+    summary = asyncio.run(run_demo(args.algo, args.out, args.quick, args.seed, args.quiet, args.remote, args.api_key))
     return 0 if (summary["improved"] or args.quick) else 1
 
 

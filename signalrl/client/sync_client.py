@@ -5,35 +5,37 @@ from typing import Any, Sequence
 
 from signalrl.engine import Engine
 
-from .async_client import _engine
 from .futures import APIFuture
+from .transport import as_transport, make_transport
 
 
 class SignalClient:
-    """``SignalClient()``: like :class:`AsyncSignalClient`, but blocking-free calls that return futures.
+    """``SignalClient()``: like :class:`AsyncSignalClient` (same arguments: a local engine, or ``base_url`` /
+    ``api_key`` / ``$SIGNAL_BASE_URL`` for a server), but blocking-free calls that return futures.
 
     ``run = client.create_run(...).result()``; ``tc = client.get_training_client(run["run_id"])``;
     ``tc.forward_backward(batch, "causal_lm").result()``. ``list_runs``/``get_run`` return values.
     """
 
-    def __init__(self, *, engine: Engine | None = None, root_dir: str | None = None):
-        self.engine = _engine(engine, root_dir)
+    def __init__(self, *, engine: Engine | None = None, root_dir: str | None = None, base_url: str | None = None,
+                 api_key: str | None = None, **http_options: Any):
+        self._transport = make_transport(engine, root_dir, base_url, api_key, **http_options)
+        self.engine = self._transport.engine  # None for a remote client
 
     def create_run(self, base_model: str = "signal-tiny", **config: Any) -> APIFuture[dict]:
-        return APIFuture(self.engine.create_run(base_model, **config), "create_run")
+        return APIFuture(self._transport.create_run(base_model, config), "create_run")
 
     def get_training_client(self, run_id: str) -> "SyncTrainingClient":
-        return SyncTrainingClient(self.engine, run_id)
+        return SyncTrainingClient(self._transport, run_id)
 
     def list_runs(self) -> list[dict[str, Any]]:
-        return self.engine.list_runs()
+        return self._transport.list_runs().result()
 
     def get_run(self, run_id: str) -> dict[str, Any]:
-        return self.engine.get_run(run_id)
+        return self._transport.get_run(run_id).result()
 
     def close(self) -> None:
-        if self.engine is not Engine._default:
-            self.engine.close()
+        self._transport.close()
 
     def __enter__(self) -> "SignalClient":
         return self
@@ -43,14 +45,17 @@ class SignalClient:
 
 
 class SyncTrainingClient:
-    """Same requests as :class:`TrainingClient`; each returns an :class:`APIFuture` at once."""
+    """Same requests as :class:`TrainingClient`; each returns an :class:`APIFuture` at once (remote: before the
+    server has acknowledged it; requests keep their order)."""
 
-    def __init__(self, engine: Engine, run_id: str):
-        self.engine = engine
+    def __init__(self, engine: Engine | Any, run_id: str):
+        self._transport = as_transport(engine)
+        self.engine = self._transport.engine
         self.run_id = run_id
+        self._session = self._transport.session(run_id)
 
-    def _queue(self, op: str, *args: Any) -> APIFuture:
-        return APIFuture(self.engine.request(self.run_id, op, *args), op)
+    def _queue(self, op: str, *args: Any, **kwargs: Any) -> APIFuture:
+        return self._session.submit(op, args, kwargs)[0]
 
     def forward_backward(self, batch_data: Any, loss_fn: str, loss_kwargs: dict | None = None) -> APIFuture:
         return self._queue("forward_backward", batch_data, loss_fn, loss_kwargs)
@@ -81,4 +86,13 @@ class SyncTrainingClient:
         return self._queue("export_model", path, overwrite=overwrite)
 
     def queue_stats(self) -> dict[str, Any]:
-        return self.engine.queue_stats(self.run_id)
+        return self._transport.queue_stats(self.run_id).result()
+
+    def get_info(self) -> dict[str, Any]:
+        return self._transport.get_run(self.run_id).result()
+
+    def get_metrics(self, since: int = 0) -> list[dict[str, Any]]:
+        return self._transport.get_metrics(self.run_id, since).result()
+
+    def list_checkpoints(self) -> list[str]:
+        return self._transport.list_checkpoints(self.run_id).result()

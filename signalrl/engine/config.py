@@ -20,6 +20,8 @@ class RunConfig:
     ``lr_scheduler``: ``constant``, or ``linear``/``cosine`` decay to 0 at ``total_steps`` after
     ``warmup_steps`` of linear warm-up. ``value_head``/``reward_head``: ``None`` creates the head the first
     time a loss needs it, ``True`` at creation, ``False`` never (a loss that needs it then fails).
+    ``checkpoint_every=N``: after every N-th optimizer step, save the run as checkpoint ``latest`` (a server
+    keeps its own numbered checkpoints instead; see docs/server.md).
     """
     base_model: str = DEFAULT_BASE_MODEL
     lora_r: int = 32
@@ -43,6 +45,7 @@ class RunConfig:
     device: str | None = None
     name: str | None = None
     tensorboard: bool = False
+    checkpoint_every: int | None = None
 
     def validate(self) -> None:
         """Raise ``ValueError``/``TypeError`` naming the first bad field, what it expects and what it got."""
@@ -174,6 +177,7 @@ _CHECKS: dict[str, Callable[[str, Any], None]] = {
     "device": _device,
     "name": _string(optional=True),
     "tensorboard": _boolean,
+    "checkpoint_every": _int(1, optional=True),
 }
 
 

@@ -86,7 +86,8 @@ class Engine:
                 self._workers[device] = DeviceWorker(device)
             return self._workers[device]
 
-    def _submit(self, device: str, run_id: str | None, op: str, fn: Callable[[], Any]) -> Future:
+    def _submit(self, device: str, run_id: str | None, op: str, fn: Callable[[], Any],
+                after: Callable[[Any, bool], None] | None = None) -> Future:
         stats = None
         if run_id is not None:
             with self._lock:
@@ -102,19 +103,24 @@ class Engine:
             try:
                 result = fn()
                 ok = True
-            finally:
-                t_end = time.perf_counter()
-                if stats is not None:
-                    with self._lock:
-                        stats.running = None
-                        stats.completed += ok
-                        stats.failed += not ok
-                        stats.wait_s += t_start - t_submit
-                        stats.exec_s += t_end - t_start
-            timing = getattr(result, "timing", None)
+            except BaseException as exc:  # noqa: BLE001 - re-raised below, after the bookkeeping
+                result = exc
+            t_end = time.perf_counter()
+            if stats is not None:
+                with self._lock:
+                    stats.running = None
+                    stats.completed += ok
+                    stats.failed += not ok
+                    stats.wait_s += t_start - t_submit
+                    stats.exec_s += t_end - t_start
+            timing = getattr(result, "timing", None) if ok else None
             if isinstance(timing, dict):
                 timing["queue_wait"] = t_start - t_submit
                 timing["total"] = t_end - t_submit
+            if after is not None:  # still on the worker, before the run's next request
+                after(result, ok)
+            if not ok:
+                raise result
             return result
 
         def cancelled() -> None:
@@ -141,6 +147,13 @@ class Engine:
     # ------------------------------------------------------------------ runs
     def create_run(self, base_model: str | None = None, **config: Any) -> Future:
         """Queue the creation of a run; the future's result is ``get_run(run_id)``."""
+        return self.open_run(f"run-{next(self._counter):03d}-{self._session}", base_model, **config)
+
+    def open_run(self, run_id: str, base_model: str | None = None, *, checkpoint: str | None = None,
+                 **config: Any) -> Future:
+        """Queue the creation of run ``run_id`` in ``<root_dir>/<run_id>`` (an existing directory is reused, its
+        metrics appended to), then, with ``checkpoint``, ``load_state(checkpoint)``. ``create_run`` with a given id;
+        a server reopens its runs with it after a restart. Errors as ``create_run``'s, in the future."""
         known = {f.name for f in fields(RunConfig)}
         unknown = sorted(set(config) - known)
         fut_err: Exception | None = None
@@ -155,11 +168,15 @@ class Engine:
                 cfg.validate()
             except (ValueError, TypeError) as exc:
                 fut_err = exc
+        with self._lock:
+            if fut_err is None and (run_id in self._runs or run_id in self._pending_ids):
+                fut_err = ValueError(f"run_id: a run {run_id!r} is already open in this engine")
+            if fut_err is None:
+                self._pending_ids.add(run_id)
         if fut_err is not None:
             f: Future = Future()
             f.set_exception(fut_err)
             return f
-        run_id = f"run-{next(self._counter):03d}-{self._session}"
         device = cfg.device or default_device()
         cfg.device = device
 
@@ -168,6 +185,12 @@ class Engine:
                 run = Run(run_id, cfg, run_dir=os.path.join(self.root_dir, run_id),
                           reference_cache=self.reference_cache, device=device,
                           max_request_bytes=self.max_request_bytes)
+                if checkpoint is not None:
+                    try:
+                        run.load_state(checkpoint)
+                    except BaseException:
+                        run.close()
+                        raise
             finally:
                 with self._lock:
                     self._pending_ids.discard(run_id)
@@ -175,8 +198,6 @@ class Engine:
                 self._runs[run_id] = run
             return run.info()
 
-        with self._lock:
-            self._pending_ids.add(run_id)
         return self._submit(device, run_id, "create_run", make)
 
     def list_runs(self) -> list[dict[str, Any]]:
@@ -191,7 +212,14 @@ class Engine:
         """Queue ``Run.<op>(*args, **kwargs)`` for ``run_id`` (an unknown run fails in the future)."""
         if op not in _OPS:
             raise ValueError(f"op: expected one of {sorted(_OPS)}, got {op!r}")
+        return self.call(run_id, op, lambda run: getattr(run, op)(*args, **kwargs))
 
+    def call(self, run_id: str, op: str, fn: Callable[[Run], Any],
+             after: Callable[[Any, bool], None] | None = None) -> Future:
+        """Queue ``fn(run)`` in ``run_id``'s FIFO, on its device's worker, counted in its statistics as ``op``
+        (how a server runs a request together with its own bookkeeping). ``after(result_or_exception, ok)`` runs on
+        the worker once the statistics and ``timing`` are updated, before the run's next request. An unknown run
+        fails in the future."""
         with self._lock:
             known = run_id in self._runs or run_id in self._pending_ids
         if not known:  # fails at once, and leaves no statistics behind for a run that does not exist
@@ -201,11 +229,7 @@ class Engine:
             except RunNotFoundError as exc:
                 f.set_exception(exc)
             return f
-
-        def call() -> Any:
-            return getattr(self._run(run_id), op)(*args, **kwargs)
-
-        return self._submit(self._device_of(run_id), run_id, op, call)
+        return self._submit(self._device_of(run_id), run_id, op, lambda: fn(self._run(run_id)), after)
 
     def queue_stats(self, run_id: str | None = None) -> dict[str, Any]:
         """Per-run request counts: ``submitted = completed + failed + cancelled + pending``."""

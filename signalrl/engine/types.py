@@ -48,12 +48,14 @@ class ForwardResult(ForwardBackwardResult):
 @dataclass
 class OptimStepResult(_Result):
     """``grad_norm`` is the total 2-norm of the accumulated gradients before clipping; ``learning_rate``
-    the rate this step used; ``step`` the number of optimizer steps taken so far (after this one)."""
+    the rate this step used; ``step`` the number of optimizer steps taken so far (after this one);
+    ``checkpoint`` the path of the checkpoint ``checkpoint_every`` saved after this step, else None."""
     grad_norm: float
     learning_rate: float
     step: int
     clipped: bool
     timing: dict[str, float] = field(default_factory=dict)
+    checkpoint: str | None = None
 
 
 @dataclass

@@ -4,7 +4,7 @@ import time
 
 import pytest
 
-from signalrl.client import APIFuture, FutureGroup, SignalClient
+from signalrl.client import APIFuture, FutureGroup
 
 run_async = asyncio.run
 
@@ -88,8 +88,8 @@ def test_event_loop_is_not_blocked(client, sft_batch):
     assert elapsed > 0.05 and ticks >= 10  # the loop kept running while the worker computed
 
 
-def test_sync_client_returns_futures(engine, sft_batch):
-    client = SignalClient(engine=engine)
+def test_sync_client_returns_futures(sync_client, sft_batch):
+    client = sync_client
     run = client.create_run(lora_r=4, learning_rate=1e-2).result()
     tc = client.get_training_client(run["run_id"])
     f1 = tc.forward_backward(sft_batch, "causal_lm")

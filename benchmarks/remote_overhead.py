@@ -1,0 +1,294 @@
+"""Overhead of the remote client: the same training steps through ``signal serve`` on loopback versus the local
+engine in this process, and the speed-up from pipelining with futures across the network.
+
+    python -m benchmarks.remote_overhead [--steps 30] [--repeats 5] [--batch 32] [--prep-ms 20] [--quick]
+
+Overhead: two runs of ``signal-tiny`` (full fine-tuning, AdamW, clipping at 1.0, the demo's SFT learning rate), one
+in a local engine in this process and one on a ``signal serve`` subprocess on 127.0.0.1, fed the same batches — the
+demo's SFT batches (``--batch`` prompt/response texts, 32 as in ``signal demo``), tokenized by the engine. Each step
+awaits ``forward_backward`` then ``optim_step`` (no pipelining: the worst case for the network). Local and remote
+steps are interleaved step by step (local, remote, remote, local, ...) so slow drifts of a shared machine hit both
+alike; the headline is the median over steps of the per-step time ratio. The two runs compute the same losses
+(the benchmark checks they are equal): the remote step does exactly the local step's work plus the protocol.
+
+Pipelining (remote): the client prepares each step's batch, optionally after an I/O-bound wait (``--prep-ms``),
+and either awaits each request (sequential) or queues them and awaits the futures at the end (pipelined).
+
+Writes ``benchmarks/results/remote_overhead_<device>.md``.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import platform
+import random
+import statistics
+import sys
+import tempfile
+import time
+
+import torch
+
+
+def _batches(n: int, size: int, seed: int = 0) -> list[list[dict]]:
+    from signalrl.demo import make_prompt, sft_response
+
+    rng = random.Random(seed)
+    return [[{"prompt": make_prompt(rng), "response": sft_response(rng)} for _ in range(size)] for _ in range(n)]
+
+
+def _pct(xs: list[float], q: float) -> float:
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, max(0, round(q * (len(xs) - 1))))]
+
+
+RUN = dict(base_model="signal-tiny", lora_r=0, learning_rate=3e-3, max_grad_norm=1.0, seed=0)
+
+
+async def overhead(local, remote, batches, warmup: int = 3):
+    runs = [await c.create_run(**RUN) for c in (local, remote)]
+    tcs = {"local": local.get_training_client(runs[0]["run_id"]), "remote": remote.get_training_client(runs[1]["run_id"])}
+
+    async def step(tc, b):
+        loss = (await tc.forward_backward(b, "causal_lm")).loss
+        await tc.optim_step()
+        return loss
+
+    t = {"local": [], "remote": []}
+    for i, b in enumerate(batches):
+        got = {}
+        for which in (("local", "remote") if i % 2 == 0 else ("remote", "local")):
+            t0 = time.perf_counter()
+            loss = await step(tcs[which], b)
+            got[which] = (time.perf_counter() - t0, loss)
+        if got["local"][1] != got["remote"][1]:
+            raise RuntimeError(f"step {i}: local loss {got['local'][1]!r} != remote loss {got['remote'][1]!r}")
+        if i >= warmup:
+            for which in t:
+                t[which].append(got[which][0])
+    return t["local"], t["remote"]
+
+
+def _cpu_s(pid: int) -> float | None:
+    """User + system CPU seconds of a process (Linux ``/proc``), else None."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+async def cpu_per_step(client, batches, server_pid: int | None) -> tuple[float, float | None, float | None]:
+    """Wall ms, this process's CPU ms and the server's CPU ms per step, over ``batches`` (after 3 warm-up steps)."""
+    run = await client.create_run(**RUN)
+    tc = client.get_training_client(run["run_id"])
+    for b in batches[:3]:
+        await tc.forward_backward(b, "causal_lm")
+        await tc.optim_step()
+    s0, c0, t0 = _cpu_s(server_pid) if server_pid else None, _cpu_s(os.getpid()), time.perf_counter()
+    for b in batches[3:]:
+        await tc.forward_backward(b, "causal_lm")
+        await tc.optim_step()
+    n = len(batches) - 3
+    wall = (time.perf_counter() - t0) / n * 1e3
+    c1, s1 = _cpu_s(os.getpid()), _cpu_s(server_pid) if server_pid else None
+    return wall, None if c0 is None else (c1 - c0) / n * 1e3, None if s0 is None else (s1 - s0) / n * 1e3
+
+
+async def pipeline(client, batches, pipelined: bool, prep_ms: float) -> tuple[float, list[float]]:
+    run = await client.create_run(**RUN)
+    tc = client.get_training_client(run["run_id"])
+    t0 = time.perf_counter()
+    losses, pending = [], []
+    for b in batches:
+        if prep_ms:
+            await asyncio.sleep(prep_ms / 1e3)  # I/O-bound preparation: data loading, a reward service
+        if pipelined:
+            pending.append(await tc.forward_backward_async(b, "causal_lm"))
+            pending.append(await tc.optim_step_async())
+        else:
+            losses.append((await tc.forward_backward(b, "causal_lm")).loss)
+            await tc.optim_step()
+    if pipelined:
+        losses = [(await f).loss for f in pending[::2]]
+        for f in pending[1::2]:
+            await f
+    return time.perf_counter() - t0, losses
+
+
+def _start_server(root: str, args) -> tuple:
+    import re
+    import subprocess
+
+    import httpx
+
+    env = dict(os.environ, OMP_NUM_THREADS=str(args.threads))
+    env.pop("TRITON_INTERPRET", None)
+    proc = subprocess.Popen([sys.executable, "-m", "signalrl.cli", "serve", "--root", root, "--port", "0"],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    deadline = time.monotonic() + 120
+    url = None
+    while url is None and time.monotonic() < deadline:
+        line = proc.stdout.readline()
+        m = re.search(r"Signal server on (http://\S+)", line or "")
+        url = m.group(1) if m else url
+        if not line and proc.poll() is not None:
+            break
+    while url is not None and time.monotonic() < deadline:
+        try:
+            if httpx.get(url + "/healthz", timeout=2).status_code == 200:
+                return proc, url
+        except httpx.HTTPError:
+            time.sleep(0.1)
+    proc.kill()
+    raise RuntimeError("signal serve did not start")
+
+
+async def main_async(args) -> str:
+    from signalrl.client import AsyncSignalClient
+    from signalrl.engine import Engine
+    from signalrl.server import auth
+    from signalrl.server.store import Store
+
+    root = tempfile.mkdtemp(prefix="signal-remote-bench-")
+    _, key = auth.create_key(Store(os.path.join(root, "signal.db")), "bench")
+    proc, url = _start_server(root, args)
+    try:
+        local = AsyncSignalClient(engine=Engine(tempfile.mkdtemp(prefix="signal-local-bench-")))
+        remote = AsyncSignalClient(base_url=url, api_key=key)
+        n = args.steps * args.repeats
+        t_local, t_remote = await overhead(local, remote, _batches(n + 3, args.batch))
+        ratios = [r / lo for r, lo in zip(t_remote, t_local)]
+        cpu_rows = [(name, await cpu_per_step(c, _batches(63, args.batch, seed=7), pid)) for name, c, pid in
+                    (("local", local, None), ("remote", remote, proc.pid))]
+        larger = []  # the same at larger batches: the fixed cost of a request, against a longer step
+        for b in args.larger:
+            tl, tr = await overhead(local, remote, _batches(max(10, n // 3) + 3, b, seed=b))
+            larger.append((b, statistics.median(tl), statistics.median(tr),
+                           statistics.median([r / lo for r, lo in zip(tr, tl)])))
+        rows = []
+        for prep in sorted({0.0, args.prep_ms}):
+            res = {}
+            for name, client in (("local", local), ("remote", remote)):
+                seq_t, par_t = [], []
+                for r in range(args.repeats):
+                    bs = _batches(args.steps, args.batch, seed=100 + r)
+                    ts, ls = await pipeline(client, bs, False, prep)
+                    tp, lp = await pipeline(client, bs, True, prep)
+                    assert ls == lp, "pipelined and sequential loops must compute identical losses"
+                    seq_t.append(args.steps / ts)
+                    par_t.append(args.steps / tp)
+                res[name] = (statistics.median(seq_t), statistics.median(par_t))
+            rows.append((prep, res))
+        await remote.close()
+        await local.close()
+    finally:
+        proc.kill()
+        proc.wait(timeout=30)
+
+    lo, re_ = statistics.median(t_local), statistics.median(t_remote)
+    over = (statistics.median(ratios) - 1) * 100
+    over_mean = (statistics.mean(t_remote) / statistics.mean(t_local) - 1) * 100
+    cpu = platform.processor() or platform.machine()
+    cmd = (f"python -m benchmarks.remote_overhead --steps {args.steps} --repeats {args.repeats} --batch {args.batch} "
+           f"--prep-ms {args.prep_ms:g} --threads {args.threads} --larger {' '.join(map(str, args.larger))}")
+    lines = [
+        "# Remote client overhead (cpu, loopback)",
+        "",
+        f"Command: `{cmd}`  ",
+        f"Date: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; {cpu}, {os.cpu_count()} cores (shared); "
+        f"torch {torch.__version__} ({args.threads} thread(s) per process), Python {platform.python_version()}; model signal-tiny, full fine-tuning, AdamW, "
+        f"the demo's SFT batches ({args.batch} prompt/response texts, tokenized by the engine), causal_lm. Server: "
+        "`signal serve` in a subprocess on 127.0.0.1 with its defaults (automatic checkpoint every 10 steps, "
+        "counted in the remote times).",
+        f"{len(t_local)} steps of each (forward_backward + optim_step, each awaited), interleaved step by step after 3 "
+        "warm-up steps; every step's loss is identical locally and remotely.",
+        "",
+        "| client | median ms / step | p20–p80 ms / step | mean ms / step |",
+        "|---|---:|---:|---:|",
+        f"| local engine (in process) | {lo * 1e3:.2f} | {_pct(t_local, .2) * 1e3:.2f}–{_pct(t_local, .8) * 1e3:.2f} "
+        f"| {statistics.mean(t_local) * 1e3:.2f} |",
+        f"| remote (HTTP, loopback) | {re_ * 1e3:.2f} | {_pct(t_remote, .2) * 1e3:.2f}–{_pct(t_remote, .8) * 1e3:.2f} "
+        f"| {statistics.mean(t_remote) * 1e3:.2f} |",
+        "",
+        f"**Remote overhead: {over:+.1f}%** per step ({(re_ - lo) * 1e3:+.2f} ms; median of the per-step ratios "
+        f"remote / local; p20–p80 of the ratios {(_pct(ratios, .2) - 1) * 100:+.1f}% to "
+        f"{(_pct(ratios, .8) - 1) * 100:+.1f}%; ratio of the means {over_mean:+.1f}%; goal ≤ 10%).",
+        "",
+        "Where the time goes (60 more steps of each, not interleaved; CPU from /proc, 10 ms ticks):",
+        "",
+        "| client | wall ms / step | client process CPU ms / step | server process CPU ms / step |",
+        "|---|---:|---:|---:|",
+        *[f"| {name} | {w:.2f} | {'n/a' if c is None else f'{c:.1f}'} | "
+          f"{'—' if name == 'local' else ('n/a' if sv is None else f'{sv:.1f}')} |" for name, (w, c, sv) in cpu_rows],
+        "",
+        "The cost is a fixed few milliseconds per request (two per step here: HTTP on both sides, the request log), "
+        "so its share falls as the step grows — the same measurement at larger batches "
+        f"({max(10, n // 3)} interleaved steps each):",
+        "",
+        "| batch | local median ms / step | remote median ms / step | overhead (median of ratios) |",
+        "|---:|---:|---:|---:|",
+        f"| {args.batch} | {lo * 1e3:.2f} | {re_ * 1e3:.2f} | {over:+.1f}% |",
+        *[f"| {b} | {tl * 1e3:.2f} | {tr * 1e3:.2f} | {(r - 1) * 100:+.1f}% |" for b, tl, tr, r in larger],
+        "",
+        "## Pipelining with futures (steps / s, median of rounds)",
+        "",
+        f"{args.repeats} rounds of {args.steps} steps each; sequential awaits every call, pipelined queues "
+        "`forward_backward_async` + `optim_step_async` and awaits the futures at the end (identical losses).",
+        "",
+        "| client preparation per step | client | sequential | pipelined | speed-up |",
+        "|---|---|---:|---:|---:|",
+    ]
+    for prep, res in rows:
+        for name in ("local", "remote"):
+            s, p = res[name]
+            lines.append(f"| {prep:g} ms | {name} | {s:.1f} | {p:.1f} | **{p / s:.2f}×** |")
+    lines += [
+        "",
+        "## Reading",
+        "",
+        "- Every step's loss is bit-identical locally and remotely: the remote step does the local step's work, plus "
+        "per request the protocol — JSON (or safetensors) encoding on both sides, an HTTP exchange (httpx; FastAPI on "
+        "uvicorn with uvloop/httptools), authentication, three small SQLite writes (accepted, queued, result) and two "
+        "thread hand-offs in the server (event loop → engine worker → event loop). The CPU table shows it: the server "
+        "process spends the local step's compute plus its share, the client process the rest.",
+        "- A step of `forward_backward` + `optim_step`, each awaited, is two such exchanges, so the share is large for "
+        "a step this small (signal-tiny at batch 32 computes in about 20 ms on one CPU thread) and falls with the "
+        "step's size (the larger batches above); for a model on a GPU the fixed cost is the same few milliseconds.",
+        "- Pipelining overlaps the client's preparation with the server's work (the 20 ms rows). With no preparation "
+        "there is nothing to overlap on two shared cores: the client, the server's event loop and its engine worker "
+        "then compete for the same CPUs.",
+        "- CPU timings on a shared 2-core machine are noisy; compare medians within one run.",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--steps", type=int, default=30)
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--batch", type=int, default=32)
+    p.add_argument("--prep-ms", type=float, default=20.0)
+    p.add_argument("--larger", type=int, nargs="*", default=[128, 512], help="larger batches, overhead only")
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch threads of each side (1: no OpenMP stalls on a busy shared machine)")
+    p.add_argument("--quick", action="store_true", help="a few steps (smoke test)")
+    p.add_argument("--out", default=None, help="results file (default benchmarks/results/remote_overhead_cpu.md)")
+    args = p.parse_args(argv)
+    if args.quick:
+        args.steps, args.repeats, args.larger = 4, 1, [64]
+    torch.set_num_threads(args.threads)
+    text = asyncio.run(main_async(args))
+    print(text)
+    if not args.quick or args.out:
+        out = args.out or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "remote_overhead_cpu.md")
+        with open(out, "w", encoding="utf-8") as f:
+            f.write(text)
+        print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

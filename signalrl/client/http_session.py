@@ -1,0 +1,131 @@
+"""One training client over HTTP: numbers its requests, posts them (concurrently: the server puts them back in
+order), and resolves their futures in order by long-polling each result (:mod:`signalrl.client.http`)."""
+from __future__ import annotations
+
+import asyncio
+import collections
+import concurrent.futures
+import threading
+import uuid
+from typing import TYPE_CHECKING
+
+from signalrl import wire
+
+from .errors import SignalAPIError
+from .futures import APIFuture
+from .http import _json, _with_query
+
+if TYPE_CHECKING:
+    from .http import HTTPTransport
+
+
+class _Item:
+    __slots__ = ("op", "seq", "body", "ctype", "wait", "result", "accepted")
+
+    def __init__(self, op, seq, body, ctype, wait, result, accepted):
+        self.op, self.seq, self.body, self.ctype, self.wait = op, seq, body, ctype, wait
+        self.result, self.accepted = result, accepted
+
+
+
+class HTTPSession:
+    """One training client: numbers its requests, posts them, and resolves their futures in order."""
+
+    def __init__(self, transport: HTTPTransport, run_id: str):
+        self.t = transport
+        self.run_id = run_id
+        self.client_id = uuid.uuid4().hex
+        self._seq = 0
+        self._lock = threading.Lock()
+        self._queue: collections.deque[_Item] = collections.deque()
+        self._pump: asyncio.Task | None = None
+        self._home: asyncio.AbstractEventLoop | None = None  # the loop this session's requests run on
+        self._tasks: set[asyncio.Task] = set()
+
+    def submit(self, op: str, args: tuple, kwargs: dict | None = None, *, wait: bool = False
+               ) -> tuple[APIFuture, concurrent.futures.Future]:
+        result: concurrent.futures.Future = concurrent.futures.Future()
+        accepted: concurrent.futures.Future = concurrent.futures.Future()
+        try:
+            body, ctype = wire.encode_body({"args": list(args), "kwargs": dict(kwargs or {})})
+        except (TypeError, ValueError) as exc:  # nothing was numbered or sent
+            result.set_exception(exc)
+            accepted.set_exception(exc)
+            return APIFuture(result, op), accepted
+        caller = self.t.caller_loop()
+        with self._lock:
+            if self.t._closed:
+                raise SignalAPIError("this client is closed")
+            if self._home is None or self._home.is_closed():
+                if self._queue:  # their loop is gone (it cancelled them as it closed)
+                    self._fail_pending(SignalAPIError("the event loop these requests ran on was closed before their "
+                                                      "results arrived (the server still ran them)"))
+                self._queue, self._pump = collections.deque(), None
+                self._home = caller or self.t._loop
+            self._seq += 1
+            item = _Item(op, self._seq, body, ctype, wait, result, accepted)
+            if self._home is caller:
+                self._start(item)
+            else:
+                self._home.call_soon_threadsafe(self._start, item)
+        return APIFuture(result, op), accepted
+
+    def _start(self, item: _Item) -> None:
+        loop = asyncio.get_running_loop()  # the home loop: _start runs on it
+        self._queue.append(item)
+        self._spawn(loop, self._post(item))
+        if self._pump is None:
+            self._pump = self._spawn(loop, self._run_pump())
+
+    def _spawn(self, loop: asyncio.AbstractEventLoop, coro) -> asyncio.Task:
+        task = loop.create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
+
+    def _cancel_tasks_on(self, loop: asyncio.AbstractEventLoop) -> None:
+        for task in list(self._tasks):
+            if task.get_loop() is loop:
+                task.cancel()
+
+    async def _post(self, item: _Item) -> None:
+        params = {"op": item.op, "client_id": self.client_id, "seq": item.seq,
+                  "wait": self.t.poll_hold if item.wait else 0}
+        try:
+            doc = _json(await self.t._send("POST", _with_query(self.t._run_path(self.run_id, "/requests"), params),
+                                           content=item.body, headers={"content-type": item.ctype}))
+        except asyncio.CancelledError:
+            raise
+        except BaseException as exc:  # noqa: BLE001 - the request's future gets it
+            if not item.accepted.done():
+                item.accepted.set_exception(exc)
+        else:
+            if not item.accepted.done():
+                item.accepted.set_result(doc)
+        item.body = None
+
+    async def _run_pump(self) -> None:
+        while self._queue:
+            item = self._queue[0]
+            try:
+                doc = await asyncio.wrap_future(item.accepted)
+                value = await self.t._outcome(doc, item.op)
+            except asyncio.CancelledError:  # the loop is closing (or the client): nobody will resolve these
+                self._fail_pending(SignalAPIError("the event loop these requests ran on was closed (or the client) "
+                                                  "before their results arrived (the server still ran them)"))
+                self._pump = None
+                raise
+            except BaseException as exc:  # noqa: BLE001
+                if not item.result.done():
+                    item.result.set_exception(exc)
+            else:
+                if not item.result.done():
+                    item.result.set_result(value)
+            self._queue.popleft()
+        self._pump = None
+
+    def _fail_pending(self, exc: BaseException) -> None:
+        for item in list(self._queue):
+            for f in (item.accepted, item.result):
+                if not f.done():
+                    f.set_exception(exc)

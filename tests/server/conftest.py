@@ -1,0 +1,21 @@
+"""Server tests: protocol and auth in-process through httpx's ASGI transport (``_asgi.asgi``), real servers on
+127.0.0.1 where a socket matters. Every wait is bounded. Helpers live in ``_asgi.py`` and ``_proc.py`` (a
+``conftest`` module name is shared with tests/client, so nothing is imported from here)."""
+import pytest
+
+pytest.importorskip("fastapi")
+
+from signalrl.engine import Engine  # noqa: E402
+from signalrl.server import Service, Settings  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def engine(tmp_path_factory):
+    eng = Engine(str(tmp_path_factory.mktemp("server-engine")))
+    yield eng
+    eng.close()
+
+
+@pytest.fixture
+def service(engine, tmp_path):
+    return Service(str(tmp_path / "root"), engine=engine, settings=Settings(max_body_bytes=1 << 20, max_hold_s=20))
