@@ -103,7 +103,7 @@ class Run:
         self.is_lora = config.lora_r > 0
         if self.is_lora:
             base = self._apply_lora(base)
-        self.model = base
+        self.model = self._wrap_model(base)
         self.model.train()
         self.hidden_size = int(self._base().config.hidden_size)
         self.heads: dict[str, torch.nn.Module] = {}
@@ -121,6 +121,11 @@ class Run:
         """The causal LM under the peft wrapper (if any)."""
         get = getattr(self.model, "get_base_model", None)
         return get() if callable(get) else self.model
+
+    def _wrap_model(self, model: torch.nn.Module) -> torch.nn.Module:
+        """Hook for subclasses, called once before the optimizer is built (the sharded run applies FSDP2 here,
+        :mod:`signalrl.distributed`); the identity here."""
+        return model
 
     def _apply_lora(self, model: torch.nn.Module) -> torch.nn.Module:
         import peft
@@ -326,15 +331,10 @@ class Run:
             raise ValueError("optim_step: expected gradients accumulated by forward_backward since the last step, "
                              "got none; the step and the schedule are unchanged")
         grads = [p.grad for _, p in self.trainable_parameters() if p.grad is not None]
-        if grads:
-            # Cached by a forward_backward that found no gradient accumulated: the norms of these gradients.
-            norms = self._grad_norms if self._grad_norms is not None else _float32_norms(grads)
-            grad_norm = float(torch.linalg.vector_norm(torch.stack(list(norms))).item())
-        else:
-            grad_norm = 0.0
+        grad_norm = self._grad_norm(grads) if grads else 0.0
         clipped = False
         if self.config.max_grad_norm is not None and grads and grad_norm > self.config.max_grad_norm:
-            torch._foreach_mul_(grads, self.config.max_grad_norm / (grad_norm + 1e-6))
+            self._scale_grads(grads, self.config.max_grad_norm / (grad_norm + 1e-6))
             clipped = True
         self._grad_norms = None  # the gradients may have changed: a retried step recomputes
         if learning_rate is not None:
@@ -349,7 +349,30 @@ class Run:
         result = OptimStepResult(grad_norm=grad_norm, learning_rate=lr_used, step=self.step, clipped=clipped,
                                  timing={"compute": time.perf_counter() - t0})
         self._log("optim_step", {"grad_norm": grad_norm, "learning_rate": lr_used, "clipped": clipped})
+        result.checkpoint = self._auto_checkpoint()
         return result
+
+    def _grad_norm(self, grads: list[torch.Tensor]) -> float:
+        """L2 norm of the accumulated gradients (a hook: the sharded run reduces it over ranks)."""
+        # Cached by a forward_backward that found no gradient accumulated: the norms of these gradients.
+        norms = self._grad_norms if self._grad_norms is not None else _float32_norms(grads)
+        return float(torch.linalg.vector_norm(torch.stack(list(norms))).item())
+
+    def _scale_grads(self, grads: list[torch.Tensor], factor: float) -> None:
+        torch._foreach_mul_(grads, factor)
+
+    def _auto_checkpoint(self) -> str | None:
+        """``checkpoint_every=N``: after every N-th step, save checkpoint ``latest``. The step was taken, so a failed
+        save is logged (``checkpoint_failed``) and warned about, never raised."""
+        every = self.config.checkpoint_every
+        if not every or self.step % every:
+            return None
+        try:
+            return self.save_state("latest").path
+        except Exception as exc:  # noqa: BLE001
+            warnings.warn(f"checkpoint_every: saving 'latest' after step {self.step} failed: {exc}", RuntimeWarning)
+            self._log("checkpoint_failed", {"name": "latest", "error": f"{type(exc).__name__}: {exc}"})
+            return None
 
     @_own_rng
     def sample(self, prompts: Sequence[str | Sequence[int]], max_tokens: int = 32, temperature: float = 1.0,
@@ -375,13 +398,17 @@ class Run:
             generator.manual_seed(int(seed))
         self.model.eval()
         try:
-            raw = sample_tokens(self.model, prompt_ids, max_tokens=max_tokens, temperature=float(temperature),
+            raw = sample_tokens(self._sampling_model(), prompt_ids, max_tokens=max_tokens, temperature=float(temperature),
                                 num_samples=num_samples, eos_token_id=self.tokenizer.eos_token_id,
                                 pad_token_id=self.tokenizer.pad_token_id, generator=generator, device=self.device)
         finally:
             self.model.train()
         seqs = to_sequences(raw, prompt_ids, self.tokenizer.decode)
         return SampleResult(sequences=seqs, timing={"compute": time.perf_counter() - t0})
+
+    def _sampling_model(self):
+        """What sampling calls as the causal LM (a hook: the sharded run routes it through its FSDP2 root)."""
+        return self.model
 
     def _check_prompts(self, prompt_ids: list[list[int]], max_tokens: int, num_samples: int) -> None:
         from signalrl.losses._values import model_limits

@@ -1,0 +1,242 @@
+"""The sharded engine: rank 0 hosts :class:`ShardedEngine` (an :class:`~signalrl.engine.Engine` — the same
+requests, futures and clients), the other ranks run :func:`follow`.
+
+Every request that touches a run is broadcast from rank 0's worker thread to all ranks (one command at a time,
+in the order rank 0 executes them); every rank executes it on its :class:`~signalrl.distributed.run.ShardedRun`
+with the same arguments, and a status exchange makes all ranks return or all raise. Rank 0's result is the
+request's result. When idle, rank 0 sends a heartbeat every ``timeout_s / 4`` so followers never wait longer than
+the collective timeout; a rank that dies or hangs makes the others raise within ``timeout_s``, after which the
+engine refuses further requests with :class:`RankFailedError` (restart the job: the group is out of step).
+
+Commands between ranks travel through ``torch.distributed``'s object collectives (pickle, between the processes
+of one job only); what clients send never does.
+"""
+from __future__ import annotations
+
+import functools
+import os
+import threading
+import time
+from concurrent.futures import Future
+from dataclasses import asdict, fields
+from typing import Any
+
+import torch.distributed as dist
+
+from signalrl.engine.config import RunConfig
+from signalrl.engine.engine import _OPS, Engine
+from signalrl.engine.models import load_base_model
+from signalrl.engine.reference import ReferenceCache
+
+from .comm import Comm, RankFailedError, init, is_comm_error, run_everywhere
+from .run import ShardedRun
+
+
+def _build_run(comm: Comm, root_dir: str, run_id: str, cfg: dict, checkpoint: str | None,
+               reference_cache: ReferenceCache, max_request_bytes: int | None, split) -> ShardedRun:
+    run = ShardedRun(run_id, RunConfig(**cfg), comm=comm, run_dir=os.path.join(root_dir, run_id),
+                     reference_cache=reference_cache, device=str(comm.device), max_request_bytes=max_request_bytes,
+                     split=split)
+    if checkpoint is not None:
+        try:
+            run.load_state(checkpoint)
+        except BaseException:
+            run.close()
+            raise
+    return run
+
+
+def _reference_cache(size: int) -> ReferenceCache:
+    return ReferenceCache(lambda name, **kw: load_base_model(name, arg="reference_model", **kw)[0], capacity=size)
+
+
+class _LeaderRun:
+    """Rank 0's handle on a sharded run: request methods broadcast and run everywhere; the rest is local."""
+
+    def __init__(self, engine: "ShardedEngine", run: ShardedRun):
+        self._engine = engine
+        self._run = run
+
+    def __getattr__(self, name: str) -> Any:
+        if name in _OPS:
+            return functools.partial(self._engine._collective_op, self._run, name)
+        return getattr(self._run, name)
+
+
+class ShardedEngine(Engine):
+    """``ShardedEngine(root_dir=None, *, comm, split=None, ...)`` on rank 0 (see :func:`start`)."""
+
+    def __init__(self, root_dir: str | None = None, *, comm: Comm, split=None, reference_cache_size: int = 2,
+                 max_request_bytes: int | None = None):
+        super().__init__(root_dir, reference_cache_size=reference_cache_size, max_request_bytes=max_request_bytes)
+        if not comm.is_leader:
+            raise ValueError("ShardedEngine: rank 0 hosts the engine; the other ranks call follow()")
+        self.comm = comm
+        self.split = split
+        self._broken: str | None = None
+        self._last_send = time.monotonic()
+        self._stop = threading.Event()
+        self._ping_pending = False
+        self._closed = False
+        self._heartbeat = threading.Thread(target=self._beat, name="signal-dist-heartbeat", daemon=True)
+        self._heartbeat.start()
+
+    @property
+    def device(self) -> str:
+        return str(self.comm.device)
+
+    # ------------------------------------------------------------------ commands
+    def _send(self, cmd: tuple) -> None:
+        if self._broken is not None:
+            raise RankFailedError(self._broken)
+        try:
+            dist.broadcast_object_list([cmd], src=0)
+        except Exception as exc:  # noqa: BLE001
+            self._fail(exc)
+        self._last_send = time.monotonic()
+
+    def _fail(self, exc: BaseException) -> None:
+        self._broken = (f"the sharded engine lost a rank ({type(exc).__name__}: {str(exc)[:300]}); "
+                        f"a rank died or did not answer within {self.comm.timeout_s:g} s. Restart the job.")
+        raise RankFailedError(self._broken) from exc
+
+    def _everywhere(self, fn, what: str) -> Any:
+        try:
+            return run_everywhere(self.comm, fn, what)
+        except Exception as exc:  # noqa: BLE001
+            if is_comm_error(exc):
+                self._fail(exc)
+            raise
+
+    def _collective_op(self, run: ShardedRun, op: str, *args: Any, **kwargs: Any) -> Any:
+        self._send(("op", run.run_id, op, args, kwargs))
+        return self._everywhere(lambda: getattr(run, op)(*args, **kwargs), op)
+
+    def _beat(self) -> None:
+        interval = max(self.comm.timeout_s / 4, 0.05)
+        while not self._stop.wait(interval / 2):
+            if self._ping_pending or self._broken is not None or time.monotonic() - self._last_send < interval:
+                continue
+            self._ping_pending = True
+
+            def ping() -> None:
+                self._ping_pending = False
+                if time.monotonic() - self._last_send >= interval:
+                    self._send(("ping",))
+            try:
+                self._worker(self.device).submit(ping, key="__heartbeat__")
+            except RuntimeError:  # closed
+                return
+
+    # ------------------------------------------------------------------ runs
+    def open_run(self, run_id: str, base_model: str | None = None, *, checkpoint: str | None = None,
+                 **config: Any) -> Future:
+        known = {f.name for f in fields(RunConfig)}
+        unknown = sorted(set(config) - known)
+        err: Exception | None = None
+        cfg = None
+        if unknown:
+            err = TypeError(f"create_run: unknown argument(s) {unknown}; accepted: {sorted(known)}")
+        else:
+            if base_model is not None:
+                config["base_model"] = base_model
+            if config.get("device") not in (None, self.device, self.comm.device.type):
+                err = ValueError(f"device: a sharded engine places every run on its ranks' devices "
+                                 f"({self.device} here), got {config['device']!r}")
+            else:
+                config["device"] = self.device
+                cfg = RunConfig(**config)
+                try:
+                    cfg.validate()
+                except (ValueError, TypeError) as exc:
+                    err = exc
+        with self._lock:
+            if err is None and (run_id in self._runs or run_id in self._pending_ids):
+                err = ValueError(f"run_id: a run {run_id!r} is already open in this engine")
+            if err is None:
+                self._pending_ids.add(run_id)
+        if err is not None:
+            f: Future = Future()
+            f.set_exception(err)
+            return f
+        cfg_dict = asdict(cfg)
+
+        def make() -> dict[str, Any]:
+            try:
+                self._send(("open", self.root_dir, run_id, cfg_dict, checkpoint))
+                run = self._everywhere(lambda: _build_run(self.comm, self.root_dir, run_id, cfg_dict, checkpoint,
+                                                          self.reference_cache, self.max_request_bytes, self.split),
+                                       "create_run")
+            finally:
+                with self._lock:
+                    self._pending_ids.discard(run_id)
+            with self._lock:
+                self._runs[run_id] = _LeaderRun(self, run)  # type: ignore[assignment]
+            return run.info()
+
+        return self._submit(self.device, run_id, "create_run", make)
+
+    def close(self) -> None:
+        """Stop the followers (after the queued requests), then the engine."""
+        if self._closed:
+            return
+        self._closed = True
+        self._stop.set()
+        if self._broken is None:
+            try:
+                self._worker(self.device).submit(lambda: self._send(("stop",)), key="__heartbeat__").result(
+                    timeout=None)
+            except Exception:  # noqa: BLE001 - a broken group: nothing to stop
+                pass
+        super().close()
+
+
+def follow(comm: Comm, *, split=None, reference_cache_size: int = 2, max_request_bytes: int | None = None) -> None:
+    """The loop of ranks other than 0: execute rank 0's commands until it says stop. A request error is shared
+    with every rank and the loop goes on; a communication error (rank 0 died, or a timeout) ends it by raising
+    :class:`RankFailedError`."""
+    runs: dict[str, ShardedRun] = {}
+    cache = _reference_cache(reference_cache_size)
+    try:
+        while True:
+            box: list[Any] = [None]
+            try:
+                dist.broadcast_object_list(box, src=0)
+            except Exception as exc:  # noqa: BLE001
+                raise RankFailedError(f"rank {comm.rank}: lost rank 0 ({type(exc).__name__}: {str(exc)[:300]}) "
+                                      f"within the {comm.timeout_s:g} s timeout") from exc
+            cmd = box[0]
+            kind = cmd[0]
+            if kind == "ping":
+                continue
+            if kind == "stop":
+                return
+            try:
+                if kind == "open":
+                    _, root_dir, run_id, cfg, checkpoint = cmd
+                    runs[run_id] = run_everywhere(
+                        comm, lambda: _build_run(comm, root_dir, run_id, cfg, checkpoint, cache, max_request_bytes,
+                                                 split), "create_run")
+                elif kind == "op":
+                    _, run_id, op, args, kwargs = cmd
+                    run = runs[run_id]
+                    run_everywhere(comm, lambda: getattr(run, op)(*args, **kwargs), op)
+            except Exception as exc:  # noqa: BLE001
+                if is_comm_error(exc):
+                    raise RankFailedError(f"rank {comm.rank}: a collective failed ({str(exc)[:300]})") from exc
+                # a request error: every rank raised it; wait for the next command
+    finally:
+        for run in runs.values():
+            run.close()
+
+
+def start(root_dir: str | None = None, *, timeout_s: float | None = None, backend: str | None = None, split=None,
+          **engine_kwargs: Any) -> ShardedEngine | None:
+    """Call on every rank of a ``torchrun`` job. Rank 0 gets a :class:`ShardedEngine` (hand it to
+    ``AsyncSignalClient(engine=...)``/``SignalClient(engine=...)``, ``close()`` it at the end); the other ranks
+    serve it until it closes, then get ``None``."""
+    comm = init(timeout_s, backend)
+    if comm.is_leader:
+        return ShardedEngine(root_dir, comm=comm, split=split, **engine_kwargs)
+    follow(comm, split=split, **engine_kwargs)
+    return None
