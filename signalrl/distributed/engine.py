@@ -18,7 +18,7 @@ import os
 import threading
 import time
 from concurrent.futures import Future
-from dataclasses import asdict, fields
+from dataclasses import asdict
 from typing import Any
 
 import torch.distributed as dist
@@ -129,36 +129,17 @@ class ShardedEngine(Engine):
                 return
 
     # ------------------------------------------------------------------ runs
+    def _check_config(self, config: dict[str, Any]) -> None:
+        if config.get("device") not in (None, self.device, self.comm.device.type):
+            raise ValueError(f"device: a sharded engine places every run on its ranks' devices "
+                             f"({self.device} here), got {config['device']!r}")
+        config["device"] = self.device
+
     def open_run(self, run_id: str, base_model: str | None = None, *, checkpoint: str | None = None,
                  **config: Any) -> Future:
-        known = {f.name for f in fields(RunConfig)}
-        unknown = sorted(set(config) - known)
-        err: Exception | None = None
-        cfg = None
-        if unknown:
-            err = TypeError(f"create_run: unknown argument(s) {unknown}; accepted: {sorted(known)}")
-        else:
-            if base_model is not None:
-                config["base_model"] = base_model
-            if config.get("device") not in (None, self.device, self.comm.device.type):
-                err = ValueError(f"device: a sharded engine places every run on its ranks' devices "
-                                 f"({self.device} here), got {config['device']!r}")
-            else:
-                config["device"] = self.device
-                cfg = RunConfig(**config)
-                try:
-                    cfg.validate()
-                except (ValueError, TypeError) as exc:
-                    err = exc
-        with self._lock:
-            if err is None and (run_id in self._runs or run_id in self._pending_ids):
-                err = ValueError(f"run_id: a run {run_id!r} is already open in this engine")
-            if err is None:
-                self._pending_ids.add(run_id)
-        if err is not None:
-            f: Future = Future()
-            f.set_exception(err)
-            return f
+        cfg, failed = self._reserve(run_id, base_model, config)
+        if failed is not None:
+            return failed
         cfg_dict = asdict(cfg)
 
         def make() -> dict[str, Any]:

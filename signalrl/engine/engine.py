@@ -145,6 +145,37 @@ class Engine:
             else default_device()
 
     # ------------------------------------------------------------------ runs
+    def _check_config(self, config: dict[str, Any]) -> None:
+        """A hook for engines that constrain the config further (the sharded engine fixes the device)."""
+
+    def _reserve(self, run_id: str, base_model: str | None, config: dict[str, Any]
+                 ) -> tuple[RunConfig | None, Future | None]:
+        """Validate a run's config and reserve ``run_id``: ``(config, None)``, or ``(None, a failed future)``."""
+        known = {f.name for f in fields(RunConfig)}
+        unknown = sorted(set(config) - known)
+        err: Exception | None = None
+        cfg = None
+        try:
+            if unknown:
+                raise TypeError(f"create_run: unknown argument(s) {unknown}; accepted: {sorted(known)}")
+            if base_model is not None:
+                config["base_model"] = base_model
+            self._check_config(config)
+            cfg = RunConfig(**config)
+            cfg.validate()
+        except (ValueError, TypeError) as exc:
+            err = exc
+        with self._lock:
+            if err is None and (run_id in self._runs or run_id in self._pending_ids):
+                err = ValueError(f"run_id: a run {run_id!r} is already open in this engine")
+            if err is None:
+                self._pending_ids.add(run_id)
+        if err is None:
+            return cfg, None
+        f: Future = Future()
+        f.set_exception(err)
+        return None, f
+
     def create_run(self, base_model: str | None = None, **config: Any) -> Future:
         """Queue the creation of a run; the future's result is ``get_run(run_id)``."""
         return self.open_run(f"run-{next(self._counter):03d}-{self._session}", base_model, **config)
@@ -154,29 +185,9 @@ class Engine:
         """Queue the creation of run ``run_id`` in ``<root_dir>/<run_id>`` (an existing directory is reused, its
         metrics appended to), then, with ``checkpoint``, ``load_state(checkpoint)``. ``create_run`` with a given id;
         a server reopens its runs with it after a restart. Errors as ``create_run``'s, in the future."""
-        known = {f.name for f in fields(RunConfig)}
-        unknown = sorted(set(config) - known)
-        fut_err: Exception | None = None
-        if unknown:
-            fut_err = TypeError(f"create_run: unknown argument(s) {unknown}; accepted: {sorted(known)}")
-        cfg = None
-        if fut_err is None:
-            if base_model is not None:
-                config["base_model"] = base_model
-            cfg = RunConfig(**config)
-            try:
-                cfg.validate()
-            except (ValueError, TypeError) as exc:
-                fut_err = exc
-        with self._lock:
-            if fut_err is None and (run_id in self._runs or run_id in self._pending_ids):
-                fut_err = ValueError(f"run_id: a run {run_id!r} is already open in this engine")
-            if fut_err is None:
-                self._pending_ids.add(run_id)
-        if fut_err is not None:
-            f: Future = Future()
-            f.set_exception(fut_err)
-            return f
+        cfg, failed = self._reserve(run_id, base_model, config)
+        if failed is not None:
+            return failed
         device = cfg.device or default_device()
         cfg.device = device
 
