@@ -107,17 +107,14 @@ def _text_batch(rng: random.Random, n: int) -> list[dict]:
     return [{"prompt": "Words:", "response": " " + " ".join(rng.choices(words, k=12))} for _ in range(n)]
 
 
-async def pipeline_loop(client, model_name: str, steps: int, B: int, pipelined: bool, device: str,
-                        prep_ms: float = 0.0):
-    run = await client.create_run(base_model=model_name, lora_r=0, learning_rate=1e-3, seed=0, device=device)
-    tc = client.get_training_client(run["run_id"])
-    rng = random.Random(0)
+async def timed_steps(tc, batches, pipelined: bool, prep_ms: float = 0.0) -> tuple[float, list[float]]:
+    """Seconds for ``forward_backward`` + ``optim_step`` on each of ``batches`` (awaited one by one, or queued as
+    futures and awaited at the end), after ``prep_ms`` of simulated I/O-bound preparation per step; and the losses."""
     t0 = time.perf_counter()
     losses, pending = [], []
-    for _ in range(steps):
+    for batch in batches:
         if prep_ms:
             await asyncio.sleep(prep_ms / 1e3)  # I/O-bound preparation: loading data, a remote reward service
-        batch = _text_batch(rng, B)
         if pipelined:
             pending.append(await tc.forward_backward_async(batch, "causal_lm"))
             pending.append(await tc.optim_step_async())
@@ -129,6 +126,14 @@ async def pipeline_loop(client, model_name: str, steps: int, B: int, pipelined: 
         for f in pending[1::2]:
             await f
     return time.perf_counter() - t0, losses
+
+
+async def pipeline_loop(client, model_name: str, steps: int, B: int, pipelined: bool, device: str,
+                        prep_ms: float = 0.0):
+    run = await client.create_run(base_model=model_name, lora_r=0, learning_rate=1e-3, seed=0, device=device)
+    tc = client.get_training_client(run["run_id"])
+    rng = random.Random(0)
+    return await timed_steps(tc, (_text_batch(rng, B) for _ in range(steps)), pipelined, prep_ms)
 
 
 def _sync(device: str) -> None:

@@ -30,6 +30,8 @@ import time
 
 import torch
 
+from .api_overhead import timed_steps
+
 
 def _batches(n: int, size: int, seed: int = 0) -> list[list[dict]]:
     from signalrl.demo import make_prompt, sft_response
@@ -99,23 +101,7 @@ async def cpu_per_step(client, batches, server_pid: int | None) -> tuple[float, 
 
 async def pipeline(client, batches, pipelined: bool, prep_ms: float) -> tuple[float, list[float]]:
     run = await client.create_run(**RUN)
-    tc = client.get_training_client(run["run_id"])
-    t0 = time.perf_counter()
-    losses, pending = [], []
-    for b in batches:
-        if prep_ms:
-            await asyncio.sleep(prep_ms / 1e3)  # I/O-bound preparation: data loading, a reward service
-        if pipelined:
-            pending.append(await tc.forward_backward_async(b, "causal_lm"))
-            pending.append(await tc.optim_step_async())
-        else:
-            losses.append((await tc.forward_backward(b, "causal_lm")).loss)
-            await tc.optim_step()
-    if pipelined:
-        losses = [(await f).loss for f in pending[::2]]
-        for f in pending[1::2]:
-            await f
-    return time.perf_counter() - t0, losses
+    return await timed_steps(client.get_training_client(run["run_id"]), batches, pipelined, prep_ms)
 
 
 def _start_server(root: str, args) -> tuple:

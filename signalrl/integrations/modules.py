@@ -21,11 +21,11 @@ are detached 0-d tensors (no host sync); call ``float()`` on the ones you log.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .. import ops
 from ..losses.dpo import dpo as _dpo_spec
+from ..losses.dpo import dpo_objective
 from ..losses.grpo import grpo as _grpo_spec
 
 __all__ = ["LinearCrossEntropyLoss", "LinearDPOLoss", "LinearGRPOLoss"]
@@ -235,17 +235,6 @@ class LinearDPOLoss(nn.Module):
                     detach(ref_hidden), rw, targets, mask, None if rb is None else rb.detach()
                 )
         ref_w, ref_l = ref_chosen_logps.float(), ref_rejected_logps.float()
-        h = (pi_w - ref_w) - (pi_l - ref_l)
-        loss = ((1.0 - eps) * F.softplus(-beta * h) + eps * F.softplus(beta * h)).mean()
-        with torch.no_grad():
-            chosen_r, rejected_r = beta * (pi_w - ref_w), beta * (pi_l - ref_l)
-            metrics = {
-                "implicit_reward": torch.cat([chosen_r, rejected_r]).mean(),
-                "chosen_reward": chosen_r.mean(),
-                "rejected_reward": rejected_r.mean(),
-                "reward_margin": (chosen_r - rejected_r).mean(),
-                "preference_accuracy": (chosen_r > rejected_r).float().mean(),
-                "chosen_logps": pi_w.detach().mean(),
-                "rejected_logps": pi_l.detach().mean(),
-            }
+        loss, metrics = dpo_objective(pi_w, pi_l, ref_w, ref_l, beta, eps)
+        metrics.update(chosen_logps=pi_w.detach().mean(), rejected_logps=pi_l.detach().mean())
         return loss, metrics

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from torch import Tensor
 
 from ._common import COMMON_CHECKS, select, sequence_logprob
 from .base import Computed, Field, LossModule, LossSpec
@@ -88,10 +89,16 @@ def _dpo(policy, batch, kw) -> Computed:
         ref = sequence_logprob(ref_lp, mask)
         ref_w, ref_l = ref[:B], ref[B:]
 
-    beta, eps = kw["beta"], kw["label_smoothing"]
+    loss, metrics = dpo_objective(pi_w, pi_l, ref_w, ref_l, kw["beta"], kw["label_smoothing"])
+    return Computed(loss=loss, metrics=metrics)
+
+
+def dpo_objective(pi_w: Tensor, pi_l: Tensor, ref_w: Tensor, ref_l: Tensor, beta: float, eps: float
+                  ) -> tuple[Tensor, dict[str, Tensor]]:
+    """The DPO loss from sequence log-probs ``[B]``: mean of (1−ε)·softplus(−β·h) + ε·softplus(β·h) with
+    h = (π_w − ref_w) − (π_l − ref_l); and the implicit-reward metrics (detached)."""
     h = (pi_w - ref_w) - (pi_l - ref_l)
     loss = ((1.0 - eps) * F.softplus(-beta * h) + eps * F.softplus(beta * h)).mean()
-
     with torch.no_grad():
         chosen_r, rejected_r = beta * (pi_w - ref_w), beta * (pi_l - ref_l)
         metrics = {
@@ -101,7 +108,7 @@ def _dpo(policy, batch, kw) -> Computed:
             "reward_margin": (chosen_r - rejected_r).mean(),
             "preference_accuracy": (chosen_r > rejected_r).to(h.dtype).mean(),
         }
-    return Computed(loss=loss, metrics=metrics)
+    return loss, metrics
 
 
 # --- spec and drop-in form -------------------------------------------------------------------

@@ -48,3 +48,15 @@ def backend_params(family: str, kernel: str) -> list:
             pytest.param(b, "cuda", id=f"{b}-cuda") for b in available_backends(family, kernel, "cuda") if b != "reference"
         ]
     return params
+
+
+# public op → (kernel family, forward kernel name): what available_backends() is asked about for each op
+KERNELS = {
+    "token_logprobs": ("logprobs", "token_logprobs_fwd"),
+    "linear_token_logprobs": ("linear_logprobs", "linear_token_logprobs_fwd"),
+    "clipped_surrogate": ("ppo", "ppo_token_fwd"),
+    "value_loss": ("ppo", "value_loss_fwd"),
+    "kl_penalty": ("kl", "kl_penalty_fwd"),
+    "gae": ("gae", "gae_fwd"),
+    "linear_ppo_loss": ("linear_ppo", "linear_ppo_fwd"),
+}

@@ -11,17 +11,8 @@ import signalrl.ops as ops
 from signalrl import reference
 from signalrl.ops import _validate, available_backends, use_backend
 
-from ._oracle import rel_err
+from ._oracle import KERNELS, rel_err
 
-KERNELS = {
-    "token_logprobs": ("logprobs", "token_logprobs_fwd"),
-    "linear_token_logprobs": ("linear_logprobs", "linear_token_logprobs_fwd"),
-    "clipped_surrogate": ("ppo", "ppo_token_fwd"),
-    "value_loss": ("ppo", "value_loss_fwd"),
-    "kl_penalty": ("kl", "kl_penalty_fwd"),
-    "gae": ("gae", "gae_fwd"),
-    "linear_ppo_loss": ("linear_ppo", "linear_ppo_fwd"),
-}
 MASK_EXPECTED = "finite values ≥ 0 (0 = not counted, > 0 = counted with that weight)"
 FLOATS = "float32, bfloat16, float16, float64"
 AGGS = "('token-mean', 'seq-mean-token-sum', 'seq-mean-token-mean', 'seq-mean-token-sum-norm')"

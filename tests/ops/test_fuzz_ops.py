@@ -36,19 +36,12 @@ import signalrl.ops as ops
 from signalrl.ops import available_backends, use_backend
 from signalrl.ops._check import SignalCheckError, compare
 
+from ._oracle import KERNELS
+
 EXAMPLES = int(os.environ.get("SIGNAL_FUZZ_EXAMPLES", "20"))
 _ONLY = {b.strip() for b in os.environ.get("SIGNAL_FUZZ_BACKENDS", "").split(",") if b.strip()}
 OUTCOMES: collections.Counter = collections.Counter()
 
-KERNELS = {
-    "token_logprobs": ("logprobs", "token_logprobs_fwd"),
-    "linear_token_logprobs": ("linear_logprobs", "linear_token_logprobs_fwd"),
-    "clipped_surrogate": ("ppo", "ppo_token_fwd"),
-    "value_loss": ("ppo", "value_loss_fwd"),
-    "kl_penalty": ("kl", "kl_penalty_fwd"),
-    "gae": ("gae", "gae_fwd"),
-    "linear_ppo_loss": ("linear_ppo", "linear_ppo_fwd"),
-}
 
 SPECIALS = [math.nan, math.inf, -math.inf, 1e30]
 AGGS = ["token-mean", "seq-mean-token-sum", "seq-mean-token-mean", "seq-mean-token-sum-norm"]
