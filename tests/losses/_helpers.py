@@ -182,3 +182,14 @@ def ppo_oracle(pol64, ref64, head64, ids, attn, old, rewards, mask, *, values=No
         )
         metrics = {k: float(x) for k, x in metrics.items()}
     return loss, metrics
+
+
+def assert_float64_match(res, loss64, metrics64, names, named_params, oracle_params, tol=1e-12):
+    """A float64 loss result equals the float64 oracle's: loss dtype and value, every metric, every gradient."""
+    assert res.loss.dtype == torch.float64
+    assert_close(res.loss.detach(), loss64.detach(), rtol=tol, atol=tol, what="loss")
+    assert_metrics(res, metrics64, names, rtol=tol, atol=tol)
+    for (name, p), q in zip(named_params, oracle_params):
+        assert (p.grad is None) == (q.grad is None), name
+        if p.grad is not None:
+            assert_close(p.grad, q.grad, rtol=tol, atol=tol, what=f"d {name}")
