@@ -24,7 +24,7 @@ from typing import Any
 import torch.distributed as dist
 
 from signalrl.engine.config import RunConfig
-from signalrl.engine.engine import _OPS, Engine
+from signalrl.engine.engine import _OPS, Engine, load_or_close
 from signalrl.engine.models import load_base_model
 from signalrl.engine.reference import ReferenceCache
 
@@ -37,12 +37,7 @@ def _build_run(comm: Comm, root_dir: str, run_id: str, cfg: dict, checkpoint: st
     run = ShardedRun(run_id, RunConfig(**cfg), comm=comm, run_dir=os.path.join(root_dir, run_id),
                      reference_cache=reference_cache, device=str(comm.device), max_request_bytes=max_request_bytes,
                      split=split)
-    if checkpoint is not None:
-        try:
-            run.load_state(checkpoint)
-        except BaseException:
-            run.close()
-            raise
+    load_or_close(run, checkpoint)
     return run
 
 

@@ -48,6 +48,17 @@ class _Stats:
         self.running: str | None = None
 
 
+def load_or_close(run: Run, checkpoint: str | None) -> None:
+    """Open a new run on ``checkpoint`` (if given): a failed load closes the run and raises."""
+    if checkpoint is None:
+        return
+    try:
+        run.load_state(checkpoint)
+    except BaseException:
+        run.close()
+        raise
+
+
 class Engine:
     """``Engine(root_dir=None, reference_cache_size=2, max_request_bytes=None)``. ``root_dir`` holds one
     directory per run (``metrics.jsonl``, ``checkpoints/``); default ``$SIGNAL_HOME`` or ``./runs``.
@@ -196,12 +207,7 @@ class Engine:
                 run = Run(run_id, cfg, run_dir=os.path.join(self.root_dir, run_id),
                           reference_cache=self.reference_cache, device=device,
                           max_request_bytes=self.max_request_bytes)
-                if checkpoint is not None:
-                    try:
-                        run.load_state(checkpoint)
-                    except BaseException:
-                        run.close()
-                        raise
+                load_or_close(run, checkpoint)
             finally:
                 with self._lock:
                     self._pending_ids.discard(run_id)

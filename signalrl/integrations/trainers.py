@@ -31,7 +31,7 @@ import torch
 from torch import Tensor, nn
 
 from .. import ops
-from ..losses.model import PolicyModel
+from ..losses.model import PolicyModel, find_backbone
 
 try:
     import trl
@@ -56,19 +56,6 @@ _FUSED_LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo")
 
 
 # --- the fused head --------------------------------------------------------------------------------
-
-
-def _backbone(model: nn.Module) -> nn.Module:
-    """The decoder under the causal LM (as :meth:`signalrl.losses.PolicyModel.backbone` finds it)."""
-    if hasattr(model, "get_decoder"):
-        dec = model.get_decoder()
-        if dec is not None and dec is not model:
-            return dec
-    prefix = getattr(model, "base_model_prefix", "model")
-    dec = getattr(model, prefix, None)
-    if dec is None:
-        raise TypeError(f"cannot find the backbone of {type(model).__name__} (no get_decoder(), no .{prefix})")
-    return dec
 
 
 @torch.no_grad()
@@ -177,7 +164,7 @@ def _signal_head_forward(self, *args, **kwargs):
     shift_labels = kwargs.pop("shift_labels", None)
     num_items_in_batch = kwargs.pop("num_items_in_batch", None)
     kwargs["use_cache"] = False
-    out = _backbone(self)(*args, **kwargs)
+    out = find_backbone(self)(*args, **kwargs)
     hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
     if shift_labels is None:
         hidden, labels = hidden[:, :-1], labels[:, 1:]

@@ -78,6 +78,19 @@ def last_token_index(attention_mask: Tensor) -> Tensor:
     return (T - 1) - flipped.argmax(-1)
 
 
+def find_backbone(model: nn.Module) -> nn.Module:
+    """The decoder under a Hugging Face causal LM: ``get_decoder()``, else the ``base_model_prefix`` attribute."""
+    if hasattr(model, "get_decoder"):
+        dec = model.get_decoder()
+        if dec is not None and dec is not model:
+            return dec
+    prefix = getattr(model, "base_model_prefix", "model")
+    dec = getattr(model, prefix, None)
+    if dec is None:
+        raise TypeError(f"cannot find the backbone of {type(model).__name__} (no get_decoder(), no .{prefix})")
+    return dec
+
+
 def _is_peft(model) -> bool:
     return hasattr(model, "disable_adapter") and hasattr(model, "get_base_model")
 
@@ -120,16 +133,7 @@ class PolicyModel(nn.Module):
         return self.model.get_base_model() if _is_peft(self.model) else self.model
 
     def backbone(self) -> nn.Module:
-        base = self.base_model()
-        if hasattr(base, "get_decoder"):
-            dec = base.get_decoder()
-            if dec is not None:
-                return dec
-        prefix = getattr(base, "base_model_prefix", "model")
-        dec = getattr(base, prefix, None)
-        if dec is None:
-            raise TypeError(f"cannot find the backbone of {type(base).__name__} (no get_decoder(), no .{prefix})")
-        return dec
+        return find_backbone(self.base_model())
 
     @property
     def config(self):
