@@ -53,7 +53,7 @@ def _native_extension() -> dict:
             "SIGNAL_BUILD_NATIVE=1 needs torch in the build environment: "
             "run pip with --no-build-isolation"
         ) from exc
-    sources = ["csrc/registration.cpp", *sorted(glob.glob("csrc/cpu/*.cpp"))]
+    sources = sorted(glob.glob("csrc/cpu/*.cpp"))
     cuda = sorted(glob.glob("csrc/cuda/*.cu")) if torch.version.cuda and CUDA_HOME else []
     kind = CUDAExtension if cuda else CppExtension
     flags = ["-O3", "-fno-math-errno"] + (["-fopenmp"] if sys.platform.startswith("linux") else [])  # as native.py

@@ -46,6 +46,7 @@ if str(_REPO) not in sys.path:
 import torch  # noqa: E402
 
 from signalrl import native  # noqa: E402
+import signalrl.ops  # noqa: E402,F401  (defines the torch.ops.signalrl kernel ops)
 from signalrl import reference as ref  # noqa: E402
 
 
@@ -118,7 +119,7 @@ def gae_cases(B: int, T: int) -> list[dict]:
     mask = (torch.arange(T)[None, :] < lengths[:, None]).float()  # right padding
     mask[:, T // 4: T // 4 + 16] = 0  # and a masked span (tool output)
     last = torch.randn(B)
-    gae = native.get("gae_fwd")
+    gae = torch.ops.signalrl.gae_fwd
 
     def base():
         return ref.gae(rewards, values, mask, gamma=0.99, lam=0.95, last_values=last)[0]
@@ -135,7 +136,7 @@ def gae_cases(B: int, T: int) -> list[dict]:
 
 def token_cases(N: int, V: int) -> list[dict]:
     cases = []
-    fwd, bwd = native.get("token_logprobs_fwd"), native.get("token_logprobs_bwd")
+    fwd, bwd = torch.ops.signalrl.token_logprobs_fwd, torch.ops.signalrl.token_logprobs_bwd
     for dtype in (torch.float32, torch.bfloat16):
         torch.manual_seed(0)
         logits = (torch.randn(N, V) * 3).to(dtype)
@@ -161,9 +162,11 @@ def token_cases(N: int, V: int) -> list[dict]:
             torch.log_softmax(x.float(), -1).gather(-1, targets[:, None]).squeeze(-1).backward(g)
             return x.grad
 
+        empty = torch.empty(0)  # no entropy term
+
         def nat_fb(logits=logits, targets=targets, g=g):
             lp, _, lse = fwd(logits, targets, 1.0, -100, False)
-            return bwd(g, None, logits, targets, lse, None, 1.0, -100)
+            return bwd(g, empty, logits, targets, lse, empty, 1.0, -100)
 
         cases.append(dict(case=f"token_logprobs fwd+bwd N={N} V={V} {str(dtype).split('.')[-1]}",
                           base_name="autograd of the same", base=base_fb, nat=nat_fb, memory=True,
@@ -173,7 +176,7 @@ def token_cases(N: int, V: int) -> list[dict]:
 
 def linear_cases(N: int, V: int, H: int) -> list[dict]:
     cases = []
-    fwd = native.get("linear_token_logprobs_fwd")
+    fwd = torch.ops.signalrl.linear_token_logprobs_fwd
     for dtype in (torch.float32, torch.bfloat16):
         torch.manual_seed(0)
         hidden = torch.randn(N, H).to(dtype)

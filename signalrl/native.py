@@ -1,8 +1,9 @@
 """Native CPU kernels: builds, loads and exposes the C++ extension in ``csrc/``.
 
-The extension registers the operators ``torch.ops.signalrl_native.<name>`` (C++ ATen kernels
-using ``at::parallel_for``; schemas in ``csrc/registration.cpp``, contract in
-``docs/backends.md``). This module finds or builds it on first use:
+The extension implements the kernel ops ``torch.ops.signalrl.<name>`` for CPU tensors (C++ ATen kernels using
+``at::parallel_for``; each ``csrc/cpu/<family>.cpp`` registers its own with ``TORCH_LIBRARY_IMPL(signalrl, CPU)``;
+the schemas are the ``torch.library`` ops of :mod:`signalrl.ops`, contract in ``docs/backends.md``). This module finds
+or builds it on first use:
 
 1. a prebuilt library next to this file (``signalrl/_native*.so``), made by
    ``SIGNAL_BUILD_NATIVE=1 pip install -e . --no-build-isolation`` and used while it is newer
@@ -25,7 +26,8 @@ Environment variables:
   ``$XDG_CACHE_HOME/signalrl/native/<torch version>-<python>``, i.e. ``~/.cache/signalrl/...``).
 - ``SIGNAL_NATIVE_VERBOSE=1`` — show the compiler output of the JIT build.
 
-Public API: :func:`available`, :func:`get`, :func:`load`, :func:`build_dir`, :func:`why`.
+Public API: :func:`available`, :func:`load`, :func:`build_dir`, :func:`why`; whether a kernel op has its C++
+kernel: :meth:`signalrl.ops._library.KernelOp.implemented_by`.
 """
 from __future__ import annotations
 
@@ -36,24 +38,11 @@ import sys
 import threading
 import warnings
 from pathlib import Path
-from typing import Callable
 
 import torch
 
-LIBRARY = "signalrl_native"
-FUNCTIONS = (
-    "token_logprobs_fwd",
-    "token_logprobs_bwd",
-    "linear_token_logprobs_fwd",
-    "linear_token_logprobs_bwd",
-    "gae_fwd",
-    "ppo_token_fwd",
-    "value_loss_fwd",
-    "kl_penalty_fwd",
-    "kl_penalty_bwd",
-    "linear_ppo_fwd",
-    "linear_ppo_bwd",
-)
+LIBRARY = "signalrl_native"  # the shared library's name (the ops it implements are in the ``signalrl`` namespace)
+NAMESPACE = "signalrl"
 
 _PACKAGE_DIR = Path(__file__).resolve().parent
 _SHIPPED_CSRC = _PACKAGE_DIR / "_csrc"  # where setup.py puts the sources in a wheel
@@ -62,7 +51,7 @@ _SHIPPED_CSRC = _PACKAGE_DIR / "_csrc"  # where setup.py puts the sources in a w
 def _find_csrc() -> Path:
     """The C++ sources: ``signalrl/_csrc`` in an installed wheel, else ``csrc/`` of the source checkout this
     package lives in (editable installs, running from the repo)."""
-    return _SHIPPED_CSRC if (_SHIPPED_CSRC / "registration.cpp").is_file() else _PACKAGE_DIR.parent / "csrc"
+    return _SHIPPED_CSRC if (_SHIPPED_CSRC / "cpu").is_dir() else _PACKAGE_DIR.parent / "csrc"
 
 
 _CSRC = _find_csrc()
@@ -103,7 +92,7 @@ def _cuda_sources() -> list[Path]:
 
 def sources() -> list[Path]:
     """The C++ (and, where torch has CUDA, CUDA) sources of the extension."""
-    return [_CSRC / "registration.cpp", *sorted((_CSRC / "cpu").glob("*.cpp")), *_cuda_sources()]
+    return [*sorted((_CSRC / "cpu").glob("*.cpp")), *_cuda_sources()]
 
 
 def _all_source_files() -> list[Path]:
@@ -214,11 +203,12 @@ def _load() -> str:
 
 
 def _registered() -> bool:
-    try:
-        ns = getattr(torch.ops, LIBRARY)
-        return all(hasattr(ns, name) for name in FUNCTIONS)
-    except (AttributeError, RuntimeError):
-        return False
+    """The library registered CPU kernels for the ``signalrl`` ops (any: which ones is per op,
+    :meth:`signalrl.ops._library.KernelOp.implemented_by`)."""
+    return any(
+        name.startswith(f"{NAMESPACE}::") and torch._C._dispatch_has_kernel_for_dispatch_key(name, "CPU")
+        for name in torch._C._dispatch_get_all_op_names()
+    )
 
 
 def _summarize(exc: BaseException) -> str:
@@ -248,7 +238,7 @@ def load() -> str:
         try:
             path = _load()
             if not _registered():
-                raise RuntimeError(f"{path} loaded but does not register torch.ops.{LIBRARY}.*")
+                raise RuntimeError(f"{path} loaded but registers no CPU kernel of torch.ops.{NAMESPACE}.*")
         except Exception as exc:
             _error = _summarize(exc)
             raise RuntimeError(f"signalrl.native: cannot build or load the extension: {_error}") from exc
@@ -290,130 +280,4 @@ def why() -> str | None:
     return _error
 
 
-# ---- kernel functions (signatures of docs/backends.md) ----------------------------------------
-
-
-
-def _empty_like(ref: torch.Tensor, t: torch.Tensor | None) -> torch.Tensor:
-    return torch.empty(0, dtype=torch.float32, device=ref.device) if t is None else t
-
-
-def _ops():
-    return getattr(torch.ops, LIBRARY)
-
-
-def token_logprobs_fwd(logits, targets, temperature, ignore_index, with_entropy):
-    """logits [N, V] f32|bf16|f16, targets [N] int64 → (logprobs [N] f32, entropy [N] f32 | empty, lse [N] f64)."""
-    return _ops().token_logprobs_fwd(logits, targets, float(temperature), int(ignore_index), bool(with_entropy))
-
-
-def token_logprobs_bwd(grad_logprobs, grad_entropy, logits, targets, lse, entropy, temperature, ignore_index):
-    """→ grad_logits [N, V] in logits.dtype (grad_entropy empty/None ⇒ no entropy term)."""
-    return _ops().token_logprobs_bwd(
-        grad_logprobs, _empty_like(logits, grad_entropy), logits, targets, lse,
-        _empty_like(logits, entropy), float(temperature), int(ignore_index),
-    )
-
-
-def linear_token_logprobs_fwd(hidden, weight, bias, targets, temperature, ignore_index, with_entropy):
-    """hidden [N, H], weight [V, H], bias [V] | None, targets [N] → (logprobs, entropy | empty f32, lse f64)."""
-    return _ops().linear_token_logprobs_fwd(
-        hidden, weight, bias, targets, float(temperature), int(ignore_index), bool(with_entropy)
-    )
-
-
-def linear_token_logprobs_bwd(grad_logprobs, grad_entropy, hidden, weight, bias, targets, lse, entropy,
-                              temperature, ignore_index, need_hidden, need_weight, need_bias):
-    """→ (grad_hidden [N, H] | empty, grad_weight [V, H] | empty, grad_bias [V] | empty)."""
-    return _ops().linear_token_logprobs_bwd(
-        grad_logprobs, _empty_like(hidden, grad_entropy), hidden, weight, bias, targets, lse,
-        _empty_like(hidden, entropy), float(temperature), int(ignore_index),
-        bool(need_hidden), bool(need_weight), bool(need_bias) and bias is not None,
-    )
-
-
-def gae_fwd(rewards, values, mask, last_values, gamma, lam):
-    """rewards, values, mask [B, T] f32, last_values [B] f32 → (advantages, returns) [B, T] f32."""
-    return _ops().gae_fwd(rewards, values, mask, last_values, float(gamma), float(lam))
-
-
-def _opt_vec(t: torch.Tensor | None) -> torch.Tensor | None:
-    return None if t is None or t.numel() == 0 else t
-
-
-def _opt_float(x) -> float | None:
-    return None if x is None else float(x)
-
-
-def ppo_token_fwd(logprobs, old_logprobs, advantages, weights, mask, ref_logprobs, entropy, clip_low, clip_high,
-                  dual_clip, kl_estimator, kl_coef, entropy_coef, log_ratio_clamp=None):
-    """[N] vectors (float, read as f32) → (loss [] f32, grad_logprobs [N] f32, grad_entropy [N] f32 | empty,
-    stats [9] f32); ref_logprobs / entropy None or empty when absent."""
-    return _ops().ppo_token_fwd(
-        logprobs, old_logprobs, advantages, weights, mask, _opt_vec(ref_logprobs), _opt_vec(entropy),
-        float(clip_low), float(clip_high), _opt_float(dual_clip), str(kl_estimator),
-        float(kl_coef), float(entropy_coef), _opt_float(log_ratio_clamp),
-    )
-
-
-def value_loss_fwd(values, old_values, returns, weights, mask, clip):
-    """[N] vectors → (loss [] f32, grad_values [N] f32, stats [4] f32)."""
-    return _ops().value_loss_fwd(values, old_values, returns, weights, mask, None if clip is None else float(clip))
-
-
-def kl_penalty_fwd(logprobs, ref_logprobs, estimator):
-    """[N] → kl [N] f32."""
-    return _ops().kl_penalty_fwd(logprobs, ref_logprobs, str(estimator))
-
-
-def kl_penalty_bwd(grad_kl, logprobs, ref_logprobs, estimator):
-    """→ grad_logprobs [N] f32 (the gradient of ref_logprobs is its negation)."""
-    return _ops().kl_penalty_bwd(grad_kl, logprobs, ref_logprobs, str(estimator))
-
-
-def linear_ppo_fwd(hidden, weight, bias, targets, old_logprobs, advantages, weights, mask, ref_logprobs,
-                   temperature, ignore_index, clip_low, clip_high, dual_clip, kl_estimator, kl_coef, entropy_coef,
-                   log_ratio_clamp=None):
-    """→ (loss [] f32, stats [9] f32, logprobs, entropy, lse, g_lp [N] f32, g_ent [N] f32 | empty)."""
-    return _ops().linear_ppo_fwd(
-        hidden, weight, bias, targets, old_logprobs, advantages, weights, mask, _opt_vec(ref_logprobs),
-        float(temperature), int(ignore_index), float(clip_low), float(clip_high),
-        _opt_float(dual_clip), str(kl_estimator), float(kl_coef), float(entropy_coef), _opt_float(log_ratio_clamp),
-    )
-
-
-def linear_ppo_bwd(grad_loss, g_lp, g_ent, hidden, weight, bias, targets, lse, entropy, temperature, ignore_index,
-                   need_hidden, need_weight, need_bias):
-    """→ (grad_hidden | empty, grad_weight | empty, grad_bias | empty)."""
-    return _ops().linear_ppo_bwd(
-        grad_loss, g_lp, _empty_like(hidden, g_ent), hidden, weight, bias, targets, lse,
-        _empty_like(hidden, entropy), float(temperature), int(ignore_index),
-        bool(need_hidden), bool(need_weight), bool(need_bias) and bias is not None,
-    )
-
-
-_FUNCTIONS: dict[str, Callable] = {
-    "token_logprobs_fwd": token_logprobs_fwd,
-    "token_logprobs_bwd": token_logprobs_bwd,
-    "linear_token_logprobs_fwd": linear_token_logprobs_fwd,
-    "linear_token_logprobs_bwd": linear_token_logprobs_bwd,
-    "gae_fwd": gae_fwd,
-    "ppo_token_fwd": ppo_token_fwd,
-    "value_loss_fwd": value_loss_fwd,
-    "kl_penalty_fwd": kl_penalty_fwd,
-    "kl_penalty_bwd": kl_penalty_bwd,
-    "linear_ppo_fwd": linear_ppo_fwd,
-    "linear_ppo_bwd": linear_ppo_bwd,
-}
-
-
-def get(name: str) -> Callable | None:
-    """The kernel function ``name`` (signature as in docs/backends.md), or None if the extension
-    does not provide it or cannot be built/loaded here."""
-    fn = _FUNCTIONS.get(name)
-    if fn is None or not available():
-        return None
-    return fn
-
-
-__all__ = ["FUNCTIONS", "LIBRARY", "available", "build_dir", "enabled", "get", "load", "sources", "why"]
+__all__ = ["LIBRARY", "NAMESPACE", "available", "build_dir", "enabled", "load", "sources", "why"]

@@ -64,16 +64,24 @@ def check(what, got, truth, dtype, baseline=None):
 
 # ---- build, registration, switches ------------------------------------------------------------
 
+# the kernel ops csrc/cpu/*.cpp implement for CPU (TORCH_LIBRARY_IMPL(signalrl, CPU))
+NATIVE_KERNELS = (
+    "token_logprobs_fwd", "token_logprobs_bwd", "linear_token_logprobs_fwd", "linear_token_logprobs_bwd", "gae_fwd",
+    "ppo_token_fwd", "value_loss_fwd", "kl_penalty_fwd", "kl_penalty_bwd", "linear_ppo_fwd", "linear_ppo_bwd",
+)
+
 
 @needs_native
 def test_builds_and_registers_every_kernel():
     path = native.load()
     assert Path(path).exists()
     assert native.available() and native.why() is None
-    for name in native.FUNCTIONS:
-        assert hasattr(torch.ops.signalrl_native, name), name
-        assert callable(native.get(name)), name
-    assert native.get("no_such_kernel") is None
+    from signalrl.ops._library import KERNELS
+
+    for name in NATIVE_KERNELS:
+        assert torch._C._dispatch_has_kernel_for_dispatch_key(f"signalrl::{name}", "CPU"), name
+        assert KERNELS[name].implemented_by("native"), name
+    assert not KERNELS["token_logprobs_bwd_inplace"].implemented_by("native")  # Triton only
 
 
 def test_build_dir_env(monkeypatch, tmp_path):
@@ -86,7 +94,9 @@ def test_build_dir_env(monkeypatch, tmp_path):
 def test_signal_native_0_disables(monkeypatch):
     monkeypatch.setenv("SIGNAL_NATIVE", "0")
     assert not native.available()
-    assert native.get("gae_fwd") is None
+    from signalrl.ops._library import KERNELS
+
+    assert not KERNELS["gae_fwd"].implemented_by("native")
     assert "SIGNAL_NATIVE=0" in native.why()
     with pytest.raises(RuntimeError, match="SIGNAL_NATIVE=0"):
         native.load()
@@ -161,7 +171,7 @@ def test_prebuilt_library_vs_source_times(tmp_path, monkeypatch):
     (pkg / "_csrc").mkdir(parents=True)
     lib = pkg / "_native.cpython-311-x86_64-linux-gnu.so"
     lib.write_bytes(b"")
-    src = pkg / "_csrc" / "registration.cpp"
+    src = pkg / "_csrc" / "kl.cpp"
     src.write_text("// newer than the library")
     os.utime(lib, (1_000, 1_000))
     monkeypatch.setattr(native, "_PACKAGE_DIR", pkg)
@@ -170,11 +180,11 @@ def test_prebuilt_library_vs_source_times(tmp_path, monkeypatch):
     assert native._prebuilt() == lib  # shipped sources: trusted
     checkout = tmp_path / "csrc"
     checkout.mkdir()
-    (checkout / "registration.cpp").write_text("// edited after the build")
+    (checkout / "kl.cpp").write_text("// edited after the build")
     monkeypatch.setattr(native, "_CSRC", checkout)
     assert native._prebuilt() is None  # a checkout: rebuilt from the newer sources
     os.utime(lib, None)
-    os.utime(checkout / "registration.cpp", (2_000, 2_000))
+    os.utime(checkout / "kl.cpp", (2_000, 2_000))
     assert native._prebuilt() == lib
 
 
@@ -187,7 +197,8 @@ def test_no_compiler_warns_once_and_falls_back(tmp_path):
         with warnings.catch_warnings(record=True) as w:
             warnings.simplefilter("always")
             a, b = n.available(), n.available()
-            g = n.get("gae_fwd")
+            import signalrl.ops
+            g = signalrl.ops._library.KERNELS["gae_fwd"].implemented_by("native")
         print(a, b, g, len([x for x in w if "native" in str(x.message)]))
         print(n.why())
         """,
@@ -195,13 +206,13 @@ def test_no_compiler_warns_once_and_falls_back(tmp_path):
     )
     assert out.returncode == 0, out.stderr
     first, reason = out.stdout.strip().splitlines()[-2:]
-    assert first == "False False None 1", out.stdout
+    assert first == "False False False 1", out.stdout
     assert "compiler" in reason
 
 
 @needs_native
 def test_meta_and_fake_tensors():
-    ops = torch.ops.signalrl_native
+    ops = torch.ops.signalrl
     x = torch.empty(5, 11, device="meta", dtype=torch.bfloat16)
     t = torch.empty(5, device="meta", dtype=torch.long)
     lp, ent, lse = ops.token_logprobs_fwd(x, t, 1.0, -100, True)
@@ -217,16 +228,16 @@ def test_meta_and_fake_tensors():
     a, ret = ops.gae_fwd(r, r, r, torch.empty(4, device="meta"), 0.9, 0.8)
     assert a.shape == ret.shape == r.shape
     v = torch.empty(5, device="meta")
-    loss, g, ge, stats = ops.ppo_token_fwd(v, v, v, v, v, None, v, 0.2, 0.2, 3.0, "k3", 0.1, 0.01)
+    loss, g, ge, stats = ops.ppo_token_fwd(v, v, v, v, v, None, v, 0.2, 0.2, 3.0, "k3", 0.1, 0.01, None)
     assert loss.shape == () and g.shape == ge.shape == (5,) and stats.shape == (9,)
-    assert ops.ppo_token_fwd(v, v, v, v, v, v, None, 0.2, 0.2, None, "k1", 0.1, 0.0)[2].shape == (0,)
+    assert ops.ppo_token_fwd(v, v, v, v, v, v, None, 0.2, 0.2, None, "k1", 0.1, 0.0, None)[2].shape == (0,)
     loss, g, stats = ops.value_loss_fwd(v, v, v, v, v, 0.2)
     assert loss.shape == () and g.shape == (5,) and stats.shape == (4,)
     assert ops.kl_penalty_fwd(v, v, "k3").shape == ops.kl_penalty_bwd(v, v, v, "abs").shape == (5,)
-    out = ops.linear_ppo_fwd(h, w, None, t, v, v, v, v, None, 1.0, -100, 0.2, 0.28, None, "k3", 0.0, 0.01)
+    out = ops.linear_ppo_fwd(h, w, None, t, v, v, v, v, None, 1.0, -100, 0.2, 0.28, None, "k3", 0.0, 0.01, None)
     assert [tuple(o.shape) for o in out] == [(), (9,), (5,), (5,), (5,), (5,), (5,)]
     assert [o.dtype for o in out].count(torch.float64) == 1 and out[4].dtype == torch.float64  # lse
-    assert ops.linear_ppo_fwd(h, w, None, t, v, v, v, v, v, 1.0, -100, 0.2, 0.2, 2.0, "k2", 0.1, 0.0)[6].numel() == 0
+    assert ops.linear_ppo_fwd(h, w, None, t, v, v, v, v, v, 1.0, -100, 0.2, 0.2, 2.0, "k2", 0.1, 0.0, None)[6].numel() == 0
     gh, gw, gb = ops.linear_ppo_bwd(torch.empty((), device="meta"), lp, ent, h, w, None, t, lse, ent, 1.0, -100,
                                     True, True, False)
     assert gh.shape == h.shape and gw.shape == w.shape and gb.numel() == 0
@@ -243,7 +254,7 @@ def test_ppo_epilogue_is_deterministic_across_thread_counts():
     try:
         for k in (1, 2, 3):
             torch.set_num_threads(k)
-            outs.append(native.get("ppo_token_fwd")(lp, old, adv, w, m, ref, ent, 0.2, 0.28, 3.0, "k3", 0.05, 0.01))
+            outs.append(torch.ops.signalrl.ppo_token_fwd(lp, old, adv, w, m, ref, ent, 0.2, 0.28, 3.0, "k3", 0.05, 0.01, None))
     finally:
         torch.set_num_threads(threads)
     for other in outs[1:]:
@@ -254,7 +265,7 @@ def test_ppo_epilogue_is_deterministic_across_thread_counts():
 @needs_native
 def test_torch_compile_fullgraph_traces_native_ops():
     def f(r, v, m, last):
-        a, ret = torch.ops.signalrl_native.gae_fwd(r, v, m, last, 0.99, 0.95)
+        a, ret = torch.ops.signalrl.gae_fwd(r, v, m, last, 0.99, 0.95)
         return a * 2 + ret
 
     r, v = torch.randn(3, 7), torch.randn(3, 7)
@@ -297,7 +308,7 @@ def _ref_logprobs_grads(x, t, g_lp, g_ent, temperature, ignore_index, dtype):
 @pytest.mark.parametrize("n,v", [(1, 1), (7, 1000), (13, 2049), (3, 4097)])
 @pytest.mark.parametrize("temperature", [1.0, 0.7])
 def test_token_logprobs_matches_reference(dtype, n, v, temperature):
-    fwd, bwd = native.get("token_logprobs_fwd"), native.get("token_logprobs_bwd")
+    fwd, bwd = torch.ops.signalrl.token_logprobs_fwd, torch.ops.signalrl.token_logprobs_bwd
     x = _logits(n, v, dtype)
     t = _targets(n, v, ignored=[n // 2] if n > 1 else [])
     g_lp, g_ent = torch.randn(n), torch.randn(n)
@@ -321,7 +332,7 @@ def test_token_logprobs_matches_reference(dtype, n, v, temperature):
 
 @needs_native
 def test_token_logprobs_ignored_rows_and_custom_ignore_index():
-    fwd, bwd = native.get("token_logprobs_fwd"), native.get("token_logprobs_bwd")
+    fwd, bwd = torch.ops.signalrl.token_logprobs_fwd, torch.ops.signalrl.token_logprobs_bwd
     x = _logits(6, 301, torch.float32)
     t = torch.full((6,), 7)
     lp, ent, lse = fwd(x, t, 1.0, 7, True)  # every row ignored (ignore_index = 7)
@@ -338,7 +349,7 @@ def test_token_logprobs_ignored_rows_and_custom_ignore_index():
 @needs_native
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_token_logprobs_huge_logits(dtype):
-    fwd, bwd = native.get("token_logprobs_fwd"), native.get("token_logprobs_bwd")
+    fwd, bwd = torch.ops.signalrl.token_logprobs_fwd, torch.ops.signalrl.token_logprobs_bwd
     n, v = 5, 3001
     x = torch.randn(n, v)
     x[:, ::7] = 1e4
@@ -358,7 +369,7 @@ def test_token_logprobs_huge_logits(dtype):
 
 @needs_native
 def test_token_logprobs_inf_and_nan():
-    fwd = native.get("token_logprobs_fwd")
+    fwd = torch.ops.signalrl.token_logprobs_fwd
     x = torch.randn(3, 5000)
     x[0, 100:4000] = float("-inf")  # masked vocabulary: finite result, entropy over the rest
     x[1, 4321] = float("nan")
@@ -377,11 +388,11 @@ def test_token_logprobs_target_out_of_range_is_nan_never_read():
     the public op refuses such targets on CPU before any kernel runs."""
     x = torch.randn(3, 10)
     t = torch.tensor([1, 10, -2])
-    lp, ent, lse = native.get("token_logprobs_fwd")(x, t, 1.0, -100, True)
+    lp, ent, lse = torch.ops.signalrl.token_logprobs_fwd(x, t, 1.0, -100, True)
     rlp, rent = ref.token_logprobs(x.double(), t, return_entropy=True)
     assert torch.isfinite(lp[0]) and torch.isnan(lp[1:]).all()
     torch.testing.assert_close(ent.double(), rent, rtol=1e-5, atol=1e-6)
-    g = native.get("token_logprobs_bwd")(torch.ones(3), torch.zeros(3), x, t, lse, ent, 1.0, -100)
+    g = torch.ops.signalrl.token_logprobs_bwd(torch.ones(3), torch.zeros(3), x, t, lse, ent, 1.0, -100)
     assert (g[1:] == 0).all() and (g[0] != 0).any()
 
 
@@ -408,7 +419,7 @@ def _ref_linear(h, w, b, t, g_lp, g_ent, temperature, ignore_index, dtype):
 @pytest.mark.parametrize("n,h,v", [(1, 1, 1), (9, 17, 1500), (1030, 5, 1031)])
 @pytest.mark.parametrize("with_bias", [False, True])
 def test_linear_token_logprobs_matches_reference(dtype, n, h, v, with_bias):
-    fwd, bwd = native.get("linear_token_logprobs_fwd"), native.get("linear_token_logprobs_bwd")
+    fwd, bwd = torch.ops.signalrl.linear_token_logprobs_fwd, torch.ops.signalrl.linear_token_logprobs_bwd
     hidden = torch.randn(n, h).to(dtype)
     weight = (torch.randn(v, h) / h**0.5 * 2).to(dtype)
     bias = torch.randn(v).to(dtype) if with_bias else None
@@ -437,7 +448,7 @@ def test_linear_token_logprobs_matches_reference(dtype, n, h, v, with_bias):
 
 @needs_native
 def test_linear_token_logprobs_all_ignored_and_huge():
-    fwd, bwd = native.get("linear_token_logprobs_fwd"), native.get("linear_token_logprobs_bwd")
+    fwd, bwd = torch.ops.signalrl.linear_token_logprobs_fwd, torch.ops.signalrl.linear_token_logprobs_bwd
     hidden, weight, bias = torch.randn(4, 6), torch.randn(50, 6), torch.randn(50)
     t = torch.full((4,), -100)
     lp, ent, lse = fwd(hidden, weight, bias, t, 1.0, -100, True)
@@ -480,7 +491,7 @@ def _masks(b, t):
 @pytest.mark.parametrize("b,t", [(1, 1), (3, 1), (13, 57), (19, 130)])
 @pytest.mark.parametrize("last", [False, True])
 def test_gae_matches_reference(b, t, last):
-    gae = native.get("gae_fwd")
+    gae = torch.ops.signalrl.gae_fwd
     for name, mask in _masks(b, t):
         rewards, values = torch.randn(b, t), torch.randn(b, t)
         lv = torch.randn(b) if last else torch.zeros(b)
@@ -504,7 +515,7 @@ def test_gae_masked_nan_does_not_leak():
     mask[:, 4] = 0
     rewards[:, 4] = float("nan")
     values[:, 4] = float("nan")
-    adv, ret = native.get("gae_fwd")(rewards, values, mask, torch.zeros(2), 0.99, 0.95)
+    adv, ret = torch.ops.signalrl.gae_fwd(rewards, values, mask, torch.zeros(2), 0.99, 0.95)
     assert torch.isfinite(adv).all() and torch.isfinite(ret).all()
     radv, _ = ref.gae(rewards.double(), values.double(), mask)
     check("advantages", adv, radv, torch.float32)

@@ -1,4 +1,5 @@
 // family gae: generalized advantage estimation over [B, T] rows with exact mask semantics.
+#include <torch/library.h>
 #include <ATen/Parallel.h>
 
 #include <algorithm>
@@ -252,3 +253,8 @@ std::tuple<at::Tensor, at::Tensor> gae_fwd(const at::Tensor& rewards_in,
 }
 
 }  // namespace signalrl
+
+// The schemas and fakes of these ops are signalrl/ops/gae.py (torch.library); this is their CPU kernel.
+TORCH_LIBRARY_IMPL(signalrl, CPU, m) {
+  m.impl("gae_fwd", &signalrl::gae_fwd);
+}

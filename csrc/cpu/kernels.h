@@ -1,4 +1,5 @@
-// Entry points of the native CPU kernels (schemas in csrc/registration.cpp; contract in
+// Entry points of the native CPU kernels (each .cpp registers its own with TORCH_LIBRARY_IMPL(signalrl, CPU);
+// the schemas are the torch.library ops of signalrl/ops/<family>.py; contract in
 // docs/backends.md). All take 1-D/2-D tensors; log-prob outputs are float32.
 #pragma once
 

@@ -1,5 +1,6 @@
 // family kl: the per-token KL estimators on [N] vectors, forward and backward (the math: kl.h).
 // Element-wise over chunks of kChunk tokens in parallel; memory: the output only.
+#include <torch/library.h>
 #include <ATen/Parallel.h>
 
 #include "kernels.h"
@@ -70,3 +71,9 @@ at::Tensor kl_penalty_bwd(const at::Tensor& grad_kl, const at::Tensor& logprobs,
 }
 
 }  // namespace signalrl
+
+// The schemas and fakes of these ops are signalrl/ops/kl.py (torch.library); this is their CPU kernel.
+TORCH_LIBRARY_IMPL(signalrl, CPU, m) {
+  m.impl("kl_penalty_fwd", &signalrl::kl_penalty_fwd);
+  m.impl("kl_penalty_bwd", &signalrl::kl_penalty_bwd);
+}

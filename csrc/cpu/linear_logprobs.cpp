@@ -5,6 +5,7 @@
 // [kRows, kVocab] float32 logits block comes from one GEMM (at::mm, float32 accumulation) and is
 // folded into a per-row online log-sum-exp. Memory: O(kRows·kVocab + (kRows + kVocab)·H) on top
 // of inputs and outputs. The backward recomputes the blocks and turns each into d logits in place.
+#include <torch/library.h>
 #include <ATen/Parallel.h>
 
 #include <algorithm>
@@ -245,3 +246,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_token_logprobs_bwd(
 }
 
 }  // namespace signalrl
+
+// The schemas and fakes of these ops are signalrl/ops/logprobs.py (torch.library); this is their CPU kernel.
+TORCH_LIBRARY_IMPL(signalrl, CPU, m) {
+  m.impl("linear_token_logprobs_fwd", &signalrl::linear_token_logprobs_fwd);
+  m.impl("linear_token_logprobs_bwd", &signalrl::linear_token_logprobs_bwd);
+}

@@ -3,6 +3,7 @@
 // then the ppo epilogue (csrc/cpu/ppo.cpp) on the [N] vectors, which also gives the per-token gradient
 // coefficients g_lp = w·∂ℓ/∂logp and g_H = w·∂ℓ/∂H. Backward: the linear_logprobs backward with those
 // coefficients times the incoming scalar gradient. Memory: that of linear_token_logprobs plus a few [N] vectors.
+#include <torch/library.h>
 #include "kernels.h"
 
 namespace signalrl {
@@ -39,3 +40,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_ppo_bwd(
 }
 
 }  // namespace signalrl
+
+// The schemas and fakes of these ops are signalrl/ops/linear_ppo.py (torch.library); this is their CPU kernel.
+TORCH_LIBRARY_IMPL(signalrl, CPU, m) {
+  m.impl("linear_ppo_fwd", &signalrl::linear_ppo_fwd);
+  m.impl("linear_ppo_bwd", &signalrl::linear_ppo_bwd);
+}

@@ -2,6 +2,7 @@
 // One streaming pass per row: each block of 2048 logits is read from memory once, converted
 // to float32 in an L1-sized buffer (bf16/fp16), and folded into an online log-sum-exp.
 // No [N, V] float32 temporary exists at any point, whatever the input dtype.
+#include <torch/library.h>
 #include <ATen/Parallel.h>
 
 #include <algorithm>
@@ -145,7 +146,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> token_logprobs_fwd(
   TORCH_CHECK(V > 0, fn, ": logits must have V >= 1 columns");
   const float scale = static_cast<float>(1.0 / temperature);
   float* ent = with_entropy ? entropy.data_ptr<float>() : nullptr;
-  SIGNAL_DISPATCH_LOGITS(logits.scalar_type(), "signalrl_native", [&] {
+  SIGNAL_DISPATCH_LOGITS(logits.scalar_type(), "signalrl", [&] {
     logprobs_fwd_rows<scalar_t>(logits.data_ptr<scalar_t>(), targets.data_ptr<int64_t>(), N, V,
                                 scale, ignore_index, logprobs.data_ptr<float>(), ent,
                                 lse.data_ptr<double>());
@@ -176,7 +177,7 @@ at::Tensor token_logprobs_bwd(const at::Tensor& grad_logprobs_in,
   at::Tensor grad = at::empty_like(logits, at::MemoryFormat::Contiguous);
   if (N == 0 || V == 0) return grad;
   const float scale = static_cast<float>(1.0 / temperature);
-  SIGNAL_DISPATCH_LOGITS(logits.scalar_type(), "signalrl_native", [&] {
+  SIGNAL_DISPATCH_LOGITS(logits.scalar_type(), "signalrl", [&] {
     logprobs_bwd_rows<scalar_t>(g_lp.data_ptr<float>(),
                                 has_ent ? g_ent.data_ptr<float>() : nullptr,
                                 logits.data_ptr<scalar_t>(), targets.data_ptr<int64_t>(),
@@ -187,3 +188,9 @@ at::Tensor token_logprobs_bwd(const at::Tensor& grad_logprobs_in,
 }
 
 }  // namespace signalrl
+
+// The schemas and fakes of these ops are signalrl/ops/logprobs.py (torch.library); this is their CPU kernel.
+TORCH_LIBRARY_IMPL(signalrl, CPU, m) {
+  m.impl("token_logprobs_fwd", &signalrl::token_logprobs_fwd);
+  m.impl("token_logprobs_bwd", &signalrl::token_logprobs_bwd);
+}

@@ -8,6 +8,7 @@
 // since NaN·0 = NaN), so whatever a masked position holds, results equal those with zeros there.
 // Statistics are partial sums over fixed chunks of kChunk tokens, merged in chunk order: the result does not
 // depend on the number of threads. Memory: the outputs plus float64 partials, 16 per chunk.
+#include <torch/library.h>
 #include <ATen/Parallel.h>
 
 #include <algorithm>
@@ -271,3 +272,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> value_loss_fwd(
 }
 
 }  // namespace signalrl
+
+// The schemas and fakes of these ops are signalrl/ops/ppo.py (torch.library); this is their CPU kernel.
+TORCH_LIBRARY_IMPL(signalrl, CPU, m) {
+  m.impl("ppo_token_fwd", &signalrl::ppo_token_fwd);
+  m.impl("value_loss_fwd", &signalrl::value_loss_fwd);
+}

@@ -6,7 +6,7 @@ Backends, in order of preference for a given tensor:
 - ``native``: CPU tensors, when the C++ extension in ``csrc/`` builds (see :mod:`signalrl.native`);
 - ``reference``: always (:mod:`signalrl.reference`, plain PyTorch autograd).
 
-An op uses a backend only if that backend implements it (``get_impl`` finds its kernel function).
+An op uses a backend only if that backend implements its kernel op (:meth:`signalrl.ops._library.KernelOp.implemented_by`).
 Force a backend with the environment variable ``SIGNAL_BACKEND=triton|native|reference`` or the
 context manager :func:`use_backend`; a forced backend that the op does not implement for the
 tensor's device falls back to ``reference``, and one that cannot run on this machine at all
@@ -15,12 +15,14 @@ tensor's device falls back to ``reference``, and one that cannot run on this mac
 from __future__ import annotations
 
 import contextlib
-import importlib
 import importlib.util
 import os
-from typing import Callable, Iterator
+from typing import TYPE_CHECKING, Iterator
 
 import torch
+
+if TYPE_CHECKING:
+    from ._library import KernelOp
 
 BACKENDS = ("triton", "native", "reference")
 
@@ -82,25 +84,13 @@ def native_usable(device: torch.device) -> bool:
     return device.type == "cpu" and native is not None and native.available()
 
 
-_TRITON_FAMILIES = ("logprobs", "linear_logprobs", "linear_ppo", "ppo", "kl", "gae")
+def _kernel(kernel: "str | KernelOp") -> "KernelOp":
+    from ._library import KERNELS
 
-
-def get_impl(backend: str, family: str, name: str) -> Callable | None:
-    """The kernel function ``name`` of ``family`` in ``backend``, or None if it has none.
-
-    triton → ``signalrl.kernels.<family>.<name>``; native → ``signalrl.native.get(name)``.
-    """
-    if backend == "triton":
-        if family not in _TRITON_FAMILIES or importlib.util.find_spec("triton") is None:
-            return None
-        if importlib.util.find_spec(f"signalrl.kernels.{family}") is None:
-            return None
-        module = importlib.import_module(f"signalrl.kernels.{family}")
-        return getattr(module, name, None)
-    if backend == "native":
-        native = _native_module()
-        return native.get(name) if native is not None and native.available() else None
-    return None
+    name = getattr(kernel, "name", kernel)
+    if name not in KERNELS:
+        raise ValueError(f"kernel: expected one of {sorted(KERNELS)}, got {kernel!r}")
+    return KERNELS[name]
 
 
 def _usable(backend: str, device: torch.device) -> bool:
@@ -111,12 +101,12 @@ def _usable(backend: str, device: torch.device) -> bool:
     return True
 
 
-def backend_for(family: str, fwd_name: str, tensor: torch.Tensor) -> str:
-    """Which backend runs kernel ``fwd_name`` of ``family`` for ``tensor`` now.
+def backend_for(kernel: "str | KernelOp", tensor: torch.Tensor) -> str:
+    """Which backend runs ``kernel`` (a kernel op or its name, e.g. ``"token_logprobs_fwd"``) for ``tensor`` now.
 
     Under ``torch.compile`` the choice is made once, while tracing, and baked into the graph.
     """
-    return _choose(family, fwd_name, tensor.device.type)
+    return _choose(getattr(kernel, "name", kernel), tensor.device.type)
 
 
 def _constant_under_compile(fn):
@@ -127,8 +117,9 @@ def _constant_under_compile(fn):
 
 
 @_constant_under_compile
-def _choose(family: str, fwd_name: str, device_type: str) -> str:
+def _choose(kernel_name: str, device_type: str) -> str:
     device = torch.device(device_type)
+    kernel = _kernel(kernel_name)
     forced = forced_backend()
     if forced is not None:
         if forced == "reference":
@@ -145,17 +136,19 @@ def _choose(family: str, fwd_name: str, device_type: str) -> str:
             if native is None or not native.available():
                 why = getattr(native, "why", lambda: "signalrl.native is missing")() if native else "signalrl.native is missing"
                 raise RuntimeError(f"backend 'native' was forced but the extension is unavailable: {why}")
-        if _usable(forced, device) and get_impl(forced, family, fwd_name) is not None:
+        if _usable(forced, device) and kernel.implemented_by(forced):
             return forced
         return "reference"
     for backend in ("triton", "native"):
-        if _usable(backend, device) and get_impl(backend, family, fwd_name) is not None:
+        if _usable(backend, device) and kernel.implemented_by(backend):
             return backend
     return "reference"
 
 
-def available_backends(family: str, fwd_name: str, device: torch.device | str = "cpu") -> list[str]:
-    """Every backend that can run ``fwd_name`` on ``device`` on this machine (reference last)."""
+def available_backends(kernel: "str | KernelOp", device: torch.device | str = "cpu") -> list[str]:
+    """Every backend that can run ``kernel`` (a kernel op or its name) on ``device`` on this machine (reference
+    last)."""
     device = torch.device(device)
-    out = [b for b in ("triton", "native") if _usable(b, device) and get_impl(b, family, fwd_name) is not None]
+    k = _kernel(kernel)
+    out = [b for b in ("triton", "native") if _usable(b, device) and k.implemented_by(b)]
     return out + ["reference"]

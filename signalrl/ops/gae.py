@@ -1,9 +1,9 @@
 """Generalized advantage estimation with exact mask semantics.
 
-Validates, flattens ``[..., T]`` to ``[B, T]``, picks a backend (Triton: a reverse parallel scan,
-:mod:`signalrl.kernels.gae`; native: the C++ kernel ``gae_fwd``; reference:
-:func:`signalrl.reference.gae`) and runs a ``torch.library`` custom op. GAE has no gradient: the
-inputs are read as constants (as in every PPO code base) and the outputs do not require grad.
+Family ``gae``: the math is :func:`signalrl.reference.gae`, the Triton kernel a reverse parallel scan
+(:mod:`signalrl.kernels.gae`), the C++ kernel ``csrc/cpu/gae.cpp``. This module holds the kernel op's contract and the
+public op, which validates, flattens ``[..., T]`` to ``[B, T]``, picks a backend and calls the kernel op. GAE has no
+gradient: the inputs are read as constants (as in every PPO code base) and the outputs do not require grad.
 """
 from __future__ import annotations
 
@@ -13,23 +13,33 @@ import torch
 from torch import Tensor
 
 from .. import reference
+from ..kernels.params import GAEParams
 from . import _validate as v
-from ._backend import backend_for, get_impl
+from ._backend import backend_for
 from ._check import check_enabled, checked
+from ._library import KernelOp
 
 _F32 = torch.float32
 
 
-@torch.library.custom_op("signalrl::gae_fwd", mutates_args=())
-def _gae_fwd(
-    rewards: Tensor, values: Tensor, mask: Tensor, last_values: Tensor, gamma: float, lam: float, backend: str
-) -> tuple[Tensor, Tensor]:
-    return get_impl(backend, "gae", "gae_fwd")(rewards, values, mask, last_values, gamma, lam)
-
-
-@_gae_fwd.register_fake
-def _(rewards, values, mask, last_values, gamma, lam, backend):
+def _gae_fake(rewards, values, mask, last_values, gamma, lam):
     return torch.empty_like(rewards, dtype=_F32), torch.empty_like(rewards, dtype=_F32)
+
+
+# rewards, values [B, T] (float32 for native), mask [B, T] (uint8 for Triton; any dtype, nonzero = valid, for
+# native), last_values [B] float32 → (advantages, returns) [B, T] float32
+GAE_FWD = KernelOp(
+    "gae_fwd",
+    f"(Tensor rewards, Tensor values, Tensor mask, Tensor last_values, {GAEParams.schema()}) -> (Tensor, Tensor)",
+    _gae_fake,
+)
+
+
+@GAE_FWD.triton
+def _(rewards, values, mask, last_values, gamma, lam):
+    from ..kernels import gae  # Triton: imported on first use
+
+    return gae.gae_fwd(rewards, values, mask, last_values, gamma, lam)
 
 
 def gae(
@@ -89,11 +99,14 @@ def gae(
         adv, ret = reference.gae(rows(r), rows(val), rows(m), gamma=gamma, lam=lam, last_values=lv)
         return adv.reshape(r.shape), ret.reshape(r.shape)
 
-    backend = backend_for("gae", "gae_fwd", rewards)
+    backend = backend_for(GAE_FWD, rewards)
     if torch.float64 in (rewards.dtype, values.dtype) or rewards.numel() == 0:
         backend = "reference"
     if backend == "reference":
         return ref_fn(rewards, values, mask, last_values)
+
+    op = GAE_FWD.op(backend, rewards.device)
+    params = GAEParams(gamma, lam)
 
     def fast_fn(r, val, m, last):
         r2, v2 = rows(r).contiguous(), rows(val).contiguous()
@@ -106,7 +119,7 @@ def gae(
         if backend == "native":  # the C++ kernel takes float32 (docs/backends.md)
             r2, v2 = r2.to(_F32), v2.to(_F32)
         lv = r2.new_zeros(r2.shape[0], dtype=_F32) if last is None else last.detach().reshape(-1).to(_F32).contiguous()
-        adv, ret = _gae_fwd(r2, v2, m2, lv, gamma, lam, backend)
+        adv, ret = op(r2, v2, m2, lv, *params.flat())
         return adv.reshape(r.shape), ret.reshape(r.shape)
 
     inputs = (rewards, values, mask, last_values)

@@ -1,8 +1,9 @@
 """Per-token KL estimators between the policy and a reference policy.
 
-Validates, picks a backend and runs a ``torch.library`` custom op (Triton: ``kl_penalty_fwd`` /
-``kl_penalty_bwd`` of :mod:`signalrl.kernels.kl`); the reference backend is
-:func:`signalrl.reference.kl_penalty`. In check mode every call is compared with the reference.
+Family ``kl``: the math is :mod:`signalrl.reference.kl`, the Triton kernels :mod:`signalrl.kernels.kl`, the C++
+kernels ``csrc/cpu/kl.cpp``. This module holds the kernel ops' contract (schemas and fakes, :class:`KernelOp`) and the
+public op, which validates, picks a backend and calls the kernel op; in check mode every call is compared with the
+reference.
 """
 from __future__ import annotations
 
@@ -10,53 +11,64 @@ import torch
 from torch import Tensor
 
 from .. import reference
+from ..kernels.params import KLParams
 from ..reference.kl import KL_ESTIMATORS
 from . import _validate as v
-from ._backend import backend_for, get_impl
+from ._backend import backend_for
 from ._check import check_enabled, checked
+from ._library import KernelOp
 
 _F32 = torch.float32
 
 
-@torch.library.custom_op("signalrl::kl_penalty_fwd", mutates_args=())
-def _kl_fwd(logprobs: Tensor, ref_logprobs: Tensor, estimator: str, backend: str) -> Tensor:
-    return get_impl(backend, "kl", "kl_penalty_fwd")(logprobs, ref_logprobs, estimator)
-
-
-@_kl_fwd.register_fake
-def _(logprobs, ref_logprobs, estimator, backend):
+def _kl_fake(logprobs, ref_logprobs, estimator):
     return logprobs.new_empty(logprobs.shape[0], dtype=_F32)
 
 
-@torch.library.custom_op("signalrl::kl_penalty_bwd", mutates_args=())
-def _kl_bwd(grad_kl: Tensor, logprobs: Tensor, ref_logprobs: Tensor, estimator: str, backend: str) -> Tensor:
-    return get_impl(backend, "kl", "kl_penalty_bwd")(grad_kl, logprobs, ref_logprobs, estimator)
-
-
-@_kl_bwd.register_fake
-def _(grad_kl, logprobs, ref_logprobs, estimator, backend):
+def _kl_bwd_fake(grad_kl, logprobs, ref_logprobs, estimator):
     return logprobs.new_empty(logprobs.shape[0], dtype=_F32)
+
+
+# [N] vectors (float32, bfloat16 or float16, read as float32) → kl [N] float32
+KL_FWD = KernelOp("kl_penalty_fwd", f"(Tensor logprobs, Tensor ref_logprobs, {KLParams.schema()}) -> Tensor", _kl_fake)
+# grad_kl [N] float32 → grad_logprobs [N] float32 (the gradient of ref_logprobs is its negation)
+KL_BWD = KernelOp(
+    "kl_penalty_bwd", f"(Tensor grad_kl, Tensor logprobs, Tensor ref_logprobs, {KLParams.schema()}) -> Tensor",
+    _kl_bwd_fake,
+)
+
+
+@KL_FWD.triton
+def _(logprobs, ref_logprobs, estimator):
+    from ..kernels import kl  # Triton: imported on first use
+
+    return kl.kl_penalty_fwd(logprobs, ref_logprobs, estimator)
+
+
+@KL_BWD.triton
+def _(grad_kl, logprobs, ref_logprobs, estimator):
+    from ..kernels import kl
+
+    return kl.kl_penalty_bwd(grad_kl, logprobs, ref_logprobs, estimator)
 
 
 def _kl_setup(ctx, inputs, output):
-    logprobs, ref_logprobs, estimator, backend = inputs
+    logprobs, ref_logprobs, *params = inputs
     ctx.save_for_backward(logprobs, ref_logprobs)
-    ctx.args = (estimator, backend)
+    ctx.params = params
 
 
 def _kl_backward(ctx, grad):
     logprobs, ref_logprobs = ctx.saved_tensors
-    estimator, backend = ctx.args
     need_lp, need_ref = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
     if grad is None or not (need_lp or need_ref):
-        return None, None, None, None
-    g = _kl_bwd(grad.to(_F32).contiguous(), logprobs, ref_logprobs, estimator, backend)
+        return None, None, None
+    g = KL_BWD.variant(ctx.variant)(grad.to(_F32).contiguous(), logprobs, ref_logprobs, *ctx.params)
     # every estimator is a function of d = logprobs − ref_logprobs, so ∂/∂ref = −∂/∂logprobs
-    return (g.to(logprobs.dtype) if need_lp else None,
-            (-g).to(ref_logprobs.dtype) if need_ref else None, None, None)
+    return (g.to(logprobs.dtype) if need_lp else None, (-g).to(ref_logprobs.dtype) if need_ref else None, None)
 
 
-torch.library.register_autograd("signalrl::kl_penalty_fwd", _kl_backward, setup_context=_kl_setup)
+KL_FWD.register_autograd(_kl_backward, _kl_setup)
 
 
 def kl_penalty(logprobs: Tensor, ref_logprobs: Tensor, estimator: str = "k3") -> Tensor:
@@ -82,16 +94,18 @@ def kl_penalty(logprobs: Tensor, ref_logprobs: Tensor, estimator: str = "k3") ->
     def ref_fn(lp, ref):
         return reference.kl_penalty(lp, ref, estimator)
 
-    backend = backend_for("kl", "kl_penalty_fwd", logprobs)
+    backend = backend_for(KL_FWD, logprobs)
     if torch.float64 in (logprobs.dtype, ref_logprobs.dtype) or logprobs.numel() == 0:
         backend = "reference"
     if backend == "reference":
         return ref_fn(logprobs, ref_logprobs)
 
     shape = logprobs.shape
+    op = KL_FWD.op(backend, logprobs.device)
+    params = KLParams(estimator)
 
     def fast_fn(lp, ref):
-        return _kl_fwd(lp.reshape(-1).contiguous(), ref.reshape(-1).contiguous(), estimator, backend).reshape(shape)
+        return op(lp.reshape(-1).contiguous(), ref.reshape(-1).contiguous(), *params.flat()).reshape(shape)
 
     if check_enabled():
         return checked("kl_penalty", fast_fn, ref_fn, (logprobs, ref_logprobs), logprobs.dtype)

@@ -1,15 +1,16 @@
 """The PPO policy loss straight from hidden states and the LM head: ``linear_ppo_loss``.
 
-Validation → per-token weights (:func:`signalrl.reference.aggregate.token_weights`) → backend choice → a
-``torch.library`` custom op whose forward runs :func:`signalrl.kernels.linear_ppo.linear_ppo_fwd` (one pass over
-vocab tiles, PPO epilogue and statistics, per-token gradient coefficients) and whose backward recomputes the tiles
-(:func:`signalrl.kernels.linear_ppo.linear_ppo_bwd`). The reference backend is the composition
-:func:`signalrl.reference.linear_ppo_loss` (linear_token_logprobs → kl_penalty → clipped_surrogate), which is also
-the ground truth of check mode.
+Family ``linear_ppo``: the math is :func:`signalrl.reference.linear_ppo_loss` (the composition
+linear_token_logprobs → kl_penalty → clipped_surrogate, also the ground truth of check mode), the Triton kernels
+:mod:`signalrl.kernels.linear_ppo`, the C++ kernels ``csrc/cpu/linear_ppo.cpp``. This module holds the kernel ops'
+contract (schemas and fakes) and the public op: validation → per-token weights
+(:func:`signalrl.reference.aggregate.token_weights`) → backend choice → the kernel op, whose forward makes one pass
+over vocab tiles (PPO epilogue, statistics, per-token gradient coefficients) and whose backward recomputes the
+tiles.
 """
 from __future__ import annotations
 
-from typing import Optional
+import dataclasses
 
 import torch
 from torch import Tensor
@@ -18,9 +19,12 @@ from .. import reference
 from ..reference.aggregate import AGGREGATIONS, token_weights
 from ..reference.kl import KL_ESTIMATORS
 from ..reference.stat_keys import PPO_STAT_KEYS as STAT_KEYS
+from ..kernels.params import LogprobParams, PPOParams
 from . import _validate as v
-from ._backend import backend_for, get_impl
+from ._backend import backend_for
 from ._check import check_enabled, checked
+from ._library import KernelOp
+from .linear_logprobs import grads_fake
 
 _F32 = torch.float32
 
@@ -29,28 +33,14 @@ def _flat32(x: Tensor) -> Tensor:
     return x.reshape(-1).to(_F32).contiguous()
 
 
-# --- custom ops ---------------------------------------------------------------------------------
+# --- kernel ops ----------------------------------------------------------------------------------
+
+_ARGS = f"{LogprobParams.schema()}, {PPOParams.schema()}"
 
 
-@torch.library.custom_op("signalrl::linear_ppo_fwd", mutates_args=())
-def _linear_ppo_fwd(
-    hidden: Tensor, weight: Tensor, bias: Optional[Tensor], targets: Tensor, old_logprobs: Tensor,
-    advantages: Tensor, weights: Tensor, mask: Tensor, ref_logprobs: Tensor, temperature: float, ignore_index: int,
-    clip_low: float, clip_high: float, dual_clip: Optional[float], kl_estimator: str, kl_coef: float,
-    entropy_coef: float, log_ratio_clamp: Optional[float], backend: str,
-) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    fn = get_impl(backend, "linear_ppo", "linear_ppo_fwd")
-    loss, stats, lp, ent, lse, g_lp, g_ent = fn(
-        hidden, weight, bias, targets, old_logprobs, advantages, weights, mask, ref_logprobs, temperature,
-        ignore_index, clip_low, clip_high, dual_clip, kl_estimator, kl_coef, entropy_coef, log_ratio_clamp,
-    )
-    return loss.clone(), stats, lp, ent, lse, g_lp, g_ent
-
-
-@_linear_ppo_fwd.register_fake
-def _(hidden, weight, bias, targets, old_logprobs, advantages, weights, mask, ref_logprobs, temperature,
-      ignore_index, clip_low, clip_high, dual_clip, kl_estimator, kl_coef, entropy_coef, log_ratio_clamp, backend):
+def _fwd_fake(hidden, weight, bias, targets, old_logprobs, advantages, weights, mask, ref_logprobs, *params):
     n = hidden.shape[0]
+    entropy_coef = PPOParams(*params[2:]).entropy_coef
 
     def vec(k):
         return hidden.new_empty(k, dtype=_F32)
@@ -59,52 +49,74 @@ def _(hidden, weight, bias, targets, old_logprobs, advantages, weights, mask, re
             hidden.new_empty(n, dtype=torch.float64), vec(n), vec(n if entropy_coef else 0))
 
 
-@torch.library.custom_op("signalrl::linear_ppo_bwd", mutates_args=())
-def _linear_ppo_bwd(
-    grad_loss: Tensor, g_lp: Tensor, g_ent: Tensor, hidden: Tensor, weight: Tensor, bias: Optional[Tensor],
-    targets: Tensor, lse: Tensor, entropy: Tensor, temperature: float, ignore_index: int,
-    need_hidden: bool, need_weight: bool, need_bias: bool, backend: str,
-) -> tuple[Tensor, Tensor, Tensor]:
-    fn = get_impl(backend, "linear_ppo", "linear_ppo_bwd")
-    return fn(grad_loss, g_lp, g_ent, hidden, weight, bias, targets, lse, entropy, temperature, ignore_index,
-              need_hidden, need_weight, need_bias)
+def _bwd_fake(grad_loss, g_lp, g_ent, hidden, weight, bias, targets, lse, entropy, temperature, ignore_index,
+              need_hidden, need_weight, need_bias):
+    return grads_fake(hidden, weight, bias, need_hidden, need_weight, need_bias)
 
 
-@_linear_ppo_bwd.register_fake
+# hidden [N, H], weight [V, H], bias [V] | None, targets [N] int64, old_logprobs, advantages, weights, mask [N] f32,
+# ref_logprobs [N] f32 | empty → (loss [] f32, stats [9] f32 (PPO_STAT_KEYS), logprobs [N] f32, entropy [N] f32,
+# lse [N] f64, g_lp [N] f32, g_ent [N] f32 | empty (empty when entropy_coef == 0))
+LINEAR_PPO_FWD = KernelOp(
+    "linear_ppo_fwd",
+    "(Tensor hidden, Tensor weight, Tensor? bias, Tensor targets, Tensor old_logprobs, Tensor advantages, "
+    f"Tensor weights, Tensor mask, Tensor? ref_logprobs, {_ARGS}) "
+    "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)",
+    _fwd_fake,
+)
+# grad_loss [] f32, the forward's g_lp, g_ent, lse, entropy → (grad_hidden | empty, grad_weight | empty,
+# grad_bias | empty), by the need_* flags
+LINEAR_PPO_BWD = KernelOp(
+    "linear_ppo_bwd",
+    "(Tensor grad_loss, Tensor g_lp, Tensor g_ent, Tensor hidden, Tensor weight, Tensor? bias, Tensor targets, "
+    f"Tensor lse, Tensor entropy, {LogprobParams.schema()}, bool need_hidden, bool need_weight, bool need_bias) "
+    "-> (Tensor, Tensor, Tensor)",
+    _bwd_fake,
+)
+
+
+@LINEAR_PPO_FWD.triton
+def _(hidden, weight, bias, targets, old_logprobs, advantages, weights, mask, ref_logprobs, *params):
+    from ..kernels import linear_ppo  # Triton: imported on first use
+
+    loss, stats, lp, ent, lse, g_lp, g_ent = linear_ppo.linear_ppo_fwd(
+        hidden, weight, bias, targets, old_logprobs, advantages, weights, mask, ref_logprobs, *params
+    )
+    return loss.clone(), stats, lp, ent, lse, g_lp, g_ent
+
+
+@LINEAR_PPO_BWD.triton
 def _(grad_loss, g_lp, g_ent, hidden, weight, bias, targets, lse, entropy, temperature, ignore_index,
-      need_hidden, need_weight, need_bias, backend):
-    gh = torch.empty_like(hidden) if need_hidden else hidden.new_empty(0, dtype=_F32)
-    gw = torch.empty_like(weight) if need_weight else weight.new_empty(0, dtype=_F32)
-    gb = torch.empty_like(bias) if (need_bias and bias is not None) else hidden.new_empty(0, dtype=_F32)
-    return gh, gw, gb
+      need_hidden, need_weight, need_bias):
+    from ..kernels import linear_ppo
+
+    return linear_ppo.linear_ppo_bwd(grad_loss, g_lp, g_ent, hidden, weight, bias, targets, lse, entropy,
+                                     temperature, ignore_index, need_hidden, need_weight, need_bias)
 
 
 def _setup(ctx, inputs, output):
     hidden, weight, bias, targets = inputs[:4]
-    temperature, ignore_index = inputs[9], inputs[10]
-    backend = inputs[-1]
+    ctx.logprob_params = inputs[9:11]  # temperature, ignore_index
     _loss, stats, lp, ent, lse, g_lp, g_ent = output
     ctx.mark_non_differentiable(stats, lp, ent, lse, g_lp, g_ent)
     ctx.save_for_backward(hidden, weight, bias, targets, lse, ent, g_lp, g_ent)
-    ctx.args = (temperature, ignore_index, backend)
 
 
 def _backward(ctx, g_loss, *_unused):
     hidden, weight, bias, targets, lse, ent, g_lp, g_ent = ctx.saved_tensors
-    temperature, ignore_index, backend = ctx.args
     need_h, need_w, need_b = ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[2]
     need_b = bool(need_b and bias is not None)
-    none_rest = (None,) * 16
+    none_rest = (None,) * (6 + len(dataclasses.fields(LogprobParams)) + len(dataclasses.fields(PPOParams)))
     if g_loss is None or not (need_h or need_w or need_b):
         return (None, None, None) + none_rest
-    gh, gw, gb = _linear_ppo_bwd(
+    gh, gw, gb = LINEAR_PPO_BWD.variant(ctx.variant)(
         g_loss.to(_F32).contiguous(), g_lp, g_ent, hidden, weight, bias, targets, lse,
-        ent if g_ent.numel() else g_lp.new_empty(0), temperature, ignore_index, need_h, need_w, need_b, backend,
+        ent if g_ent.numel() else g_lp.new_empty(0), *ctx.logprob_params, need_h, need_w, need_b,
     )
     return (gh if need_h else None, gw if need_w else None, gb if need_b else None) + none_rest
 
 
-torch.library.register_autograd("signalrl::linear_ppo_fwd", _backward, setup_context=_setup)
+LINEAR_PPO_FWD.register_autograd(_backward, _setup)
 
 
 # --- public op ----------------------------------------------------------------------------------
@@ -200,7 +212,7 @@ def linear_ppo_loss(
             entropy_coef=entropy_coef, aggregation=aggregation, log_ratio_clamp=log_ratio_clamp,
         )
 
-    backend = backend_for("linear_ppo", "linear_ppo_fwd", hidden)
+    backend = backend_for(LINEAR_PPO_FWD, hidden)
     if hidden.dtype == torch.float64 or targets.numel() == 0:
         backend = "reference"
     # a float64 per-token input makes the reference's result float64; the fused kernel keeps running (the reference
@@ -210,6 +222,10 @@ def linear_ppo_loss(
     if backend == "reference":
         return ref_fn(*inputs)
 
+    op = LINEAR_PPO_FWD.op(backend, hidden.device)
+    params = LogprobParams(temperature, ignore_index)
+    ppo_params = PPOParams(clip_low, clip_high, dual_clip, kl_estimator, kl_coef, entropy_coef, log_ratio_clamp)
+
     def fast_fn(h, w, t, old, adv, m, b, ref):
         counted = (t != ignore_index).to(_F32)
         if m is not None:
@@ -218,10 +234,9 @@ def linear_ppo_loss(
         h2 = h.reshape(-1, H).contiguous()
         t2 = t.reshape(-1).to(torch.int64).contiguous()
         ref2 = h2.new_empty(0, dtype=_F32) if ref is None else _flat32(ref)
-        loss, stats, *_ = _linear_ppo_fwd(
+        loss, stats, *_ = op(
             h2, w.contiguous(), None if b is None else b.contiguous(), t2, _flat32(old), _flat32(adv),
-            _flat32(wts), _flat32(counted), ref2, temperature, ignore_index, clip_low, clip_high, dual_clip,
-            kl_estimator, kl_coef, entropy_coef, log_ratio_clamp, backend,
+            _flat32(wts), _flat32(counted), ref2, *params.flat(), *ppo_params.flat(),
         )
         if out_f64:
             loss, stats = loss.double(), stats.double()

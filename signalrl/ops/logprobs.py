@@ -1,22 +1,22 @@
-"""Per-token log-probs (+ entropy) of target tokens, from logits or from hidden states × LM head.
+"""Per-token log-probs (+ entropy) of target tokens from logits: ``token_logprobs``.
 
-The public functions validate their arguments, flatten leading dimensions, pick a backend
-(:mod:`signalrl.ops._backend`) and run a ``torch.library`` custom op whose forward and backward
-call that backend's kernel functions (contract: ``docs/backends.md``). The reference backend is
-:mod:`signalrl.reference.logprobs` itself. In check mode every call is compared with the reference
-in float64, values and gradients.
+Family ``logprobs``: the math is :mod:`signalrl.reference.logprobs`, the Triton kernels
+:mod:`signalrl.kernels.logprobs`, the C++ kernels ``csrc/cpu/logprobs.cpp``. This module holds the kernel ops'
+contract (schemas and fakes, :class:`~signalrl.ops._library.KernelOp`; ``docs/backends.md``) and the public op, which
+validates its arguments, flattens leading dimensions, picks a backend (:mod:`signalrl.ops._backend`) and calls the
+kernel op. In check mode every call is compared with the reference in float64, values and gradients.
 """
 from __future__ import annotations
-
-from typing import Optional
 
 import torch
 from torch import Tensor
 
 from .. import reference
+from ..kernels.params import LogprobParams
 from . import _validate as v
-from ._backend import backend_for, get_impl
+from ._backend import backend_for
 from ._check import check_enabled, checked
+from ._library import KernelOp
 
 _F32 = torch.float32
 _F64 = torch.float64  # lse crosses the forward/backward boundary in float64 (docs/backends.md)
@@ -26,81 +26,101 @@ def _empty(like: Tensor) -> Tensor:
     return like.new_empty(0, dtype=_F32)
 
 
-# --- token_logprobs: custom ops --------------------------------------------------------------
+# --- token_logprobs: kernel ops --------------------------------------------------------------
+
+_LP = LogprobParams.schema()
 
 
-@torch.library.custom_op("signalrl::token_logprobs_fwd", mutates_args=())
-def _token_logprobs_fwd(
-    logits: Tensor, targets: Tensor, temperature: float, ignore_index: int, with_entropy: bool, backend: str
-) -> tuple[Tensor, Tensor, Tensor]:
-    fn = get_impl(backend, "logprobs", "token_logprobs_fwd")
-    return fn(logits, targets, temperature, ignore_index, with_entropy)
-
-
-@_token_logprobs_fwd.register_fake
-def _(logits, targets, temperature, ignore_index, with_entropy, backend):
+def _fwd_fake(logits, targets, temperature, ignore_index, with_entropy):
     n = logits.shape[0]
-    out = logits.new_empty(n, dtype=_F32)
-    return out, logits.new_empty(n if with_entropy else 0, dtype=_F32), logits.new_empty(n, dtype=_F64)
+    return (logits.new_empty(n, dtype=_F32), logits.new_empty(n if with_entropy else 0, dtype=_F32),
+            logits.new_empty(n, dtype=_F64))
 
 
-@torch.library.custom_op("signalrl::token_logprobs_bwd", mutates_args=())
-def _token_logprobs_bwd(
-    grad_logprobs: Tensor, grad_entropy: Tensor, logits: Tensor, targets: Tensor, lse: Tensor, entropy: Tensor,
-    temperature: float, ignore_index: int, backend: str,
-) -> Tensor:
-    fn = get_impl(backend, "logprobs", "token_logprobs_bwd")
-    return fn(grad_logprobs, grad_entropy, logits, targets, lse, entropy, temperature, ignore_index)
-
-
-@_token_logprobs_bwd.register_fake
-def _(grad_logprobs, grad_entropy, logits, targets, lse, entropy, temperature, ignore_index, backend):
+def _bwd_fake(grad_logprobs, grad_entropy, logits, targets, lse, entropy, temperature, ignore_index):
     return torch.empty_like(logits)
 
 
-@torch.library.custom_op("signalrl::token_logprobs_bwd_inplace", mutates_args=("logits",))
-def _token_logprobs_bwd_inplace(
-    grad_logprobs: Tensor, grad_entropy: Tensor, logits: Tensor, targets: Tensor, lse: Tensor, entropy: Tensor,
-    temperature: float, ignore_index: int, backend: str,
-) -> None:
-    fn = get_impl(backend, "logprobs", "token_logprobs_bwd_inplace")
-    fn(grad_logprobs, grad_entropy, logits, targets, lse, entropy, temperature, ignore_index)
-
-
-@_token_logprobs_bwd_inplace.register_fake
-def _(grad_logprobs, grad_entropy, logits, targets, lse, entropy, temperature, ignore_index, backend):
+def _bwd_inplace_fake(grad_logprobs, grad_entropy, logits, targets, lse, entropy, temperature, ignore_index):
     return None
 
 
-def _grads_in(g_lp: Tensor | None, g_ent: Tensor | None, lp: Tensor, with_entropy: bool) -> tuple[Tensor, Tensor]:
+# logits [N, V] float32|bfloat16|float16, targets [N] int64 → (logprobs [N] f32, entropy [N] f32 | empty, lse [N] f64)
+TOKEN_FWD = KernelOp(
+    "token_logprobs_fwd",
+    f"(Tensor logits, Tensor targets, {_LP}, bool with_entropy) -> (Tensor, Tensor, Tensor)",
+    _fwd_fake,
+)
+# → grad_logits [N, V] in logits.dtype; grad_entropy / entropy empty: no entropy term
+TOKEN_BWD = KernelOp(
+    "token_logprobs_bwd",
+    f"(Tensor grad_logprobs, Tensor grad_entropy, Tensor logits, Tensor targets, Tensor lse, Tensor entropy, {_LP})"
+    " -> Tensor",
+    _bwd_fake,
+)
+# the same, written into the logits' own storage (Triton only)
+TOKEN_BWD_INPLACE = KernelOp(
+    "token_logprobs_bwd_inplace",
+    f"(Tensor grad_logprobs, Tensor grad_entropy, Tensor(a!) logits, Tensor targets, Tensor lse, Tensor entropy, "
+    f"{_LP}) -> ()",
+    _bwd_inplace_fake,
+)
+
+
+@TOKEN_FWD.triton
+def _(logits, targets, temperature, ignore_index, with_entropy):
+    from ..kernels import logprobs  # Triton: imported on first use
+
+    return logprobs.token_logprobs_fwd(logits, targets, temperature, ignore_index, with_entropy)
+
+
+@TOKEN_BWD.triton
+def _(grad_logprobs, grad_entropy, logits, targets, lse, entropy, temperature, ignore_index):
+    from ..kernels import logprobs
+
+    return logprobs.token_logprobs_bwd(grad_logprobs, grad_entropy, logits, targets, lse, entropy, temperature,
+                                       ignore_index)
+
+
+@TOKEN_BWD_INPLACE.triton
+def _(grad_logprobs, grad_entropy, logits, targets, lse, entropy, temperature, ignore_index):
+    from ..kernels import logprobs
+
+    logprobs.token_logprobs_bwd_inplace(grad_logprobs, grad_entropy, logits, targets, lse, entropy, temperature,
+                                        ignore_index)
+
+
+def grads_in(g_lp: Tensor | None, g_ent: Tensor | None, lp: Tensor, with_entropy: bool) -> tuple[Tensor, Tensor]:
+    """The incoming gradients as the backward kernels take them: float32 ``[N]`` (zeros when None), and an empty
+    entropy gradient when there is none."""
     g_lp = lp.new_zeros(lp.shape, dtype=_F32) if g_lp is None else g_lp.to(_F32).contiguous()
     g_ent = g_ent.to(_F32).contiguous() if (with_entropy and g_ent is not None) else _empty(lp)
     return g_lp, g_ent
 
 
 def _token_setup(ctx, inputs, output):
-    logits, targets, temperature, ignore_index, with_entropy, backend = inputs
+    logits, targets, temperature, ignore_index, with_entropy = inputs
     lp, ent, lse = output
     ctx.mark_non_differentiable(lse)
     ctx.save_for_backward(logits, targets, lse, ent)
-    ctx.args = (temperature, ignore_index, with_entropy, backend)
+    ctx.args = (temperature, ignore_index, with_entropy)
     ctx.inplace = False
 
 
 def _token_backward(ctx, g_lp, g_ent, _g_lse):
     logits, targets, lse, ent = ctx.saved_tensors
-    temperature, ignore_index, with_entropy, backend = ctx.args
-    g_lp, g_ent = _grads_in(g_lp, g_ent, lse, with_entropy)
+    temperature, ignore_index, with_entropy = ctx.args
+    g_lp, g_ent = grads_in(g_lp, g_ent, lse, with_entropy)
     ent = ent if g_ent.numel() else _empty(lse)
     if ctx.inplace:
-        _token_logprobs_bwd_inplace(g_lp, g_ent, logits, targets, lse, ent, temperature, ignore_index, backend)
+        TOKEN_BWD_INPLACE.variant(ctx.variant)(g_lp, g_ent, logits, targets, lse, ent, temperature, ignore_index)
         grad = logits
     else:
-        grad = _token_logprobs_bwd(g_lp, g_ent, logits, targets, lse, ent, temperature, ignore_index, backend)
-    return grad, None, None, None, None, None
+        grad = TOKEN_BWD.variant(ctx.variant)(g_lp, g_ent, logits, targets, lse, ent, temperature, ignore_index)
+    return grad, None, None, None, None
 
 
-torch.library.register_autograd("signalrl::token_logprobs_fwd", _token_backward, setup_context=_token_setup)
+TOKEN_FWD.register_autograd(_token_backward, _token_setup)
 
 
 class _InplaceTokenLogprobs(torch.autograd.Function):
@@ -109,15 +129,17 @@ class _InplaceTokenLogprobs(torch.autograd.Function):
     Only for callers that never read the logits again after backward (e.g. a loss head)."""
 
     @staticmethod
-    def forward(ctx, logits, targets, temperature, ignore_index, with_entropy, backend):
-        lp, ent, lse = _token_logprobs_fwd(logits, targets, temperature, ignore_index, with_entropy, backend)
+    def forward(ctx, logits, targets, temperature, ignore_index, with_entropy, variant):
+        lp, ent, lse = TOKEN_FWD.variant(variant)(logits, targets, temperature, ignore_index, with_entropy)
         ctx.mark_non_differentiable(lse)
         ctx.save_for_backward(logits, targets, lse, ent)
-        ctx.args = (temperature, ignore_index, with_entropy, backend)
-        ctx.inplace = True
+        ctx.args = (temperature, ignore_index, with_entropy)
+        ctx.inplace, ctx.variant = True, variant
         return lp, ent, lse
 
-    backward = staticmethod(_token_backward)
+    @staticmethod
+    def backward(ctx, g_lp, g_ent, g_lse):
+        return (*_token_backward(ctx, g_lp, g_ent, g_lse), None)
 
 
 # --- token_logprobs: public op --------------------------------------------------------------
@@ -173,7 +195,7 @@ def token_logprobs(
         raise ValueError("logits: expected a non-empty vocabulary dimension, got shape " f"{tuple(logits.shape)}")
     v.targets_in_range(targets, V, ignore_index)
     lead = targets.shape
-    backend = backend_for("logprobs", "token_logprobs_fwd", logits)
+    backend = backend_for(TOKEN_FWD, logits)
     if logits.dtype == torch.float64 or targets.numel() == 0:
         backend = "reference"
 
@@ -189,152 +211,19 @@ def token_logprobs(
     if x.stride(-1) != 1 or x.stride(0) != V:
         x = x.contiguous()
     t = targets.reshape(-1).to(torch.int64).contiguous()
-    use_inplace = inplace_backward and get_impl(backend, "logprobs", "token_logprobs_bwd_inplace") is not None
+    use_inplace = inplace_backward and TOKEN_BWD_INPLACE.implemented_by(backend)
+    op = TOKEN_FWD.op(backend, x.device)
+    params = LogprobParams(temperature, int(ignore_index))
 
     def fast_fn(x, t):
         if use_inplace:
-            lp, ent, _ = _InplaceTokenLogprobs.apply(x, t, temperature, int(ignore_index), return_entropy, backend)
+            variant = "interpreted" if op is TOKEN_FWD.interpreted else "dispatched"
+            lp, ent, _ = _InplaceTokenLogprobs.apply(x, t, *params.flat(), return_entropy, variant)
         else:
-            lp, ent, _ = _token_logprobs_fwd(x, t, temperature, int(ignore_index), return_entropy, backend)
+            lp, ent, _ = op(x, t, *params.flat(), return_entropy)
         return (lp, ent) if return_entropy else lp
 
     out = checked("token_logprobs", fast_fn, ref_fn, (x, t), x.dtype) if check_enabled() else fast_fn(x, t)
-    if return_entropy:
-        return out[0].reshape(lead), out[1].reshape(lead)
-    return out.reshape(lead)
-
-
-# --- linear_token_logprobs: custom ops ------------------------------------------------------
-
-
-@torch.library.custom_op("signalrl::linear_token_logprobs_fwd", mutates_args=())
-def _linear_fwd(
-    hidden: Tensor, weight: Tensor, bias: Optional[Tensor], targets: Tensor, temperature: float, ignore_index: int,
-    with_entropy: bool, backend: str,
-) -> tuple[Tensor, Tensor, Tensor]:
-    fn = get_impl(backend, "linear_logprobs", "linear_token_logprobs_fwd")
-    return fn(hidden, weight, bias, targets, temperature, ignore_index, with_entropy)
-
-
-@_linear_fwd.register_fake
-def _(hidden, weight, bias, targets, temperature, ignore_index, with_entropy, backend):
-    n = hidden.shape[0]
-    out = hidden.new_empty(n, dtype=_F32)
-    return out, hidden.new_empty(n if with_entropy else 0, dtype=_F32), hidden.new_empty(n, dtype=_F64)
-
-
-@torch.library.custom_op("signalrl::linear_token_logprobs_bwd", mutates_args=())
-def _linear_bwd(
-    grad_logprobs: Tensor, grad_entropy: Tensor, hidden: Tensor, weight: Tensor, bias: Optional[Tensor],
-    targets: Tensor, lse: Tensor, entropy: Tensor, temperature: float, ignore_index: int,
-    need_hidden: bool, need_weight: bool, need_bias: bool, backend: str,
-) -> tuple[Tensor, Tensor, Tensor]:
-    fn = get_impl(backend, "linear_logprobs", "linear_token_logprobs_bwd")
-    return fn(
-        grad_logprobs, grad_entropy, hidden, weight, bias, targets, lse, entropy, temperature, ignore_index,
-        need_hidden, need_weight, need_bias,
-    )
-
-
-@_linear_bwd.register_fake
-def _(grad_logprobs, grad_entropy, hidden, weight, bias, targets, lse, entropy, temperature, ignore_index,
-      need_hidden, need_weight, need_bias, backend):
-    gh = torch.empty_like(hidden) if need_hidden else hidden.new_empty(0, dtype=_F32)
-    gw = torch.empty_like(weight) if need_weight else weight.new_empty(0, dtype=_F32)
-    gb = torch.empty_like(bias) if (need_bias and bias is not None) else hidden.new_empty(0, dtype=_F32)
-    return gh, gw, gb
-
-
-def _linear_setup(ctx, inputs, output):
-    hidden, weight, bias, targets, temperature, ignore_index, with_entropy, backend = inputs
-    lp, ent, lse = output
-    ctx.mark_non_differentiable(lse)
-    ctx.save_for_backward(hidden, weight, bias, targets, lse, ent)
-    ctx.args = (temperature, ignore_index, with_entropy, backend)
-
-
-def _linear_backward(ctx, g_lp, g_ent, _g_lse):
-    hidden, weight, bias, targets, lse, ent = ctx.saved_tensors
-    temperature, ignore_index, with_entropy, backend = ctx.args
-    need_h, need_w, need_b = ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[2]
-    g_lp, g_ent = _grads_in(g_lp, g_ent, lse, with_entropy)
-    ent = ent if g_ent.numel() else _empty(lse)
-    gh, gw, gb = _linear_bwd(
-        g_lp, g_ent, hidden, weight, bias, targets, lse, ent, temperature, ignore_index,
-        need_h, need_w, bool(need_b and bias is not None), backend,
-    )
-    return (gh if need_h else None, gw if need_w else None, gb if (need_b and bias is not None) else None,
-            None, None, None, None, None)
-
-
-torch.library.register_autograd("signalrl::linear_token_logprobs_fwd", _linear_backward, setup_context=_linear_setup)
-
-
-# --- linear_token_logprobs: public op -------------------------------------------------------
-
-
-def linear_token_logprobs(
-    hidden: Tensor,
-    weight: Tensor,
-    targets: Tensor,
-    *,
-    bias: Tensor | None = None,
-    temperature: float = 1.0,
-    ignore_index: int = -100,
-    return_entropy: bool = False,
-):
-    """Log-probability of each target token from final hidden states and the LM head.
-
-    Args:
-        hidden: ``[..., H]`` float32, bfloat16 or float16.
-        weight: ``[V, H]`` LM-head weight, same dtype as ``hidden``.
-        targets: ``[...]`` int64/int32 in ``[0, V)`` or ``ignore_index`` (checked as in :func:`token_logprobs`).
-        bias: optional ``[V]``, same dtype as ``hidden``.
-        temperature, ignore_index, return_entropy: as in :func:`token_logprobs`. H = 0 or V = 0 is a ``ValueError``.
-
-    Returns:
-        log-probs ``[...]`` float32 (and entropy ``[...]`` float32).
-
-    Math: z = (hidden @ weight.T + bias) / T; logprob = z_t − logsumexp(z).
-    Memory: the fused backends never hold the ``[N, V]`` logits: they stream vocab blocks with an
-    online log-sum-exp (forward) and recompute them (backward). Triton: forward O(N) float32; backward
-    one gradient chunk plus a float32 d(hidden) accumulator — within 1 % of the ``[N, V]`` float32
-    logits for a frozen (LoRA) head at N ≥ 4096, V = 128256, H = 4096; (H + Vc/2)/V of them for a
-    trained one (exact: :func:`signalrl.kernels.linear_logprobs.backward_plan`). Native: one block of
-    logits per thread. The reference materializes ``[N, V]`` float32 logits.
-    """
-    v.linear_head(hidden, weight, targets, bias)
-    H = hidden.shape[-1]
-    temperature = v.positive("temperature", temperature)
-    ignore_index = v.index("ignore_index", ignore_index)
-    return_entropy = v.flag("return_entropy", return_entropy)
-    v.targets_in_range(targets, weight.shape[0], ignore_index)
-    lead = targets.shape
-    backend = backend_for("linear_logprobs", "linear_token_logprobs_fwd", hidden)
-    if hidden.dtype == torch.float64 or targets.numel() == 0:
-        backend = "reference"
-
-    def ref_fn(h, w, t, b):
-        return reference.linear_token_logprobs(
-            h, w, t, bias=b, temperature=temperature, ignore_index=ignore_index, return_entropy=return_entropy
-        )
-
-    if backend == "reference":
-        return ref_fn(hidden, weight, targets, bias)
-
-    h = hidden.reshape(-1, H).contiguous()
-    w = weight.contiguous()
-    b = None if bias is None else bias.contiguous()
-    t = targets.reshape(-1).to(torch.int64).contiguous()
-
-    def fast_fn(h, w, t, b):
-        lp, ent, _ = _linear_fwd(h, w, b, t, temperature, int(ignore_index), return_entropy, backend)
-        return (lp, ent) if return_entropy else lp
-
-    if check_enabled():
-        out = checked("linear_token_logprobs", fast_fn, ref_fn, (h, w, t, b), h.dtype)
-    else:
-        out = fast_fn(h, w, t, b)
     if return_entropy:
         return out[0].reshape(lead), out[1].reshape(lead)
     return out.reshape(lead)

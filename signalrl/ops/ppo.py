@@ -1,25 +1,27 @@
 """PPO objectives: the clipped policy surrogate and the clipped value loss.
 
-The public functions validate their arguments, turn the aggregation into per-token weights
-(:func:`signalrl.reference.aggregate.token_weights`: every aggregation is Σ_i w_i·ℓ_i), pick a backend
-and run a ``torch.library`` custom op whose forward computes the loss, its per-token gradient and
-the statistics in one pass (Triton: :mod:`signalrl.kernels.ppo`); the backward is one multiply.
-The reference backend is :mod:`signalrl.reference.ppo` itself. In check mode every call is
-compared with the reference in float64, values and gradients.
+Family ``ppo``: the math is :mod:`signalrl.reference.ppo`, the Triton kernels :mod:`signalrl.kernels.ppo`, the C++
+kernels ``csrc/cpu/ppo.cpp``. This module holds the kernel ops' contract (schemas and fakes) and the public ops, which
+validate their arguments, turn the aggregation into per-token weights
+(:func:`signalrl.reference.aggregate.token_weights`: every aggregation is Σ_i w_i·ℓ_i), pick a backend and call a
+kernel op whose forward computes the loss, its per-token gradient and the statistics in one pass; the backward is
+one multiply. In check mode every call is compared with the reference in float64, values and gradients.
 """
 from __future__ import annotations
 
-from typing import Optional
+import dataclasses
 
 import torch
 from torch import Tensor
 
 from .. import reference
 from ..reference.aggregate import AGGREGATIONS, token_weights
-from ..reference.stat_keys import SURROGATE_STAT_KEYS, VALUE_STAT_KEYS
+from ..kernels.params import PPOParams, ValueParams
+from ..reference.stat_keys import PPO_STAT_KEYS, SURROGATE_STAT_KEYS, VALUE_STAT_KEYS
 from . import _validate as v
-from ._backend import backend_for, get_impl
+from ._backend import backend_for
 from ._check import check_enabled, checked
+from ._library import KernelOp
 
 _F32 = torch.float32
 
@@ -40,45 +42,89 @@ def _check_per_token(name: str, x, ref_name: str, ref: Tensor) -> Tensor:
     return x
 
 
-# --- clipped_surrogate: custom op ------------------------------------------------------------
+# --- kernel ops ----------------------------------------------------------------------------------
 
 
-@torch.library.custom_op("signalrl::clipped_surrogate_fwd", mutates_args=())
-def _surrogate_fwd(
-    logprobs: Tensor, old_logprobs: Tensor, advantages: Tensor, weights: Tensor, mask: Tensor,
-    clip_low: float, clip_high: float, dual_clip: Optional[float], log_ratio_clamp: Optional[float], backend: str,
-) -> tuple[Tensor, Tensor, Tensor]:
-    fn = get_impl(backend, "ppo", "ppo_token_fwd")
-    loss, g_lp, _, stats = fn(
-        logprobs, old_logprobs, advantages, weights, mask, None, None,
-        clip_low, clip_high, dual_clip, "k3", 0.0, 0.0, log_ratio_clamp,
-    )
-    return loss, g_lp, stats[: len(SURROGATE_STAT_KEYS)].clone()
-
-
-@_surrogate_fwd.register_fake
-def _(logprobs, old_logprobs, advantages, weights, mask, clip_low, clip_high, dual_clip, log_ratio_clamp, backend):
+def _ppo_fake(logprobs, old_logprobs, advantages, weights, mask, ref_logprobs, entropy, *params):
     n = logprobs.shape[0]
+    has_ent = entropy is not None and entropy.numel() > 0
     return (logprobs.new_empty((), dtype=_F32), logprobs.new_empty(n, dtype=_F32),
-            logprobs.new_empty(len(SURROGATE_STAT_KEYS), dtype=_F32))
+            logprobs.new_empty(n if has_ent else 0, dtype=_F32), logprobs.new_empty(len(PPO_STAT_KEYS), dtype=_F32))
 
 
-def _surrogate_setup(ctx, inputs, output):
-    _loss, g_lp, stats = output
-    ctx.mark_non_differentiable(g_lp, stats)
-    ctx.save_for_backward(g_lp)
-    ctx.lp_dtype = inputs[0].dtype
+def _value_fake(values, old_values, returns, weights, mask, clip):
+    n = values.shape[0]
+    return (values.new_empty((), dtype=_F32), values.new_empty(n, dtype=_F32),
+            values.new_empty(len(VALUE_STAT_KEYS), dtype=_F32))
 
 
-def _surrogate_backward(ctx, g_loss, _g_glp, _g_stats):
-    (g_lp,) = ctx.saved_tensors
-    grad = (g_lp * g_loss).to(ctx.lp_dtype) if g_loss is not None else None
-    return grad, None, None, None, None, None, None, None, None, None
-
-
-torch.library.register_autograd(
-    "signalrl::clipped_surrogate_fwd", _surrogate_backward, setup_context=_surrogate_setup
+# [N] vectors (float, read as float32; weights = the aggregation's per-token weights, mask 0/1 selects),
+# ref_logprobs / entropy None or empty when absent
+#   → (loss [] f32, grad_logprobs [N] f32, grad_entropy [N] f32 | empty, stats [9] f32 in PPO_STAT_KEYS order)
+PPO_TOKEN_FWD = KernelOp(
+    "ppo_token_fwd",
+    "(Tensor logprobs, Tensor old_logprobs, Tensor advantages, Tensor weights, Tensor mask, Tensor? ref_logprobs, "
+    f"Tensor? entropy, {PPOParams.schema()}) -> (Tensor, Tensor, Tensor, Tensor)",
+    _ppo_fake,
 )
+# [N] vectors → (loss [] f32, grad_values [N] f32, stats [4] f32 in VALUE_STAT_KEYS order)
+VALUE_LOSS_FWD = KernelOp(
+    "value_loss_fwd",
+    f"(Tensor values, Tensor old_values, Tensor returns, Tensor weights, Tensor mask, {ValueParams.schema()}) "
+    "-> (Tensor, Tensor, Tensor)",
+    _value_fake,
+)
+
+
+@PPO_TOKEN_FWD.triton
+def _(logprobs, old_logprobs, advantages, weights, mask, ref_logprobs, entropy, *params):
+    from ..kernels import ppo  # Triton: imported on first use
+
+    return ppo.ppo_token_fwd(logprobs, old_logprobs, advantages, weights, mask, ref_logprobs, entropy, *params)
+
+
+@VALUE_LOSS_FWD.triton
+def _(values, old_values, returns, weights, mask, clip):
+    from ..kernels import ppo
+
+    return ppo.value_loss_fwd(values, old_values, returns, weights, mask, clip)
+
+
+# The forward kernels compute the per-token gradient of the loss; the backward scales it by the incoming gradient.
+def _ppo_setup(ctx, inputs, output):
+    _loss, g_lp, g_ent, stats = output
+    ctx.mark_non_differentiable(g_lp, g_ent, stats)
+    ctx.save_for_backward(g_lp, g_ent)
+    ctx.dtypes = (inputs[0].dtype, None if inputs[6] is None else inputs[6].dtype)
+
+
+def _ppo_backward(ctx, g_loss, *_unused):
+    g_lp, g_ent = ctx.saved_tensors
+    lp_dtype, ent_dtype = ctx.dtypes
+    rest = (None,) * (5 + len(dataclasses.fields(PPOParams)))
+    if g_loss is None:
+        return (None, *rest, None)
+    grad_ent = (g_ent * g_loss).to(ent_dtype) if ctx.needs_input_grad[6] and g_ent.numel() else None
+    return ((g_lp * g_loss).to(lp_dtype), None, None, None, None, None, grad_ent) + rest[5:]
+
+
+PPO_TOKEN_FWD.register_autograd(_ppo_backward, _ppo_setup)
+
+
+def _value_setup(ctx, inputs, output):
+    _loss, g_v, stats = output
+    ctx.mark_non_differentiable(g_v, stats)
+    ctx.save_for_backward(g_v)
+    ctx.v_dtype = inputs[0].dtype
+
+
+def _value_backward(ctx, g_loss, _g_gv, _g_stats):
+    (g_v,) = ctx.saved_tensors
+    grad = (g_v * g_loss).to(ctx.v_dtype) if g_loss is not None else None
+    return grad, None, None, None, None, None
+
+
+VALUE_LOSS_FWD.register_autograd(_value_backward, _value_setup)
 
 
 # --- clipped_surrogate: public op -----------------------------------------------------------
@@ -147,59 +193,25 @@ def clipped_surrogate(
             log_ratio_clamp=log_ratio_clamp,
         )
 
-    backend = backend_for("ppo", "ppo_token_fwd", logprobs)
+    backend = backend_for(PPO_TOKEN_FWD, logprobs)
     if _any_f64(logprobs, old_logprobs, advantages) or logprobs.numel() == 0:
         backend = "reference"
     if backend == "reference":
         return ref_fn(logprobs, old_logprobs, advantages, mask)
 
+    op = PPO_TOKEN_FWD.op(backend, logprobs.device)
+    params = PPOParams(clip_low, clip_high, dual_clip, log_ratio_clamp=log_ratio_clamp)  # no KL, no entropy term
+
     def fast_fn(lp, old, adv, m):
         w = token_weights(m, aggregation, shape=lp.shape, device=lp.device)
         m32 = torch.ones(lp.numel(), dtype=_F32, device=lp.device) if m is None else _flat(m.to(_F32))
-        loss, _, stats = _surrogate_fwd(
-            _flat(lp), _flat(old), _flat(adv), _flat(w), m32, clip_low, clip_high, dual_clip, log_ratio_clamp, backend
-        )
-        return loss, dict(zip(SURROGATE_STAT_KEYS, stats.unbind(0)))
+        loss, _, _, stats = op(_flat(lp), _flat(old), _flat(adv), _flat(w), m32, None, None, *params.flat())
+        return loss, dict(zip(SURROGATE_STAT_KEYS, stats.unbind(0)))  # the first len(SURROGATE_STAT_KEYS) stats
 
     inputs = (logprobs, old_logprobs, advantages, mask)
     if check_enabled():
         return checked("clipped_surrogate", fast_fn, ref_fn, inputs, logprobs.dtype)
     return fast_fn(*inputs)
-
-
-# --- value_loss: custom op -------------------------------------------------------------------
-
-
-@torch.library.custom_op("signalrl::value_loss_fwd", mutates_args=())
-def _value_fwd(
-    values: Tensor, old_values: Tensor, returns: Tensor, weights: Tensor, mask: Tensor,
-    clip: Optional[float], backend: str,
-) -> tuple[Tensor, Tensor, Tensor]:
-    fn = get_impl(backend, "ppo", "value_loss_fwd")
-    return fn(values, old_values, returns, weights, mask, clip)
-
-
-@_value_fwd.register_fake
-def _(values, old_values, returns, weights, mask, clip, backend):
-    n = values.shape[0]
-    return (values.new_empty((), dtype=_F32), values.new_empty(n, dtype=_F32),
-            values.new_empty(len(VALUE_STAT_KEYS), dtype=_F32))
-
-
-def _value_setup(ctx, inputs, output):
-    _loss, g_v, stats = output
-    ctx.mark_non_differentiable(g_v, stats)
-    ctx.save_for_backward(g_v)
-    ctx.v_dtype = inputs[0].dtype
-
-
-def _value_backward(ctx, g_loss, _g_gv, _g_stats):
-    (g_v,) = ctx.saved_tensors
-    grad = (g_v * g_loss).to(ctx.v_dtype) if g_loss is not None else None
-    return grad, None, None, None, None, None, None
-
-
-torch.library.register_autograd("signalrl::value_loss_fwd", _value_backward, setup_context=_value_setup)
 
 
 # --- value_loss: public op ------------------------------------------------------------------
@@ -250,16 +262,19 @@ def value_loss(
     def ref_fn(val, old, ret, m):
         return reference.value_loss(val, old, ret, m, clip=clip, aggregation=aggregation)
 
-    backend = backend_for("ppo", "value_loss_fwd", values)
+    backend = backend_for(VALUE_LOSS_FWD, values)
     if _any_f64(values, old_values, returns) or values.numel() == 0:
         backend = "reference"
     if backend == "reference":
         return ref_fn(values, old_values, returns, mask)
 
+    op = VALUE_LOSS_FWD.op(backend, values.device)
+    params = ValueParams(clip)
+
     def fast_fn(val, old, ret, m):
         w = token_weights(m, aggregation, shape=val.shape, device=val.device)
         m32 = torch.ones(val.numel(), dtype=_F32, device=val.device) if m is None else _flat(m.to(_F32))
-        loss, _, stats = _value_fwd(_flat(val), _flat(old), _flat(ret), _flat(w), m32, clip, backend)
+        loss, _, stats = op(_flat(val), _flat(old), _flat(ret), _flat(w), m32, *params.flat())
         return loss, dict(zip(VALUE_STAT_KEYS, stats.unbind(0)))
 
     inputs = (values, old_values, returns, mask)

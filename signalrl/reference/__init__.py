@@ -9,7 +9,8 @@ from .aggregate import AGGREGATIONS, aggregate, token_weights
 from .gae import gae
 from .kl import KL_ESTIMATORS, kl_penalty
 from .linear_ppo import linear_ppo_loss
-from .logprobs import linear_token_logprobs, token_logprobs
+from .linear_logprobs import linear_token_logprobs
+from .logprobs import token_logprobs
 from .ppo import clipped_surrogate, value_loss
 from .stats import group_normalize, masked_mean, masked_var, masked_whiten
 

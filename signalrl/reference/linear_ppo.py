@@ -9,7 +9,7 @@ import torch
 from ._dtype import acc_dtype
 from .aggregate import aggregate
 from .kl import kl_penalty
-from .logprobs import linear_token_logprobs
+from .linear_logprobs import linear_token_logprobs
 from .ppo import clipped_surrogate
 from .stats import masked_mean, zero_outside
 

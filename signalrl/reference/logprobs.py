@@ -49,26 +49,3 @@ def token_logprobs(
     entropy = torch.where(valid, -plogp.sum(-1), zero)
     return logp, entropy
 
-
-def linear_token_logprobs(
-    hidden: torch.Tensor,
-    weight: torch.Tensor,
-    targets: torch.Tensor,
-    *,
-    bias: torch.Tensor | None = None,
-    temperature: float = 1.0,
-    ignore_index: int = -100,
-    return_entropy: bool = False,
-):
-    """hidden ``[..., H]``, weight ``[V, H]``, optional bias ``[V]``, targets ``[...]``.
-
-    logits = hidden @ weight.T + bias, computed in float32 (float64 for float64 inputs), then
-    :func:`token_logprobs`. Memory: materializes ``[..., V]`` logits in float32.
-    """
-    dt = acc_dtype(hidden, weight)
-    logits = hidden.to(dt) @ weight.to(dt).t()
-    if bias is not None:
-        logits = logits + bias.to(dt)
-    return token_logprobs(
-        logits, targets, temperature=temperature, ignore_index=ignore_index, return_entropy=return_entropy
-    )

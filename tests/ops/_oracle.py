@@ -1,6 +1,8 @@
 """Shared accuracy checks for op tests (the Cut Cross-Entropy oracle, METHOD.md tolerances)."""
 import torch
 
+from signalrl.ops import KERNEL_OF as KERNELS  # noqa: F401  (public op → its forward kernel op; the tests read it here)
+
 
 def rel_err(got: torch.Tensor, truth: torch.Tensor, floor: float = 1e-6) -> float:
     """‖got − truth‖ / max(‖truth‖, floor·√n) in float64; any NaN/inf in ``got`` → inf.
@@ -35,28 +37,31 @@ def assert_close(what: str, got, truth, dtype, baseline=None, floor: float = 1e-
         assert err <= bound, f"{what}: relative error {err:.3e} worse than same-dtype PyTorch bound {bound:.3e}"
 
 
-def backend_params(family: str, kernel: str) -> list:
+def backend_params(kernel: str) -> list:
     """pytest params ``(backend, device)`` for every backend that can run ``kernel`` here: all CPU
     backends (Triton only under the interpreter) plus Triton on CUDA when a GPU is present."""
     import pytest
 
     from signalrl.ops import available_backends
 
-    params = [pytest.param(b, "cpu", id=f"{b}-cpu") for b in available_backends(family, kernel, "cpu")]
+    params = [pytest.param(b, "cpu", id=f"{b}-cpu") for b in available_backends(kernel, "cpu")]
     if torch.cuda.is_available():
         params += [
-            pytest.param(b, "cuda", id=f"{b}-cuda") for b in available_backends(family, kernel, "cuda") if b != "reference"
+            pytest.param(b, "cuda", id=f"{b}-cuda") for b in available_backends(kernel, "cuda") if b != "reference"
         ]
     return params
 
 
-# public op → (kernel family, forward kernel name): what available_backends() is asked about for each op
-KERNELS = {
-    "token_logprobs": ("logprobs", "token_logprobs_fwd"),
-    "linear_token_logprobs": ("linear_logprobs", "linear_token_logprobs_fwd"),
-    "clipped_surrogate": ("ppo", "ppo_token_fwd"),
-    "value_loss": ("ppo", "value_loss_fwd"),
-    "kl_penalty": ("kl", "kl_penalty_fwd"),
-    "gae": ("gae", "gae_fwd"),
-    "linear_ppo_loss": ("linear_ppo", "linear_ppo_fwd"),
-}
+
+
+def break_kernel(monkeypatch, kernel, corrupt) -> None:
+    """Make the kernel op ``kernel`` (:class:`signalrl.ops._library.KernelOp`) wrong: every call the op layer makes
+    — the op a public function picks (``kernel.op``) and the one a backward calls (``kernel.variant``) — returns
+    ``corrupt(args, outputs)``. For check-mode tests: a wrong kernel must be caught."""
+    real_op, real_variant = kernel.op, kernel.variant
+
+    def wrap(fn):
+        return lambda *args: corrupt(args, fn(*args))
+
+    monkeypatch.setattr(kernel, "op", lambda backend, device: wrap(real_op(backend, device)))
+    monkeypatch.setattr(kernel, "variant", lambda name: wrap(real_variant(name)))

@@ -171,7 +171,7 @@ CASES = [
 def _params():
     out = []
     for case_id, op, build, exc, msg in CASES:
-        for b in available_backends(*KERNELS[op], "cpu"):
+        for b in available_backends(KERNELS[op], "cpu"):
             out.append(pytest.param(op, build, exc, msg, b, id=f"{case_id}-{b}"))
     return out
 
@@ -193,7 +193,7 @@ def test_every_op_has_bad_input_cases():
 
 
 def _all(op):
-    return available_backends(*KERNELS[op], "cpu")
+    return available_backends(KERNELS[op], "cpu")
 
 
 def _agree(op, fn, grad_of=()):

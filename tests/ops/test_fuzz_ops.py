@@ -57,8 +57,8 @@ def _report():
 
 
 def _backends(op: str) -> list[str]:
-    family, kernel = KERNELS[op]
-    out = available_backends(family, kernel, "cpu")
+    kernel = KERNELS[op]
+    out = available_backends(kernel, "cpu")
     return [b for b in out if not _ONLY or b in _ONLY or b == "reference"]
 
 

@@ -6,9 +6,10 @@ import signalrl.ops as ops
 from signalrl import reference
 from signalrl.ops import SignalCheckError, available_backends, check_mode, use_backend
 
+from ._oracle import break_kernel
 from .test_ppo import make_mask
 
-GAE_BACKENDS = available_backends("gae", "gae_fwd")
+GAE_BACKENDS = available_backends("gae_fwd")
 FAST = [b for b in GAE_BACKENDS if b != "reference"]
 MASKS = ["none", "random", "left", "right", "spans", "all-masked"]
 
@@ -168,19 +169,7 @@ def test_check_mode_passes_and_catches_a_wrong_kernel(backend, monkeypatch):
     import importlib
 
     mod = importlib.import_module("signalrl.ops.gae")
-
-    real = mod.get_impl
-
-    def broken(b, family, name):
-        fn = real(b, family, name)
-        if name == "gae_fwd":
-            def wrong(*args):
-                adv, ret = fn(*args)
-                return adv * 1.001, ret
-            return wrong
-        return fn
-
-    monkeypatch.setattr(mod, "get_impl", broken)
+    break_kernel(monkeypatch, mod.GAE_FWD, lambda args, out: (out[0] * 1.001, out[1]))
     with use_backend(backend), check_mode(), pytest.raises(SignalCheckError, match="max abs error"):
         ops.gae(rewards, values, mask, last_values=last)
 

@@ -10,11 +10,11 @@ import signalrl.ops as ops
 from signalrl import reference
 from signalrl.ops import SignalCheckError, check_mode, use_backend
 
-from ._oracle import assert_close, backend_params, rel_err
+from ._oracle import assert_close, backend_params, break_kernel, rel_err
 
 pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning")  # the Triton interpreter warns on masked lanes
 
-PARAMS = backend_params("linear_ppo", "linear_ppo_fwd")
+PARAMS = backend_params("linear_ppo_fwd")
 IGN = -100
 AGGS = ["token-mean", "seq-mean-token-sum", "seq-mean-token-mean", "seq-mean-token-sum-norm"]
 
@@ -151,18 +151,7 @@ def test_linear_ppo_check_mode_and_wrong_kernel(backend, device, monkeypatch):
 
     from signalrl.ops import linear_ppo as mod
 
-    real = mod.get_impl
-
-    def broken(b, family, name):
-        fn = real(b, family, name)
-        if name == "linear_ppo_bwd":
-            def wrong(*args):
-                gh, gw, gb = fn(*args)
-                return gh * 1.01, gw, gb
-            return wrong
-        return fn
-
-    monkeypatch.setattr(mod, "get_impl", broken)
+    break_kernel(monkeypatch, mod.LINEAR_PPO_BWD, lambda args, out: (out[0] * 1.01, out[1], out[2]))
     # with the entropy and KL terms every counted token has a gradient: the surrogate alone can have none (all of
     # a few tokens clipped), and then a 1 % error of nothing is nothing to catch
     with check_mode(), pytest.raises(SignalCheckError, match="gradient"):

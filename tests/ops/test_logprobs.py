@@ -1,4 +1,5 @@
-"""token_logprobs / linear_token_logprobs on every backend available here, against float64 truth."""
+"""token_logprobs on every backend available here, against float64 truth (plus the op-layer tests both log-prob
+ops share: dispatch, validation, torch.compile; linear_token_logprobs: test_linear_logprobs.py)."""
 import pytest
 import torch
 
@@ -6,11 +7,10 @@ import signalrl.ops as ops
 from signalrl import reference
 from signalrl.ops import SignalCheckError, available_backends, check_mode, use_backend
 
-from ._oracle import assert_close, backend_params, rel_err
+from ._oracle import assert_close, backend_params, break_kernel, rel_err
 
-TOKEN = backend_params("logprobs", "token_logprobs_fwd")
-LINEAR = backend_params("linear_logprobs", "linear_token_logprobs_fwd")
-TOKEN_BACKENDS = available_backends("logprobs", "token_logprobs_fwd")
+TOKEN = backend_params("token_logprobs_fwd")
+TOKEN_BACKENDS = available_backends("token_logprobs_fwd")
 DTYPES = [torch.float32, torch.bfloat16]
 
 
@@ -92,7 +92,7 @@ def test_token_logprobs_without_entropy_matches(backend, device):
 
 @pytest.mark.parametrize("device", ["cuda" if torch.cuda.is_available() else "cpu"])
 def test_inplace_backward_gives_the_same_gradient(device):
-    if "triton" not in available_backends("logprobs", "token_logprobs_fwd", device):
+    if "triton" not in available_backends("token_logprobs_fwd", device):
         pytest.skip("in-place backward is a Triton feature; Triton is not usable here")
     logits = torch.randn(7, 1000, device=device)
     targets = _targets((7,), 1000, device=device)
@@ -149,77 +149,6 @@ def test_token_logprobs_gradient_near_a_tie_at_huge_logits(backend, device):
     assert_close("d logits", x.grad, xt.grad, torch.float32)
 
 
-@pytest.mark.parametrize("backend,device", LINEAR)
-def test_linear_token_logprobs_gradient_near_a_tie_at_huge_logits(backend, device):
-    """The same near-tie rows from hidden [N, 8] (only the first feature nonzero, 1) and a weight whose first column
-    is the logits: the product is exact in float32, the other columns still carry d hidden."""
-    N, V, H = 8, 1000, 8
-    z = _near_tie_logits(N, V, seed=1)
-    hidden = torch.zeros(N, H)
-    hidden[:, 0] = 8192.0
-    weight = torch.randn(V, H)
-    weight[:, 0] = (z / 8192.0).float()[0]  # one row pattern for the head; each row of z differs only via targets
-    targets = _targets((N,), V, ignore_frac=0.0)
-    leaves = [t.clone().to(device).requires_grad_() for t in (hidden, weight)]
-    with use_backend(backend):
-        lp, ent = ops.linear_token_logprobs(leaves[0], leaves[1], targets.to(device), return_entropy=True)
-    truth = [t.double().requires_grad_() for t in (hidden, weight)]
-    lp_t, ent_t = reference.linear_token_logprobs(truth[0], truth[1], targets, return_entropy=True)
-    assert_close("logprobs", lp, lp_t, torch.float32)
-    g_lp, g_ent = torch.randn(N), torch.randn(N)
-    (lp * g_lp.to(device) + ent * g_ent.to(device)).sum().backward()
-    (lp_t * g_lp.double() + ent_t * g_ent.double()).sum().backward()
-    assert_close("d hidden", leaves[0].grad, truth[0].grad, torch.float32)
-    assert_close("d weight", leaves[1].grad, truth[1].grad, torch.float32)
-
-
-# --- linear ---------------------------------------------------------------------------------
-
-
-@pytest.mark.parametrize("backend,device", LINEAR)
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("with_bias", [False, True])
-@pytest.mark.parametrize(
-    "shape,V,H,temperature", [((37,), 1000, 48, 1.0), ((2, 7), 1031, 40, 0.7), ((1,), 1000, 48, 1.0)],
-    ids=["N37-V1000", "B2T7-V1031-temp", "N1"],
-)
-def test_linear_token_logprobs_values_and_grads(backend, device, dtype, with_bias, shape, V, H, temperature):
-    hidden = torch.randn(*shape, H).to(dtype).to(device)
-    weight = (torch.randn(V, H) / H**0.5).to(dtype).to(device)
-    bias = torch.randn(V).to(dtype).to(device) if with_bias else None
-    targets = _targets(shape, V, device=device)
-    leaves = [t.detach().clone().requires_grad_() for t in (hidden, weight) + ((bias,) if with_bias else ())]
-    with use_backend(backend):
-        lp, ent = ops.linear_token_logprobs(
-            leaves[0], leaves[1], targets, bias=leaves[2] if with_bias else None, temperature=temperature,
-            return_entropy=True,
-        )
-    truth_leaves = [t.detach().double().requires_grad_() for t in leaves]
-    lp_t, ent_t = reference.linear_token_logprobs(
-        truth_leaves[0], truth_leaves[1], targets, bias=truth_leaves[2] if with_bias else None,
-        temperature=temperature, return_entropy=True,
-    )
-    assert lp.dtype == torch.float32 and lp.shape == targets.shape
-    assert_close("logprobs", lp, lp_t, dtype)
-    assert_close("entropy", ent, ent_t, dtype)
-    g_lp, g_ent = torch.randn_like(lp), torch.randn_like(ent)
-    (lp * g_lp + ent * g_ent).sum().backward()
-    (lp_t * g_lp.double() + ent_t * g_ent.double()).sum().backward()
-    for name, got, truth in zip(("d hidden", "d weight", "d bias"), leaves, truth_leaves):
-        assert got.grad.dtype == dtype
-        assert_close(name, got.grad, truth.grad, dtype)
-
-
-@pytest.mark.parametrize("backend,device", LINEAR)
-def test_linear_only_requested_grads(backend, device):
-    hidden = torch.randn(6, 16, device=device, requires_grad=True)
-    weight = torch.randn(1000, 16, device=device)  # frozen LM head
-    targets = _targets((6,), 1000, device=device)
-    with use_backend(backend):
-        ops.linear_token_logprobs(hidden, weight, targets).sum().backward()
-    assert hidden.grad is not None and weight.grad is None
-
-
 # --- dispatch, check mode, validation, compile ----------------------------------------------
 
 
@@ -227,12 +156,12 @@ def test_backend_listing_and_forcing(monkeypatch):
     x = torch.randn(3, 10)
     assert "reference" in TOKEN_BACKENDS
     with use_backend("reference"):
-        assert ops.backend_for("logprobs", "token_logprobs_fwd", x) == "reference"
+        assert ops.backend_for("token_logprobs_fwd", x) == "reference"
     monkeypatch.setenv("SIGNAL_BACKEND", "reference")
-    assert ops.backend_for("logprobs", "token_logprobs_fwd", x) == "reference"
+    assert ops.backend_for("token_logprobs_fwd", x) == "reference"
     monkeypatch.setenv("SIGNAL_BACKEND", "cuda")
     with pytest.raises(ValueError, match="SIGNAL_BACKEND"):
-        ops.backend_for("logprobs", "token_logprobs_fwd", x)
+        ops.backend_for("token_logprobs_fwd", x)
     with pytest.raises(ValueError, match="use_backend"):
         with use_backend("fast"):
             pass
@@ -248,18 +177,7 @@ def test_check_mode_passes_and_catches_a_wrong_kernel(backend, device, monkeypat
 
     from signalrl.ops import logprobs as mod
 
-    real = mod.get_impl
-
-    def broken(b, family, name):
-        fn = real(b, family, name)
-        if name == "token_logprobs_fwd":
-            def wrong(*args):
-                lp, ent, lse = fn(*args)
-                return lp + 1e-3, ent, lse
-            return wrong
-        return fn
-
-    monkeypatch.setattr(mod, "get_impl", broken)
+    break_kernel(monkeypatch, mod.TOKEN_FWD, lambda args, out: (out[0] + 1e-3, *out[1:]))
     with use_backend(backend), check_mode(), pytest.raises(SignalCheckError, match="max abs error"):
         ops.token_logprobs(logits, targets)
 

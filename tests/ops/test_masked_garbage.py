@@ -10,19 +10,19 @@ import torch
 import signalrl.ops as ops
 from signalrl import reference
 from signalrl.ops import use_backend
-from signalrl.ops._backend import get_impl
+from signalrl.ops.ppo import PPO_TOKEN_FWD
 
 from ._oracle import backend_params, rel_err
 
 pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning")  # the Triton interpreter warns on inf/NaN lanes
 
 GARBAGE = (float("nan"), float("inf"), float("-inf"), 1e30)
-PPO = backend_params("ppo", "ppo_token_fwd")
-VALUE = backend_params("ppo", "value_loss_fwd")
-LINEAR_PPO = backend_params("linear_ppo", "linear_ppo_fwd")
-TOKEN = backend_params("logprobs", "token_logprobs_fwd")
-LINEAR = backend_params("linear_logprobs", "linear_token_logprobs_fwd")
-GAE = backend_params("gae", "gae_fwd")
+PPO = backend_params("ppo_token_fwd")
+VALUE = backend_params("value_loss_fwd")
+LINEAR_PPO = backend_params("linear_ppo_fwd")
+TOKEN = backend_params("token_logprobs_fwd")
+LINEAR = backend_params("linear_token_logprobs_fwd")
+GAE = backend_params("gae_fwd")
 IGN = -100
 
 
@@ -108,7 +108,7 @@ def test_ppo_token_kernel_masked_garbage_with_kl_and_entropy(backend, device, es
         pytest.skip("no fast backend on this machine")
     from signalrl.ops import token_weights
 
-    fwd = get_impl(backend, "ppo", "ppo_token_fwd")
+    fwd = PPO_TOKEN_FWD.op(backend, torch.device(device))
     n = 40
     mask = torch.rand(n) > 0.4
     mask[:3] = False

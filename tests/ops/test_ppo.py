@@ -8,10 +8,10 @@ import signalrl.ops as ops
 from signalrl import reference
 from signalrl.ops import SignalCheckError, available_backends, check_mode, use_backend
 
-from ._oracle import assert_close, rel_err, tol_for
+from ._oracle import assert_close, break_kernel, rel_err, tol_for
 
-PPO_BACKENDS = available_backends("ppo", "ppo_token_fwd")
-VALUE_BACKENDS = available_backends("ppo", "value_loss_fwd")
+PPO_BACKENDS = available_backends("ppo_token_fwd")
+VALUE_BACKENDS = available_backends("value_loss_fwd")
 FAST = [b for b in PPO_BACKENDS if b != "reference"]
 DTYPES = [torch.float32, torch.bfloat16]
 AGGREGATIONS = list(reference.AGGREGATIONS)
@@ -163,9 +163,9 @@ def _token_fwd_kernel(backend):
         from signalrl.kernels import ppo as K
 
         return lambda *args: K.ppo_token_fwd(*args, _block=16, _programs=3), (5, 37)
-    from signalrl.ops._backend import get_impl
+    from signalrl.ops.ppo import PPO_TOKEN_FWD
 
-    return get_impl(backend, "ppo", "ppo_token_fwd"), (3, 3001)
+    return PPO_TOKEN_FWD.op(backend, torch.device("cpu")), (3, 3001)
 
 
 @pytest.mark.parametrize("backend", FAST or ["none"])
@@ -188,7 +188,7 @@ def test_ppo_token_fwd_with_kl_entropy_multi_program(backend, estimator, dual_cl
     kl_coef, ent_coef = 0.1, 0.01
     loss, g_lp, g_ent, stats = fwd(
         lp.reshape(-1), old.reshape(-1), adv.reshape(-1), w.reshape(-1), mask.float().reshape(-1),
-        ref.reshape(-1), ent.reshape(-1), 0.2, 0.25, dual_clip, estimator, kl_coef, ent_coef,
+        ref.reshape(-1), ent.reshape(-1), 0.2, 0.25, dual_clip, estimator, kl_coef, ent_coef, None,
     )
     xt = lp.double().requires_grad_()
     m = mask.double()
@@ -271,9 +271,9 @@ def _value_fwd_kernel(case):
 
         programs = 4 if case == "triton-4-programs" else None
         return 200, lambda *a: K.value_loss_fwd(*a, _block=16, _programs=programs, _finish_block=4)
-    from signalrl.ops._backend import get_impl
+    from signalrl.ops.ppo import VALUE_LOSS_FWD
 
-    return 3 * 4096 + 17, get_impl("native", "ppo", "value_loss_fwd")
+    return 3 * 4096 + 17, VALUE_LOSS_FWD.op("native", torch.device("cpu"))
 
 
 @pytest.mark.parametrize("case", [c for c in ("triton-4-programs", "triton-13-programs", "native-3-chunks")
@@ -358,18 +358,12 @@ def test_check_mode_passes_and_catches_a_wrong_kernel(backend, monkeypatch):
 
     from signalrl.ops import ppo as mod
 
-    real = mod.get_impl
+    def wrong_gradient(args, out):  # the same loss, 1.01 × its gradient
+        loss, g, ge, stats = out
+        extra = 0.01 * (args[0].float() * g).sum()
+        return loss + (extra - extra.detach()), g, ge, stats
 
-    def broken(b, family, name):
-        fn = real(b, family, name)
-        if name == "ppo_token_fwd":
-            def wrong(*args):
-                loss, g, ge, stats = fn(*args)
-                return loss, g * 1.01, ge, stats
-            return wrong
-        return fn
-
-    monkeypatch.setattr(mod, "get_impl", broken)
+    break_kernel(monkeypatch, mod.PPO_TOKEN_FWD, wrong_gradient)
     with use_backend(backend), check_mode(), pytest.raises(SignalCheckError, match="gradient"):
         x.grad = None
         loss, _ = ops.clipped_surrogate(x, old, adv, mask)

@@ -1,0 +1,180 @@
+"""Per-token log-probs (+ entropy) of target tokens straight from hidden states × the LM head:
+``linear_token_logprobs``, never materializing the ``[N, V]`` logits.
+
+Family ``linear_logprobs``: the math is :mod:`signalrl.reference.logprobs` (``linear_token_logprobs``), the Triton
+kernels :mod:`signalrl.kernels.linear_logprobs`, the C++ kernels ``csrc/cpu/linear_logprobs.cpp``. This module holds
+the kernel ops' contract (schemas and fakes) and the public op, which validates, flattens, picks a backend and calls
+the kernel op; in check mode every call is compared with the reference in float64, values and gradients.
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from .. import reference
+from ..kernels.params import LogprobParams
+from . import _validate as v
+from ._backend import backend_for
+from ._check import check_enabled, checked
+from ._library import KernelOp
+from .logprobs import grads_in
+
+_F32 = torch.float32
+_F64 = torch.float64
+
+# --- linear_token_logprobs: kernel ops -------------------------------------------------------
+
+_LP = LogprobParams.schema()
+
+
+def _fwd_fake(hidden, weight, bias, targets, temperature, ignore_index, with_entropy):
+    n = hidden.shape[0]
+    return (hidden.new_empty(n, dtype=_F32), hidden.new_empty(n if with_entropy else 0, dtype=_F32),
+            hidden.new_empty(n, dtype=_F64))
+
+
+def grads_fake(hidden, weight, bias, need_hidden, need_weight, need_bias):
+    """Shapes of ``(grad_hidden | empty, grad_weight | empty, grad_bias | empty)`` (also linear_ppo's backward)."""
+    gh = torch.empty_like(hidden) if need_hidden else hidden.new_empty(0, dtype=_F32)
+    gw = torch.empty_like(weight) if need_weight else weight.new_empty(0, dtype=_F32)
+    gb = torch.empty_like(bias) if (need_bias and bias is not None) else hidden.new_empty(0, dtype=_F32)
+    return gh, gw, gb
+
+
+def _bwd_fake(grad_logprobs, grad_entropy, hidden, weight, bias, targets, lse, entropy, temperature, ignore_index,
+              need_hidden, need_weight, need_bias):
+    return grads_fake(hidden, weight, bias, need_hidden, need_weight, need_bias)
+
+
+# hidden [N, H], weight [V, H], bias [V] | None (same dtype), targets [N] int64
+#   → (logprobs [N] f32, entropy [N] f32 | empty, lse [N] f64)
+LINEAR_FWD = KernelOp(
+    "linear_token_logprobs_fwd",
+    f"(Tensor hidden, Tensor weight, Tensor? bias, Tensor targets, {_LP}, bool with_entropy) "
+    "-> (Tensor, Tensor, Tensor)",
+    _fwd_fake,
+)
+# → (grad_hidden [N, H] | empty, grad_weight [V, H] | empty, grad_bias [V] | empty), by the need_* flags
+LINEAR_BWD = KernelOp(
+    "linear_token_logprobs_bwd",
+    f"(Tensor grad_logprobs, Tensor grad_entropy, Tensor hidden, Tensor weight, Tensor? bias, Tensor targets, "
+    f"Tensor lse, Tensor entropy, {_LP}, bool need_hidden, bool need_weight, bool need_bias) "
+    "-> (Tensor, Tensor, Tensor)",
+    _bwd_fake,
+)
+
+
+@LINEAR_FWD.triton
+def _(hidden, weight, bias, targets, temperature, ignore_index, with_entropy):
+    from ..kernels import linear_logprobs  # Triton: imported on first use
+
+    return linear_logprobs.linear_token_logprobs_fwd(hidden, weight, bias, targets, temperature, ignore_index,
+                                                     with_entropy)
+
+
+@LINEAR_BWD.triton
+def _(grad_logprobs, grad_entropy, hidden, weight, bias, targets, lse, entropy, temperature, ignore_index,
+      need_hidden, need_weight, need_bias):
+    from ..kernels import linear_logprobs
+
+    return linear_logprobs.linear_token_logprobs_bwd(
+        grad_logprobs, grad_entropy, hidden, weight, bias, targets, lse, entropy, temperature, ignore_index,
+        need_hidden, need_weight, need_bias,
+    )
+
+
+def _linear_setup(ctx, inputs, output):
+    hidden, weight, bias, targets, temperature, ignore_index, with_entropy = inputs
+    lp, ent, lse = output
+    ctx.mark_non_differentiable(lse)
+    ctx.save_for_backward(hidden, weight, bias, targets, lse, ent)
+    ctx.args = (temperature, ignore_index, with_entropy)
+
+
+def _linear_backward(ctx, g_lp, g_ent, _g_lse):
+    hidden, weight, bias, targets, lse, ent = ctx.saved_tensors
+    temperature, ignore_index, with_entropy = ctx.args
+    need_h, need_w, need_b = ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[2]
+    need_b = bool(need_b and bias is not None)
+    g_lp, g_ent = grads_in(g_lp, g_ent, lse, with_entropy)
+    ent = ent if g_ent.numel() else lse.new_empty(0, dtype=_F32)
+    gh, gw, gb = LINEAR_BWD.variant(ctx.variant)(
+        g_lp, g_ent, hidden, weight, bias, targets, lse, ent, temperature, ignore_index, need_h, need_w, need_b,
+    )
+    return gh if need_h else None, gw if need_w else None, gb if need_b else None, None, None, None, None
+
+
+LINEAR_FWD.register_autograd(_linear_backward, _linear_setup)
+
+
+# --- linear_token_logprobs: public op -------------------------------------------------------
+
+
+def linear_token_logprobs(
+    hidden: Tensor,
+    weight: Tensor,
+    targets: Tensor,
+    *,
+    bias: Tensor | None = None,
+    temperature: float = 1.0,
+    ignore_index: int = -100,
+    return_entropy: bool = False,
+):
+    """Log-probability of each target token from final hidden states and the LM head.
+
+    Args:
+        hidden: ``[..., H]`` float32, bfloat16 or float16.
+        weight: ``[V, H]`` LM-head weight, same dtype as ``hidden``.
+        targets: ``[...]`` int64/int32 in ``[0, V)`` or ``ignore_index`` (checked as in :func:`token_logprobs`).
+        bias: optional ``[V]``, same dtype as ``hidden``.
+        temperature, ignore_index, return_entropy: as in :func:`token_logprobs`. H = 0 or V = 0 is a ``ValueError``.
+
+    Returns:
+        log-probs ``[...]`` float32 (and entropy ``[...]`` float32).
+
+    Math: z = (hidden @ weight.T + bias) / T; logprob = z_t − logsumexp(z).
+    Memory: the fused backends never hold the ``[N, V]`` logits: they stream vocab blocks with an
+    online log-sum-exp (forward) and recompute them (backward). Triton: forward O(N) float32; backward
+    one gradient chunk plus a float32 d(hidden) accumulator — within 1 % of the ``[N, V]`` float32
+    logits for a frozen (LoRA) head at N ≥ 4096, V = 128256, H = 4096; (H + Vc/2)/V of them for a
+    trained one (exact: :func:`signalrl.kernels.linear_logprobs.backward_plan`). Native: one block of
+    logits per thread. The reference materializes ``[N, V]`` float32 logits.
+    """
+    v.linear_head(hidden, weight, targets, bias)
+    H = hidden.shape[-1]
+    temperature = v.positive("temperature", temperature)
+    ignore_index = v.index("ignore_index", ignore_index)
+    return_entropy = v.flag("return_entropy", return_entropy)
+    v.targets_in_range(targets, weight.shape[0], ignore_index)
+    lead = targets.shape
+    backend = backend_for(LINEAR_FWD, hidden)
+    if hidden.dtype == torch.float64 or targets.numel() == 0:
+        backend = "reference"
+
+    def ref_fn(h, w, t, b):
+        return reference.linear_token_logprobs(
+            h, w, t, bias=b, temperature=temperature, ignore_index=ignore_index, return_entropy=return_entropy
+        )
+
+    if backend == "reference":
+        return ref_fn(hidden, weight, targets, bias)
+
+    h = hidden.reshape(-1, H).contiguous()
+    w = weight.contiguous()
+    b = None if bias is None else bias.contiguous()
+    t = targets.reshape(-1).to(torch.int64).contiguous()
+
+    op = LINEAR_FWD.op(backend, h.device)
+    params = LogprobParams(temperature, int(ignore_index))
+
+    def fast_fn(h, w, t, b):
+        lp, ent, _ = op(h, w, b, t, *params.flat(), return_entropy)
+        return (lp, ent) if return_entropy else lp
+
+    if check_enabled():
+        out = checked("linear_token_logprobs", fast_fn, ref_fn, (h, w, t, b), h.dtype)
+    else:
+        out = fast_fn(h, w, t, b)
+    if return_entropy:
+        return out[0].reshape(lead), out[1].reshape(lead)
+    return out.reshape(lead)
