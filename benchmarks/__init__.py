@@ -1,6 +1,7 @@
-"""Signal's kernel benchmark suite (``python -m benchmarks`` or ``signal bench``).
+"""The checkout's benchmarks: results per device, the GPU check and standalone studies.
 
-Every public op and every loss, forward / backward / forward+backward, across providers
-(reference, torch.compile, native, Triton, peers), with this device's measured ceilings.
-See ``benchmarks/README.md`` and :func:`benchmarks.cli.main`.
+The suite itself (``python -m benchmarks`` = ``signal bench``) lives in :mod:`signalrl.bench`, so an
+installed wheel has it; this package adds the studies (``api_overhead``, ``remote_overhead``,
+``dropin``, ``native_cpu``, ``distributed_scaling``) and the GPU kernel benchmarks (``gpu_*.py``,
+run by ``gpu_check.sh``), all timed with :mod:`signalrl.bench.timing`.
 """

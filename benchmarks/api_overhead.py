@@ -175,7 +175,7 @@ async def run(args) -> str:
         pipe_rows.append((prep, statistics.median(seq_t), statistics.median(par_t), statistics.median(sp)))
     engine.close()
 
-    from benchmarks.runner import device_name
+    from signalrl.bench.runner import device_name
 
     dev_name = device_name(torch.device(device))
     lines = [

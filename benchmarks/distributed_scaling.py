@@ -21,7 +21,7 @@ import torch  # noqa: E402
 
 from signalrl.engine.config import RunConfig  # noqa: E402
 from signalrl.engine.models import load_base_model  # noqa: E402
-from signalrl.engine.reference import ReferenceCache  # noqa: E402
+from signalrl.engine.frozen_models import ReferenceCache  # noqa: E402
 
 
 def batch(n: int, length: int) -> list[dict]:

@@ -15,8 +15,8 @@
 # with network) are installed into a temporary directory first, so a GPU machine without network benchmarks them too.
 # Environment: PYTHON (default .venv/bin/python if it imports torch, else python3), TEST_TIMEOUT (s, default 300),
 # BENCH_TIMEOUT (s, default 240), SUITE_TIMEOUT (s, default 360), PYTEST_ARGS (extra pytest arguments).
-# Adding a benchmark case: a function `bench_<name>(ctx) -> list[dict]` in benchmarks/gpu_logprobs.py or in any
-# benchmarks/gpu_<family>.py (discovered automatically; see the docstring of benchmarks/gpu_logprobs.py).
+# Adding a benchmark case: a function `bench_<name>(ctx) -> list[dict]` in the CASES of benchmarks/gpu_logprobs.py or
+# of a benchmarks/gpu_<family>.py that gpu_logprobs.main lists (see the docstring of benchmarks/gpu_logprobs.py).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
@@ -125,7 +125,7 @@ fi
 BENCH_STATUS="skipped"
 if [ "$SKIP_BENCH" = 0 ]; then
   echo; echo "== kernel benchmarks =="
-  timeout -s INT -k 30 "${BENCH_TIMEOUT:-240}" $PYTHON benchmarks/gpu_logprobs.py --out "$DIR" ${BENCH_ARGS[@]+"${BENCH_ARGS[@]}"} \
+  timeout -s INT -k 30 "${BENCH_TIMEOUT:-240}" $PYTHON -m benchmarks.gpu_logprobs --out "$DIR" ${BENCH_ARGS[@]+"${BENCH_ARGS[@]}"} \
     2> "$DIR/bench.stderr"
   rc=$?
   tail -n 5 "$DIR/bench.stderr"

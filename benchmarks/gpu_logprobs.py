@@ -1,14 +1,17 @@
-"""GPU kernel benchmarks (log-prob kernels) and the small harness that benchmarks/gpu_check.sh runs.
+"""GPU kernel benchmarks of the log-prob kernels; with the GAE / PPO cases of ``gpu_ppo_gae.py``, what
+benchmarks/gpu_check.sh runs.
 
-    python benchmarks/gpu_logprobs.py [--out DIR] [--only SUBSTR] [--quick] [--dry-run]
+    python -m benchmarks.gpu_logprobs [--out DIR] [--only SUBSTR] [--quick] [--dry-run]
+    (or python benchmarks/gpu_logprobs.py ...)
 
 Every figure is measured in the same run as the ceilings it is compared with: the device's copy bandwidth
-(``dst.copy_(src)`` of 1 GiB, bytes read + written) and its bf16 matmul rate (``torch.mm`` 8192³). Times are
-``triton.testing.do_bench`` medians. Results: a JSON file and a markdown table in ``--out`` (default
-benchmarks/results/), and a short table on stdout.
+(``dst.copy_(src)`` of 1 GiB, bytes read + written) and its bf16 matmul rate (``torch.mm`` 8192³). Times are medians
+of CUDA-event timings with the L2 cache flushed before each call, peak memory is ``max_memory_allocated`` above the
+start — both from the suite's :mod:`signalrl.bench.timing`, through ``benchmarks/gpu_harness.py``. Results: a JSON
+file and a markdown table in ``--out`` (default benchmarks/results/), and a short table on stdout.
 
-Adding a case is one function: ``def bench_<name>(ctx) -> list[dict]`` in this file or in any ``benchmarks/gpu_*.py``
-module (all are discovered; a module may also define ``CASES = [fn, ...]``). Build each row with
+Adding a case is one function: ``def bench_<name>(ctx) -> list[dict]`` in this file (listed in ``CASES``) or in a
+``benchmarks/gpu_<family>.py`` module whose ``CASES`` list ``main`` below adds. Build each row with
 ``ctx.row(case, shape, time_ms, **fields)``; useful fields: ``pct_matmul`` / ``pct_copy`` (of the measured ceilings,
 see ``ctx.matmul_tflops`` / ``ctx.copy_gbps``), ``extra_mem_mb``, ``vs`` + ``speedup``, ``notes``. ``ctx.time_ms(fn)``
 times a callable, ``ctx.peak_extra(fn, keep_bytes)`` measures the peak bytes it allocates beyond its outputs,
@@ -17,100 +20,18 @@ timings meaningless — a check that the cases run). A case that raises is recor
 """
 from __future__ import annotations
 
-import argparse
-import datetime as _dt
-import importlib.util
-import json
-import os
 import pathlib
-import platform
 import sys
-import time
-import traceback
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
+if str(ROOT) not in sys.path:  # run as a file: make the checkout's packages importable
     sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 
+from benchmarks.gpu_harness import Ctx  # noqa: E402
+
 IGN = -100
-
-
-class Ctx:
-    def __init__(self, dry_run: bool, quick: bool):
-        self.dry_run = dry_run
-        self.quick = quick
-        self.cuda = torch.cuda.is_available() and not dry_run
-        self.device = torch.device("cuda" if self.cuda else "cpu")
-        self.copy_gbps = float("nan")
-        self.matmul_tflops = float("nan")
-
-    # -- helpers for cases
-    def pick(self, big, small):
-        return small if self.dry_run else big
-
-    def sync(self):
-        if self.cuda:
-            torch.cuda.synchronize()
-
-    def time_ms(self, fn, warmup: int = 25, rep: int = 100) -> float:
-        """Median milliseconds of ``fn()`` (do_bench on CUDA; one timed call after one warm-up on CPU)."""
-        if self.cuda:
-            import triton.testing
-
-            return float(triton.testing.do_bench(fn, warmup=warmup, rep=rep, return_mode="median"))
-        fn()
-        t0 = time.perf_counter()
-        fn()
-        return (time.perf_counter() - t0) * 1e3
-
-    def peak_extra(self, fn, keep_bytes: int = 0):
-        """Peak bytes allocated while ``fn()`` runs beyond what existed before and ``keep_bytes`` of results it
-        must produce (e.g. the gradients). None off CUDA."""
-        if not self.cuda:
-            fn()
-            return None
-        torch.cuda.synchronize()
-        base = torch.cuda.memory_allocated()
-        torch.cuda.reset_peak_memory_stats()
-        out = fn()
-        torch.cuda.synchronize()
-        peak = torch.cuda.max_memory_allocated() - base
-        del out
-        return peak - keep_bytes
-
-    @staticmethod
-    def row(case: str, shape: str, time_ms: float | None, **fields) -> dict:
-        r = {"case": case, "shape": shape, "time_ms": time_ms}
-        r.update(fields)
-        return r
-
-    def free(self):
-        import gc
-
-        gc.collect()
-        if self.cuda:
-            torch.cuda.empty_cache()
-
-
-def measure_ceilings(ctx: Ctx) -> None:
-    n = ctx.pick(1 << 29, 1 << 16)  # bf16 elements: 1 GiB on the GPU
-    src = torch.randn(n, device=ctx.device).to(torch.bfloat16)
-    dst = torch.empty_like(src)
-    ms = ctx.time_ms(lambda: dst.copy_(src))
-    ctx.copy_gbps = 2 * n * 2 / (ms * 1e-3) / 1e9
-    del src, dst
-    m = ctx.pick(8192, 128)
-    a = torch.randn(m, m, device=ctx.device).to(torch.bfloat16)
-    b = torch.randn(m, m, device=ctx.device).to(torch.bfloat16)
-    ms = ctx.time_ms(lambda: torch.mm(a, b))
-    ctx.matmul_tflops = 2 * m**3 / (ms * 1e-3) / 1e12
-    del a, b
-    ctx.free()
-
-
-# ---------------------------------------------------------------------------------------------------------- cases
 
 
 def _linear_inputs(ctx, N, V, H, dtype=torch.bfloat16, seed=0):
@@ -407,111 +328,15 @@ def bench_linear_ppo_loss(ctx: Ctx) -> list[dict]:
     return rows
 
 
-# --------------------------------------------------------------------------------------------------------- harness
-
-
-def discover_cases() -> list:
-    cases = [bench_token_logprobs, bench_linear_token_logprobs, bench_linear_backward_breakdown,
-             bench_linear_ppo_loss]
-    here = pathlib.Path(__file__).resolve()
-    for path in sorted(here.parent.glob("gpu_*.py")):
-        if path == here:
-            continue
-        spec = importlib.util.spec_from_file_location(f"_signal_bench_{path.stem}", path)
-        mod = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(mod)
-        found = list(getattr(mod, "CASES", []))
-        found += [getattr(mod, n) for n in sorted(dir(mod)) if n.startswith("bench_") and callable(getattr(mod, n))]
-        cases += [c for c in found if c not in cases]
-    return cases
-
-
-def environment(ctx: Ctx) -> dict:
-    env = {
-        "date_utc": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M:%S"),
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "cuda": torch.version.cuda,
-        "dry_run": ctx.dry_run,
-        "copy_GBps": ctx.copy_gbps,
-        "bf16_matmul_TFLOPs": ctx.matmul_tflops,
-    }
-    try:
-        import triton
-
-        env["triton"] = triton.__version__
-    except ImportError:
-        env["triton"] = None
-    if ctx.cuda:
-        p = torch.cuda.get_device_properties(ctx.device)
-        env.update(device=p.name, sm_count=p.multi_processor_count, memory_GiB=round(p.total_memory / 2**30, 1),
-                   capability=f"{p.major}.{p.minor}")
-    else:
-        env["device"] = "cpu (dry run: Triton interpreter, tiny shapes; timings meaningless)"
-    return env
-
-
-def _fmt(v, spec="{:.1f}"):
-    if v is None:
-        return "—"
-    if isinstance(v, float):
-        return spec.format(v)
-    return str(v)
-
-
-def table(rows: list[dict]) -> str:
-    head = "| case | shape | ms | % matmul | % copy BW | extra MiB | extra % of [N,V] f32 | speedup (baseline/ours) | notes |"
-    lines = [head, "|" + "---|" * 9]
-    for r in rows:
-        lines.append("| " + " | ".join([
-            r["case"], r.get("shape", ""), _fmt(r.get("time_ms"), "{:.3f}"), _fmt(r.get("pct_matmul")),
-            _fmt(r.get("pct_copy")), _fmt(r.get("extra_mem_mb")), _fmt(r.get("extra_mem_pct_logits"), "{:.2f}"),
-            _fmt(r.get("speedup"), "{:.2f}"), r.get("notes", "") or r.get("error", ""),
-        ]) + " |")
-    return "\n".join(lines)
+CASES = [bench_token_logprobs, bench_linear_token_logprobs, bench_linear_backward_breakdown, bench_linear_ppo_loss]
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--out", default=os.environ.get("OUT") or str(ROOT / "benchmarks" / "results"))
-    ap.add_argument("--only", default=None, help="run the cases whose function name contains this")
-    ap.add_argument("--quick", action="store_true", help="fewer shapes")
-    ap.add_argument("--dry-run", action="store_true", help="CPU + Triton interpreter, tiny shapes")
-    args = ap.parse_args(argv)
-    if args.dry_run:
-        os.environ.setdefault("TRITON_INTERPRET", "1")
-    elif not torch.cuda.is_available():
-        print("no CUDA device: run with --dry-run for a CPU sanity check", file=sys.stderr)
-        return 2
-    ctx = Ctx(dry_run=args.dry_run, quick=args.quick)
-    t_start = time.time()
-    measure_ceilings(ctx)
-    rows = []
-    for fn in discover_cases():
-        if args.only and args.only not in fn.__name__:
-            continue
-        t0 = time.time()
-        try:
-            rows.extend(fn(ctx))
-        except Exception as e:  # noqa: BLE001 - record and go on with the other cases
-            traceback.print_exc()
-            rows.append(ctx.row(fn.__name__, "", None, error=f"{type(e).__name__}: {e}"[:300]))
-        print(f"[bench] {fn.__name__}: {time.time() - t0:.1f} s", file=sys.stderr)
-        ctx.free()
-    env = environment(ctx)
-    env["wall_s"] = round(time.time() - t_start, 1)
-    out = pathlib.Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    tag = "dryrun" if ctx.dry_run else env.get("device", "gpu").replace(" ", "_")
-    stem = f"gpu_logprobs-{tag}-{_dt.datetime.now(_dt.timezone.utc).strftime('%Y%m%dT%H%M%SZ')}"
-    (out / f"{stem}.json").write_text(json.dumps({"environment": env, "rows": rows}, indent=2, default=str))
-    md = (f"# Kernel benchmarks — {env['device']}\n\n"
-          + "\n".join(f"- {k}: {v}" for k, v in env.items()) + "\n\n" + table(rows) + "\n")
-    (out / f"{stem}.md").write_text(md)
-    print(f"\ndevice: {env['device']}  copy {ctx.copy_gbps:.0f} GB/s  bf16 matmul {ctx.matmul_tflops:.0f} TFLOP/s")
-    print(table(rows))
-    print(f"\nwritten: {out / stem}.json, .md")
-    return 1 if any("error" in r for r in rows) else 0
+    from benchmarks import gpu_harness, gpu_ppo_gae
+
+    return gpu_harness.main(CASES + gpu_ppo_gae.CASES, stem="gpu_logprobs", title="Kernel benchmarks",
+                            description="GPU kernel benchmarks: log-prob kernels, GAE, PPO epilogue, value loss.",
+                            argv=argv)
 
 
 if __name__ == "__main__":

@@ -1,9 +1,9 @@
 """GPU benchmarks of the Triton GAE scan, the fused PPO token epilogue and the fused value loss.
 
-    python benchmarks/gpu_ppo_gae.py [--out DIR] [--quick] [--dry-run]
+    python -m benchmarks.gpu_ppo_gae [--out DIR] [--only SUBSTR] [--quick] [--dry-run]
 
-benchmarks/gpu_check.sh discovers the ``bench_*`` functions here (through benchmarks/gpu_logprobs.py, whose
-harness this file reuses: ``Ctx``, the measured copy-bandwidth ceiling, the table). Run alone, this file measures
+benchmarks/gpu_check.sh runs the ``CASES`` here through benchmarks/gpu_logprobs.py; both use the harness of
+benchmarks/gpu_harness.py (``Ctx``, the suite's timer and ceilings, the table). Run alone, this file measures
 the ceilings and runs only its own cases. Bytes counted for "% copy BW" are the compulsory HBM traffic: every
 input read once and every output written once (the GAE kernel's shifted re-reads of mask and values hit cache).
 
@@ -17,18 +17,11 @@ Cases:
 """
 from __future__ import annotations
 
-import argparse
-import datetime as _dt
-import importlib.util
-import json
-import os
 import pathlib
 import sys
-import time
-import traceback
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
+if str(ROOT) not in sys.path:  # run as a file: make the checkout's packages importable
     sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
@@ -210,56 +203,14 @@ def bench_value_loss(ctx) -> list[dict]:
     return rows
 
 
-# not named CASES: gpu_logprobs.py discovers the bench_* functions by name already
-_CASES = [bench_gae, bench_ppo_epilogue, bench_value_loss]
-
-
-def _harness():
-    path = pathlib.Path(__file__).resolve().parent / "gpu_logprobs.py"
-    spec = importlib.util.spec_from_file_location("_signal_bench_harness", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+CASES = [bench_gae, bench_ppo_epilogue, bench_value_loss]
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--out", default=os.environ.get("OUT") or str(ROOT / "benchmarks" / "results"))
-    ap.add_argument("--quick", action="store_true", help="fewer shapes")
-    ap.add_argument("--dry-run", action="store_true", help="CPU + Triton interpreter, tiny shapes")
-    args = ap.parse_args(argv)
-    if args.dry_run:
-        os.environ.setdefault("TRITON_INTERPRET", "1")
-    elif not torch.cuda.is_available():
-        print("no CUDA device: run with --dry-run for a CPU sanity check", file=sys.stderr)
-        return 2
-    h = _harness()
-    ctx = h.Ctx(dry_run=args.dry_run, quick=args.quick)
-    t_start = time.time()
-    h.measure_ceilings(ctx)
-    rows = []
-    for fn in _CASES:
-        t0 = time.time()
-        try:
-            rows.extend(fn(ctx))
-        except Exception as e:  # noqa: BLE001 - record and go on
-            traceback.print_exc()
-            rows.append(ctx.row(fn.__name__, "", None, error=f"{type(e).__name__}: {e}"[:300]))
-        print(f"[bench] {fn.__name__}: {time.time() - t0:.1f} s", file=sys.stderr)
-        ctx.free()
-    env = h.environment(ctx)
-    env["wall_s"] = round(time.time() - t_start, 1)
-    out = pathlib.Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    tag = "dryrun" if ctx.dry_run else env.get("device", "gpu").replace(" ", "_")
-    stem = f"gpu_ppo_gae-{tag}-{_dt.datetime.now(_dt.timezone.utc).strftime('%Y%m%dT%H%M%SZ')}"
-    (out / f"{stem}.json").write_text(json.dumps({"environment": env, "rows": rows}, indent=2, default=str))
-    (out / f"{stem}.md").write_text(f"# PPO/GAE kernel benchmarks — {env['device']}\n\n"
-                                    + "\n".join(f"- {k}: {v}" for k, v in env.items()) + "\n\n" + h.table(rows) + "\n")
-    print(f"\ndevice: {env['device']}  copy {ctx.copy_gbps:.0f} GB/s")
-    print(h.table(rows))
-    print(f"\nwritten: {out / stem}.json, .md")
-    return 1 if any("error" in r for r in rows) else 0
+    from benchmarks import gpu_harness
+
+    return gpu_harness.main(CASES, stem="gpu_ppo_gae", title="PPO/GAE kernel benchmarks",
+                            description=__doc__.splitlines()[0], argv=argv)
 
 
 if __name__ == "__main__":

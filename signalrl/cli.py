@@ -31,7 +31,7 @@ def main(argv: list[str] | None = None) -> int:
     elif args.command == "keys":
         from .server.cli import keys as run
     else:
-        from benchmarks.cli import main as run
+        from .bench.cli import main as run
     return run(rest) or 0
 
 

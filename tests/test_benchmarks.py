@@ -12,9 +12,9 @@ import sys
 import pytest
 import torch
 
-from benchmarks import providers as P
-from benchmarks import report, timing
-from benchmarks.runner import ROW_FIELDS
+from signalrl.bench import providers as P
+from signalrl.bench import report, timing
+from signalrl.bench.runner import ROW_FIELDS
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 OPS = ("token_logprobs", "token_logprobs+entropy", "linear_token_logprobs", "linear_token_logprobs+entropy",
@@ -156,8 +156,8 @@ def test_require_missing_package():
 
 
 def test_ctrl_c_keeps_measured_rows(tmp_path, monkeypatch):
-    from benchmarks import cli
-    from benchmarks.runner import Runner
+    from signalrl.bench import cli
+    from signalrl.bench.runner import Runner
 
     real = Runner.run_case
     calls = []

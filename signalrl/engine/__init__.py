@@ -4,7 +4,7 @@ Nothing here knows about asyncio; every request returns a ``concurrent.futures.F
 """
 from .engine import Engine, RunNotFoundError, default_device
 from .models import BUILTIN_MODELS, DEFAULT_BASE_MODEL, load_base_model
-from .reference import ReferenceCache
+from .frozen_models import ReferenceCache
 from .run import Run, RunConfig
 from .tokenizer import build_byte_tokenizer, byte_tokenizer
 from .types import (CheckpointResult, ForwardBackwardResult, ForwardResult, LogprobsResult, OptimStepResult,

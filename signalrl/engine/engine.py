@@ -19,7 +19,7 @@ import torch
 
 from . import limits
 from .models import load_base_model
-from .reference import ReferenceCache
+from .frozen_models import ReferenceCache
 from .run import Run, RunConfig
 from .worker import DeviceWorker
 

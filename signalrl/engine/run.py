@@ -25,7 +25,7 @@ from . import batching, checkpoint, checkpoint_load, limits
 from .config import HEADS, RunConfig, _lr_lambda
 from .metrics import MetricsWriter
 from .models import BUILTIN_MODELS, load_base_model, resolve_dtype
-from .reference import ReferenceCache
+from .frozen_models import ReferenceCache
 from .sampling import sample_tokens, to_sequences
 from .types import (CheckpointResult, ForwardBackwardResult, ForwardResult, LogprobsResult, OptimStepResult,
                     SampleResult, ScoreResult)

@@ -18,7 +18,7 @@ from safetensors.torch import load_file, save_file
 from signalrl.engine import checkpoint
 from signalrl.engine.config import RunConfig
 from signalrl.engine.models import load_base_model
-from signalrl.engine.reference import ReferenceCache
+from signalrl.engine.frozen_models import ReferenceCache
 from signalrl.engine.run import Run
 from signalrl.ops import use_backend
 

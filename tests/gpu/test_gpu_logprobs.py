@@ -170,15 +170,11 @@ def _bound_bytes(N, V, H, elem, hidden_fp32=False, need_weight=True, need_bias=F
 
 
 def _peak_extra(fn, keep_bytes):
-    """Peak bytes allocated while ``fn`` runs, beyond what was allocated before and the ``keep_bytes`` it returns."""
-    torch.cuda.synchronize()
-    base = torch.cuda.memory_allocated()
-    torch.cuda.reset_peak_memory_stats()
-    out = fn()
-    torch.cuda.synchronize()
-    peak = torch.cuda.max_memory_allocated() - base
-    del out
-    return peak - keep_bytes
+    """Peak bytes allocated while ``fn`` runs, beyond what was allocated before and the ``keep_bytes`` it returns
+    (the benchmarks' meter, :func:`signalrl.bench.timing.peak_memory`)."""
+    from signalrl.bench.timing import peak_memory
+
+    return peak_memory(fn, torch.device("cuda", torch.cuda.current_device())) - keep_bytes
 
 
 @pytest.mark.parametrize("N", [8192, 16384])

@@ -59,32 +59,11 @@ class Impl:
     warm: bool = False                        # run one untimed call per mode first (e.g. to compile)
 
 
-# ---------------------------------------------------------------------------------------------
-# The op names the op layer asks the backend registry about (family, forward kernel name).
-SIGNAL_KERNELS: dict[str, tuple[str, str]] = {
-    "token_logprobs": ("logprobs", "token_logprobs_fwd"),
-    "linear_token_logprobs": ("linear_logprobs", "linear_token_logprobs_fwd"),
-    "gae": ("gae", "gae_fwd"),
-    "clipped_surrogate": ("ppo", "ppo_token_fwd"),
-    "kl_penalty": ("kl", "kl_penalty_fwd"),
-    "value_loss": ("ppo", "value_loss_fwd"),
-    "linear_ppo_loss": ("linear_ppo", "linear_ppo_fwd"),
-}
+def kernel_for(op: str) -> str | None:
+    """The forward kernel op the public op ``op`` runs (:data:`signalrl.ops.KERNEL_OF`), None for ops without one."""
+    from signalrl.ops import KERNEL_OF
 
-
-def kernel_for(op: str, fn: Callable) -> tuple[str | None, str | None]:
-    """(family, forward kernel name) the op asks ``backend_for`` about: read from the op's source
-    when possible (so a renamed kernel cannot make us mislabel a fallback), else the table above."""
-    import inspect
-    import re
-
-    try:
-        m = re.search(r"backend_for\(\s*\"(\w+)\"\s*,\s*\"(\w+)\"", inspect.getsource(fn))
-        if m:
-            return m.group(1), m.group(2)
-    except (OSError, TypeError):
-        pass
-    return SIGNAL_KERNELS.get(op, (None, None))
+    return KERNEL_OF.get(op)
 
 
 def require(module: str) -> object:
@@ -172,12 +151,12 @@ def signal_impl(backend: str, op: str, call: Callable, probe: torch.Tensor) -> I
     if backend == "triton" and probe.device.type != "cuda":
         if not interpreter_on():
             raise Unavailable("no CUDA device (the Triton interpreter is for smoke runs only: --triton-interpret)")
-    family, fwd = kernel_for(op, op_fn)
-    if family is None:
+    fwd = kernel_for(op)
+    if fwd is None:
         raise Unavailable(f"no kernel mapping for {op}")
     try:
         with ops.use_backend(backend):
-            chosen = backend_mod.backend_for(family, fwd, probe)
+            chosen = backend_mod.backend_for(fwd, probe)
     except Exception as exc:  # the op layer explains why the forced backend cannot run
         raise Unavailable(_short(str(exc))) from exc
     if chosen != backend:

@@ -1,4 +1,10 @@
-"""A small LRU cache of frozen reference models, shared by every run of an engine."""
+"""Frozen models: a small LRU cache of the reference models of KL-regularised losses (a run's ``reference_model``),
+shared by every run of an engine.
+
+"Reference" here is the frozen *model* a policy is compared with; :mod:`signalrl.reference` (the ground-truth math
+of the ops) and the ``reference`` backend (``SIGNAL_BACKEND=reference``, which runs that math) are the other two
+meanings of the word in Signal.
+"""
 from __future__ import annotations
 
 import threading

@@ -76,7 +76,7 @@ def verl_style_gae(rewards, values, mask, last_values, gamma=GAMMA, lam=LAM):
 
 def _verl(device, x):
     return P.Impl(lambda rewards, values, mask, last_values: verl_style_gae(rewards, values, mask, last_values),
-                  note="verl-style loop over T, written in benchmarks/cases/gae.py")
+                  note="verl-style loop over T, written in signalrl/bench/cases/gae.py")
 
 
 def cases(preset: Preset) -> list[Case]:

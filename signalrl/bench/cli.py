@@ -1,4 +1,5 @@
-"""``python -m benchmarks`` / ``signal bench``: run the kernel benchmark suite.
+"""``signal bench`` / ``python -m benchmarks`` (in a checkout) / ``python -m signalrl.bench``: run the kernel
+benchmark suite.
 
 Examples::
 
@@ -21,7 +22,13 @@ import time
 PRESETS = ("quick", "cpu", "gpu")
 DEFAULT_BUDGET_S = {"quick": 45.0, "cpu": 600.0, "gpu": 240.0}
 DEFAULT_MAX_S = {"quick": None, "cpu": None, "gpu": 300.0}
-RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+
+
+def results_dir() -> str:
+    """Default home of results: ``benchmarks/results`` of the source checkout this package is imported from;
+    from an installed wheel (no checkout beside it), ``./bench-results`` under the current directory."""
+    checkout = os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir, os.pardir, "benchmarks", "results")
+    return os.path.normpath(checkout) if os.path.isdir(checkout) else os.path.join(os.getcwd(), "bench-results")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -33,7 +40,8 @@ def _parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--preset", choices=PRESETS, help="shape set (default: gpu with CUDA, else cpu)")
     p.add_argument("--quick", action="store_true", help="same as --preset quick (CI smoke, under a minute)")
-    p.add_argument("--out", help="output directory (default: benchmarks/results/<device>/)")
+    p.add_argument("--out", help="output directory (default: benchmarks/results/<device>/ in a checkout, "
+                   "else ./bench-results/<device>/)")
     p.add_argument("--ops", help="comma-separated op names or families to run (default: all)")
     p.add_argument("--providers", help="comma-separated providers (default: all): "
                    "reference,compile,native,triton,liger,cce,verl_loop")
@@ -163,7 +171,8 @@ def main(argv: list[str] | None = None) -> int:
                   f"modes={','.join(m for m in c.modes if m in modes)} providers={','.join(provs)}")
         return 0
 
-    out_dir = args.out or os.path.join(RESULTS_DIR, device_slug(device) + ("-quick" if preset_name == "quick" else ""))
+    out_dir = args.out or os.path.join(results_dir(),
+                                       device_slug(device) + ("-quick" if preset_name == "quick" else ""))
     os.makedirs(out_dir, exist_ok=True)
     budget = args.budget_s if args.budget_s is not None else DEFAULT_BUDGET_S[preset_name]
     versions = P.versions()

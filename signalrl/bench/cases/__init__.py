@@ -1,7 +1,7 @@
 """Benchmark cases, one module per op family.
 
 A :class:`Case` is one op at one shape and dtype. It knows how to make its inputs, which providers
-can compute it (each a factory that returns an :class:`~benchmarks.providers.Impl` or raises
+can compute it (each a factory that returns an :class:`~signalrl.bench.providers.Impl` or raises
 NotInstalled / Unavailable / Skipped), which modes apply, and its work model (bytes or flops).
 
 Each family module exposes ``cases(preset) -> list[Case]``.

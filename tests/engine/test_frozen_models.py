@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from signalrl.engine.models import load_base_model
-from signalrl.engine.reference import ReferenceCache
+from signalrl.engine.frozen_models import ReferenceCache
 
 
 def test_lru_eviction_and_sharing():

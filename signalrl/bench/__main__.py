@@ -1,0 +1,3 @@
+from signalrl.bench.cli import main
+
+raise SystemExit(main())
