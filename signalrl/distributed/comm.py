@@ -4,6 +4,10 @@ One :class:`Comm` per process: the default process group (gloo on CPU, NCCL on C
 mesh over all ranks (FSDP2's data-parallel dimension), the collective timeout, and how a global batch's rows are
 split across ranks. Every wait is bounded by ``timeout_s``: a rank that dies or hangs makes the others raise
 instead of waiting forever.
+
+Nothing is pickled between ranks: values travel as the remote API's wire format (:mod:`signalrl.wire`: JSON, and
+tensors as safetensors), as bytes in a ``uint8`` tensor preceded by its length (:meth:`Comm.broadcast_value`,
+:meth:`Comm.all_gather_value`).
 """
 from __future__ import annotations
 
@@ -55,10 +59,46 @@ class Comm:
         dist.all_reduce(t, op=dist.ReduceOp.MAX)
         return bool(t.item() > 0)
 
-    def all_objects(self, obj: Any) -> list[Any]:
-        out: list[Any] = [None] * self.world_size
-        dist.all_gather_object(out, obj)
-        return out
+    def broadcast_bytes(self, data: bytes | None, src: int = 0) -> bytes:
+        """``data`` of rank ``src`` on every rank (two collectives: the length, then the bytes)."""
+        n = torch.tensor([len(data) if self.rank == src else 0], dtype=torch.int64, device=self.device)
+        dist.broadcast(n, src=src)
+        if self.rank == src:
+            buf = torch.frombuffer(bytearray(data), dtype=torch.uint8).to(self.device) if data else \
+                torch.empty(0, dtype=torch.uint8, device=self.device)
+        else:
+            buf = torch.empty(int(n.item()), dtype=torch.uint8, device=self.device)
+        if buf.numel():
+            dist.broadcast(buf, src=src)
+        return bytes(buf.cpu().numpy().tobytes()) if self.rank != src else data
+
+    def all_gather_bytes(self, data: bytes) -> list[bytes]:
+        """Every rank's ``data``, in rank order (lengths first, then the bytes padded to the longest)."""
+        n = torch.tensor([len(data)], dtype=torch.int64, device=self.device)
+        lens = [torch.empty_like(n) for _ in range(self.world_size)]
+        dist.all_gather(lens, n)
+        sizes = [int(x.item()) for x in lens]
+        width = max(max(sizes), 1)
+        buf = torch.zeros(width, dtype=torch.uint8, device=self.device)
+        if data:
+            buf[:len(data)] = torch.frombuffer(bytearray(data), dtype=torch.uint8).to(self.device)
+        parts = [torch.empty_like(buf) for _ in range(self.world_size)]
+        dist.all_gather(parts, buf)
+        return [p[:k].cpu().numpy().tobytes() for p, k in zip(parts, sizes)]
+
+    def broadcast_value(self, value: Any = None, src: int = 0) -> Any:
+        """Rank ``src``'s ``value`` (JSON values, tensors, result dataclasses: :func:`signalrl.wire.to_wire`) on
+        every rank. (To fail before any collective on a value that cannot travel, :func:`encode` it first and
+        use :meth:`broadcast_encoded`.)"""
+        return decode(self.broadcast_bytes(encode(value) if self.rank == src else None, src))
+
+    def broadcast_encoded(self, body: bytes | None, src: int = 0) -> Any:
+        """As :meth:`broadcast_value`, for a value :func:`encode`-d beforehand on rank ``src``."""
+        return decode(self.broadcast_bytes(body, src))
+
+    def all_gather_value(self, value: Any) -> list[Any]:
+        """Every rank's ``value`` (as :meth:`broadcast_value` can carry), in rank order."""
+        return [decode(b) for b in self.all_gather_bytes(encode(value))]
 
     def sum_(self, tensors: list[torch.Tensor]) -> None:
         """In-place global sum of plain (replicated-layout) tensors, flattened into one buffer."""
@@ -78,11 +118,26 @@ class Comm:
         exception where it failed, else :class:`RankFailedError` naming the failed ranks)."""
         if not self.any_true(exc is not None):
             return
-        msgs = self.all_objects(None if exc is None else f"{type(exc).__name__}: {exc}")
+        msgs = self.all_gather_value(None if exc is None else f"{type(exc).__name__}: {exc}")
         if exc is not None:
             raise exc
         bad = {i: m for i, m in enumerate(msgs) if m is not None}
         raise RankFailedError(f"{what} failed on rank(s) {sorted(bad)}: {next(iter(bad.values()))}")
+
+
+def encode(value: Any) -> bytes:
+    """``value`` as bytes in the remote API's format (``TypeError`` naming the part that cannot travel)."""
+    from signalrl import wire
+
+    body, ctype = wire.encode_body(value)
+    return (b"J" if ctype == wire.JSON else b"S") + body
+
+
+def decode(data: bytes) -> Any:
+    """The inverse of :func:`encode` (JSON and safetensors only: nothing is unpickled)."""
+    from signalrl import wire
+
+    return wire.decode_body(data[1:], wire.JSON if data[:1] == b"J" else wire.SAFETENSORS)
 
 
 def gather_rows(comm: Comm, local: torch.Tensor, counts: list[int]) -> torch.Tensor:

@@ -8,8 +8,10 @@ request's result. When idle, rank 0 sends a heartbeat every ``timeout_s / 4`` so
 the collective timeout; a rank that dies or hangs makes the others raise within ``timeout_s``, after which the
 engine refuses further requests with :class:`RankFailedError` (restart the job: the group is out of step).
 
-Commands between ranks travel through ``torch.distributed``'s object collectives (pickle, between the processes
-of one job only); what clients send never does.
+Commands between ranks travel in the remote API's wire format (:mod:`signalrl.wire`: JSON, tensors as
+safetensors) as bytes in a tensor broadcast (:meth:`~signalrl.distributed.comm.Comm.broadcast_encoded`): nothing
+is pickled. A command is ``{"kind": "open" | "op" | "ping" | "stop", ...}``; a request argument that cannot travel
+(not a JSON value, tensor or numpy array) fails that request on rank 0 before anything is sent.
 """
 from __future__ import annotations
 
@@ -21,19 +23,20 @@ from concurrent.futures import Future
 from dataclasses import asdict
 from typing import Any
 
-import torch.distributed as dist
-
 from signalrl.engine.config import RunConfig
 from signalrl.engine.engine import _OPS, Engine, load_or_close
 from signalrl.engine.models import load_base_model
-from signalrl.engine.reference import ReferenceCache
+from signalrl.engine.frozen_models import ReferenceCache
 
-from .comm import Comm, RankFailedError, init, is_comm_error, run_everywhere
+from .comm import Comm, RankFailedError, encode, init, is_comm_error, run_everywhere
 from .run import ShardedRun
 
 
 def _build_run(comm: Comm, root_dir: str, run_id: str, cfg: dict, checkpoint: str | None,
                reference_cache: ReferenceCache, max_request_bytes: int | None, split) -> ShardedRun:
+    # the config came through JSON: tuples (adam_betas) arrive as lists
+    cfg = {k: tuple(v) if isinstance(v, list) and isinstance(getattr(RunConfig, k, None), tuple) else v
+           for k, v in cfg.items()}
     run = ShardedRun(run_id, RunConfig(**cfg), comm=comm, run_dir=os.path.join(root_dir, run_id),
                      reference_cache=reference_cache, device=str(comm.device), max_request_bytes=max_request_bytes,
                      split=split)
@@ -81,14 +84,17 @@ class ShardedEngine(Engine):
         return str(self.comm.device)
 
     # ------------------------------------------------------------------ commands
-    def _send(self, cmd: tuple) -> None:
+    def _send(self, cmd: dict) -> dict:
+        """Broadcast ``cmd``; returns it as the other ranks decode it (rank 0 executes that very copy)."""
         if self._broken is not None:
             raise RankFailedError(self._broken)
+        body = encode(cmd)  # a TypeError here fails the request alone: nothing was sent
         try:
-            dist.broadcast_object_list([cmd], src=0)
+            sent = self.comm.broadcast_encoded(body, src=0)
         except Exception as exc:  # noqa: BLE001
             self._fail(exc)
         self._last_send = time.monotonic()
+        return sent
 
     def _fail(self, exc: BaseException) -> None:
         self._broken = (f"the sharded engine lost a rank ({type(exc).__name__}: {str(exc)[:300]}); "
@@ -104,8 +110,8 @@ class ShardedEngine(Engine):
             raise
 
     def _collective_op(self, run: ShardedRun, op: str, *args: Any, **kwargs: Any) -> Any:
-        self._send(("op", run.run_id, op, args, kwargs))
-        return self._everywhere(lambda: getattr(run, op)(*args, **kwargs), op)
+        cmd = self._send({"kind": "op", "run_id": run.run_id, "op": op, "args": list(args), "kwargs": kwargs})
+        return self._everywhere(lambda: getattr(run, op)(*cmd["args"], **cmd["kwargs"]), op)
 
     def _beat(self) -> None:
         interval = max(self.comm.timeout_s / 4, 0.05)
@@ -117,7 +123,7 @@ class ShardedEngine(Engine):
             def ping() -> None:
                 self._ping_pending = False
                 if time.monotonic() - self._last_send >= interval:
-                    self._send(("ping",))
+                    self._send({"kind": "ping"})
             try:
                 self._worker(self.device).submit(ping, key="__heartbeat__")
             except RuntimeError:  # closed
@@ -139,8 +145,9 @@ class ShardedEngine(Engine):
 
         def make() -> dict[str, Any]:
             try:
-                self._send(("open", self.root_dir, run_id, cfg_dict, checkpoint))
-                run = self._everywhere(lambda: _build_run(self.comm, self.root_dir, run_id, cfg_dict, checkpoint,
+                cmd = self._send({"kind": "open", "root_dir": self.root_dir, "run_id": run_id, "config": cfg_dict,
+                                  "checkpoint": checkpoint})
+                run = self._everywhere(lambda: _build_run(self.comm, self.root_dir, run_id, cmd["config"], checkpoint,
                                                           self.reference_cache, self.max_request_bytes, self.split),
                                        "create_run")
             finally:
@@ -160,7 +167,7 @@ class ShardedEngine(Engine):
         self._stop.set()
         if self._broken is None:
             try:
-                self._worker(self.device).submit(lambda: self._send(("stop",)), key="__heartbeat__").result(
+                self._worker(self.device).submit(lambda: self._send({"kind": "stop"}), key="__heartbeat__").result(
                     timeout=None)
             except Exception:  # noqa: BLE001 - a broken group: nothing to stop
                 pass
@@ -175,28 +182,24 @@ def follow(comm: Comm, *, split=None, reference_cache_size: int = 2, max_request
     cache = _reference_cache(reference_cache_size)
     try:
         while True:
-            box: list[Any] = [None]
             try:
-                dist.broadcast_object_list(box, src=0)
+                cmd = comm.broadcast_encoded(None, src=0)
             except Exception as exc:  # noqa: BLE001
                 raise RankFailedError(f"rank {comm.rank}: lost rank 0 ({type(exc).__name__}: {str(exc)[:300]}) "
                                       f"within the {comm.timeout_s:g} s timeout") from exc
-            cmd = box[0]
-            kind = cmd[0]
+            kind = cmd["kind"]
             if kind == "ping":
                 continue
             if kind == "stop":
                 return
             try:
                 if kind == "open":
-                    _, root_dir, run_id, cfg, checkpoint = cmd
-                    runs[run_id] = run_everywhere(
-                        comm, lambda: _build_run(comm, root_dir, run_id, cfg, checkpoint, cache, max_request_bytes,
-                                                 split), "create_run")
+                    runs[cmd["run_id"]] = run_everywhere(comm, functools.partial(
+                        _build_run, comm, cmd["root_dir"], cmd["run_id"], cmd["config"], cmd["checkpoint"], cache,
+                        max_request_bytes, split), "create_run")
                 elif kind == "op":
-                    _, run_id, op, args, kwargs = cmd
-                    run = runs[run_id]
-                    run_everywhere(comm, lambda: getattr(run, op)(*args, **kwargs), op)
+                    fn = getattr(runs[cmd["run_id"]], cmd["op"])
+                    run_everywhere(comm, functools.partial(fn, *cmd["args"], **cmd["kwargs"]), cmd["op"])
             except Exception as exc:  # noqa: BLE001
                 if is_comm_error(exc):
                     raise RankFailedError(f"rank {comm.rank}: a collective failed ({str(exc)[:300]})") from exc

@@ -50,7 +50,12 @@ def serve(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--checkpoint-every", type=int, default=d.checkpoint_every,
                    help="automatic checkpoint every N optimizer steps for runs that do not set checkpoint_every")
     p.add_argument("--log-level", default="warning", choices=["debug", "info", "warning", "error"])
-    args = p.parse_args(list(sys.argv[1:] if argv is None else argv))
+    from signalrl.distributed import launch
+
+    launch.add_arguments(p)  # --nproc-per-node N and torchrun's rendezvous options
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = p.parse_args(argv)
+    launch.check(p, args)
     settings = Settings(max_body_bytes=args.max_body_bytes, max_hold_s=args.max_hold, result_ttl_s=args.result_ttl,
                         undelivered_ttl_s=args.undelivered_ttl, gap_timeout_s=args.gap_timeout,
                         checkpoint_every=args.checkpoint_every)
@@ -65,6 +70,8 @@ def serve(argv: Sequence[str] | None = None) -> int:
     except ImportError as exc:
         print(f"signal serve needs FastAPI and uvicorn ({exc}): pip install 'signal-rl[server]'", file=sys.stderr)
         return 2
+    if launch.wants_torchrun(args):
+        launch.relaunch(args, argv)  # execs torchrun, which starts every rank with --sharded
 
     from . import create_app
     from .service import Service
@@ -73,11 +80,17 @@ def serve(argv: Sequence[str] | None = None) -> int:
     # hand the worker its next request) within a fraction of a millisecond instead of up to 5 ms per wake-up.
     sys.setswitchinterval(0.0005)
     root = os.path.abspath(args.root or default_root())
-    service = Service(root, settings=settings)
+    engine = launch.sharded_engine(args, os.path.join(root, "runs")) if args.sharded else None
+    if args.sharded and engine is None:  # a rank > 0: it served rank 0's engine until the server stopped
+        launch.finish()
+        return 0
+    service = Service(root, settings=settings, engine=engine)
     sock = _bind(args.host, args.port)
     host, port = sock.getsockname()[:2]
     url = f"http://{'[' + host + ']' if ':' in host else host}:{port}"
     print(f"Signal server on {url}  (root {root})", flush=True)
+    if engine is not None:
+        print(f"Sharded engine: {engine.comm.world_size} ranks (FSDP2, {engine.device})", flush=True)
     if host not in ("127.0.0.1", "::1", "localhost"):
         print(f"warning: bound to {host}: anyone who reaches this port can try keys; put TLS in front (a reverse "
               "proxy) before exposing it", flush=True)
@@ -89,7 +102,12 @@ def serve(argv: Sequence[str] | None = None) -> int:
           f"(or: signal demo --remote {url} --api-key <key>)", flush=True)
     config = uvicorn.Config(create_app(service), log_level=args.log_level, access_log=args.log_level == "debug",
                             timeout_keep_alive=30)
-    uvicorn.Server(config).run(sockets=[sock])
+    try:
+        uvicorn.Server(config).run(sockets=[sock])
+    finally:
+        if engine is not None:  # stops the other ranks
+            engine.close()
+            launch.finish()
     return 0
 
 

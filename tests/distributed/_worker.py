@@ -16,6 +16,7 @@ import time
 import traceback
 import warnings
 
+T_PROCESS = time.time()
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 warnings.filterwarnings("ignore")
 
@@ -29,53 +30,9 @@ from signalrl.distributed.run import ShardedRun, _local  # noqa: E402
 from signalrl.engine.engine import Engine  # noqa: E402
 from signalrl.engine.run import Run  # noqa: E402
 
-ALL_LOSSES = ["causal_lm", "enhanced_ppo", "conservative_ppo", "grpo", "dpo", "reward_modeling", "importance_sampling"]
+from _cases import ALL_LOSSES, KWARGS, batches, dict_rel, norm_rel, rel  # noqa: E402
+
 LOSSES = os.environ.get("SIGNAL_TEST_LOSSES", ",".join(ALL_LOSSES)).split(",")
-
-
-def toks(seed: int, n: int) -> list[int]:
-    g = torch.Generator().manual_seed(seed)
-    return torch.randint(3, 250, (n,), generator=g).tolist()
-
-
-def batches(loss: str, which: int) -> list[dict]:
-    """Global batches with different lengths per example (so ranks get different token counts)."""
-    s = 1000 * which + 17 * ALL_LOSSES.index(loss)
-    lens = [(2 + (i * 3 + which) % 5, 1 + (i * 5 + which) % 7) for i in range(5)]  # (prompt, response) lengths
-    if loss == "causal_lm":
-        return [{"prompt": toks(s + i, p), "response": toks(s + 50 + i, r)} for i, (p, r) in enumerate(lens)]
-    if loss in ("enhanced_ppo", "conservative_ppo"):
-        return [{"prompt": toks(s + i, p), "response": toks(s + 50 + i, r),
-                 "old_log_probs": [-5.5 + 0.1 * ((i + j) % 3) for j in range(r)], "rewards": float((i % 3) - 1)}
-                for i, (p, r) in enumerate(lens)]
-    if loss == "grpo":
-        return [{"prompt": toks(s + i, p), "responses": [toks(s + 50 + i + 7 * j, 1 + (r + j) % 5) for j in range(3)],
-                 "rewards": [float(i % 2), 1.0, 0.5 * i]} for i, (p, r) in enumerate(lens[:3])]
-    if loss in ("dpo", "reward_modeling"):
-        return [{"prompt": toks(s + i, p), "chosen": toks(s + 50 + i, r), "rejected": toks(s + 80 + i, 1 + (r + 2) % 6)}
-                for i, (p, r) in enumerate(lens)]
-    if loss == "importance_sampling":
-        return [{"prompt": toks(s + i, p), "response": toks(s + 50 + i, r), "behavior_log_probs": -5.0 * r,
-                 "rewards": float(i % 2)} for i, (p, r) in enumerate(lens)]
-    raise ValueError(loss)
-
-
-KWARGS = {"conservative_ppo": None, "dpo": None, "grpo": {"beta": 0.01}}
-
-
-def rel(a: float, b: float) -> float:
-    """|a − b| / max(|b|, 1): relative for values ≥ 1, absolute below (a GRPO loss ≈ 1e-8, a policy loss of
-    5e-3, are sums of O(1) terms that cancel: their rounding is that of the terms)."""
-    return abs(a - b) / max(abs(b), 1.0)
-
-
-def dict_rel(a: dict, b: dict) -> float:
-    """max |a − b| over every tensor, over the largest |b| of all of them (the model's scale: a structurally
-    zero gradient, such as a Bradley–Terry reward bias, is compared on that scale, not its own)."""
-    if set(a) != set(b):
-        return math.inf
-    scale = max(float(t.double().abs().max()) for t in b.values())
-    return max(float((a[n].double() - b[n].double()).abs().max()) for n in b) / max(scale, 1e-30)
 
 
 def snapshot(run) -> dict:
@@ -133,6 +90,13 @@ def parity(comm, out_path: str, root: str) -> None:
     rank, ws = comm.rank, comm.world_size
     report: dict = {"world_size": ws, "rows": [], "checks": {}, "errors": []}
     t_start = time.time()
+    phases: dict[str, float] = {}
+    t_phase = [t_start]
+
+    def lap(name):  # seconds per phase, summed over the two configurations
+        now = time.time()
+        phases[name] = phases.get(name, 0.0) + now - t_phase[0]
+        t_phase[0] = now
 
     def check(name, ok, detail=""):
         report["checks"][name] = {"ok": bool(ok), "detail": detail}
@@ -141,7 +105,7 @@ def parity(comm, out_path: str, root: str) -> None:
         cfg = dict(base_model="signal-tiny", lora_r=lora_r, learning_rate=1e-2, seed=3, max_grad_norm=0.5,
                    optimizer=opt, momentum=0.9 if opt == "sgd" else 0.0)
         from signalrl.engine.config import RunConfig
-        from signalrl.engine.reference import ReferenceCache
+        from signalrl.engine.frozen_models import ReferenceCache
         from signalrl.engine.models import load_base_model
 
         cache = ReferenceCache(lambda name, **kw: load_base_model(name, arg="reference_model", **kw)[0], capacity=2)
@@ -151,6 +115,9 @@ def parity(comm, out_path: str, root: str) -> None:
                         reference_cache=cache, device="cpu", split=split)
         ref = Run(f"r{lora_r}", RunConfig(**cfg), run_dir=os.path.join(root, f"r{lora_r}-{rank}"),
                   reference_cache=cache, device="cpu") if rank == 0 else None
+        twin = Run(f"t{lora_r}", RunConfig(**cfg), run_dir=os.path.join(root, f"t{lora_r}"), reference_cache=cache,
+                   device="cpu") if rank == 0 else None
+        lap("build runs")
         for loss in LOSSES:
             kw = KWARGS.get(loss)
             row = {"loss": loss, "lora": bool(lora_r), "optimizer": cfg["optimizer"], "world_size": ws,
@@ -174,6 +141,7 @@ def parity(comm, out_path: str, root: str) -> None:
             if rank == 0:
                 gref = {n: p.grad.clone() for n, p in ref.trainable_parameters() if p.grad is not None}
                 row["grads_rel"] = dict_rel(grads, gref)
+                ref.save_state("pre")  # weights, heads and optimizer state just before the step
             got = sr.optim_step()
             full = sr.full_trainable_state()  # collective
             if rank == 0:
@@ -181,21 +149,30 @@ def parity(comm, out_path: str, root: str) -> None:
                 row["grad_norm_rel"] = rel(got.grad_norm, want.grad_norm)
                 row["clipped"] = (got.clipped, want.clipped)
                 wref = {n: p.detach() for n, p in ref.trainable_parameters()}
-                if cfg["optimizer"] == "adamw":
-                    # Adam divides by |g|: a gradient that is 0 in exact arithmetic (the Bradley–Terry reward
-                    # bias) is rounding noise in both runs, and Adam makes that noise a ±lr step. Skip those.
-                    gscale = max(float(g.abs().max()) for g in gref.values())
-                    keep = {n for n, g in gref.items() if float(g.abs().max()) > 1e-6 * gscale} | \
-                        (set(wref) - set(gref))
-                    row["weights_skipped"] = sorted(set(wref) - keep)
-                    full, wref = {n: full[n] for n in keep}, {n: wref[n] for n in keep}
-                row["weights_rel"] = dict_rel(full, wref)
+                # the same one-process optimizer step on the sharded run's own gradients: isolates the optimizer
+                # step (sharded vs one process) from the gradients' float32 reduction order
+                twin.load_state(ref.checkpoint_path("pre"))
+                for n, p in twin.trainable_parameters():
+                    p.grad = grads[n].clone() if n in grads else None
+                twin.pending_grads = 2
+                twin.optim_step()
+                row["step_rel"] = dict_rel(full, {n: p.detach() for n, p in twin.trainable_parameters()})
+                row["weights_rel"] = dict_rel(full, wref)  # elementwise, on the model's scale
+                # normwise over the run's whole trainable state, without the tensors whose gradient is 0 in
+                # exact arithmetic but rounding noise in float32 (the Bradley–Terry reward bias: both runs step
+                # by Adam's sign of that noise)
+                gscale = max(float(g.abs().max()) for g in gref.values())
+                zero = {n for n, g in gref.items() if 0 < float(g.abs().max()) <= 1e-6 * gscale}
+                row["weights_skipped"] = sorted(zero)
+                kept = [n for n in wref if n not in zero]
+                row["weights_norm_rel"] = norm_rel({n: full[n] for n in kept}, {n: wref[n] for n in kept})
                 report["rows"].append(row)
                 ref.save_state("sync")
             # start the next loss from the very same state (Adam turns fp32 rounding of tiny gradient elements
             # into visible weight differences, which would otherwise compound from loss to loss)
-            sr.load_state(comm.all_objects(ref.checkpoint_path("sync") if rank == 0 else None)[0])
+            sr.load_state(comm.all_gather_value(ref.checkpoint_path("sync") if rank == 0 else None)[0])
 
+        lap("losses")
         # --- NaN on one rank (loss, then gradients only): every rank raises, no state changes anywhere
         b = batches("enhanced_ppo", 0)
         sr.forward_backward(b, "enhanced_ppo")  # accumulated gradients exist
@@ -210,7 +187,7 @@ def parity(comm, out_path: str, root: str) -> None:
             finally:
                 undo()
             unchanged = same(before, snapshot(sr))
-            flags = comm.all_objects((raised, unchanged))
+            flags = comm.all_gather_value((raised, unchanged))
             if rank == 0:
                 check(f"nan_{mode}_lora{lora_r}", all(r is not None and u for r, u in flags), str(flags))
         # bad input: fails on every rank, nothing changes
@@ -220,12 +197,13 @@ def parity(comm, out_path: str, root: str) -> None:
             raised = None
         except Exception as exc:  # noqa: BLE001
             raised = type(exc).__name__
-        flags = comm.all_objects((raised, same(before, snapshot(sr))))
+        flags = comm.all_gather_value((raised, same(before, snapshot(sr))))
         if rank == 0:
             check(f"bad_input_lora{lora_r}", all(r == "ValueError" and u for r, u in flags), str(flags))
         sr.optimizer.zero_grad(set_to_none=True)
         sr.pending_grads = 0
 
+        lap("nan and bad input")
         # --- sampling: same tokens and log-probs as one process with the same seed
         s_got = sr.sample([[5, 6, 7], [9, 10]], max_tokens=6, temperature=1.0, num_samples=2, seed=11)
         if rank == 0:
@@ -235,6 +213,7 @@ def parity(comm, out_path: str, root: str) -> None:
                      for a, b in zip(qg.logprobs, qw.logprobs))
             check(f"sample_lora{lora_r}", toks_ok and lp < 1e-5, f"tokens equal {toks_ok}, max |Δlogprob| {lp:.2e}")
 
+        lap("sampling")
         # --- checkpoints: N → 1 and 1 → N, identical next losses
         b = batches("causal_lm", 1)
         sr.save_state("ws")
@@ -252,7 +231,7 @@ def parity(comm, out_path: str, root: str) -> None:
             back = None
         rn = sr.forward_backward(b, "causal_lm")
         sr.optim_step()
-        back = comm.all_objects(back)[0]
+        back = comm.all_gather_value(back)[0]
         sr.load_state(back)  # 1 → N
         rnb = sr.forward_backward(b, "causal_lm")
         if rank == 0:
@@ -260,8 +239,10 @@ def parity(comm, out_path: str, root: str) -> None:
             check(f"ckpt_1to{ws}_lora{lora_r}", rel(r1b.loss, rnb.loss) < 1e-6, f"{r1b.loss} vs {rnb.loss}")
             one.close()
             ref.close()
+            twin.close()
         sr.close()
 
+        lap("checkpoints")
     # --- the engine driven by the usual client (rank 0); the other ranks follow
     if rank == 0:
         from signalrl.client import SignalClient
@@ -288,6 +269,8 @@ def parity(comm, out_path: str, root: str) -> None:
             plain.close()
     else:
         follow(comm)
+    lap("client and engine")
+    report["phases"] = {"imports and process group": t_start - T_PROCESS, **phases}
     report["seconds"] = time.time() - t_start
     if rank == 0:
         with open(out_path, "w") as f:
