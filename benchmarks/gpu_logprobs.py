@@ -52,6 +52,7 @@ def _torch_linear_logprobs(h, w, t):
 def bench_linear_token_logprobs(ctx: Ctx) -> list[dict]:
     """linear token log-probs fwd+bwd vs the bf16 matmul rate (4 GEMM-equivalents of 2·N·V·H) and extra memory."""
     from signalrl.kernels import linear_logprobs as LL
+    from signalrl.kernels import linear_logprobs_bwd as LLB
 
     rows = []
     H, V = ctx.pick(4096, 64), ctx.pick(128256, 1000)
@@ -103,14 +104,14 @@ def bench_linear_token_logprobs(ctx: Ctx) -> list[dict]:
             **({} if extra_fz is None else dict(extra_mem_mb=extra_fz / 2**20,
                                                extra_mem_pct_logits=100 * extra_fz / logits_bytes)),
             notes=f"3 GEMM-equivalents; row chunks of {plan.rows}, bound {plan.extra_bytes / 2**20:.0f} MiB"))
-        if ctx.cuda and LL._DH_GEMM == "auto":  # the two d(hidden) accumulation paths, for choosing the default
+        if ctx.cuda and LLB._DH_GEMM == "auto":  # the two d(hidden) accumulation paths, for choosing the default
             cublas = LL._cublas_f32_accumulate_ok(ctx.device.index or 0)
-            LL._DH_GEMM = "triton"
+            LLB._DH_GEMM = "triton"
             try:
                 fwd_bwd()
                 ms_tr = ctx.time_ms(fwd_bwd)
             finally:
-                LL._DH_GEMM = "auto"
+                LLB._DH_GEMM = "auto"
             rows.append(ctx.row("linear_token_logprobs fwd+bwd, Triton dH GEMM", shape, ms_tr,
                                 pct_matmul=100 * 4 * flops / (ms_tr * 1e-3) / 1e12 / ctx.matmul_tflops,
                                 notes=f"default path uses {'cuBLAS' if cublas else 'Triton'} for dH"))

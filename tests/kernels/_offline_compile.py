@@ -365,7 +365,8 @@ def _worker(out_path: str) -> None:
             _load(s.rsplit(":", 1)[0] + ":__name__")
         # import every kernel module compiled (not interpreted) before the op layer is told the interpreter is on
         for m in ("signalrl.kernels._common", "signalrl.kernels.kl", "signalrl.kernels.ppo", "signalrl.kernels.gae",
-                  "signalrl.kernels.logprobs", "signalrl.kernels.linear_logprobs", "signalrl.kernels.linear_ppo"):
+                  "signalrl.kernels.logprobs", "signalrl.kernels.linear_logprobs_tile", "signalrl.kernels.linear_logprobs_bwd",
+                  "signalrl.kernels.linear_logprobs", "signalrl.kernels.linear_ppo"):
             importlib.import_module(m)
         for mod in list(sys.modules.values()):
             for obj in list(getattr(mod, "__dict__", {}).values()):

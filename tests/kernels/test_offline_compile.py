@@ -24,7 +24,7 @@ _REASON = unavailable_reason()
 pytestmark = pytest.mark.skipif(_REASON is not None, reason=str(_REASON))
 
 HERE = pathlib.Path(__file__).resolve()
-KERNEL_MODULES = ("ppo", "kl", "gae", "linear_ppo", "logprobs", "linear_logprobs")
+KERNEL_MODULES = ("ppo", "kl", "gae", "linear_ppo", "logprobs", "linear_logprobs", "linear_logprobs_bwd")
 
 
 # ------------------------------------------------------------------------------------------------ scenarios
@@ -164,10 +164,11 @@ def scenario_linear_frozen_head():
 
     from signalrl import ops
     from signalrl.kernels import linear_logprobs as LL
+    from signalrl.kernels import linear_logprobs_bwd as LLB
 
     N, H, V = 200, 64, 1024
-    saved = LL._MIN_ROWS
-    LL._MIN_ROWS = 16
+    saved = LLB._MIN_ROWS
+    LLB._MIN_ROWS = 16
     try:
         assert LL.backward_plan(N, V, H, 2, False, True, False, False).row_major
         with ops.use_backend("triton"):
@@ -182,7 +183,7 @@ def scenario_linear_frozen_head():
             loss = ops.linear_ppo_loss(h, w, t, old, adv, mask, entropy_coef=0.01)
             (loss[0] if isinstance(loss, tuple) else loss).backward()
     finally:
-        LL._MIN_ROWS = saved
+        LLB._MIN_ROWS = saved
 
 
 def scenario_linear_ppo():
@@ -247,11 +248,11 @@ def _given_cases():
     grad = dict(x_ptr=dt, w_ptr=dt, b_ptr=dt, tgt_ptr="*i64", lse_ptr="*fp64", glp_ptr=f32, gent_ptr=f32, ent_ptr=f32,
                 scale_ptr=f32, g_ptr=dt, dbias_ptr=f32, N="i32", V="i32", H="i32", n_bucket="i32", c0="i32",
                 vc="i32", inv_temp="fp32", ignore_index="i32")
-    out.append(_given("grad_chunk/bf16", "linear_logprobs:_grad_chunk_kernel", grad,
+    out.append(_given("grad_chunk/bf16", "linear_logprobs_bwd:_grad_chunk_kernel", grad,
                       dict(HAS_BIAS=True, WITH_ENTROPY=True, HAS_SCALE=True, NEED_BIAS=True, DOT_F32=False,
                            GROUP_N=8, **tile), 8, 3))
     mm = dict(a_ptr=dt, b_ptr=dt, c_ptr=f32, M="i32", K2="i32", K="i32", stride_am="i32", m_bucket="i32")
-    out.append(_given("acc_matmul/bf16", "linear_logprobs:_acc_matmul_kernel", mm,
+    out.append(_given("acc_matmul/bf16", "linear_logprobs_bwd:_acc_matmul_kernel", mm,
                       dict(DOT_F32=False, GROUP_N=8, BLOCK_M=128, BLOCK_N=128, BLOCK_K=64), 8, 3))
     return out
 

@@ -345,7 +345,9 @@ def test_backward_plan_meets_the_extra_memory_target_for_a_frozen_head(monkeypat
     """GPU chunk sizes (what the interpreter does not use): a frozen head in bf16 stays within 1 % of the [N, V]
     float32 logits at the issue's shapes; a trainable head pays the float32 d hidden accumulator (H / V of them) plus
     one gradient chunk. The GPU tests assert the measured peak against ``extra_bytes``."""
-    monkeypatch.setattr(LL, "INTERPRET", False)
+    from signalrl.kernels import linear_logprobs_bwd as LLB
+
+    monkeypatch.setattr(LLB, "INTERPRET", False)  # where backward_plan reads it
     H = 4096
     for V in (128256, 151936, 262144):
         for N in (8192, 16384, 32768):
