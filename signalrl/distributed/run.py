@@ -26,7 +26,8 @@ import torch
 import torch.distributed as dist
 
 from signalrl.engine import batching, checkpoint, checkpoint_load
-from signalrl.engine.run import Run, _own_rng
+from signalrl.engine.rng import own_rng
+from signalrl.engine.run import Run
 from signalrl.engine.types import CheckpointResult, ForwardBackwardResult
 
 from .comm import Comm, RankFailedError, run_everywhere
@@ -137,7 +138,7 @@ class ShardedRun(Run):
             g.mul_(factor)
 
     # ------------------------------------------------------------------ requests
-    @_own_rng
+    @own_rng
     def forward_backward(self, batch_data: Any, loss_fn: str, loss_kwargs: dict | None = None
                          ) -> ForwardBackwardResult:
         t0 = time.perf_counter()
@@ -224,7 +225,7 @@ class ShardedRun(Run):
                  for pid, st in sd["state"].items()}
         return tensors, {"state": state, "param_groups": sd["param_groups"]}
 
-    @_own_rng
+    @own_rng
     def save_state(self, name: str) -> CheckpointResult:
         path = run_everywhere(self.comm, lambda: self.checkpoint_path(name), "save_state")
         tensors, optimizer = self._full_state()
@@ -241,7 +242,7 @@ class ShardedRun(Run):
         self._log("save_state", {"name": name, "path": path})
         return CheckpointResult(name=name, path=path, step=self.step)
 
-    @_own_rng
+    @own_rng
     def load_state(self, name_or_path) -> CheckpointResult:
         """As :meth:`Run.load_state`, on every rank (each reads the checkpoint: a shared filesystem on several
         nodes); all ranks load, or none does."""

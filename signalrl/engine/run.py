@@ -11,24 +11,24 @@ call is removed again).
 """
 from __future__ import annotations
 
-import functools
 import math
 import os
 import time
 import warnings
 from dataclasses import asdict
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 
-from . import batching, checkpoint, checkpoint_load, limits
+from . import batching, checkpoint, limits
 from .config import HEADS, RunConfig, _lr_lambda
+from .frozen_models import ReferenceCache
 from .metrics import MetricsWriter
 from .models import BUILTIN_MODELS, load_base_model, resolve_dtype
-from .frozen_models import ReferenceCache
-from .sampling import sample_tokens, to_sequences
-from .types import (CheckpointResult, ForwardBackwardResult, ForwardResult, LogprobsResult, OptimStepResult,
-                    SampleResult, ScoreResult)
+from .rng import own_rng
+from .run_checkpoints import Checkpoints
+from .run_sampling import Sampling
+from .types import ForwardBackwardResult, ForwardResult, OptimStepResult
 
 
 def _float32_norms(grads: list[torch.Tensor]) -> list[torch.Tensor]:
@@ -39,35 +39,6 @@ def _float32_norms(grads: list[torch.Tensor]) -> list[torch.Tensor]:
     return [n.float() for n in torch._foreach_norm(grads, 2)]
 
 
-def _own_rng(method):
-    """Run ``method`` on the run's own torch RNG stream (CPU generator; on a CUDA run, that device's too)."""
-    @functools.wraps(method)
-    def wrapper(self, *args, **kwargs):
-        saved = torch.random.get_rng_state()
-        cuda = self.device.type == "cuda"
-        saved_cuda = torch.cuda.get_rng_state(self.device) if cuda else None
-        torch.random.set_rng_state(self._rng_state)
-        if cuda:
-            if self._cuda_rng_state is None:
-                torch.cuda.manual_seed(self.config.seed + 29)
-            else:
-                torch.cuda.set_rng_state(self._cuda_rng_state, self.device)
-        ok = False
-        try:
-            result = method(self, *args, **kwargs)
-            ok = True
-            return result
-        finally:
-            if ok:  # a failed request leaves the run's stream where it was, as it leaves everything else
-                self._rng_state = torch.random.get_rng_state()
-                if cuda:
-                    self._cuda_rng_state = torch.cuda.get_rng_state(self.device)
-            torch.random.set_rng_state(saved)
-            if cuda:
-                torch.cuda.set_rng_state(saved_cuda, self.device)
-    return wrapper
-
-
 def _losses():
     import signalrl.losses as losses
     from signalrl.losses import model as loss_model
@@ -75,7 +46,10 @@ def _losses():
     return losses, loss_model
 
 
-class Run:
+class Run(Sampling, Checkpoints):
+    """One run (module docstring); sampling and scoring: :class:`Sampling`, checkpoints and export:
+    :class:`Checkpoints`."""
+
     def __init__(self, run_id: str, config: RunConfig, *, run_dir: str, reference_cache: ReferenceCache,
                  device: str, max_request_bytes: int | None = None):
         config.validate()
@@ -247,7 +221,7 @@ class Run:
         self.metrics.write({"run_id": self.run_id, "op": op, "step": self.step, **record})
 
     # ------------------------------------------------------------------ requests
-    @_own_rng
+    @own_rng
     def forward_backward(self, batch_data: Any, loss_fn: str, loss_kwargs: dict | None = None
                          ) -> ForwardBackwardResult:
         t0 = time.perf_counter()
@@ -293,7 +267,7 @@ class Run:
         self.pending_grads += 1
         return self._loss_result(ForwardBackwardResult, "forward_backward", loss_fn, res, batch, t0, loss_value)
 
-    @_own_rng
+    @own_rng
     def forward(self, batch_data: Any, loss_fn: str, loss_kwargs: dict | None = None) -> ForwardResult:
         t0 = time.perf_counter()
         spec, kwargs, batch = self._prepare(batch_data, loss_fn, loss_kwargs)
@@ -373,168 +347,6 @@ class Run:
             warnings.warn(f"checkpoint_every: saving 'latest' after step {self.step} failed: {exc}", RuntimeWarning)
             self._log("checkpoint_failed", {"name": "latest", "error": f"{type(exc).__name__}: {exc}"})
             return None
-
-    @_own_rng
-    def sample(self, prompts: Sequence[str | Sequence[int]], max_tokens: int = 32, temperature: float = 1.0,
-               num_samples: int = 1, seed: int | None = None) -> SampleResult:
-        t0 = time.perf_counter()
-        if isinstance(prompts, (str, bytes)) or not isinstance(prompts, Sequence) or len(prompts) == 0:
-            raise TypeError("prompts: expected a non-empty list of strings or of token-id lists, "
-                            f"got {type(prompts).__name__}")
-        if not isinstance(max_tokens, int) or max_tokens < 1:
-            raise ValueError(f"max_tokens: expected an int >= 1, got {max_tokens!r}")
-        if not isinstance(num_samples, int) or num_samples < 1:
-            raise ValueError(f"num_samples: expected an int >= 1, got {num_samples!r}")
-        if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or temperature < 0 \
-                or not math.isfinite(temperature):
-            raise ValueError(f"temperature: expected a finite number >= 0, got {temperature!r}")
-        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**63):
-            raise ValueError(f"seed: expected None or an int in [0, 2**63), got {seed!r}")
-        prompt_ids = [batching.encode_prompt(p, self.tokenizer, f"prompts[{i}]") for i, p in enumerate(prompts)]
-        self._check_prompts(prompt_ids, max_tokens, num_samples)
-        generator = self.sampling_generator
-        if seed is not None:
-            generator = torch.Generator(device=self.device)
-            generator.manual_seed(int(seed))
-        self.model.eval()
-        try:
-            raw = sample_tokens(self._sampling_model(), prompt_ids, max_tokens=max_tokens, temperature=float(temperature),
-                                num_samples=num_samples, eos_token_id=self.tokenizer.eos_token_id,
-                                pad_token_id=self.tokenizer.pad_token_id, generator=generator, device=self.device)
-        finally:
-            self.model.train()
-        seqs = to_sequences(raw, prompt_ids, self.tokenizer.decode)
-        return SampleResult(sequences=seqs, timing={"compute": time.perf_counter() - t0})
-
-    def _sampling_model(self):
-        """What sampling calls as the causal LM (a hook: the sharded run routes it through its FSDP2 root)."""
-        return self.model
-
-    def _check_prompts(self, prompt_ids: list[list[int]], max_tokens: int, num_samples: int) -> None:
-        from signalrl.losses._values import model_limits
-
-        vocab, positions = model_limits(self._base())
-        for i, ids in enumerate(prompt_ids):
-            bad = [t for t in ids if not 0 <= t < (vocab or 2**63)]
-            if bad:
-                raise ValueError(f"prompts[{i}]: expected token ids in [0, {vocab}) (the model's vocabulary), "
-                                 f"got {bad[0]}")
-            if positions is not None and len(ids) + max_tokens > positions:
-                raise ValueError(f"max_tokens: expected prompt length + max_tokens <= {positions} (the model's "
-                                 f"max_position_embeddings), got {len(ids)} + {max_tokens} for prompts[{i}]")
-        longest = max(len(ids) for ids in prompt_ids) + max_tokens
-        limits.check_request(self._base().config, self._element_size(), self.max_request_bytes,
-                             [("prompts", len(prompt_ids) * num_samples, longest)], what="sample")
-
-    def _sequences(self, batch_data: Any, what: str) -> dict[str, Any]:
-        """A batch of plain sequences (``input_ids``/``attention_mask``), its values checked against the model."""
-        batch = batching.prepare_batch(batch_data, self.tokenizer, loss_fn=None, device=self.device)
-        if "input_ids" not in batch or "attention_mask" not in batch:
-            raise ValueError(f"{what}: batch_data must give sequences (input_ids/attention_mask, texts, "
-                             "or prompt/response pairs)")
-        from signalrl.losses._values import check_values, model_limits
-        from signalrl.losses.base import Field
-
-        vocab, positions = model_limits(self._base())
-        fields = (Field("input_ids", ("B", "T"), "int"), Field("attention_mask", ("B", "T"), "mask"))
-        check_values(what, fields, batch, vocab_size=vocab, max_positions=positions)
-        limits.check_request(self._base().config, self._element_size(), self.max_request_bytes,
-                             limits.batch_sequences(batch), what=what)
-        return batch
-
-    def score(self, batch_data: Any) -> ScoreResult:
-        """Scalar reward-head outputs for sequences (a reward-model run)."""
-        if "reward" not in self.heads:
-            raise ValueError("score: this run has no reward head (train it with loss_fn='reward_modeling' or "
-                             "create it with reward_head=True)")
-        batch = self._sequences(batch_data, "score")
-        self.model.eval()
-        try:
-            with torch.no_grad():
-                r = self._policy().sequence_rewards(batch["input_ids"], batch["attention_mask"])
-        finally:
-            self.model.train()
-        return ScoreResult(rewards=[float(x) for x in r.float().tolist()])
-
-    def compute_logprobs(self, batch_data: Any) -> LogprobsResult:
-        batch = self._sequences(batch_data, "compute_logprobs")
-        self.model.eval()
-        try:
-            with torch.no_grad():
-                lp = self._policy().token_logprobs(batch["input_ids"], batch["attention_mask"])
-        finally:
-            self.model.train()
-        return LogprobsResult(logprobs=(lp * batch["attention_mask"]).float().tolist())
-
-    # ------------------------------------------------------------------ checkpoints
-    @torch.no_grad()
-    def frozen_fingerprint(self) -> str:
-        """A short digest of the frozen weights (what a LoRA checkpoint does not store)."""
-        import hashlib
-
-        h = hashlib.sha256()
-        for n, p in self.model.named_parameters():
-            if not p.requires_grad:
-                h.update(f"{n}{tuple(p.shape)}{p.double().sum().item():.10e}".encode())
-        return h.hexdigest()[:16]
-
-    def checkpoint_path(self, name: str) -> str:
-        """``<run_dir>/checkpoints/<name>`` (a symlink to the checkpoint's current version directory)."""
-        return os.path.join(self.run_dir, "checkpoints", checkpoint.validate_name(name))
-
-    @_own_rng
-    def save_state(self, name: str) -> CheckpointResult:
-        """Save the run as checkpoint ``name`` (≤ 200 bytes, no ``/``, NUL or leading ``.``), atomically replacing
-        one of that name: whenever the process dies, the name is the previous or the new checkpoint. The format
-        and the guarantee: :mod:`signalrl.engine.checkpoint`."""
-        path = self.checkpoint_path(name)
-        state = {"step": self.step, "heads": list(self.heads), "run_id": self.run_id,
-                 "config": asdict(self.config), "lora": self.is_lora, "frozen_fingerprint": self.frozen_fingerprint()}
-        checkpoint.write_checkpoint(
-            path, tensors=dict(self.trainable_parameters()), optimizer=self.optimizer.state_dict(),
-            scheduler=self.scheduler.state_dict(), rng=checkpoint.capture_rng(self.sampling_generator), state=state)
-        self._log("save_state", {"name": name, "path": path})
-        return CheckpointResult(name=name, path=path, step=self.step)
-
-    @_own_rng
-    def load_state(self, name_or_path: str | os.PathLike) -> CheckpointResult:
-        """Restore a checkpoint, all or nothing.
-
-        ``name_or_path``: a string without a path separator is a checkpoint name of *this* run
-        (``<run_dir>/checkpoints/<name>``, never a directory of the current directory); one with a separator
-        (``./dir``, ``/abs/dir``) or an ``os.PathLike`` is a path to any compatible checkpoint (same
-        ``base_model``, LoRA settings and seed). Every file is read and checked (shapes, dtypes, finite values,
-        heads, base fingerprint, optimizer, scheduler and RNG states) before the run changes; a bad checkpoint
-        raises one ``ValueError`` naming the file, and the run is then exactly as before. Accumulated
-        gradients are dropped by a successful load."""
-        path = checkpoint.resolve(os.path.join(self.run_dir, "checkpoints"), name_or_path)
-        plan = checkpoint_load.plan_load(self, path)
-        checkpoint_load.apply_load(self, plan)
-        self.optimizer.zero_grad(set_to_none=True)
-        self.pending_grads = 0
-        self._grad_norms = None
-        self.step = plan.step
-        self._log("load_state", {"path": path})
-        return CheckpointResult(name=os.path.basename(os.path.normpath(path)), path=path, step=self.step)
-
-    def export_model(self, path: str, overwrite: bool = False) -> str:
-        """Write a standalone Hugging Face model directory (LoRA merged) plus the tokenizer, loadable with
-        ``from_pretrained`` and usable as another run's ``base_model`` or as a ``reference_model``.
-
-        ``path`` must be missing or an empty directory; ``overwrite=True`` replaces only a previous Signal
-        export (marked by ``signal_export.json``) that holds nothing else. Never deletes anything else."""
-        import copy
-
-        from .export import export_dir
-
-        def write(tmp: str) -> None:
-            model = copy.deepcopy(self.model).merge_and_unload() if self.is_lora else self.model
-            model.save_pretrained(tmp, safe_serialization=True)
-            self.tokenizer.save_pretrained(tmp)
-
-        path = export_dir(path, write, overwrite=overwrite)
-        self._log("export_model", {"path": path})
-        return path
 
     def info(self) -> dict[str, Any]:
         n_train = sum(p.numel() for _, p in self.trainable_parameters())

@@ -31,6 +31,7 @@ the math); everything below the op keyword has one name.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any, ClassVar
 
 # a field's annotation (a string under postponed evaluation) → its schema type
@@ -50,7 +51,17 @@ class Params:
 
     def flat(self) -> tuple[Any, ...]:
         """The field values in schema order."""
-        return tuple(getattr(self, f.name) for f in dataclasses.fields(self))
+        return tuple(getattr(self, name) for name in _field_names(type(self)))
+
+    @classmethod
+    def size(cls) -> int:
+        """The number of fields (of schema arguments)."""
+        return len(_field_names(cls))
+
+
+@functools.cache
+def _field_names(cls: type) -> tuple[str, ...]:
+    return tuple(f.name for f in dataclasses.fields(cls))
 
 
 @dataclasses.dataclass(frozen=True)

@@ -10,8 +10,6 @@ tiles.
 """
 from __future__ import annotations
 
-import dataclasses
-
 import torch
 from torch import Tensor
 
@@ -106,7 +104,7 @@ def _backward(ctx, g_loss, *_unused):
     hidden, weight, bias, targets, lse, ent, g_lp, g_ent = ctx.saved_tensors
     need_h, need_w, need_b = ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[2]
     need_b = bool(need_b and bias is not None)
-    none_rest = (None,) * (6 + len(dataclasses.fields(LogprobParams)) + len(dataclasses.fields(PPOParams)))
+    none_rest = (None,) * (6 + LogprobParams.size() + PPOParams.size())
     if g_loss is None or not (need_h or need_w or need_b):
         return (None, None, None) + none_rest
     gh, gw, gb = LINEAR_PPO_BWD.variant(ctx.variant)(

@@ -9,8 +9,6 @@ one multiply. In check mode every call is compared with the reference in float64
 """
 from __future__ import annotations
 
-import dataclasses
-
 import torch
 from torch import Tensor
 
@@ -101,7 +99,7 @@ def _ppo_setup(ctx, inputs, output):
 def _ppo_backward(ctx, g_loss, *_unused):
     g_lp, g_ent = ctx.saved_tensors
     lp_dtype, ent_dtype = ctx.dtypes
-    rest = (None,) * (5 + len(dataclasses.fields(PPOParams)))
+    rest = (None,) * (5 + PPOParams.size())
     if g_loss is None:
         return (None, *rest, None)
     grad_ent = (g_ent * g_loss).to(ent_dtype) if ctx.needs_input_grad[6] and g_ent.numel() else None
