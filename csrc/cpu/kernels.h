@@ -1,5 +1,5 @@
-// Entry points of the native CPU kernels (each .cpp registers its own with TORCH_LIBRARY_IMPL(signalrl, CPU);
-// the schemas are the torch.library ops of signalrl/ops/<family>.py; contract in
+// The native CPU kernels: each csrc/cpu/<family>.cpp defines its kernels and registers them for CPU with
+// TORCH_LIBRARY_IMPL(signalrl, CPU); their schemas are the torch.library ops of signalrl/ops/<family>.py (contract:
 // docs/backends.md). All take 1-D/2-D tensors; log-prob outputs are float32.
 #pragma once
 
@@ -11,17 +11,10 @@
 
 namespace signalrl {
 
-// family logprobs
-std::tuple<at::Tensor, at::Tensor, at::Tensor> token_logprobs_fwd(
-    const at::Tensor& logits, const at::Tensor& targets, double temperature,
-    int64_t ignore_index, bool with_entropy);
+// The kernels other kernel files call (linear_ppo.cpp composes them). Every other kernel is defined and registered
+// in its own file only.
 
-at::Tensor token_logprobs_bwd(const at::Tensor& grad_logprobs, const at::Tensor& grad_entropy,
-                              const at::Tensor& logits, const at::Tensor& targets,
-                              const at::Tensor& lse, const at::Tensor& entropy,
-                              double temperature, int64_t ignore_index);
-
-// family linear_logprobs
+// family linear_logprobs (csrc/cpu/linear_logprobs.cpp)
 std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_token_logprobs_fwd(
     const at::Tensor& hidden, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
     const at::Tensor& targets, double temperature, int64_t ignore_index, bool with_entropy);
@@ -32,45 +25,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_token_logprobs_bwd(
     const at::Tensor& lse, const at::Tensor& entropy, double temperature, int64_t ignore_index,
     bool need_hidden, bool need_weight, bool need_bias);
 
-// family gae
-std::tuple<at::Tensor, at::Tensor> gae_fwd(const at::Tensor& rewards, const at::Tensor& values,
-                                           const at::Tensor& mask, const at::Tensor& last_values,
-                                           double gamma, double lam);
-
-// family ppo: per-token PPO epilogue, clipped value loss (csrc/cpu/ppo.cpp).
-// The mask selects: per-token inputs are read as 0 where mask == 0, whatever they hold.
+// family ppo: the per-token PPO epilogue (csrc/cpu/ppo.cpp). The mask selects: per-token inputs are read as 0 where
+// mask == 0, whatever they hold.
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> ppo_token_fwd(
     const at::Tensor& logprobs, const at::Tensor& old_logprobs, const at::Tensor& advantages,
     const at::Tensor& weights, const at::Tensor& mask, const std::optional<at::Tensor>& ref_logprobs,
     const std::optional<at::Tensor>& entropy, double clip_low, double clip_high,
     std::optional<double> dual_clip, c10::string_view kl_estimator, double kl_coef, double entropy_coef,
     std::optional<double> log_ratio_clamp);
-
-std::tuple<at::Tensor, at::Tensor, at::Tensor> value_loss_fwd(
-    const at::Tensor& values, const at::Tensor& old_values, const at::Tensor& returns,
-    const at::Tensor& weights, const at::Tensor& mask, std::optional<double> clip);
-
-// family kl: the KL estimators on [N] vectors (csrc/cpu/kl.cpp)
-at::Tensor kl_penalty_fwd(const at::Tensor& logprobs, const at::Tensor& ref_logprobs,
-                          c10::string_view estimator);
-
-at::Tensor kl_penalty_bwd(const at::Tensor& grad_kl, const at::Tensor& logprobs,
-                          const at::Tensor& ref_logprobs, c10::string_view estimator);
-
-// family linear_ppo (csrc/cpu/linear_ppo.cpp)
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_ppo_fwd(
-    const at::Tensor& hidden, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
-    const at::Tensor& targets, const at::Tensor& old_logprobs, const at::Tensor& advantages,
-    const at::Tensor& weights, const at::Tensor& mask, const std::optional<at::Tensor>& ref_logprobs,
-    double temperature, int64_t ignore_index, double clip_low, double clip_high,
-    std::optional<double> dual_clip, c10::string_view kl_estimator, double kl_coef, double entropy_coef,
-    std::optional<double> log_ratio_clamp);
-
-std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_ppo_bwd(
-    const at::Tensor& grad_loss, const at::Tensor& g_lp, const at::Tensor& g_ent, const at::Tensor& hidden,
-    const at::Tensor& weight, const std::optional<at::Tensor>& bias, const at::Tensor& targets,
-    const at::Tensor& lse, const at::Tensor& entropy, double temperature, int64_t ignore_index,
-    bool need_hidden, bool need_weight, bool need_bias);
 
 // helpers shared by the kernel files (defined in logprobs.cpp)
 namespace detail {
