@@ -31,7 +31,6 @@ the math); everything below the op keyword has one name.
 from __future__ import annotations
 
 import dataclasses
-import functools
 from typing import Any, ClassVar
 
 # a field's annotation (a string under postponed evaluation) → its schema type
@@ -49,19 +48,21 @@ class Params:
         """The schema arguments of the fields, e.g. ``"float clip_low, float? dual_clip"``."""
         return ", ".join(f"{_SCHEMA_TYPES[str(f.type)]} {f.name}" for f in dataclasses.fields(cls))
 
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        # the field names in declaration order, as a plain class attribute: flat() runs on every op call (and under
+        # torch.compile), where dataclasses.fields() would cost more than the rest of the call's Python
+        cls._names = tuple(n for n, a in cls.__dict__.get("__annotations__", {}).items()
+                           if not str(a).startswith(("ClassVar", "typing.ClassVar")))
+
     def flat(self) -> tuple[Any, ...]:
         """The field values in schema order."""
-        return tuple(getattr(self, name) for name in _field_names(type(self)))
+        return tuple(getattr(self, name) for name in self._names)
 
     @classmethod
     def size(cls) -> int:
         """The number of fields (of schema arguments)."""
-        return len(_field_names(cls))
-
-
-@functools.cache
-def _field_names(cls: type) -> tuple[str, ...]:
-    return tuple(f.name for f in dataclasses.fields(cls))
+        return len(cls._names)
 
 
 @dataclasses.dataclass(frozen=True)
