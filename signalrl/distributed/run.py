@@ -13,9 +13,12 @@
   by every rank) and only then adds the accumulated gradients back; a failure restores them on every rank.
 - Checkpoints: the full (gathered) tensors in the run's own format (:mod:`signalrl.engine.checkpoint`), written
   by rank 0 — loadable by a run at any world size, sharded or not.
+- Export: the full model gathered to rank 0 (FSDP2's full state dict), rebuilt there as a plain model and written
+  exactly as a one-process run writes it (LoRA merged, tokenizer, atomic); every rank returns the same path.
 """
 from __future__ import annotations
 
+import copy
 import math
 import os
 import time
@@ -276,8 +279,68 @@ class ShardedRun(Run):
         return CheckpointResult(name=os.path.basename(os.path.normpath(plan.path)), path=plan.path, step=self.step)
 
     def export_model(self, path: str, overwrite: bool = False) -> str:
-        raise NotImplementedError("export_model is not available on a sharded run yet: save_state, then load the "
-                                  "checkpoint in a one-process run and export it there")
+        """As :meth:`Run.export_model`: a standalone Hugging Face directory (LoRA merged) plus the tokenizer,
+        written atomically, the same refusal rules (:mod:`signalrl.engine.export`).
+
+        Collective: every rank takes part in gathering the full model (FSDP2's full state dict, offloaded to
+        rank 0's CPU: the other ranks keep nothing); rank 0 rebuilds a plain (unsharded) copy of the model from
+        it and writes exactly what a one-process run writes. Every rank returns the same path, or every rank
+        raises (rank 0's error; :class:`RankFailedError` on the others). A target that would be refused is
+        refused before the gather."""
+        from signalrl.engine import export
+
+        def precheck() -> None:
+            # the refusal (non-empty target, foreign files) before the gather; argument errors are export_dir's
+            if self.comm.is_leader and isinstance(path, str) and path and "\0" not in path \
+                    and isinstance(overwrite, bool):
+                export._check_target(os.path.abspath(path), overwrite)
+
+        run_everywhere(self.comm, precheck, "export_model")
+        state = self._full_model_state()
+
+        def write() -> str | None:
+            if not self.comm.is_leader:
+                return None
+            return export.export_dir(path, lambda tmp: self._write_export(tmp, state), overwrite=overwrite)
+
+        out = run_everywhere(self.comm, write, "export_model")
+        state.clear()
+        out = self.comm.broadcast_value(out)
+        self._log("export_model", {"path": out})
+        return out
+
+    @torch.no_grad()
+    def _full_model_state(self) -> dict[str, torch.Tensor]:
+        """The model's full state dict (every parameter and persistent buffer, unsharded) on rank 0's CPU; an
+        empty dict on the other ranks (collective: every rank calls it)."""
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        return get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+    @torch.no_grad()
+    def _write_export(self, tmp: str, state: dict[str, torch.Tensor]) -> None:
+        """Rank 0: a plain copy of the model built on the meta device, given the gathered tensors (no copy),
+        LoRA merged, saved as :meth:`Run.export_model` saves it."""
+        from torch.distributed.fsdp import FSDPModule
+
+        base = self._base()
+        cls = next(c for c in type(base).__mro__ if not issubclass(c, FSDPModule))  # FSDP2 subclasses in place
+        with torch.device("meta"):
+            model = cls(copy.deepcopy(base.config))
+        if self.is_lora:
+            model = self._apply_lora(model)
+        model.load_state_dict(state, strict=True, assign=True)
+        # non-persistent buffers (rotary frequencies) are in no state dict: the live model's (never sharded)
+        live = dict(self.model.named_buffers())
+        for name, buf in list(model.named_buffers()):
+            if buf.is_meta:
+                owner, _, leaf = name.rpartition(".")
+                model.get_submodule(owner)._buffers[leaf] = _full(live[name]).detach().cpu().clone()
+        model.tie_weights()  # the state dict holds tied tensors as separate copies
+        if self.is_lora:
+            model = model.merge_and_unload()
+        model.save_pretrained(tmp, safe_serialization=True)
+        self.tokenizer.save_pretrained(tmp)
 
     def full_trainable_grads(self) -> dict[str, torch.Tensor]:
         """Every accumulated gradient gathered (collective; for tests and tools)."""

@@ -15,6 +15,7 @@ with a one-time warning.
 """
 from __future__ import annotations
 
+import contextlib
 import inspect
 import warnings
 import weakref
@@ -59,7 +60,44 @@ class ValueHead(nn.Module):
 
 
 class RewardHead(ValueHead):
-    """r(x, y) = w·h_last + b: ``Linear(hidden_size, 1)`` applied at the last non-padding token."""
+    """r(x, y) = w·h_last + b: ``Linear(hidden_size, 1)`` applied at the last non-padding token.
+
+    Inside ``with head.constant_bias():`` b enters r with its value but an exactly zero gradient — for losses of
+    reward *differences* only (Bradley–Terry), where b cancels: its true gradient is 0, while float rounding of
+    Σ ∂L/∂r (and a cross-rank sum) would leave noise that Adam turns into ±lr steps."""
+
+    _constant_bias = False
+
+    @contextlib.contextmanager
+    def constant_bias(self):
+        prev = self._constant_bias
+        self._constant_bias = True
+        try:
+            yield self
+        finally:
+            self._constant_bias = prev
+
+    def forward(self, hidden: Tensor) -> Tensor:
+        b = self.linear.bias
+        if not self._constant_bias or b is None:
+            return super().forward(hidden)
+        w = self.linear.weight
+        dt = torch.promote_types(torch.promote_types(hidden.dtype, w.dtype), torch.float32)
+        out = nn.functional.linear(hidden.to(dt), w.to(dt), _ZeroGrad.apply(b).to(dt))
+        return out.squeeze(-1)
+
+
+class _ZeroGrad(torch.autograd.Function):
+    """x itself forward; an exactly zero gradient backward (a zero tensor, not None: the optimizer sees a zero
+    gradient, as the math says)."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor) -> Tensor:
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> Tensor:
+        return torch.zeros_like(grad)
 
 
 def predicted_mask(attention_mask: Tensor, dtype: torch.dtype = torch.float32) -> Tensor:

@@ -7,8 +7,14 @@
 The margin is subtracted from the logit, after the temperature: the loss keeps pushing until the
 chosen reward exceeds the rejected one by margin·temperature (0.1 reward units at the defaults);
 margin = 0 is plain Bradley–Terry. At r_w = r_l the loss is log(1 + e^margin).
+
+The head's bias b cancels in r_w − r_l, so its gradient is 0: it enters as a constant
+(:meth:`~signalrl.losses.model.RewardHead.constant_bias`) and gets an exactly zero gradient rather than the rounding
+noise of Σ ∂L/∂r, which Adam would turn into ±lr steps. Values, loss and metrics are unchanged (b is still in r).
 """
 from __future__ import annotations
+
+import contextlib
 
 import torch
 import torch.nn.functional as F
@@ -17,6 +23,7 @@ from ._common import COMMON_CHECKS
 from .base import Computed, LossModule, LossSpec
 from .dpo import BATCH as DPO_BATCH
 from .dpo import pair_batch
+from .model import RewardHead
 from .registry import register_loss
 
 # --- batch spec ------------------------------------------------------------------------------
@@ -38,7 +45,10 @@ METRICS = (
 def _reward_modeling(policy, batch, kw) -> Computed:
     B = batch["chosen_input_ids"].shape[0]
     ids, attn, _ = pair_batch(batch)
-    r = policy.sequence_rewards(ids, attn)
+    head = getattr(policy, "reward_head", None)
+    # the loss depends on r_w − r_l only: the head's bias cancels, its gradient is exactly 0 (not rounding noise)
+    with head.constant_bias() if isinstance(head, RewardHead) else contextlib.nullcontext():
+        r = policy.sequence_rewards(ids, attn)
     r_w, r_l = r[:B], r[B:]
     z = (r_w - r_l) / kw["temperature"] - kw["margin"]
     loss = F.softplus(-z).mean()  # −log σ(z)

@@ -45,8 +45,8 @@ def rel(a: float, b: float) -> float:
 
 
 def dict_rel(a: dict, b: dict) -> float:
-    """max |a − b| over every tensor, over the largest |b| of all of them (the model's scale: a structurally
-    zero gradient, such as a Bradley–Terry reward bias, is compared on that scale, not its own)."""
+    """max |a − b| over every tensor, over the largest |b| of all of them (the model's scale: a tensor of tiny
+    values is compared on that scale, not its own)."""
     if set(a) != set(b):
         return math.inf
     scale = max(float(t.double().abs().max()) for t in b.values())

@@ -3,7 +3,9 @@
 
 ``parity``: every loss × LoRA/full fine-tuning × two accumulated forward_backward calls + optim_step, compared
 with a one-process :class:`Run` on the same global batch (rank 0 runs it); NaN on one rank; checkpoints 2 → 1 and
-1 → N; sampling; the engine driven by the usual client. ``kill``/``hang``: rank 1 dies/hangs mid-request.
+1 → N; sampling; export_model (merged LoRA and full fine-tuning, loaded back with ``from_pretrained``, against a
+one-process export; refusal and overwrite); the native kernels actually running (the fused linear log-prob op on
+the gathered head); the engine driven by the usual client. ``kill``/``hang``: rank 1 dies/hangs mid-request.
 Rank 0 writes its findings to ``out.json``.
 """
 from __future__ import annotations
@@ -86,9 +88,44 @@ def inject(run, mode: str):
     return lambda: setattr(root, "forward", orig)
 
 
+def load_export(path: str) -> tuple[dict, list[str]]:
+    """An exported directory loaded as a Hugging Face model: its tensors, and the files of the directory."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(path)
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}, sorted(os.listdir(path))
+
+
+def outcome(fn) -> str:
+    """``fn()``'s result as a string, or the name of the exception it raised."""
+    try:
+        return str(fn())
+    except Exception as exc:  # noqa: BLE001
+        return type(exc).__name__
+
+
+def backend_report() -> dict:
+    """Which backend the fused linear ops take for CPU tensors here, and whether native was expected."""
+    from signalrl import native, ops
+
+    forced = os.environ.get("SIGNAL_BACKEND") or None
+    x = torch.zeros(1)
+    return {"native_available": native.available(), "why_not": native.why(), "forced": forced,
+            "expect_native": native.available() and forced in (None, "native"),
+            **{k: ops.backend_for(k, x) for k in ("linear_token_logprobs_fwd", "linear_token_logprobs_bwd",
+                                                  "linear_ppo_fwd")}}
+
+
+def profiled_ops(fn) -> set[str]:
+    """The ``signalrl::`` kernel ops that ``fn()`` dispatched (the C++ kernels; the reference backend has none)."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        fn()
+    return {e.name for e in prof.events() if e.name.startswith("signalrl::")}
+
+
 def parity(comm, out_path: str, root: str) -> None:
     rank, ws = comm.rank, comm.world_size
-    report: dict = {"world_size": ws, "rows": [], "checks": {}, "errors": []}
+    report: dict = {"world_size": ws, "rows": [], "checks": {}, "errors": [], "backend": backend_report()}
     t_start = time.time()
     phases: dict[str, float] = {}
     t_phase = [t_start]
@@ -158,14 +195,7 @@ def parity(comm, out_path: str, root: str) -> None:
                 twin.optim_step()
                 row["step_rel"] = dict_rel(full, {n: p.detach() for n, p in twin.trainable_parameters()})
                 row["weights_rel"] = dict_rel(full, wref)  # elementwise, on the model's scale
-                # normwise over the run's whole trainable state, without the tensors whose gradient is 0 in
-                # exact arithmetic but rounding noise in float32 (the Bradley–Terry reward bias: both runs step
-                # by Adam's sign of that noise)
-                gscale = max(float(g.abs().max()) for g in gref.values())
-                zero = {n for n, g in gref.items() if 0 < float(g.abs().max()) <= 1e-6 * gscale}
-                row["weights_skipped"] = sorted(zero)
-                kept = [n for n in wref if n not in zero]
-                row["weights_norm_rel"] = norm_rel({n: full[n] for n in kept}, {n: wref[n] for n in kept})
+                row["weights_norm_rel"] = norm_rel(full, wref)  # normwise over the run's whole trainable state
                 report["rows"].append(row)
                 ref.save_state("sync")
             # start the next loss from the very same state (Adam turns fp32 rounding of tiny gradient elements
@@ -175,7 +205,15 @@ def parity(comm, out_path: str, root: str) -> None:
         lap("losses")
         # --- NaN on one rank (loss, then gradients only): every rank raises, no state changes anywhere
         b = batches("enhanced_ppo", 0)
-        sr.forward_backward(b, "enhanced_ppo")  # accumulated gradients exist
+        # accumulated gradients exist; the kernels that ran, on every rank: the native fused log-prob op (forward
+        # and backward) on the FSDP-gathered LM head, unless native cannot build here (or a backend is forced)
+        seen = comm.all_gather_value(sorted(profiled_ops(lambda: sr.forward_backward(b, "enhanced_ppo"))))
+        if rank == 0:
+            want = {"signalrl::linear_token_logprobs_fwd", "signalrl::linear_token_logprobs_bwd"}
+            be = report["backend"]
+            ok = all(want <= set(s) for s in seen) and be["linear_token_logprobs_fwd"] == "native" \
+                if be["expect_native"] else True
+            check(f"native_ops_lora{lora_r}", ok, f"{be}; ops seen per rank: {seen}")
         for mode in ("value", "grad"):
             before = snapshot(sr)
             undo = inject(sr, mode) if rank == ws - 1 else (lambda: None)
@@ -231,6 +269,39 @@ def parity(comm, out_path: str, root: str) -> None:
             back = None
         rn = sr.forward_backward(b, "causal_lm")
         sr.optim_step()
+        lap("checkpoints")
+        # --- export: the sharded run and `one` took the same step from the same state, independently
+        target = os.path.join(root, f"export-s{lora_r}")
+        exp = sr.export_model(target)
+        paths = comm.all_gather_value(exp)
+        if rank == 0:
+            got, got_files = load_export(exp)
+            want, want_files = load_export(one.export_model(os.path.join(root, f"export-1-{lora_r}")))
+            d = dict_rel(got, want)
+            report[f"export_lora{lora_r}"] = {"rel": d, "norm_rel": norm_rel(got, want), "tensors": len(want),
+                                              "files": got_files}
+            check(f"export_lora{lora_r}", paths == [target] * ws and set(got) == set(want)
+                  and got_files == want_files and d <= 1e-6,
+                  f"paths {paths}, {len(got)} vs {len(want)} tensors, files {got_files} vs {want_files}, "
+                  f"max rel {d:.2e}")
+        if lora_r:  # refusal and overwrite, once: every rank gets the same answer, nothing is left behind
+            foreign = os.path.join(root, "not-an-export")
+            if rank == 0:
+                os.makedirs(foreign, exist_ok=True)
+                with open(os.path.join(foreign, "keep.txt"), "w") as f:
+                    f.write("mine")
+            results = (outcome(lambda: sr.export_model(target)),  # a previous export: refused without overwrite
+                       outcome(lambda: sr.export_model(target, overwrite=True)),  # replaced with it
+                       outcome(lambda: sr.export_model(foreign, overwrite=True)))  # not an export: refused
+            flags = comm.all_gather_value(results)
+            if rank == 0:
+                again, _ = load_export(target)
+                left = [n for n in os.listdir(root) if n.startswith(".signal-export-")]
+                expected = [("ValueError", target, "ValueError")] + [("RankFailedError", target, "RankFailedError")] \
+                    * (ws - 1)
+                check("export_refuse_overwrite", [tuple(f) for f in flags] == expected and dict_rel(again, got) == 0
+                      and os.listdir(foreign) == ["keep.txt"] and not left, f"{flags}; leftovers {left}")
+        lap("export")
         back = comm.all_gather_value(back)[0]
         sr.load_state(back)  # 1 → N
         rnb = sr.forward_backward(b, "causal_lm")
@@ -261,9 +332,15 @@ def parity(comm, out_path: str, root: str) -> None:
                 st = st.result() if hasattr(st, "result") else st
                 fb2 = tc.forward_backward(batches("causal_lm", 1), "causal_lm")
                 fb2 = fb2.result() if hasattr(fb2, "result") else fb2
-                results.append((fb.loss, st.grad_norm, fb2.loss))
-            d = max(rel(a, b) for a, b in zip(*results))
+                ex = tc.export_model(os.path.join(root, f"client-export-{len(results)}"))
+                ex = ex.result() if hasattr(ex, "result") else ex
+                results.append((fb.loss, st.grad_norm, fb2.loss, ex))
+            d = max(rel(a, b) for a, b in zip(*[r[:3] for r in results]))
             check("client_engine", d < 1e-6, f"{results}")
+            (got, got_files), (want, want_files) = load_export(results[0][3]), load_export(results[1][3])
+            d = dict_rel(got, want)
+            check("client_export", set(got) == set(want) and got_files == want_files and d <= 1e-6,
+                  f"{results[0][3]} vs {results[1][3]}: max rel {d:.2e}")
         finally:
             eng.close()
             plain.close()

@@ -26,8 +26,8 @@ TOL = 1e-6
 
 
 def _env() -> dict:
-    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""), OMP_NUM_THREADS="1",
-               SIGNAL_BACKEND="reference")
+    # the default backend (the native C++ kernels where they build), on the server's ranks and in the local run
+    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""), OMP_NUM_THREADS="1")
     for name in ("TRITON_INTERPRET", "SIGNAL_BASE_URL", "SIGNAL_API_KEY"):
         env.pop(name, None)
     return env
@@ -48,7 +48,6 @@ def _train(client) -> list[float]:
 def test_signal_serve_nproc_per_node_2_matches_one_process(tmp_path):
     from signalrl.client import SignalClient
     from signalrl.engine import Engine
-    from signalrl.ops import use_backend
 
     root = tmp_path / "server"
     env = _env()
@@ -85,7 +84,7 @@ def test_signal_serve_nproc_per_node_2_matches_one_process(tmp_path):
             pytest.fail(f"{type(exc).__name__}: {exc}\nserver output:\n" + "".join(output)[-6000:])
         engine = Engine(str(tmp_path / "local"))
         try:
-            with use_backend("reference"), SignalClient(engine=engine) as client:
+            with SignalClient(engine=engine) as client:
                 local = _train(client)
         finally:
             engine.close()

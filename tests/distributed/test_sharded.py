@@ -36,7 +36,7 @@ class _Job:
         env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_port()), WORLD_SIZE=str(world),
                    OMP_NUM_THREADS="1", SIGNAL_DIST_TIMEOUT=str(timeout_s), PYTHONPATH=ROOT)
         env.pop("TRITON_INTERPRET", None)  # set by tests/conftest.py for the kernel tests: ops would run interpreted
-        env.setdefault("SIGNAL_BACKEND", "reference")
+        # the default backend: the native C++ kernels where they build (the fused linear ops on the sharded head)
         self.procs, self.logs = [], []
         for rank in range(world):
             log = open(tmp_path / f"{mode}-{world}-rank{rank}.log", "w+")
@@ -92,7 +92,13 @@ def test_parity_failures_checkpoints_sampling_client(world, tmp_path):
             assert row["weights_norm_rel"] <= 1e-5, row
     bad = {k: v for k, v in r["checks"].items() if not v["ok"]}
     assert not bad, bad
-    assert len(r["checks"]) == 13
+    # per configuration: NaN x2, bad input, sampling, checkpoints x2, native kernels, export; then export refusal and
+    # overwrite, the client's losses and its export
+    assert len(r["checks"]) == 19
+    be = r["backend"]
+    print("backend", be, "export", r.get("export_lora4"), r.get("export_lora0"))
+    if be["expect_native"]:  # the native kernels ran (not a silent fallback to the reference)
+        assert be["linear_token_logprobs_fwd"] == be["linear_token_logprobs_bwd"] == "native", be
 
 
 def test_dead_or_hung_rank_is_a_clear_error_within_the_timeout(tmp_path):

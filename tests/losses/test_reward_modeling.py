@@ -1,3 +1,4 @@
+import copy
 import math
 
 import pytest
@@ -136,3 +137,55 @@ def test_float64_model_matches_formula_to_1e_12():
     assert_float64_match(res, loss64, metrics64, METRICS,
                          list(m64.named_parameters()) + list(h64.named_parameters()),
                          list(o64.parameters()) + list(oh64.parameters()))
+
+
+def previous_formula(policy, batch, margin, temperature):
+    """The loss as it was written before the bias became a constant: r with the bias in the graph."""
+    from signalrl.losses.dpo import pair_batch
+
+    ids, attn, _ = pair_batch(batch)
+    r = policy.sequence_rewards(ids, attn)
+    rw, rl = r[:B], r[B:]
+    loss = torch.nn.functional.softplus(-((rw - rl) / temperature - margin)).mean()
+    d = lambda x: x.detach()  # noqa: E731
+    metrics = dict(preference_accuracy=(rw > rl).to(r.dtype).mean(), reward_margin=d(rw - rl).mean(),
+                   chosen_reward_mean=d(rw).mean(), rejected_reward_mean=d(rl).mean(),
+                   chosen_reward_std=d(rw).std(unbiased=False), rejected_reward_std=d(rl).std(unbiased=False))
+    return loss, metrics
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_bias_gradient_is_exactly_zero_and_nothing_else_changes(dtype):
+    """b cancels in r_w − r_l: its gradient is exactly 0 (not rounding noise), while the loss, every metric and
+    every other gradient are those of the formula with b in the graph, bit for bit."""
+    model, head, _ = setup()
+    with torch.no_grad():
+        head.linear.bias.fill_(0.37)  # a bias that is not 0, so it is in every reward
+    if dtype == torch.float64:
+        model, head = double(model), double(head)
+    batch = make_batch(Tc=9, Tr=6)
+    m2 = copy.deepcopy(model)
+    h2 = copy.deepcopy(head)
+    res = L.reward_modeling(L.PolicyModel(model, reward_head=head), batch, margin=1.5, temperature=0.3)
+    res.loss.backward()
+    loss0, metrics0 = previous_formula(L.PolicyModel(m2, reward_head=h2), batch, 1.5, 0.3)
+    loss0.backward()
+    assert h2.linear.bias.grad is not None and float(h2.linear.bias.grad.abs().max()) < 1e-6  # the old noise
+    g = head.linear.bias.grad
+    assert g is not None and torch.equal(g, torch.zeros_like(g))  # a zero gradient, not None
+    assert torch.equal(res.loss.detach(), loss0.detach())
+    for k, v in metrics0.items():
+        assert res.metrics[k] == float(v), k
+    for (n, p), q in zip(list(model.named_parameters()) + list(head.linear.named_parameters(prefix="head")),
+                         list(m2.parameters()) + list(h2.linear.parameters())):
+        if n == "head.bias":
+            continue
+        assert (p.grad is None) == (q.grad is None), n
+        if p.grad is not None:
+            assert torch.equal(p.grad, q.grad), n
+    # outside the loss the head is the plain affine map (the bias has its gradient)
+    head.zero_grad()
+    r = L.PolicyModel(model, reward_head=head).sequence_rewards(batch["chosen_input_ids"],
+                                                                batch["chosen_attention_mask"])
+    r.sum().backward()
+    assert float(head.linear.bias.grad) == B
