@@ -45,13 +45,59 @@ class WireError(ValueError):
 
 
 # ------------------------------------------------------------------------------------------------ values
+# Both directions walk every value of a request or result (a batch of 32 texts is a few hundred), so the common
+# case — exact JSON types — is decided by one type lookup, and the location of an error ("value[3]['prompt']") is
+# only spelled out when there is one.
+_PLAIN = frozenset((str, int, float, bool, type(None)))
+_FIELDS = {cls: tuple(f.name for f in dataclasses.fields(cls)) for cls in RESULT_TYPES.values()}
+
+
+class _Unsendable(TypeError):
+    """A part of a value that cannot travel; ``path`` collects its location on the way out of the recursion."""
+
+    def __init__(self, message: str):
+        super().__init__(message)
+        self.message, self.path = message, []
+
+
 def to_wire(value: Any, tensors: dict[str, torch.Tensor] | None = None, _depth: int = 0, _where: str = "value") -> Any:
     """``value`` as a JSON-able document; tensors are moved to ``tensors`` (CPU, contiguous) and referenced."""
-    if _depth > _MAX_DEPTH:
-        raise TypeError(f"{_where}: nested deeper than {_MAX_DEPTH} levels")
-    if value is None or isinstance(value, (bool, int, float, str)):
+    try:
+        return _encode(value, tensors, _depth)
+    except _Unsendable as exc:
+        raise TypeError(f"{_where}{''.join(reversed(exc.path))}: {exc.message}") from None
+
+
+def _child(v: Any, tensors, depth: int, where: str) -> Any:
+    try:
+        return _encode(v, tensors, depth)
+    except _Unsendable as exc:
+        exc.path.append(where)
+        raise
+
+
+def _encode(value: Any, tensors: dict[str, torch.Tensor] | None, depth: int) -> Any:
+    if depth > _MAX_DEPTH:
+        raise _Unsendable(f"nested deeper than {_MAX_DEPTH} levels")
+    t = type(value)
+    if t in _PLAIN:
         return value
-    if type(value).__module__ == "numpy":
+    plain = depth < _MAX_DEPTH  # children of this value may skip the call (their depth check cannot fail)
+    if t is dict or (t not in _FIELDS and isinstance(value, dict)):
+        for k in value:
+            if type(k) is not str and not isinstance(k, str):
+                raise _Unsendable(f"dict keys must be strings to travel over HTTP, got {type(k).__name__} {k!r}")
+        items = {k: v if plain and type(v) in _PLAIN else _child(v, tensors, depth + 1, f"[{k!r}]")
+                 for k, v in value.items()}
+        if any(k[:1] == "$" for k in items):
+            return {"$dict": [[k, v] for k, v in items.items()]}
+        return items
+    if t is list or t is tuple:
+        return [v if plain and type(v) in _PLAIN else _child(v, tensors, depth + 1, f"[{i}]")
+                for i, v in enumerate(value)]
+    if isinstance(value, (bool, int, float, str)):
+        return value
+    if t.__module__ == "numpy":
         import numpy as np
 
         if isinstance(value, np.generic):
@@ -60,37 +106,30 @@ def to_wire(value: Any, tensors: dict[str, torch.Tensor] | None = None, _depth: 
             value = torch.from_numpy(np.ascontiguousarray(value))
     if isinstance(value, torch.Tensor):
         if tensors is None:
-            raise TypeError(f"{_where}: tensors cannot travel in this message")
+            raise _Unsendable("tensors cannot travel in this message")
         name = f"t{len(tensors)}"
         tensors[name] = value
         return {"$tensor": name}
-    if dataclasses.is_dataclass(value) and type(value).__name__ in RESULT_TYPES:
-        return {"$result": type(value).__name__,
-                "fields": {f.name: to_wire(getattr(value, f.name), tensors, _depth + 1, f"{_where}.{f.name}")
-                           for f in dataclasses.fields(value)}}
-    if isinstance(value, dict):
-        for k in value:
-            if not isinstance(k, str):
-                raise TypeError(f"{_where}: dict keys must be strings to travel over HTTP, got {type(k).__name__} "
-                                f"{k!r}")
-        items = {k: to_wire(v, tensors, _depth + 1, f"{_where}[{k!r}]") for k, v in value.items()}
-        if any(k.startswith("$") for k in items):
-            return {"$dict": [[k, v] for k, v in items.items()]}
-        return items
+    names = _FIELDS.get(t)
+    if names is None and dataclasses.is_dataclass(value) and t.__name__ in RESULT_TYPES:
+        names = tuple(f.name for f in dataclasses.fields(value))
+    if names is not None:
+        return {"$result": t.__name__, "fields": {n: _child(getattr(value, n), tensors, depth + 1, f".{n}")
+                                                  for n in names}}
     if isinstance(value, (list, tuple)):
-        return [to_wire(v, tensors, _depth + 1, f"{_where}[{i}]") for i, v in enumerate(value)]
+        return [_child(v, tensors, depth + 1, f"[{i}]") for i, v in enumerate(value)]
     if isinstance(value, os.PathLike):
         return os.fspath(value)
-    raise TypeError(f"{_where}: cannot send a {type(value).__name__} over HTTP (JSON values, tensors and numpy "
-                    "arrays can travel)")
+    raise _Unsendable(f"cannot send a {t.__name__} over HTTP (JSON values, tensors and numpy arrays can travel)")
 
 
 def from_wire(doc: Any, tensors: dict[str, torch.Tensor] | None = None, _depth: int = 0) -> Any:
     """The inverse of :func:`to_wire`; raises :class:`WireError` on a malformed document."""
     if _depth > _MAX_DEPTH:
         raise WireError(f"body: nested deeper than {_MAX_DEPTH} levels")
+    plain = _depth < _MAX_DEPTH
     if isinstance(doc, list):
-        return [from_wire(v, tensors, _depth + 1) for v in doc]
+        return [v if plain and type(v) in _PLAIN else from_wire(v, tensors, _depth + 1) for v in doc]
     if not isinstance(doc, dict):
         return doc
     if "$tensor" in doc:
@@ -103,7 +142,7 @@ def from_wire(doc: Any, tensors: dict[str, torch.Tensor] | None = None, _depth: 
         fields = doc.get("fields")
         if cls is None or not isinstance(fields, dict):
             raise WireError(f"body: unknown result type {doc.get('$result')!r}")
-        known = {f.name for f in dataclasses.fields(cls)}
+        known = _FIELDS[cls]
         return cls(**{k: from_wire(v, tensors, _depth + 1) for k, v in fields.items() if k in known})
     if "$dict" in doc:
         pairs = doc["$dict"]
@@ -111,7 +150,7 @@ def from_wire(doc: Any, tensors: dict[str, torch.Tensor] | None = None, _depth: 
                 isinstance(p, list) and len(p) == 2 and isinstance(p[0], str) for p in pairs):
             raise WireError("body: a '$dict' must be a list of [key, value] pairs")
         return {k: from_wire(v, tensors, _depth + 1) for k, v in pairs}
-    return {k: from_wire(v, tensors, _depth + 1) for k, v in doc.items()}
+    return {k: v if plain and type(v) in _PLAIN else from_wire(v, tensors, _depth + 1) for k, v in doc.items()}
 
 
 # ------------------------------------------------------------------------------------------------ bodies

@@ -14,14 +14,31 @@ T = TypeVar("T")
 
 
 class APIFuture(Generic[T]):
-    """The pending result of one queued request."""
+    """The pending result of one queued request.
 
-    def __init__(self, future: concurrent.futures.Future, op: str = "request"):
+    ``loop_future``: an ``asyncio`` future on the loop that produces the result (a remote client's requests on
+    the caller's loop), set together with ``future``; awaiting on that loop waits on it directly instead of through
+    ``asyncio.wrap_future``, whose thread-safe hand-off costs a wake-up of the loop through its self-pipe."""
+
+    def __init__(self, future: concurrent.futures.Future, op: str = "request",
+                 loop_future: asyncio.Future | None = None):
         self._future = future
         self.op = op
+        self._loop_future = loop_future
+
+    def _awaitable(self) -> asyncio.Future:
+        lf = self._loop_future
+        if lf is not None:
+            try:
+                same = lf.get_loop() is asyncio.get_running_loop()
+            except RuntimeError:
+                same = False
+            if same:  # shielded: a cancelled awaiter must not cancel the result for the others
+                return lf if lf.done() else asyncio.shield(lf)
+        return asyncio.wrap_future(self._future)
 
     def __await__(self):
-        return asyncio.wrap_future(self._future).__await__()
+        return self._awaitable().__await__()
 
     def result(self, timeout: float | None = None) -> T:
         """Block until done (do not call this on a running event loop's thread; ``await`` instead)."""
@@ -67,13 +84,13 @@ class FutureGroup:
         return iter(self.futures)
 
     async def wait_all(self, return_exceptions: bool = False) -> list[Any]:
-        return list(await asyncio.gather(*(asyncio.wrap_future(f._future) for f in self.futures),
+        return list(await asyncio.gather(*(f._awaitable() for f in self.futures),
                                          return_exceptions=return_exceptions))
 
     async def wait_any(self) -> tuple[int, Any]:
         if not self.futures:
             raise ValueError("wait_any: the group is empty")
-        wrapped = [asyncio.wrap_future(f._future) for f in self.futures]
+        wrapped = [f._awaitable() for f in self.futures]
         done, _ = await asyncio.wait(wrapped, return_when=asyncio.FIRST_COMPLETED)
         index = min(wrapped.index(d) for d in done)
         return index, wrapped[index].result()

@@ -1,5 +1,11 @@
 """One training client over HTTP: numbers its requests, posts them (concurrently: the server puts them back in
-order), and resolves their futures in order by long-polling each result (:mod:`signalrl.client.http`)."""
+order), and resolves their futures in order by long-polling each result (:mod:`signalrl.client.http`).
+
+When the requests run on the caller's own loop (the async client), the futures between the steps of a request
+(posted → long-polled → result) are that loop's ``asyncio`` futures: each ``concurrent.futures`` hand-off would
+wake the loop through its self-pipe, a few tens of microseconds each, several times a request. The caller still
+gets a ``concurrent.futures.Future`` inside its :class:`APIFuture` (set at the same moment), so ``result()`` and
+other threads work as before."""
 from __future__ import annotations
 
 import asyncio
@@ -20,11 +26,31 @@ if TYPE_CHECKING:
 
 
 class _Item:
-    __slots__ = ("op", "seq", "body", "ctype", "wait", "result", "accepted")
+    __slots__ = ("op", "seq", "body", "ctype", "wait", "result", "accepted", "on_loop")
 
-    def __init__(self, op, seq, body, ctype, wait, result, accepted):
+    def __init__(self, op, seq, body, ctype, wait, result, accepted, on_loop):
         self.op, self.seq, self.body, self.ctype, self.wait = op, seq, body, ctype, wait
-        self.result, self.accepted = result, accepted
+        self.result, self.accepted, self.on_loop = result, accepted, on_loop  # on_loop: the result, asyncio
+
+
+def _settle(f, value=None, exc: BaseException | None = None) -> None:
+    """Finish ``f`` (a concurrent or an asyncio future, from any thread) unless it is done."""
+    if f is None or f.done():
+        return
+    if isinstance(f, asyncio.Future):
+        loop = f.get_loop()
+        try:
+            running = asyncio.get_running_loop()
+        except RuntimeError:
+            running = None
+        if running is not loop:
+            if not loop.is_closed():
+                loop.call_soon_threadsafe(_settle, f, value, exc)
+            return
+    if exc is not None:
+        f.set_exception(exc)
+    else:
+        f.set_result(value)
 
 
 
@@ -42,8 +68,9 @@ class HTTPSession:
         self._home: asyncio.AbstractEventLoop | None = None  # the loop this session's requests run on
         self._tasks: set[asyncio.Task] = set()
 
-    def submit(self, op: str, args: tuple, kwargs: dict | None = None, *, wait: bool = False
-               ) -> tuple[APIFuture, concurrent.futures.Future]:
+    def submit(self, op: str, args: tuple, kwargs: dict | None = None, *, wait: bool = False):
+        """``(APIFuture, accepted)``; ``accepted`` is an ``asyncio`` future when the requests run on the caller's loop
+        (``asyncio.wrap_future`` returns it as it is), else a ``concurrent.futures.Future``."""
         result: concurrent.futures.Future = concurrent.futures.Future()
         accepted: concurrent.futures.Future = concurrent.futures.Future()
         try:
@@ -63,12 +90,13 @@ class HTTPSession:
                 self._queue, self._pump = collections.deque(), None
                 self._home = caller or self.t._loop
             self._seq += 1
-            item = _Item(op, self._seq, body, ctype, wait, result, accepted)
             if self._home is caller:
+                item = _Item(op, self._seq, body, ctype, wait, result, caller.create_future(), caller.create_future())
                 self._start(item)
             else:
+                item = _Item(op, self._seq, body, ctype, wait, result, accepted, None)
                 self._home.call_soon_threadsafe(self._start, item)
-        return APIFuture(result, op), accepted
+        return APIFuture(result, op, item.on_loop), item.accepted
 
     def _start(self, item: _Item) -> None:
         loop = asyncio.get_running_loop()  # the home loop: _start runs on it
@@ -97,11 +125,9 @@ class HTTPSession:
         except asyncio.CancelledError:
             raise
         except BaseException as exc:  # noqa: BLE001 - the request's future gets it
-            if not item.accepted.done():
-                item.accepted.set_exception(exc)
+            _settle(item.accepted, exc=exc)
         else:
-            if not item.accepted.done():
-                item.accepted.set_result(doc)
+            _settle(item.accepted, doc)
         item.body = None
 
     async def _run_pump(self) -> None:
@@ -116,16 +142,15 @@ class HTTPSession:
                 self._pump = None
                 raise
             except BaseException as exc:  # noqa: BLE001
-                if not item.result.done():
-                    item.result.set_exception(exc)
+                _settle(item.result, exc=exc)
+                _settle(item.on_loop, exc=exc)
             else:
-                if not item.result.done():
-                    item.result.set_result(value)
+                _settle(item.result, value)
+                _settle(item.on_loop, value)
             self._queue.popleft()
         self._pump = None
 
     def _fail_pending(self, exc: BaseException) -> None:
         for item in list(self._queue):
-            for f in (item.accepted, item.result):
-                if not f.done():
-                    f.set_exception(exc)
+            for f in (item.accepted, item.result, item.on_loop):
+                _settle(f, exc=exc)

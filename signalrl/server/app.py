@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import os
 import re
 import sqlite3
@@ -24,6 +25,7 @@ from . import auth
 from .service import ApiError, Service, payload_hash
 
 _CLIENT_ID = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+log = logging.getLogger("signalrl.server")
 
 
 def _json(doc, status: int = 200) -> Response:
@@ -57,6 +59,12 @@ def _ctype(request: Request) -> str:
     return (request.headers.get("content-type") or "").split(";")[0].strip().lower()
 
 
+def _error(exc: ApiError) -> Response:
+    headers = {"www-authenticate": "Bearer"} if exc.status == 401 else None
+    return Response(json.dumps({"error": exc.doc}).encode(), status_code=exc.status, media_type=wire.JSON,
+                    headers=headers)
+
+
 def create_app(service: Service) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -71,9 +79,7 @@ def create_app(service: Service) -> FastAPI:
 
     @app.exception_handler(ApiError)
     async def api_error(request: Request, exc: ApiError) -> Response:
-        headers = {"www-authenticate": "Bearer"} if exc.status == 401 else None
-        return Response(json.dumps({"error": exc.doc}).encode(), status_code=exc.status, media_type=wire.JSON,
-                        headers=headers)
+        return _error(exc)
 
     def key_of(request: Request) -> str:
         scheme, _, token = (request.headers.get("authorization") or "").partition(" ")
@@ -166,36 +172,37 @@ def create_app(service: Service) -> FastAPI:
     @app.post("/v1/runs/{run_id}/requests")
     async def submit(run_id: str, request: Request) -> Response:
         key_id = key_of(request)
-        service.run_row(key_id, run_id)
+        service.check_run(key_id, run_id)
         q = request.query_params
         op, client_id = q.get("op", ""), q.get("client_id", "")
         if not _CLIENT_ID.match(client_id) or not q.get("seq", "").isdigit() or int(q["seq"]) < 1:
             raise ApiError(400, ValueError("client_id, seq: expected client_id of 1-64 characters of [A-Za-z0-9_-] "
                                            f"and seq an integer >= 1, got {client_id!r}, {q.get('seq')!r}"))
         seq, hold = int(q["seq"]), hold_of(request)
-        existing = service.store.find(run_id, client_id, seq)
+        # A new number is the usual case: it is inserted at once, and a number seen before is found by the
+        # insert's uniqueness conflict (no lookup ahead of every request).
         try:
             body = await _read_body(request, limits.max_body_bytes)
         except ApiError as exc:
-            if existing is None:
-                service.reject(key_id, run_id, client_id, seq, op, RequestTooLargeError(exc.doc["message"]))
-            raise
+            service.reject(key_id, run_id, client_id, seq, op, RequestTooLargeError(exc.doc["message"]))
+            raise  # (a number seen before stays as it was: reject leaves it alone)
         ctype = _ctype(request)
-        if existing is None:
-            status = 415 if ctype not in wire.CONTENT_TYPES else 400
-            try:
-                if status == 415:
-                    raise wire.WireError(f"content-type: expected one of {wire.CONTENT_TYPES}, got {ctype!r}")
-                rid = service.new_request(key_id, run_id, client_id, seq, op, body, ctype)
-            except wire.WireError as exc:
+        try:
+            if ctype not in wire.CONTENT_TYPES:
+                raise wire.WireError(f"content-type: expected one of {wire.CONTENT_TYPES}, got {ctype!r}")
+            head = service.new_request(key_id, run_id, client_id, seq, op, body, ctype)
+        except wire.WireError as exc:
+            existing = service.store.find(run_id, client_id, seq)
+            if existing is None:
                 service.reject(key_id, run_id, client_id, seq, op, exc)
-                raise ApiError(status, exc) from None
-            except sqlite3.IntegrityError:  # a concurrent retry inserted the same number first
-                existing = service.store.find(run_id, client_id, seq)
-                if existing is None:
-                    raise
-            else:
-                return Response(await service.wait(key_id, rid, hold), status_code=202, media_type=wire.JSON)
+                raise ApiError(415 if ctype not in wire.CONTENT_TYPES else 400, exc) from None
+        except sqlite3.IntegrityError:  # the number exists: a retry (or a concurrent one got there first)
+            existing = service.store.find(run_id, client_id, seq)
+            if existing is None:
+                raise
+        else:
+            return Response(await service.wait(key_id, head["request_id"], hold, head), status_code=202,
+                            media_type=wire.JSON)
         if existing["payload_hash"] is not None and (existing["op"] != op or existing["payload_hash"] !=
                                                      payload_hash(op, ctype, body)):
             raise ApiError(409, wire.error_doc(

@@ -78,11 +78,13 @@ def executor(service: "Service", run_id: str, key_id: str, p: "Pending", exec_or
     def after(value: Any, ok: bool) -> None:
         if not ok:
             service.record(p.request_id, error=service.explain(run_id, value))
+            p.recorded = True
             return
         run = seen["run"]
         replay = p.op in REPLAY_OPS and (p.op != "forward" or len(run.heads) != seen["heads"])
         step = (run_id, run.step) if p.op in ("optim_step", "load_state") else None
         service.record(p.request_id, result=value, keep_payload=replay, run_step=step)
+        p.recorded = True
         if p.op == "optim_step":
             _maybe_checkpoint(service, run, run_id, exec_order)
     return fn, after

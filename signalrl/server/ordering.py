@@ -25,6 +25,8 @@ class Pending:
     kwargs: dict
     arrived: float
     rejected: bool = False
+    exec_order: int | None = None  # set once it is queued (at acceptance when it was its client's next number)
+    recorded: bool = False         # its outcome is in the store (set on the worker, before the future finishes)
 
 
 class _Client:
@@ -49,6 +51,10 @@ class Sequencer:
         st = self._clients[key]
         st.touched = time.monotonic()
         return st
+
+    def is_next(self, run_id: str, client_id: str, seq: int) -> bool:
+        """Whether ``seq`` is the number its client's order waits for (it can be queued as it is accepted)."""
+        return self._client(run_id, client_id).next_seq == seq
 
     def add(self, run_id: str, client_id: str, p: Pending) -> None:
         st = self._client(run_id, client_id)

@@ -56,6 +56,11 @@ def payload_hash(op: str, ctype: str, body: bytes) -> str:
     return hashlib.sha256(op.encode() + b"\0" + ctype.encode() + b"\0" + body).hexdigest()
 
 
+def _time_up(waiter: asyncio.Future) -> None:
+    if not waiter.done():
+        waiter.set_result(None)
+
+
 class Service:
     def __init__(self, root: str, *, engine: Engine | None = None, settings: Settings | None = None):
         self.root = os.path.abspath(root)
@@ -66,7 +71,8 @@ class Service:
         self.paths = PathPolicy(os.path.join(self.root, "files"), self.engine.root_dir, self.owns)
         self.reopen_errors: dict[str, BaseException] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._events: dict[str, asyncio.Event] = {}
+        self._waiters: dict[str, list[asyncio.Future]] = {}  # request id -> its long-polls (see wait)
+        self._ready: dict[str, str] = {}  # run id -> owner, of runs seen ready (a ready run stays ready)
         self.sequencer = Sequencer(self.store, self.settings.gap_timeout_s, self._dispatch,
                                    lambda rid, doc: self.record(rid, error=doc))
         self._exec: dict[str, int] = {}
@@ -101,6 +107,12 @@ class Service:
             own = ", ".join(r["run_id"] for r in self.store.runs(key_id) if r["status"] == "ready") or "none"
             raise ApiError(404, RunNotFoundError(f"run_id: no run {run_id!r} in this engine (known runs: {own})"))
         return row
+
+    def check_run(self, key_id: str, run_id: str) -> None:
+        """:meth:`run_row`'s check, without reading the store for a run already seen ready for this key."""
+        if self._ready.get(run_id) != key_id:
+            self.run_row(key_id, run_id)
+            self._ready[run_id] = key_id
 
     def checkpoint_every(self, run_id: str) -> int:
         if run_id not in self._every:
@@ -176,17 +188,25 @@ class Service:
         fut.add_done_callback(opened)
 
     # ------------------------------------------------------------------ requests: submission and order
-    def new_request(self, key_id: str, run_id: str, client_id: str, seq: int, op: str, body: bytes, ctype: str) -> str:
-        """Accept a request body (``wire.WireError`` if it is malformed: the caller rejects it)."""
+    def new_request(self, key_id: str, run_id: str, client_id: str, seq: int, op: str, body: bytes, ctype: str
+                    ) -> dict[str, Any]:
+        """Accept a request body (``wire.WireError`` if it is malformed: the caller rejects it); its head (the
+        request's row as :meth:`wait` reads it). The client's next number (the usual case) is stored already
+        ``queued`` (one statement, one commit) and handed to the engine at once."""
         if op not in TRAINING_OPS:
             raise wire.WireError(f"op: expected one of {TRAINING_OPS}, got {op!r}")
         args, kwargs = wire.decode_request(body, ctype)
-        rid = f"req-{uuid.uuid4().hex}"
-        self.store.add_request({"request_id": rid, "run_id": run_id, "key_id": key_id, "client_id": client_id,
-                                "seq": seq, "op": op, "payload_hash": payload_hash(op, ctype, body),
-                                "content_type": ctype}, payload=body)
-        self.sequencer.add(run_id, client_id, Pending(rid, seq, op, args, kwargs, time.monotonic()))
-        return rid
+        row = {"request_id": f"req-{uuid.uuid4().hex}", "run_id": run_id, "key_id": key_id, "client_id": client_id,
+               "seq": seq, "op": op, "payload_hash": payload_hash(op, ctype, body), "content_type": ctype}
+        p = Pending(row["request_id"], seq, op, args, kwargs, time.monotonic())
+        if self.sequencer.is_next(run_id, client_id, seq):
+            exec_order = self._last_exec(run_id) + 1
+            self.store.add_request(row, payload=body, queued=exec_order)  # IntegrityError: nothing changed
+            self._exec[run_id] = p.exec_order = exec_order
+        else:
+            self.store.add_request(row, payload=body)
+        self.sequencer.add(run_id, client_id, p)
+        return {**row, "status": "waiting" if p.exec_order is None else "queued", "expired_at": None}
 
     def reject(self, key_id: str, run_id: str, client_id: str, seq: int, op: str, error: BaseException) -> str:
         """Record a request refused at the door: its number is used up (failed, with ``error``), so the client's
@@ -200,13 +220,18 @@ class Service:
         self.sequencer.add(run_id, client_id, Pending(rid, seq, op, [], {}, time.monotonic(), rejected=True))
         return rid
 
+    def _last_exec(self, run_id: str) -> int:
+        return self._exec.get(run_id) or self.store.max_exec(run_id)
+
     def _dispatch(self, run_id: str, client_id: str, p: Pending, next_seq: int) -> None:
-        """Give ``p`` the run's next execution number and hand it to the engine."""
-        self._exec[run_id] = (self._exec.get(run_id) or self.store.max_exec(run_id)) + 1
-        self.store.mark_queued(p.request_id, self._exec[run_id], run_id, client_id, next_seq)
+        """Give ``p`` the run's next execution number (unless it got one as it was accepted) and hand it to the
+        engine."""
+        if p.exec_order is None:
+            p.exec_order = self._exec[run_id] = self._last_exec(run_id) + 1
+            self.store.mark_queued(p.request_id, p.exec_order)
         if run_id not in self._owner:
             self._owner[run_id] = self.store.run(run_id)["key_id"]
-        self.run_on_engine(run_id, self._owner[run_id], p, self._exec[run_id])
+        self.run_on_engine(run_id, self._owner[run_id], p, p.exec_order)
 
     def run_on_engine(self, run_id: str, key_id: str, p: Pending, exec_order: int) -> None:
         fn, after = execution.executor(self, run_id, key_id, p, exec_order)
@@ -215,7 +240,7 @@ class Service:
         except Exception as exc:  # noqa: BLE001 - a closed engine
             self.record(p.request_id, error=exc)
             return
-        fut.add_done_callback(lambda f: self._settled(run_id, p.request_id, f))
+        fut.add_done_callback(lambda f: self._settled(run_id, p, f))
 
     def explain(self, run_id: str, exc: BaseException) -> BaseException | dict:
         """A run that is not in the engine because it could not be reopened: say so, not "no such run"."""
@@ -224,18 +249,21 @@ class Service:
                                   f"restart: {self.reopen_errors[run_id]}")
         return exc
 
-    def _settled(self, run_id: str, rid: str, f) -> None:
+    def _settled(self, run_id: str, p: Pending, f) -> None:
         """The last word on every request: one whose outcome was not recorded (a cancelled request, a failure of the
         bookkeeping itself) gets an error recorded here."""
-        row = self.store.request(rid)
+        if p.recorded:  # the usual case, known without reading the store
+            return
+        row = self.store.request(p.request_id)
         if row is None or row["status"] in FINAL:
             return
         exc = f.exception() if not f.cancelled() else RuntimeError("the request was cancelled on the server")
-        self.record(rid, error=self.explain(run_id, exc or RuntimeError("no result")))
+        self.record(p.request_id, error=self.explain(run_id, exc or RuntimeError("no result")))
 
     def record(self, rid: str, *, result: Any = None, error: BaseException | dict | None = None,
                keep_payload: bool = False, run_step: tuple[str, int] | None = None) -> None:
-        """Store a request's outcome (on whichever thread it happened) and wake its long-polls."""
+        """Store a request's outcome (on whichever thread it happened; committed before anyone can see it) and hand
+        it to its long-polls, which answer from it without reading the store again."""
         data = None
         if error is None:
             try:
@@ -247,45 +275,65 @@ class Service:
         loop = self._loop
         if loop is not None and not loop.is_closed():
             try:
-                loop.call_soon_threadsafe(self._wake, rid)
+                loop.call_soon_threadsafe(self._wake, rid, "done" if err is None else "failed",
+                                          data if err is None else err.encode())
             except RuntimeError:
                 pass
 
-    def _wake(self, rid: str) -> None:
-        ev = self._events.pop(rid, None)
-        if ev is not None:
-            ev.set()
+    def _wake(self, rid: str, status: str, outcome: bytes) -> None:
+        for w in self._waiters.pop(rid, ()):
+            if not w.done():
+                w.set_result((status, outcome))
 
     # ------------------------------------------------------------------ results
-    async def wait(self, key_id: str, rid: str, hold: float) -> bytes:
-        """The request's state as a JSON document, after holding up to ``hold`` seconds for it to finish."""
-        row = self.store.request(rid)
+    async def wait(self, key_id: str, rid: str, hold: float, head: dict | None = None) -> bytes:
+        """The request's state as a JSON document, after holding up to ``hold`` seconds for it to finish.
+        ``head``: the row of a request this call has just accepted (:meth:`new_request`), so nothing is read.
+
+        No outcome can slip between reading the state and holding: :meth:`record` commits before it schedules
+        :meth:`_wake` on this loop, and nothing awaits between the read and the registration of the waiter."""
+        row = head if head is not None else self.store.request(rid)
         if row is None or row["key_id"] != key_id:
             raise ApiError(404, LookupError(f"request_id: no request {rid!r} for this API key"))
         hold = max(0.0, min(float(hold), self.settings.max_hold_s))
         if row["status"] not in FINAL and hold > 0:
-            ev = self._events.setdefault(rid, asyncio.Event())
+            loop = asyncio.get_running_loop()
+            mine = loop.create_future()
+            self._waiters.setdefault(rid, []).append(mine)
+            timer = loop.call_later(hold, _time_up, mine)
+            try:
+                outcome = await mine
+            finally:
+                timer.cancel()
+                others = self._waiters.get(rid)
+                if others is not None and mine in others:
+                    others.remove(mine)
+                    if not others:
+                        del self._waiters[rid]
+            if outcome is not None:
+                self._delivered.add(rid)
+                return self._final(row, *outcome)
             row = self.store.request(rid)
-            if row["status"] not in FINAL:
-                try:
-                    await asyncio.wait_for(ev.wait(), hold)
-                except asyncio.TimeoutError:
-                    pass
-                row = self.store.request(rid)
         return self.answer(row)
 
+    @staticmethod
+    def _final(row, status: str, outcome: bytes) -> bytes:
+        head = json.dumps({"request_id": row["request_id"], "run_id": row["run_id"], "op": row["op"], "seq": row["seq"],
+                           "status": status})
+        return head[:-1].encode() + (b',"result":' if status == "done" else b',"error":') + outcome + b"}"
+
     def answer(self, row) -> bytes:
-        head = {"request_id": row["request_id"], "run_id": row["run_id"], "op": row["op"], "seq": row["seq"]}
         if row["status"] not in FINAL:
-            return json.dumps({**head, "status": "pending", "state": row["status"]}).encode()
+            return json.dumps({"request_id": row["request_id"], "run_id": row["run_id"], "op": row["op"],
+                               "seq": row["seq"], "status": "pending", "state": row["status"]}).encode()
         if row["expired_at"] is not None:
-            return json.dumps({**head, "status": "expired"}).encode()
+            return json.dumps({"request_id": row["request_id"], "run_id": row["run_id"], "op": row["op"],
+                               "seq": row["seq"], "status": "expired"}).encode()
         if row["delivered_at"] is None:  # written by the janitor within a second (a lost mark keeps a result longer)
             self._delivered.add(row["request_id"])
         if row["status"] == "failed":
-            return json.dumps({**head, "status": "failed"})[:-1].encode() + b',"error":' + row["error"].encode() + b"}"
-        result = self.store.result_of(row["request_id"])
-        return json.dumps({**head, "status": "done"})[:-1].encode() + b',"result":' + result + b"}"
+            return self._final(row, "failed", row["error"].encode())
+        return self._final(row, "done", self.store.result_of(row["request_id"]))
 
     # ------------------------------------------------------------------ housekeeping
     def flush_delivered(self) -> None:

@@ -9,6 +9,11 @@ Request states: ``waiting`` (accepted; an earlier number of its training client 
 is dropped (``expired_at``) once delivered + the result TTL, or never delivered + the undelivered TTL; the row
 stays, so a retried number still finds its request. The payload of a request is kept while it may still
 have to run, or be replayed after a restart (see :mod:`signalrl.server.recovery`).
+
+On a training step's path a request costs two commits, each one statement: its acceptance (an INSERT, already
+``queued`` when it is its client's next number) and its outcome (an UPDATE, on the worker, before the result is
+handed to anyone). In WAL mode a commit appends to the log file without an fsync (the operating system's page cache
+survives the process), which is what a restart after ``kill -9`` needs.
 """
 from __future__ import annotations
 
@@ -36,6 +41,7 @@ CREATE INDEX IF NOT EXISTS requests_exec ON requests(run_id, exec_order);
 CREATE INDEX IF NOT EXISTS requests_status ON requests(status);
 CREATE TABLE IF NOT EXISTS clients (
   run_id TEXT NOT NULL, client_id TEXT NOT NULL, next_seq INTEGER NOT NULL, PRIMARY KEY (run_id, client_id));
+-- clients.next_seq records skipped numbers only; queued requests say the rest (Store.next_seq)
 """
 FINAL = ("done", "failed")
 _REQ_COLS = ("request_id", "run_id", "key_id", "client_id", "seq", "op", "payload_hash", "status", "exec_order",
@@ -71,6 +77,9 @@ class Store:
 
     def _tx(self, statements: list[tuple[str, tuple]]) -> None:
         with self._lock:
+            if len(statements) == 1:  # one statement is its own transaction (autocommit): no BEGIN / COMMIT calls
+                self._db.execute(*statements[0])
+                return
             self._db.execute("BEGIN IMMEDIATE")
             try:
                 for sql, args in statements:
@@ -138,33 +147,40 @@ class Store:
         return self._one(f"SELECT {', '.join(_REQ_COLS)} FROM requests WHERE key_id = ? AND client_id = ? AND "
                          "op = 'create_run'", (key_id, client_id))
 
-    def add_request(self, row: dict[str, Any], payload: bytes | None) -> None:
+    def add_request(self, row: dict[str, Any], payload: bytes | None, queued: int | None = None) -> None:
         """Insert a ``waiting`` (or, with ``row["error"]``, a ``failed``) request; ``sqlite3.IntegrityError`` if its
-        (run, client, seq) exists."""
-        status = "failed" if row.get("error") else "waiting"
+        (run, client, seq) exists. ``queued``: the request is its client's next number and is handed to the engine
+        now with this execution order — inserted ``queued`` at once (one statement, one commit: its client's next
+        number follows from it, see :meth:`next_seq`)."""
+        status = "failed" if row.get("error") else "waiting" if queued is None else "queued"
         now = time.time()
-        self._x("INSERT INTO requests (request_id, run_id, key_id, client_id, seq, op, payload_hash, payload, "
-                "content_type, status, error, created_at, finished_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                (row["request_id"], row["run_id"], row["key_id"], row["client_id"], row["seq"], row["op"],
-                 row.get("payload_hash"), payload, row.get("content_type"), status, row.get("error"), now,
-                 now if status == "failed" else None))
+        insert = ("INSERT INTO requests (request_id, run_id, key_id, client_id, seq, op, payload_hash, payload, "
+                  "content_type, status, exec_order, error, created_at, finished_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, "
+                  "?, ?, ?, ?, ?)",
+                  (row["request_id"], row["run_id"], row["key_id"], row["client_id"], row["seq"], row["op"],
+                   row.get("payload_hash"), payload, row.get("content_type"), status, queued, row.get("error"), now,
+                   now if status == "failed" else None))
+        self._x(*insert)
 
     def payload(self, request_id: str) -> tuple[bytes | None, str | None]:
         row = self._one("SELECT payload, content_type FROM requests WHERE request_id = ?", (request_id,))
         return (None, None) if row is None else (row["payload"], row["content_type"])
 
-    def mark_queued(self, request_id: str, exec_order: int, run_id: str, client_id: str, next_seq: int) -> None:
-        self._tx([("UPDATE requests SET status = 'queued', exec_order = ? WHERE request_id = ?", (exec_order, request_id)),
-                  ("INSERT INTO clients VALUES (?, ?, ?) ON CONFLICT (run_id, client_id) DO UPDATE SET next_seq = "
-                   "excluded.next_seq", (run_id, client_id, next_seq))])
+    def mark_queued(self, request_id: str, exec_order: int) -> None:
+        self._x("UPDATE requests SET status = 'queued', exec_order = ? WHERE request_id = ?", (exec_order, request_id))
 
     def skip_seqs(self, run_id: str, client_id: str, next_seq: int) -> None:
+        """The client's order moved past numbers that will not run (refused, or given up after a gap)."""
         self._x("INSERT INTO clients VALUES (?, ?, ?) ON CONFLICT (run_id, client_id) DO UPDATE SET next_seq = "
                 "excluded.next_seq", (run_id, client_id, next_seq))
 
     def next_seq(self, run_id: str, client_id: str) -> int:
+        """The number the client's order waits for: past its last queued request (a request is queued only when its
+        number is the next one) or past its last skip (``clients``), whichever is later."""
         row = self._one("SELECT next_seq FROM clients WHERE run_id = ? AND client_id = ?", (run_id, client_id))
-        return 1 if row is None else int(row["next_seq"])
+        top = self._one("SELECT seq FROM requests WHERE run_id = ? AND client_id = ? AND exec_order IS NOT NULL "
+                        "ORDER BY seq DESC LIMIT 1", (run_id, client_id))
+        return max(1 if row is None else int(row["next_seq"]), 1 if top is None else int(top["seq"]) + 1)
 
     def max_exec(self, run_id: str) -> int:
         row = self._one("SELECT MAX(exec_order) AS m FROM requests WHERE run_id = ?", (run_id,))
