@@ -11,7 +11,7 @@ namespace signalrl {
 namespace {
 
 // single-thread cost of one token (ns; 2-core AMD EPYC, k3 with the vectorized exp)
-constexpr double kTokenNs = 0.5;
+constexpr double kTokenNs = 0.6;
 
 using detail::vec_f32;
 

@@ -31,8 +31,8 @@ constexpr int64_t kChunk = 4096;
 constexpr double kInf = std::numeric_limits<double>::infinity();
 constexpr double kNaN = std::numeric_limits<double>::quiet_NaN();
 // single-thread cost of one chunk of kChunk tokens (ns; 2-core AMD EPYC, vectorized loops)
-constexpr double kPpoChunkNs = 4096 * 2.0;
-constexpr double kValueChunkNs = 4096 * 1.0;
+constexpr double kPpoChunkNs = 4096 * 4.5;
+constexpr double kValueChunkNs = 4096 * 2.0;
 
 #define SIGNAL_INLINE inline __attribute__((always_inline))
 
