@@ -10,6 +10,7 @@
 #include <type_traits>
 
 #include "common.h"
+#include "simd.h"
 
 namespace signalrl {
 
@@ -25,12 +26,13 @@ inline KlEst kl_code(const char* fn, c10::string_view name) {
 
 // Σ_{n=0}^{8} (−d)^n / (n + K)!, by Horner from the last term: the tails of exp(−d) that k3 needs near d = 0,
 // k3 = d²·exp_tail<2>(d) and 1 − exp(−d) = d·exp_tail<1>(d) (truncated below 1e-9 relative for |d| < 1/2).
-template <int K>
-inline float exp_tail(float d) {
+// T: float, or a float vector of simd.h.
+template <int K, class T = float>
+inline T exp_tail(T d) {
   constexpr float kFactorial[] = {1.0f, 1.0f, 2.0f, 6.0f, 24.0f, 120.0f, 720.0f, 5040.0f, 40320.0f, 362880.0f,
                                   3628800.0f};
   constexpr int kTerms = 9;
-  float p = 1.0f / kFactorial[kTerms - 1 + K];
+  T p = T{} + 1.0f / kFactorial[kTerms - 1 + K];
   for (int n = kTerms - 2; n >= 0; --n) p = p * d + (n % 2 ? -1.0f : 1.0f) / kFactorial[n + K];
   return p;
 }
@@ -56,6 +58,29 @@ inline void kl_math_t(float d, float& kl, float& g) {
   } else {
     kl = std::fabs(d);
     g = d > 0 ? 1.0f : (d < 0 ? -1.0f : 0.0f);
+  }
+}
+
+// kl_math_t on the lanes of a simd.h vector: the same operations, selects for the ternaries
+template <KlEst E>
+inline __attribute__((always_inline)) void kl_math_v(simd::vf d, simd::vf& kl, simd::vf& g) {
+  using namespace simd;
+  if constexpr (E == KlEst::k1) {
+    kl = d;
+    g = splat(1.0f);
+  } else if constexpr (E == KlEst::k2) {
+    kl = 0.5f * d * d;
+    g = d;
+  } else if constexpr (E == KlEst::k3) {
+    const vf e = vexp_v(-d);
+    const vf p = exp_tail<2>(d);
+    const vf q = exp_tail<1>(d);
+    const vi small = fabs_v(d) < splat(0.5f);
+    kl = select(small, d * d * p, e + d - 1.0f);
+    g = select(small, d * q, 1.0f - e);
+  } else {
+    kl = fabs_v(d);
+    g = select(d > vf{}, splat(1.0f), select(d < vf{}, splat(-1.0f), vf{}));
   }
 }
 

@@ -5,14 +5,25 @@
 // [kRows, kVocab] float32 logits block comes from one GEMM (at::mm, float32 accumulation) and is
 // folded into a per-row online log-sum-exp. Memory: O(kRows·kVocab + (kRows + kVocab)·H) on top
 // of inputs and outputs. The backward recomputes the blocks and turns each into d logits in place.
+//
+// Plan by shape. The vocabulary is cut into kGroups fixed groups of small blocks (a [rows, Vb] float32 block stays in
+// L2 between its GEMM and the softmax pass); the groups run in parallel, one thread per group at a time, each GEMM
+// single-threaded inside its task, so a call holds one parallel region rather than two per block, and small calls
+// run on one thread (parallel.h). Forward: each group keeps its own online log-sum-exp per row; the groups are merged
+// in group order. Backward (rows ≤ kRows, while kGroups partial d(hidden) fit kGroupBudget floats): d(weight) and
+// d(bias) blocks are written straight into the outputs (disjoint per block), d(hidden) is summed per group and the
+// groups added in order. Results do not depend on the number of threads. Otherwise (many rows and a large H) the
+// backward runs [kRows, kVocab] blocks one after the other, each GEMM using every thread.
 #include <torch/library.h>
 #include <ATen/Parallel.h>
+#include <ATen/core/LegacyTypeDispatch.h>
 
 #include <algorithm>
 #include <limits>
 #include <vector>
 
 #include "kernels.h"
+#include "parallel.h"
 #include "rowops.h"
 
 namespace signalrl {
@@ -21,6 +32,15 @@ namespace {
 
 constexpr int64_t kRows = 1024;
 constexpr int64_t kVocab = 1024;
+constexpr int64_t kGroups = 16;             // fixed vocab groups of the group plan (not the number of threads)
+constexpr int64_t kTileFloats = 64 * 1024;  // a group's logits block: rows × Vb ≈ 256 KiB
+constexpr int64_t kGroupBudget = 256 * 1024;  // floats of all per-group d(hidden) partials (1 MiB)
+constexpr double kGemmNsPerFlop = 1.0 / 80.0;     // single-thread float32 GEMM ≈ 80 GFLOP/s (2-core AMD EPYC)
+
+// vocab block of the group plan for nr rows: a multiple of 64 in [64, 1024]
+int64_t group_block(int64_t nr) {
+  return std::min<int64_t>(1024, std::max<int64_t>(64, kTileFloats / std::max<int64_t>(nr, 1) / 64 * 64));
+}
 
 struct LinearArgs {
   at::Tensor hidden, weight, bias_f32, valid_rows;  // valid_rows: int64 [Nv] row indices
@@ -119,34 +139,46 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_token_logprobs_fwd(
   float* ent = with_entropy ? entropy.data_ptr<float>() : nullptr;
   double* ls = lse.data_ptr<double>();
   const int64_t* rows = a.valid_rows.data_ptr<int64_t>();
-  at::Tensor scratch = at::empty({std::min(kRows, a.Nv) * std::min(kVocab, a.V)}, f32);
   std::vector<OnlineLse> state;
   std::vector<float> z_target;
   for (int64_t r0 = 0; r0 < a.Nv; r0 += kRows) {
     const int64_t nr = std::min(kRows, a.Nv - r0);
     const at::Tensor h_blk = hidden_block(a, r0, nr);
-    state.assign(nr, OnlineLse());
+    const int64_t vb = group_block(nr);
+    const int64_t nblocks = (a.V + vb - 1) / vb;
+    const int64_t G = std::min(kGroups, nblocks);
+    const int64_t per_group = (nblocks + G - 1) / G;  // blocks per group
+    state.assign(G * nr, OnlineLse());
     z_target.assign(nr, 0.0f);
-    for (int64_t v0 = 0; v0 < a.V; v0 += kVocab) {
-      const int64_t nv = std::min(kVocab, a.V - v0);
-      const at::Tensor z = logits_block(a, scratch, h_blk, weight_block(a, v0, nv), v0);
-      const float* zp = z.data_ptr<float>();
-      at::parallel_for(0, nr, 16, [&](int64_t b, int64_t e) {
-        for (int64_t i = b; i < e; ++i) {
-          const float* zr = zp + i * nv;
-          state[i].update(zr, nv, a.scale, with_entropy);
-          const int64_t t = a.targets[rows[r0 + i]];
-          if (t >= v0 && t < v0 + nv) z_target[i] = zr[t - v0] * a.scale;
+    const double group_ns = 2.0 * nr * a.H * vb * per_group * kGemmNsPerFlop;
+    parallel_work(0, G, group_ns, [&](int64_t g0, int64_t g1) {
+      // worker threads do not inherit the caller's dispatch state: below autograd, as the kernel itself runs
+      at::AutoDispatchBelowADInplaceOrView below_autograd;
+      at::Tensor scratch = at::empty({nr * vb}, f32);
+      for (int64_t g = g0; g < g1; ++g) {
+        OnlineLse* st = state.data() + g * nr;
+        for (int64_t blk = g * per_group; blk < std::min(nblocks, (g + 1) * per_group); ++blk) {
+          const int64_t v0 = blk * vb, nv = std::min(vb, a.V - v0);
+          const at::Tensor z = logits_block(a, scratch, h_blk, weight_block(a, v0, nv), v0);
+          const float* zp = z.data_ptr<float>();
+          for (int64_t i = 0; i < nr; ++i) {
+            const float* zr = zp + i * nv;
+            st[i].update(zr, nv, a.scale, with_entropy);
+            const int64_t t = a.targets[rows[r0 + i]];
+            if (t >= v0 && t < v0 + nv) z_target[i] = zr[t - v0] * a.scale;
+          }
         }
-      });
-    }
+      }
+    });
     for (int64_t i = 0; i < nr; ++i) {
+      OnlineLse acc = state[i];
+      for (int64_t g = 1; g < G; ++g) acc.merge(state[g * nr + i], a.scale);
       const int64_t row = rows[r0 + i];
-      ls[row] = state[i].lse(a.scale);
+      ls[row] = acc.lse(a.scale);
       const int64_t t = a.targets[row];
-      lp[row] = (t >= 0 && t < a.V) ? state[i].logprob(z_target[i], a.scale)
+      lp[row] = (t >= 0 && t < a.V) ? acc.logprob(z_target[i], a.scale)
                                     : std::numeric_limits<float>::quiet_NaN();
-      if (ent != nullptr) ent[row] = state[i].entropy();
+      if (ent != nullptr) ent[row] = acc.entropy();
     }
   }
   return {logprobs, entropy, lse};
@@ -196,6 +228,59 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_token_logprobs_bwd(
   }
 
   const auto f32 = hidden.options().dtype(at::kFloat);
+  // the group plan (see the top of this file) where its d(hidden) partials fit the budget
+  const int64_t vbg = group_block(Nv);
+  const int64_t nblocks_g = (a.V + vbg - 1) / vbg;
+  const int64_t G = std::min({kGroups, nblocks_g, need_hidden ? kGroupBudget / (Nv * a.H) : kGroups});
+  if (Nv <= kRows && G >= 2) {
+    const at::Tensor h_all = hidden_block(a, 0, Nv);
+    const int64_t per_group = (nblocks_g + G - 1) / G;
+    at::Tensor gh_part = need_hidden ? at::zeros({G, Nv, a.H}, f32) : at::Tensor();
+    const bool gw_direct = need_weight && grad_weight.scalar_type() == at::kFloat;
+    const double group_ns = 3.0 * 2.0 * Nv * a.H * vbg * per_group * kGemmNsPerFlop;
+    parallel_work(0, G, group_ns, [&](int64_t g0, int64_t g1) {
+      at::AutoDispatchBelowADInplaceOrView below_autograd;  // as in the forward
+      at::Tensor scratch = at::empty({Nv * vbg}, f32);
+      at::Tensor gw_tmp = need_weight && !gw_direct ? at::empty({vbg, a.H}, f32) : at::Tensor();
+      for (int64_t g = g0; g < g1; ++g) {
+        at::Tensor gh_g = need_hidden ? gh_part.select(0, g) : at::Tensor();
+        for (int64_t blk = g * per_group; blk < std::min(nblocks_g, (g + 1) * per_group); ++blk) {
+          const int64_t v0 = blk * vbg, nv = std::min(vbg, a.V - v0);
+          const at::Tensor w_blk = weight_block(a, v0, nv);
+          at::Tensor z = logits_block(a, scratch, h_all, w_blk, v0);
+          float* zp = z.data_ptr<float>();
+          for (int64_t k = 0; k < Nv; ++k) {  // z -> d loss / d logits (in place)
+            float* zr = zp + k * nv;
+            vec_softmax_grad(zr, nv, a.scale, r_lse[k].hi, r_lse[k].lo, r_c0[k], r_c1[k], a.scale, zr);
+            const int64_t t = r_tgt[k];
+            if (t >= v0 && t < v0 + nv) zr[t - v0] += a.scale * r_gl[k];
+          }
+          if (need_hidden) gh_g.addmm_(z, w_blk);
+          if (need_weight) {
+            if (gw_direct) {
+              at::Tensor gw = grad_weight.narrow(0, v0, nv);
+              at::mm_out(gw, z.t(), h_all);
+            } else {
+              at::Tensor gw = gw_tmp.narrow(0, 0, nv);
+              at::mm_out(gw, z.t(), h_all);
+              grad_weight.narrow(0, v0, nv).copy_(gw);
+            }
+          }
+          if (need_bias) grad_bias.narrow(0, v0, nv).copy_(z.sum(0));
+        }
+      }
+    });
+    if (need_hidden) {
+      at::Tensor gh = gh_part.select(0, 0);
+      for (int64_t g = 1; g < G; ++g) gh.add_(gh_part.select(0, g));  // in group order
+      if (Nv == a.N) {
+        grad_hidden.copy_(gh);
+      } else {
+        grad_hidden.index_copy_(0, a.valid_rows, gh.to(grad_hidden.scalar_type()));
+      }
+    }
+    return {grad_hidden, grad_weight, grad_bias};
+  }
   // float32 accumulator for d hidden over the kept rows (accumulates over vocab blocks); the
   // output itself when it is float32 and no row was dropped
   const bool gh_direct = need_hidden && Nv == a.N && grad_hidden.scalar_type() == at::kFloat;

@@ -72,6 +72,26 @@ struct OnlineLse {
     vec_sum_exp(x, n, scale, m, &s, with_entropy ? &d : nullptr);
   }
 
+  // Fold in the state of another range of the same row (computed with the same scale): the state of both ranges.
+  void merge(const OnlineLse& o, float scale) {
+    if (o.m == kNegInf) return;  // nothing there (every term exp(-inf) = 0)
+    if (m == kNegInf) {
+      *this = o;
+      return;
+    }
+    if (o.m > m) {
+      const float shift = (m - o.m) * scale;
+      const float alpha = std::exp(shift);
+      d = alpha * (d + shift * s);
+      s *= alpha;
+      m = o.m;
+    }
+    const float shift = (o.m - m) * scale;  // <= 0 (NaN if either max is NaN, which then propagates)
+    const float alpha = std::exp(shift);
+    s += alpha * o.s;
+    d += alpha * (o.d + shift * o.s);
+  }
+
   // float64, so the backward can rebuild log p without lse's float32 rounding (split_lse)
   double lse(float scale) const { return static_cast<double>(m * scale) + static_cast<double>(std::log(s)); }
   // log p of the logit z (already scaled): z − max is exact near the max, unlike z − fl32(lse)

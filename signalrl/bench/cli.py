@@ -7,12 +7,14 @@ Examples::
     python -m benchmarks --preset gpu --out $OUT/bench
     python -m benchmarks --quick --out /tmp/bench     # CI smoke (< 1 min)
     python -m benchmarks --ops gae,kl_penalty --providers reference,native
+    python -m benchmarks --preset cpu --busy          # the same, with one core kept busy (signalrl/bench/busy.py)
     python -m benchmarks --render benchmarks/results/cpu   # redraw table and plots from rows.jsonl
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import re
@@ -54,6 +56,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--triton-interpret", action="store_true",
                    help="on CPU, run the triton provider in the Triton interpreter (smoke only; default in --quick)")
     p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice; 1 for --quick)")
+    p.add_argument("--busy", action="store_true", help="keep one core busy with a bounded background process "
+                   "during the run (signalrl/bench/busy.py); default --out gets a -busy suffix")
     p.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--list", action="store_true", help="list the cases of the preset and exit")
@@ -171,8 +175,8 @@ def main(argv: list[str] | None = None) -> int:
                   f"modes={','.join(m for m in c.modes if m in modes)} providers={','.join(provs)}")
         return 0
 
-    out_dir = args.out or os.path.join(results_dir(),
-                                       device_slug(device) + ("-quick" if preset_name == "quick" else ""))
+    out_dir = args.out or os.path.join(results_dir(), device_slug(device) + ("-quick" if preset_name == "quick" else "")
+                                       + ("-busy" if args.busy else ""))
     os.makedirs(out_dir, exist_ok=True)
     budget = args.budget_s if args.budget_s is not None else DEFAULT_BUDGET_S[preset_name]
     versions = P.versions()
@@ -193,7 +197,14 @@ def main(argv: list[str] | None = None) -> int:
     close = lambda: None  # noqa: E731
     max_s = args.max_s if args.max_s is not None else DEFAULT_MAX_S[preset_name]
     old_handlers = _install_stop_handlers(max_s)
+    background = contextlib.ExitStack()  # --busy: the background load, stopped in `finally`
     try:
+        if args.busy:
+            from . import busy
+
+            busy_s = 2 * max(budget, max_s or 0.0) + 300
+            background.enter_context(busy.busy_core(busy_s))
+            meta["busy"] = busy.describe(busy_s)
         ceil = C.measure(device, quick=preset.quick)
         meta["ceilings"] = ceil
         print("ceilings: " + ", ".join(f"{k}={v:.3g}" for k, v in ceil.items()), file=sys.stderr)
@@ -207,6 +218,7 @@ def main(argv: list[str] | None = None) -> int:
         meta["interrupted"] = True
         print("\nsignal bench: interrupted — keeping what was measured", file=sys.stderr)
     finally:
+        background.close()
         _restore_stop_handlers(old_handlers)
         close()
         writer.close()
