@@ -244,9 +244,9 @@ async def main_async(args) -> str:
         "## Reading",
         "",
         "- Every step's loss is bit-identical locally and remotely: the remote step does the local step's work, plus "
-        "per request the protocol — JSON (or safetensors) encoding on both sides, one HTTP exchange (the client's "
-        "keep-alive HTTP/1.1 on asyncio; uvicorn with uvloop/httptools, the submit and result routes served without "
-        "FastAPI's layers), authentication, two SQLite commits (accepted and queued in one; the result) and two "
+        "per request the protocol — JSON (or safetensors) encoding on both sides, one HTTP exchange (httpx's "
+        "keep-alive pool on the caller's loop; FastAPI on uvicorn with uvloop/httptools), authentication, two SQLite "
+        "commits (accepted and queued in one; the result) and two "
         "thread hand-offs in the server (event loop → engine worker → event loop, the result handed over in memory). "
         "The CPU table shows it: the server process spends the local step's compute plus its share, the client "
         "process the rest.",
@@ -258,11 +258,12 @@ async def main_async(args) -> str:
         "awaited call, and the server's event loop shares the interpreter lock with its engine worker: while an "
         "exchange cost milliseconds (before the changes of docs/server.md, \"Overhead\"), that made pipelining "
         "with no preparation slower than awaiting each call (0.82×).",
-        "- What is left is about 1.4–1.7 ms per request, spread over a dozen steps of 50–250 µs each (client encode "
-        "and future hand-off, two loopback crossings and process wake-ups, authentication, decoding, the accept and "
-        "result commits, two thread hand-offs, the answer); after the model's step has evicted the CPU caches each "
-        "runs several times slower than in a micro-benchmark. docs/server.md (\"Overhead\") has the per-segment "
-        "timeline before and after, and why that stays above the 10% goal at batch 32 on this machine.",
+        "- What is left is a few milliseconds per request: the HTTP client (httpx + httpcore: about 0.7 ms of client "
+        "CPU an exchange on this machine, against about 0.1 ms for a raw socket), FastAPI's layers (about 0.1 ms), "
+        "and a dozen server steps of 50–250 µs each (authentication, decoding, the accept and result commits, two "
+        "thread hand-offs, the answer), each several times slower after the model's step has evicted the CPU caches. "
+        "docs/server.md (\"Overhead\") has the per-segment timeline and why that stays above the 10% goal at batch "
+        "32 on this machine.",
         "- CPU timings on a shared 2-core machine are noisy (other jobs ran beside this one); compare medians within "
         "one run.",
     ]
