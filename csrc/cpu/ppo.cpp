@@ -36,6 +36,8 @@ constexpr double kNaN = std::numeric_limits<double>::quiet_NaN();
 // single-thread cost of one chunk of kChunk tokens (ns; 2-core AMD EPYC, vectorized loops)
 constexpr double kPpoChunkNs = 4096 * 4.5;
 constexpr double kValueChunkNs = 4096 * 2.0;
+constexpr double kMaskChunkNs = 4096 * 0.1;
+constexpr double kScaleTokenNs = 0.1;
 
 #define SIGNAL_INLINE inline __attribute__((always_inline))
 
@@ -100,6 +102,7 @@ struct PpoArgs {
   const float *lp, *old, *adv, *w, *m, *ref, *ent;
   float *g_lp, *g_ent;
   float lo, hi, dual, klc, entc, lr_c;
+  float wdiv;  // w == nullptr: token-mean weights m / wdiv (see token_mean_divisor)
   bool has_dual, has_lr;
 };
 
@@ -116,8 +119,10 @@ SIGNAL_MULTIVERSION void ppo_chunk(const PpoArgs& p, int64_t b, int64_t e, doubl
   const bool has_dual = p.has_dual, has_lr = p.has_lr;
   const float* const in[7] = {p.m, p.w, p.lp, p.old, p.adv, HAS_REF ? p.ref : nullptr, HAS_ENT ? p.ent : nullptr};
   float* const out[2] = {p.g_lp, HAS_ENT ? p.g_ent : nullptr};
+  const vf wdiv = splat(p.wdiv);
   for_vectors<7, 2>(b, e, in, out, [&](const float* const* x, float* const* y) __attribute__((always_inline)) {
-    const vf mi = load(x[0]), wi = load(x[1]);
+    const vf mi = load(x[0]);
+    const vf wi = x[1] != nullptr ? load(x[1]) : mi / wdiv;  // token-mean weights: as token_weights divides
     // the mask selects: every input is loaded, then read as 0 where mask == 0
     const vi sel = mi != zero;
     const vf lpi = select(sel, load(x[2]), zero), oldi = select(sel, load(x[3]), zero);
@@ -204,6 +209,7 @@ struct ValueArgs {
   const float *v, *old, *ret, *w, *m;
   float* g_v;
   float clip;
+  float wdiv;  // w == nullptr: token-mean weights m / wdiv
 };
 
 // pass 1 over tokens [b, e): gradient, loss, counts and first moments into row[VNCOL]
@@ -215,8 +221,10 @@ SIGNAL_MULTIVERSION void value_chunk(const ValueArgs& p, int64_t b, int64_t e, d
   const vf zero = vf{}, half = splat(0.5f), c_hi = splat(p.clip), c_lo = -c_hi;
   const float* const in[5] = {p.m, p.w, p.v, p.ret, HAS_CLIP ? p.old : nullptr};
   float* const out[1] = {p.g_v};
+  const vf wdiv = splat(p.wdiv);
   for_vectors<5, 1>(b, e, in, out, [&](const float* const* x, float* const* y) __attribute__((always_inline)) {
-    const vf mi = load(x[0]), wi = load(x[1]);
+    const vf mi = load(x[0]);
+    const vf wi = x[1] != nullptr ? load(x[1]) : mi / wdiv;  // token-mean weights: as token_weights divides
     const vi sel = mi != zero;
     const vf vi_ = select(sel, load(x[2]), zero), ri = select(sel, load(x[3]), zero);
     const vf diff = vi_ - ri;
@@ -269,6 +277,74 @@ SIGNAL_MULTIVERSION void value_sq_chunk(const ValueArgs& p, int64_t b, int64_t e
   sq[1] = lanes_total(a_e);
 }
 
+
+// Token-mean weights without materializing them: w = m / max(Σ m, 1) (signalrl.ops.token_weights, "token-mean"),
+// the divisor rounded to float32 as torch's float32 sum is for a 0/1 mask (exact there; Σ m in float64 over fixed
+// chunks merged in order, so no result depends on the thread count).
+SIGNAL_MULTIVERSION double mask_chunk_sum(const float* m, int64_t b, int64_t e) {
+  using namespace simd;
+  vd acc = vd{};
+  int64_t i = b;
+  for (; i + W <= e; i += W) acc += to_d(load(m + i));
+  double s = lanes_total(acc);
+  for (; i < e; ++i) s += m[i];
+  return s;
+}
+
+float token_mean_divisor(const float* m, int64_t N) {
+  const int64_t C = chunks_of(N);
+  std::vector<double> part(C, 0.0);
+  parallel_work(0, C, kMaskChunkNs, [&](int64_t c0, int64_t c1) {
+    for (int64_t c = c0; c < c1; ++c) part[c] = mask_chunk_sum(m, c * kChunk, std::min(N, (c + 1) * kChunk));
+  });
+  double total = 0.0;
+  for (int64_t c = 0; c < C; ++c) total += part[c];
+  return static_cast<float>(std::max(total, 1.0));
+}
+
+// The CPU mask check of signalrl.ops._validate.mask_values as one pass: true if a value is negative, NaN or ±inf
+// (floating masks, compared in their own dtype) or negative (integer masks). The op layer then finds the first bad
+// value and raises its ValueError; a clean mask costs this pass only.
+SIGNAL_MULTIVERSION bool mask_bad_f32(const float* x, int64_t n) {
+  using namespace simd;
+  const vf zero = vf{}, top = splat(std::numeric_limits<float>::max());
+  for (int64_t b = 0; b < n; b += kChunk) {
+    const int64_t e = std::min(n, b + kChunk);
+    vi bad = vi{};
+    int64_t i = b;
+    for (; i + W <= e; i += W) {
+      const vf v = load(x + i);
+      bad |= ~((v >= zero) & (v <= top));  // NaN compares false: bad
+    }
+    int tail = 0;
+    for (; i < e; ++i) tail |= !(x[i] >= 0.0f && x[i] <= std::numeric_limits<float>::max());
+    for (int l = 0; l < W; ++l) tail |= bad[l] != 0;
+    if (tail) return true;
+  }
+  return false;
+}
+
+template <class T>
+bool mask_bad_values(const T* x, int64_t n) {
+  for (int64_t b = 0; b < n; b += kChunk) {
+    const int64_t e = std::min(n, b + kChunk);
+    int bad = 0;
+    if constexpr (std::is_integral_v<T>) {
+      for (int64_t i = b; i < e; ++i) bad |= x[i] < 0;
+    } else if constexpr (std::is_floating_point_v<T>) {
+      const T top = std::numeric_limits<T>::max();
+      for (int64_t i = b; i < e; ++i) bad |= !(x[i] >= T(0) && x[i] <= top);  // NaN compares false: bad
+    } else {  // Half, BFloat16: their float value
+      for (int64_t i = b; i < e; ++i) {
+        const float v = static_cast<float>(x[i]);
+        bad |= !(v >= 0.0f && v <= std::numeric_limits<float>::max());
+      }
+    }
+    if (bad) return true;
+  }
+  return false;
+}
+
 }  // namespace
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> ppo_token_fwd(
@@ -283,7 +359,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> ppo_token_fwd(
   const at::Tensor lp_t = vec_f32(fn, "logprobs", logprobs_in, N);
   const at::Tensor old_t = vec_f32(fn, "old_logprobs", old_in, N);
   const at::Tensor adv_t = vec_f32(fn, "advantages", adv_in, N);
-  const at::Tensor w_t = vec_f32(fn, "weights", weights_in, N);
+  // empty weights: the token-mean weights of the mask, computed here
+  const bool has_w = !detail::is_empty(weights_in) || N == 0;
+  const at::Tensor w_t = has_w ? vec_f32(fn, "weights", weights_in, N) : at::Tensor();
   const at::Tensor m_t = vec_f32(fn, "mask", mask_in, N);
   const bool has_ref = present(ref_in), has_ent = present(ent_in);
   const at::Tensor ref_t = has_ref ? vec_f32(fn, "ref_logprobs", *ref_in, N) : at::Tensor();
@@ -297,8 +375,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> ppo_token_fwd(
   p.lp = lp_t.data_ptr<float>();
   p.old = old_t.data_ptr<float>();
   p.adv = adv_t.data_ptr<float>();
-  p.w = w_t.data_ptr<float>();
+  p.w = has_w ? w_t.data_ptr<float>() : nullptr;
   p.m = m_t.data_ptr<float>();
+  p.wdiv = has_w ? 1.0f : token_mean_divisor(p.m, N);
   p.ref = has_ref ? ref_t.data_ptr<float>() : nullptr;
   p.ent = has_ent ? ent_t.data_ptr<float>() : nullptr;
   p.g_lp = g_lp_t.data_ptr<float>();
@@ -356,17 +435,19 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> value_loss_fwd(
   const at::Tensor v_t = vec_f32(fn, "values", values_in, N);
   const at::Tensor old_t = has_clip ? vec_f32(fn, "old_values", old_in, N) : at::Tensor();
   const at::Tensor ret_t = vec_f32(fn, "returns", returns_in, N);
-  const at::Tensor w_t = vec_f32(fn, "weights", weights_in, N);
+  const bool has_w = !detail::is_empty(weights_in) || N == 0;
+  const at::Tensor w_t = has_w ? vec_f32(fn, "weights", weights_in, N) : at::Tensor();
   const at::Tensor m_t = vec_f32(fn, "mask", mask_in, N);
   at::Tensor g_v_t = at::empty({N}, v_t.options());
   ValueArgs p;
   p.v = v_t.data_ptr<float>();
   p.old = has_clip ? old_t.data_ptr<float>() : nullptr;
   p.ret = ret_t.data_ptr<float>();
-  p.w = w_t.data_ptr<float>();
+  p.w = has_w ? w_t.data_ptr<float>() : nullptr;
   p.m = m_t.data_ptr<float>();
   p.g_v = g_v_t.data_ptr<float>();
   p.clip = static_cast<float>(clip_in.value_or(0.0));
+  p.wdiv = has_w ? 1.0f : token_mean_divisor(p.m, N);
 
   // pass 1: loss, gradient, counts and first moments; pass 2: second moments about the means (two-pass
   // variances in float64, the reference's masked_var)
@@ -406,10 +487,51 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> value_loss_fwd(
   return {scalar_f32(tot[VLOSS]), g_v_t, stats};
 }
 
+static SIGNAL_MULTIVERSION void scale_loop(const float* __restrict__ g, float s, float* __restrict__ o, int64_t b,
+                                    int64_t e) {
+  for (int64_t i = b; i < e; ++i) o[i] = g[i] * s;
+}
+
+// The backward of ppo_token_fwd / value_loss_fwd: the forward's weighted per-token gradient times the incoming
+// scalar gradient (read on the host: CPU), float32 as torch's g * g_loss, on threads by the amount of work (an ATen
+// multiply of a few 10^4 floats would split across every thread, parallel.h).
+at::Tensor ppo_grad_scale(const at::Tensor& grad, const at::Tensor& grad_loss) {
+  constexpr const char* fn = "ppo_grad_scale";
+  TORCH_CHECK(grad.dim() == 1, fn, ": grad must be [N], got shape ", grad.sizes());
+  TORCH_CHECK(grad_loss.numel() == 1 && grad_loss.device().is_cpu(), fn, ": grad_loss must be one CPU value");
+  const int64_t N = grad.size(0);
+  const at::Tensor g_t = vec_f32(fn, "grad", grad, N);
+  const float s = grad_loss.to(at::kFloat).item<float>();
+  at::Tensor out = at::empty({N}, g_t.options());
+  const float* g = g_t.data_ptr<float>();
+  float* o = out.data_ptr<float>();
+  parallel_work(0, N, kScaleTokenNs, [&](int64_t b, int64_t e) { scale_loop(g, s, o, b, e); });
+  return out;
+}
+
+at::Tensor mask_check(const at::Tensor& mask_in) {
+  TORCH_CHECK(mask_in.device().is_cpu(), "mask_check: mask must be a CPU tensor");
+  const at::Tensor m = mask_in.contiguous();
+  const int64_t n = m.numel();
+  bool bad = false;
+  switch (m.scalar_type()) {
+    case at::kFloat: bad = mask_bad_f32(m.data_ptr<float>(), n); break;
+    case at::kDouble: bad = mask_bad_values(m.data_ptr<double>(), n); break;
+    case at::kHalf: bad = mask_bad_values(m.data_ptr<at::Half>(), n); break;
+    case at::kBFloat16: bad = mask_bad_values(m.data_ptr<at::BFloat16>(), n); break;
+    case at::kLong: bad = mask_bad_values(m.data_ptr<int64_t>(), n); break;
+    case at::kInt: bad = mask_bad_values(m.data_ptr<int32_t>(), n); break;
+    default: break;  // bool, uint8: never negative
+  }
+  return at::scalar_tensor(bad, at::TensorOptions().dtype(at::kBool));
+}
+
 }  // namespace signalrl
 
 // The schemas and fakes of these ops are signalrl/ops/ppo.py (torch.library); this is their CPU kernel.
 TORCH_LIBRARY_IMPL(signalrl, CPU, m) {
   m.impl("ppo_token_fwd", &signalrl::ppo_token_fwd);
   m.impl("value_loss_fwd", &signalrl::value_loss_fwd);
+  m.impl("ppo_grad_scale", &signalrl::ppo_grad_scale);
+  m.impl("mask_check", &signalrl::mask_check);  // schema: signalrl/ops/_validate.py
 }

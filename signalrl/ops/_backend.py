@@ -116,8 +116,27 @@ def _constant_under_compile(fn):
     return fn
 
 
+# _choose's answers while nothing they depend on changes: the forced backend, the environment variables read below
+# and the native extension's state (cached only once it is loaded or has failed, when it no longer changes).
+_choices: dict[tuple, str] = {}
+
+
 @_constant_under_compile
 def _choose(kernel_name: str, device_type: str) -> str:
+    env = os.environ
+    key = (kernel_name, device_type, _forced_stack[-1] if _forced_stack else None, env.get("SIGNAL_BACKEND"),
+           env.get("TRITON_INTERPRET"), env.get("SIGNAL_NATIVE"))
+    hit = _choices.get(key)
+    if hit is not None:
+        return hit
+    choice = _choose_uncached(kernel_name, device_type)
+    native = _native_module()
+    if native is None or getattr(native, "_loaded_from", None) is not None or getattr(native, "_error", None) is not None:
+        _choices[key] = choice
+    return choice
+
+
+def _choose_uncached(kernel_name: str, device_type: str) -> str:
     device = torch.device(device_type)
     kernel = _kernel(kernel_name)
     forced = forced_backend()

@@ -13,6 +13,8 @@ from typing import Iterable, Sequence
 
 import torch
 
+from ._library import LIBRARY, _lib
+
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 INDEX_DTYPES = (torch.int64, torch.int32)
 MASK_DTYPES = (torch.bool, torch.float32, torch.bfloat16, torch.float16, torch.float64, torch.int64, torch.int32, torch.uint8)
@@ -188,12 +190,30 @@ def targets_in_range(targets: torch.Tensor, V: int, ignore_index: int) -> None:
         _first_bad("targets", targets, bad, f"class indices in [0, {V}) or ignore_index={ignore_index}")
 
 
+# The same check as one native pass (csrc/cpu/ppo.cpp, registered when the extension loads): true if a value is
+# bad. Not a kernel of the contract: a host-side helper of this module, CPU only.
+_lib.define("mask_check(Tensor mask) -> Tensor")
+torch.library.register_fake(f"{LIBRARY}::mask_check", lambda mask: mask.new_empty((), dtype=torch.bool), lib=_lib)
+_native_mask_check = None
+
+
+def _mask_check_op():
+    """``signalrl::mask_check`` once the native extension has registered its CPU kernel, else None."""
+    global _native_mask_check
+    if _native_mask_check is None and torch._C._dispatch_has_kernel_for_dispatch_key(f"{LIBRARY}::mask_check", "CPU"):
+        _native_mask_check = getattr(torch.ops, LIBRARY).mask_check.default
+    return _native_mask_check
+
+
 def mask_values(name: str, mask: torch.Tensor | None) -> None:
     """A mask holds finite values ≥ 0: 0 = not counted, > 0 = counted with that weight (CPU tensors only)."""
     if mask is None or mask.dtype == torch.bool or mask.dtype == torch.uint8 or mask.numel() == 0:
         return
     if not host_checkable(mask):
         return
+    native_check = _mask_check_op()
+    if native_check is not None and not bool(native_check(mask)):
+        return  # one pass, no temporaries; a bad mask is located and reported below
     if mask.is_floating_point():
         bad = ~((mask >= 0) & (mask < math.inf))  # NaN compares false: bad
     else:

@@ -19,13 +19,39 @@ from ..reference.stat_keys import PPO_STAT_KEYS, SURROGATE_STAT_KEYS, VALUE_STAT
 from . import _validate as v
 from ._backend import backend_for
 from ._check import check_enabled, checked
-from ._library import KernelOp
+from ._library import LIBRARY, KernelOp, _lib
 
 _F32 = torch.float32
 
 
 def _flat(x: Tensor) -> Tensor:
     return x.reshape(-1).contiguous()
+
+
+def _f32(x: Tensor) -> Tensor:
+    return x if x.dtype == _F32 else x.to(_F32)
+
+
+def _weights(mask: Tensor | None, aggregation: str, like: Tensor) -> Tensor:
+    """The kernels' ``weights`` argument: empty for token-mean (the kernel forms m / max(Σm, 1) itself, without a
+    weights tensor), else :func:`token_weights` flattened."""
+    if aggregation == "token-mean":
+        return like.new_empty(0, dtype=_F32)
+    return _flat(token_weights(mask, aggregation, shape=like.shape, device=like.device))
+
+
+_SURROGATE_PARAMS: dict[tuple, tuple] = {}
+
+
+def _surrogate_params(clip_low, clip_high, dual_clip, log_ratio_clamp) -> tuple:
+    """``PPOParams(...).flat()`` of clipped_surrogate (no KL, no entropy term), built once per setting in eager."""
+    key = (clip_low, clip_high, dual_clip, log_ratio_clamp)
+    flat = None if torch.compiler.is_compiling() else _SURROGATE_PARAMS.get(key)
+    if flat is None:
+        flat = PPOParams(clip_low, clip_high, dual_clip, log_ratio_clamp=log_ratio_clamp).flat()
+        if not torch.compiler.is_compiling() and len(_SURROGATE_PARAMS) < 256:
+            _SURROGATE_PARAMS[key] = flat
+    return flat
 
 
 def _any_f64(*xs: Tensor) -> bool:
@@ -56,7 +82,8 @@ def _value_fake(values, old_values, returns, weights, mask, clip):
             values.new_empty(len(VALUE_STAT_KEYS), dtype=_F32))
 
 
-# [N] vectors (float, read as float32; weights = the aggregation's per-token weights, mask 0/1 selects),
+# [N] vectors (float, read as float32; weights = the aggregation's per-token weights, or empty for token-mean's
+# m / max(Σm, 1), which the kernel computes; mask 0/1 selects),
 # ref_logprobs / entropy None or empty when absent
 #   → (loss [] f32, grad_logprobs [N] f32, grad_entropy [N] f32 | empty, stats [9] f32 in PPO_STAT_KEYS order)
 PPO_TOKEN_FWD = KernelOp(
@@ -65,7 +92,8 @@ PPO_TOKEN_FWD = KernelOp(
     f"Tensor? entropy, {PPOParams.schema()}) -> (Tensor, Tensor, Tensor, Tensor)",
     _ppo_fake,
 )
-# [N] vectors → (loss [] f32, grad_values [N] f32, stats [4] f32 in VALUE_STAT_KEYS order)
+# [N] vectors (weights as above: empty = token-mean) → (loss [] f32, grad_values [N] f32, stats [4] f32 in
+# VALUE_STAT_KEYS order)
 VALUE_LOSS_FWD = KernelOp(
     "value_loss_fwd",
     f"(Tensor values, Tensor old_values, Tensor returns, Tensor weights, Tensor mask, {ValueParams.schema()}) "
@@ -74,10 +102,16 @@ VALUE_LOSS_FWD = KernelOp(
 )
 
 
+def _weights_for(weights: Tensor, mask: Tensor) -> Tensor:
+    """Empty weights stand for the token-mean weights of the mask (the native kernels compute them in place)."""
+    return token_weights(mask, "token-mean") if weights.numel() == 0 and mask.numel() > 0 else weights
+
+
 @PPO_TOKEN_FWD.triton
 def _(logprobs, old_logprobs, advantages, weights, mask, ref_logprobs, entropy, *params):
     from ..kernels import ppo  # Triton: imported on first use
 
+    weights = _weights_for(weights, mask)
     return ppo.ppo_token_fwd(logprobs, old_logprobs, advantages, weights, mask, ref_logprobs, entropy, *params)
 
 
@@ -85,13 +119,31 @@ def _(logprobs, old_logprobs, advantages, weights, mask, ref_logprobs, entropy, 
 def _(values, old_values, returns, weights, mask, clip):
     from ..kernels import ppo
 
-    return ppo.value_loss_fwd(values, old_values, returns, weights, mask, clip)
+    return ppo.value_loss_fwd(values, old_values, returns, _weights_for(weights, mask), mask, clip)
 
 
-# The forward kernels compute the per-token gradient of the loss; the backward scales it by the incoming gradient.
+# The forward kernels compute the per-token gradient of the loss; the backward scales it by the incoming gradient:
+# on CPU with the native extension by its helper op (one thread for small N, where an ATen multiply would split
+# across every thread and wait for a busy core; the same float32 products), else by a torch multiply.
+_lib.define("ppo_grad_scale(Tensor grad, Tensor grad_loss) -> Tensor")
+torch.library.register_fake(f"{LIBRARY}::ppo_grad_scale", lambda grad, grad_loss: torch.empty_like(grad), lib=_lib)
+_native_scale = None
+
+
+def _scaled(g: Tensor, g_loss: Tensor) -> Tensor:
+    global _native_scale
+    if g.device.type == "cpu" and g.dim() == 1 and not torch.is_grad_enabled() and not torch.compiler.is_compiling():
+        if _native_scale is None and torch._C._dispatch_has_kernel_for_dispatch_key(f"{LIBRARY}::ppo_grad_scale", "CPU"):
+            _native_scale = getattr(torch.ops, LIBRARY).ppo_grad_scale.default
+        if _native_scale is not None and g.dtype == _F32 and g_loss.device.type == "cpu" and g_loss.numel() == 1:
+            return _native_scale(g, g_loss)
+    return g * g_loss
+
+
 def _ppo_setup(ctx, inputs, output):
     _loss, g_lp, g_ent, stats = output
     ctx.mark_non_differentiable(g_lp, g_ent, stats)
+    ctx.set_materialize_grads(False)  # no [N] zeros for the outputs without gradient: the backward reads g_loss only
     ctx.save_for_backward(g_lp, g_ent)
     ctx.dtypes = (inputs[0].dtype, None if inputs[6] is None else inputs[6].dtype)
 
@@ -102,8 +154,8 @@ def _ppo_backward(ctx, g_loss, *_unused):
     rest = (None,) * (5 + PPOParams.size())
     if g_loss is None:
         return (None, *rest, None)
-    grad_ent = (g_ent * g_loss).to(ent_dtype) if ctx.needs_input_grad[6] and g_ent.numel() else None
-    return ((g_lp * g_loss).to(lp_dtype), None, None, None, None, None, grad_ent) + rest[5:]
+    grad_ent = _scaled(g_ent, g_loss).to(ent_dtype) if ctx.needs_input_grad[6] and g_ent.numel() else None
+    return (_scaled(g_lp, g_loss).to(lp_dtype), None, None, None, None, None, grad_ent) + rest[5:]
 
 
 PPO_TOKEN_FWD.register_autograd(_ppo_backward, _ppo_setup)
@@ -112,13 +164,14 @@ PPO_TOKEN_FWD.register_autograd(_ppo_backward, _ppo_setup)
 def _value_setup(ctx, inputs, output):
     _loss, g_v, stats = output
     ctx.mark_non_differentiable(g_v, stats)
+    ctx.set_materialize_grads(False)
     ctx.save_for_backward(g_v)
     ctx.v_dtype = inputs[0].dtype
 
 
 def _value_backward(ctx, g_loss, _g_gv, _g_stats):
     (g_v,) = ctx.saved_tensors
-    grad = (g_v * g_loss).to(ctx.v_dtype) if g_loss is not None else None
+    grad = _scaled(g_v, g_loss).to(ctx.v_dtype) if g_loss is not None else None
     return grad, None, None, None, None, None
 
 
@@ -198,12 +251,12 @@ def clipped_surrogate(
         return ref_fn(logprobs, old_logprobs, advantages, mask)
 
     op = PPO_TOKEN_FWD.op(backend, logprobs.device)
-    params = PPOParams(clip_low, clip_high, dual_clip, log_ratio_clamp=log_ratio_clamp)  # no KL, no entropy term
+    flat_params = _surrogate_params(clip_low, clip_high, dual_clip, log_ratio_clamp)
 
     def fast_fn(lp, old, adv, m):
-        w = token_weights(m, aggregation, shape=lp.shape, device=lp.device)
-        m32 = torch.ones(lp.numel(), dtype=_F32, device=lp.device) if m is None else _flat(m.to(_F32))
-        loss, _, _, stats = op(_flat(lp), _flat(old), _flat(adv), _flat(w), m32, None, None, *params.flat())
+        w = _weights(m, aggregation, lp)
+        m32 = torch.ones(lp.numel(), dtype=_F32, device=lp.device) if m is None else _flat(_f32(m))
+        loss, _, _, stats = op(_flat(lp), _flat(old), _flat(adv), w, m32, None, None, *flat_params)
         return loss, dict(zip(SURROGATE_STAT_KEYS, stats.unbind(0)))  # the first len(SURROGATE_STAT_KEYS) stats
 
     inputs = (logprobs, old_logprobs, advantages, mask)
@@ -270,9 +323,9 @@ def value_loss(
     params = ValueParams(clip)
 
     def fast_fn(val, old, ret, m):
-        w = token_weights(m, aggregation, shape=val.shape, device=val.device)
-        m32 = torch.ones(val.numel(), dtype=_F32, device=val.device) if m is None else _flat(m.to(_F32))
-        loss, _, stats = op(_flat(val), _flat(old), _flat(ret), _flat(w), m32, *params.flat())
+        w = _weights(m, aggregation, val)
+        m32 = torch.ones(val.numel(), dtype=_F32, device=val.device) if m is None else _flat(_f32(m))
+        loss, _, stats = op(_flat(val), _flat(old), _flat(ret), w, m32, *params.flat())
         return loss, dict(zip(VALUE_STAT_KEYS, stats.unbind(0)))
 
     inputs = (values, old_values, returns, mask)
