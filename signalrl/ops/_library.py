@@ -93,4 +93,21 @@ class KernelOp:
         return f"KernelOp({LIBRARY}::{self.name}{self.schema})"
 
 
-__all__ = ["KERNELS", "KernelOp", "LIBRARY"]
+class NativeHelper:
+    """A CPU-only helper op of the op layer (not a kernel of the contract: no Triton, no backend choice):
+    ``signalrl::<name>`` with its schema and fake, implemented by the native extension when it loads.
+    Calling the helper gives the op once its C++ kernel is registered, else None (the caller's plain-torch path)."""
+
+    def __init__(self, name: str, schema: str, fake: Callable):
+        self.name = name
+        _lib.define(name + schema)
+        torch.library.register_fake(f"{LIBRARY}::{name}", fake, lib=_lib)
+        self._op = None
+
+    def __call__(self):
+        if self._op is None and torch._C._dispatch_has_kernel_for_dispatch_key(f"{LIBRARY}::{self.name}", "CPU"):
+            self._op = getattr(getattr(torch.ops, LIBRARY), self.name).default
+        return self._op
+
+
+__all__ = ["KERNELS", "KernelOp", "LIBRARY", "NativeHelper"]

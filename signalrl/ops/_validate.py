@@ -13,7 +13,7 @@ from typing import Iterable, Sequence
 
 import torch
 
-from ._library import LIBRARY, _lib
+from ._library import NativeHelper
 
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 INDEX_DTYPES = (torch.int64, torch.int32)
@@ -192,17 +192,7 @@ def targets_in_range(targets: torch.Tensor, V: int, ignore_index: int) -> None:
 
 # The same check as one native pass (csrc/cpu/ppo.cpp, registered when the extension loads): true if a value is
 # bad. Not a kernel of the contract: a host-side helper of this module, CPU only.
-_lib.define("mask_check(Tensor mask) -> Tensor")
-torch.library.register_fake(f"{LIBRARY}::mask_check", lambda mask: mask.new_empty((), dtype=torch.bool), lib=_lib)
-_native_mask_check = None
-
-
-def _mask_check_op():
-    """``signalrl::mask_check`` once the native extension has registered its CPU kernel, else None."""
-    global _native_mask_check
-    if _native_mask_check is None and torch._C._dispatch_has_kernel_for_dispatch_key(f"{LIBRARY}::mask_check", "CPU"):
-        _native_mask_check = getattr(torch.ops, LIBRARY).mask_check.default
-    return _native_mask_check
+MASK_CHECK = NativeHelper("mask_check", "(Tensor mask) -> Tensor", lambda mask: mask.new_empty((), dtype=torch.bool))
 
 
 def mask_values(name: str, mask: torch.Tensor | None) -> None:
@@ -211,7 +201,7 @@ def mask_values(name: str, mask: torch.Tensor | None) -> None:
         return
     if not host_checkable(mask):
         return
-    native_check = _mask_check_op()
+    native_check = MASK_CHECK()
     if native_check is not None and not bool(native_check(mask)):
         return  # one pass, no temporaries; a bad mask is located and reported below
     if mask.is_floating_point():

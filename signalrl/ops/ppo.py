@@ -19,7 +19,7 @@ from ..reference.stat_keys import PPO_STAT_KEYS, SURROGATE_STAT_KEYS, VALUE_STAT
 from . import _validate as v
 from ._backend import backend_for
 from ._check import check_enabled, checked
-from ._library import LIBRARY, KernelOp, _lib
+from ._library import KernelOp, NativeHelper
 
 _F32 = torch.float32
 
@@ -125,18 +125,15 @@ def _(values, old_values, returns, weights, mask, clip):
 # The forward kernels compute the per-token gradient of the loss; the backward scales it by the incoming gradient:
 # on CPU with the native extension by its helper op (one thread for small N, where an ATen multiply would split
 # across every thread and wait for a busy core; the same float32 products), else by a torch multiply.
-_lib.define("ppo_grad_scale(Tensor grad, Tensor grad_loss) -> Tensor")
-torch.library.register_fake(f"{LIBRARY}::ppo_grad_scale", lambda grad, grad_loss: torch.empty_like(grad), lib=_lib)
-_native_scale = None
+GRAD_SCALE = NativeHelper("ppo_grad_scale", "(Tensor grad, Tensor grad_loss) -> Tensor",
+                          lambda grad, grad_loss: torch.empty_like(grad))
 
 
 def _scaled(g: Tensor, g_loss: Tensor) -> Tensor:
-    global _native_scale
     if g.device.type == "cpu" and g.dim() == 1 and not torch.is_grad_enabled() and not torch.compiler.is_compiling():
-        if _native_scale is None and torch._C._dispatch_has_kernel_for_dispatch_key(f"{LIBRARY}::ppo_grad_scale", "CPU"):
-            _native_scale = getattr(torch.ops, LIBRARY).ppo_grad_scale.default
-        if _native_scale is not None and g.dtype == _F32 and g_loss.device.type == "cpu" and g_loss.numel() == 1:
-            return _native_scale(g, g_loss)
+        native_scale = GRAD_SCALE()
+        if native_scale is not None and g.dtype == _F32 and g_loss.device.type == "cpu" and g_loss.numel() == 1:
+            return native_scale(g, g_loss)
     return g * g_loss
 
 
