@@ -24,75 +24,31 @@
 #include "kernels.h"
 #include "kl.h"
 #include "parallel.h"
+#include "epilogue.h"
 #include "simd.h"
 
 namespace signalrl {
 
 namespace {
 
-constexpr int64_t kChunk = 4096;
 constexpr double kInf = std::numeric_limits<double>::infinity();
 constexpr double kNaN = std::numeric_limits<double>::quiet_NaN();
 // single-thread cost of one chunk of kChunk tokens (ns; 2-core AMD EPYC, vectorized loops)
 constexpr double kPpoChunkNs = 4096 * 4.5;
-constexpr double kValueChunkNs = 4096 * 2.0;
 constexpr double kMaskChunkNs = 4096 * 0.1;
 constexpr double kScaleTokenNs = 0.1;
-
-#define SIGNAL_INLINE inline __attribute__((always_inline))
 
 inline double sticky_min(double a, double b) { return (std::isnan(a) || std::isnan(b)) ? kNaN : std::min(a, b); }
 inline double sticky_max(double a, double b) { return (std::isnan(a) || std::isnan(b)) ? kNaN : std::max(a, b); }
 
 using detail::vec_f32;
+using namespace epilogue;
 using simd::vd;
 using simd::vf;
 using simd::vi;
 using simd::W;
 
 bool present(const std::optional<at::Tensor>& t) { return t.has_value() && !detail::is_empty(*t); }
-
-int64_t chunks_of(int64_t n) { return std::max<int64_t>(1, (n + kChunk - 1) / kChunk); }
-
-at::Tensor scalar_f32(double x) { return at::full({}, x, at::TensorOptions().dtype(at::kFloat)); }
-
-// Σ of the W float64 lanes, in lane order
-SIGNAL_INLINE double lanes_total(vd acc) {
-  double s = 0.0;
-  for (int l = 0; l < W; ++l) s += acc[l];
-  return s;
-}
-
-// Runs body(offset, inputs, outputs) on tokens [b, e) W at a time. The inputs are n_in float arrays, the outputs
-// n_out; the last partial vector reads zero-padded copies (mask and weights 0 there, so it adds nothing to any
-// statistic) and writes only its real tokens back.
-template <int NIN, int NOUT, class F>
-SIGNAL_INLINE void for_vectors(int64_t b, int64_t e, const float* const (&in)[NIN], float* const (&out)[NOUT],
-                               F&& body) {
-  int64_t i = b;
-  for (; i + W <= e; i += W) {
-    const float* pin[NIN];
-    float* pout[NOUT > 0 ? NOUT : 1];
-    for (int k = 0; k < NIN; ++k) pin[k] = in[k] == nullptr ? nullptr : in[k] + i;
-    for (int k = 0; k < NOUT; ++k) pout[k] = out[k] == nullptr ? nullptr : out[k] + i;
-    body(pin, pout);
-  }
-  if (i < e) {
-    const int64_t n = e - i;
-    alignas(64) float tin[NIN][W], tout[NOUT > 0 ? NOUT : 1][W];
-    const float* pin[NIN];
-    float* pout[NOUT > 0 ? NOUT : 1];
-    for (int k = 0; k < NIN; ++k) {
-      for (int l = 0; l < W; ++l) tin[k][l] = (in[k] != nullptr && l < n) ? in[k][i + l] : 0.0f;
-      pin[k] = in[k] == nullptr ? nullptr : tin[k];
-    }
-    for (int k = 0; k < NOUT; ++k) pout[k] = out[k] == nullptr ? nullptr : tout[k];
-    body(pin, pout);
-    for (int k = 0; k < NOUT; ++k)
-      if (out[k] != nullptr)
-        for (int64_t l = 0; l < n; ++l) out[k][i + l] = tout[k][l];
-  }
-}
 
 // ---- ppo_token_fwd ----------------------------------------------------------------------------
 
@@ -120,13 +76,13 @@ SIGNAL_MULTIVERSION void ppo_chunk(const PpoArgs& p, int64_t b, int64_t e, doubl
   const float* const in[7] = {p.m, p.w, p.lp, p.old, p.adv, HAS_REF ? p.ref : nullptr, HAS_ENT ? p.ent : nullptr};
   float* const out[2] = {p.g_lp, HAS_ENT ? p.g_ent : nullptr};
   const vf wdiv = splat(p.wdiv);
-  for_vectors<7, 2>(b, e, in, out, [&](const float* const* x, float* const* y) __attribute__((always_inline)) {
-    const vf mi = load(x[0]);
-    const vf wi = x[1] != nullptr ? load(x[1]) : mi / wdiv;  // token-mean weights: as token_weights divides
+  for_vectors<7, 2>(b, e, in, out, [&](const float* const* x, float* const* y, int64_t i) __attribute__((always_inline)) {
+    const vf mi = load(x[0] + i);
+    const vf wi = x[1] != nullptr ? load(x[1] + i) : mi / wdiv;  // token-mean weights: as token_weights divides
     // the mask selects: every input is loaded, then read as 0 where mask == 0
     const vi sel = mi != zero;
-    const vf lpi = select(sel, load(x[2]), zero), oldi = select(sel, load(x[3]), zero);
-    const vf a = select(sel, load(x[4]), zero);
+    const vf lpi = select(sel, load(x[2] + i), zero), oldi = select(sel, load(x[3] + i), zero);
+    const vf a = select(sel, load(x[4] + i), zero);
     vf log_ratio = lpi - oldi;
     // torch.clamp: the gradient passes on the closed interval only
     vi lr_free = sel | ~sel;
@@ -155,7 +111,7 @@ SIGNAL_MULTIVERSION void ppo_chunk(const PpoArgs& p, int64_t b, int64_t e, doubl
     vf loss = pg, kl = zero;
     if constexpr (HAS_REF) {  // a zero coefficient drops the term, as the reference does (0·inf would be NaN)
       vf g_kl;
-      kl_math_v<E>(lpi - select(sel, load(x[5]), zero), kl, g_kl);
+      kl_math_v<E>(lpi - select(sel, load(x[5] + i), zero), kl, g_kl);
       if (klc != 0.0f) {
         loss = loss + klc * kl;
         g = g + klc * g_kl;
@@ -163,11 +119,11 @@ SIGNAL_MULTIVERSION void ppo_chunk(const PpoArgs& p, int64_t b, int64_t e, doubl
     }
     vf enti = zero;
     if constexpr (HAS_ENT) {
-      enti = select(sel, load(x[6]), zero);
+      enti = select(sel, load(x[6] + i), zero);
       if (entc != 0.0f) loss = loss - entc * enti;
-      store(y[1], wi * -entc);
+      store(y[1] + i, wi * -entc);
     }
-    store(y[0], wi * g);
+    store(y[0] + i, wi * g);
     const vd md = to_d(mi), wd = to_d(wi);
     acc[LOSS] += wd * to_d(loss);
     acc[PG] += wd * to_d(pg);
@@ -200,83 +156,6 @@ PpoChunkFn ppo_chunk_fn(bool has_ref, KlEst est) {
   with_estimator(est, [&](auto k) { f = &ppo_chunk<true, decltype(k)::value, HAS_ENT>; });
   return f;
 }
-
-// ---- value_loss_fwd ---------------------------------------------------------------------------
-
-enum ValueCol { VLOSS, VCNT, VCLIP, SV, SR, SE, VNCOL };
-
-struct ValueArgs {
-  const float *v, *old, *ret, *w, *m;
-  float* g_v;
-  float clip;
-  float wdiv;  // w == nullptr: token-mean weights m / wdiv
-};
-
-// pass 1 over tokens [b, e): gradient, loss, counts and first moments into row[VNCOL]
-template <bool HAS_CLIP>
-SIGNAL_MULTIVERSION void value_chunk(const ValueArgs& p, int64_t b, int64_t e, double* row) {
-  using namespace simd;
-  vd acc[VNCOL];
-  for (int k = 0; k < VNCOL; ++k) acc[k] = vd{};
-  const vf zero = vf{}, half = splat(0.5f), c_hi = splat(p.clip), c_lo = -c_hi;
-  const float* const in[5] = {p.m, p.w, p.v, p.ret, HAS_CLIP ? p.old : nullptr};
-  float* const out[1] = {p.g_v};
-  const vf wdiv = splat(p.wdiv);
-  for_vectors<5, 1>(b, e, in, out, [&](const float* const* x, float* const* y) __attribute__((always_inline)) {
-    const vf mi = load(x[0]);
-    const vf wi = x[1] != nullptr ? load(x[1]) : mi / wdiv;  // token-mean weights: as token_weights divides
-    const vi sel = mi != zero;
-    const vf vi_ = select(sel, load(x[2]), zero), ri = select(sel, load(x[3]), zero);
-    const vf diff = vi_ - ri;
-    const vf err = diff * diff;
-    vf loss, g, flag = zero;
-    if constexpr (HAS_CLIP) {
-      const vf oi = select(sel, load(x[4]), zero);
-      const vf dv = vi_ - oi;
-      const vf dc = (oi + nan_clamp(dv, c_lo, c_hi)) - ri;
-      const vf err_c = dc * dc;
-      const vf g_c = select((dv >= c_lo) & (dv <= c_hi), dc, zero);
-      loss = half * nan_max(err, err_c);
-      g = select(err > err_c, diff, select(err_c > err, g_c, half * (diff + g_c)));
-      flag = one_if((err_c > err) & ((dv < c_lo) | (dv > c_hi)));
-    } else {
-      loss = half * err;
-      g = diff;
-    }
-    store(y[0], wi * g);
-    const vd md = to_d(mi);
-    acc[VLOSS] += to_d(wi) * to_d(loss);
-    acc[VCNT] += md;
-    acc[VCLIP] += md * to_d(flag);
-    acc[SV] += md * to_d(vi_);
-    acc[SR] += md * to_d(ri);
-    acc[SE] += md * to_d(ri - vi_);
-  });
-  for (int k = 0; k < VNCOL; ++k) row[k] = lanes_total(acc[k]);
-}
-
-// pass 2 over tokens [b, e): Σ m·(R − mean_R)², Σ m·((R − v) − mean_E)² into sq[2], in float64
-SIGNAL_MULTIVERSION void value_sq_chunk(const ValueArgs& p, int64_t b, int64_t e, double mean_r, double mean_e,
-                                        double* sq) {
-  using namespace simd;
-  vd a_r = vd{}, a_e = vd{};
-  const vf zero = vf{};
-  const vd mr = splat_d(mean_r), me = splat_d(mean_e);
-  const float* const in[3] = {p.m, p.v, p.ret};
-  float* const out[1] = {nullptr};
-  for_vectors<3, 1>(b, e, in, out, [&](const float* const* x, float* const*) __attribute__((always_inline)) {
-    const vf mi = load(x[0]);
-    const vi sel = mi != zero;
-    const vf vi_ = select(sel, load(x[1]), zero), ri = select(sel, load(x[2]), zero);
-    const vd dr = to_d(ri) - mr, de = to_d(ri - vi_) - me;
-    const vd md = to_d(mi);
-    a_r += md * dr * dr;
-    a_e += md * de * de;
-  });
-  sq[0] = lanes_total(a_r);
-  sq[1] = lanes_total(a_e);
-}
-
 
 // Token-mean weights without materializing them: w = m / max(Σ m, 1) (signalrl.ops.token_weights, "token-mean"),
 // the divisor rounded to float32 as torch's float32 sum is for a 0/1 mask (exact there; Σ m in float64 over fixed
@@ -425,68 +304,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> ppo_token_fwd(
   return {scalar_f32(tot[LOSS]), g_lp_t, g_ent_t, stats};
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> value_loss_fwd(
-    const at::Tensor& values_in, const at::Tensor& old_in, const at::Tensor& returns_in,
-    const at::Tensor& weights_in, const at::Tensor& mask_in, std::optional<double> clip_in) {
-  constexpr const char* fn = "value_loss_fwd";
-  TORCH_CHECK(values_in.dim() == 1, fn, ": values must be [N], got shape ", values_in.sizes());
-  const int64_t N = values_in.size(0);
-  const bool has_clip = clip_in.has_value();
-  const at::Tensor v_t = vec_f32(fn, "values", values_in, N);
-  const at::Tensor old_t = has_clip ? vec_f32(fn, "old_values", old_in, N) : at::Tensor();
-  const at::Tensor ret_t = vec_f32(fn, "returns", returns_in, N);
-  const bool has_w = !detail::is_empty(weights_in) || N == 0;
-  const at::Tensor w_t = has_w ? vec_f32(fn, "weights", weights_in, N) : at::Tensor();
-  const at::Tensor m_t = vec_f32(fn, "mask", mask_in, N);
-  at::Tensor g_v_t = at::empty({N}, v_t.options());
-  ValueArgs p;
-  p.v = v_t.data_ptr<float>();
-  p.old = has_clip ? old_t.data_ptr<float>() : nullptr;
-  p.ret = ret_t.data_ptr<float>();
-  p.w = has_w ? w_t.data_ptr<float>() : nullptr;
-  p.m = m_t.data_ptr<float>();
-  p.g_v = g_v_t.data_ptr<float>();
-  p.clip = static_cast<float>(clip_in.value_or(0.0));
-  p.wdiv = has_w ? 1.0f : token_mean_divisor(p.m, N);
-
-  // pass 1: loss, gradient, counts and first moments; pass 2: second moments about the means (two-pass
-  // variances in float64, the reference's masked_var)
-  const int64_t C = chunks_of(N);
-  std::vector<double> part(C * VNCOL, 0.0);
-  parallel_work(0, C, kValueChunkNs, [&](int64_t c0, int64_t c1) {
-    for (int64_t c = c0; c < c1; ++c) {
-      const int64_t b = c * kChunk, e = std::min(N, (c + 1) * kChunk);
-      if (has_clip) value_chunk<true>(p, b, e, part.data() + c * VNCOL);
-      else value_chunk<false>(p, b, e, part.data() + c * VNCOL);
-    }
-  });
-  double tot[VNCOL] = {0};
-  for (int64_t c = 0; c < C; ++c)
-    for (int k = 0; k < VNCOL; ++k) tot[k] += part[c * VNCOL + k];
-  const double inv = 1.0 / std::max(tot[VCNT], 1.0);
-  const double mean_r = tot[SR] * inv, mean_e = tot[SE] * inv;
-  std::vector<double> sq(C * 2, 0.0);
-  parallel_work(0, C, kValueChunkNs / 2, [&](int64_t c0, int64_t c1) {
-    for (int64_t c = c0; c < c1; ++c)
-      value_sq_chunk(p, c * kChunk, std::min(N, (c + 1) * kChunk), mean_r, mean_e, sq.data() + 2 * c);
-  });
-  double ssr = 0.0, sse = 0.0;
-  for (int64_t c = 0; c < C; ++c) {
-    ssr += sq[2 * c];
-    sse += sq[2 * c + 1];
-  }
-  const double bessel = std::max(tot[VCNT] - 1.0, 1.0);
-  const double var_r = ssr / bessel, var_e = sse / bessel;
-  const double tiny = std::numeric_limits<float>::min();
-  at::Tensor stats = at::empty({4}, v_t.options());
-  float* s = stats.data_ptr<float>();
-  s[0] = static_cast<float>(tot[VCLIP] * inv);
-  s[1] = static_cast<float>(var_r > 0 ? 1.0 - var_e / std::max(var_r, tiny) : 0.0);
-  s[2] = static_cast<float>(tot[SV] * inv);
-  s[3] = static_cast<float>(mean_r);
-  return {scalar_f32(tot[VLOSS]), g_v_t, stats};
-}
-
 static SIGNAL_MULTIVERSION void scale_loop(const float* __restrict__ g, float s, float* __restrict__ o, int64_t b,
                                     int64_t e) {
   for (int64_t i = b; i < e; ++i) o[i] = g[i] * s;
@@ -531,7 +348,6 @@ at::Tensor mask_check(const at::Tensor& mask_in) {
 // The schemas and fakes of these ops are signalrl/ops/ppo.py (torch.library); this is their CPU kernel.
 TORCH_LIBRARY_IMPL(signalrl, CPU, m) {
   m.impl("ppo_token_fwd", &signalrl::ppo_token_fwd);
-  m.impl("value_loss_fwd", &signalrl::value_loss_fwd);
   m.impl("ppo_grad_scale", &signalrl::ppo_grad_scale);
   m.impl("mask_check", &signalrl::mask_check);  // schema: signalrl/ops/_validate.py
 }

@@ -12,7 +12,10 @@ tensors too, where the CPU key belongs to C++; so each op has a twin ``<name>_in
 and fake whose CPU implementation is the Triton launcher. :meth:`KernelOp.op` says which of the two runs a backend.
 
 The fake gives the outputs' shapes and dtypes (``torch.compile``, FakeTensor); autograd is registered on the
-forward ops by their op modules (:meth:`KernelOp.register_autograd`).
+forward ops by their op modules (:meth:`KernelOp.register_autograd`), once, and serves two paths: under
+``torch.compile`` the op's ``torch.library`` autograd (traced by AOTAutograd); in eager mode the same setup and
+backward in a plain ``torch.autograd.Function`` around the op called below autograd, which costs a few µs a call
+where the ``torch.library`` wrapper costs about 20 (the op layer's overhead is most of a small op's time on CPU).
 """
 from __future__ import annotations
 
@@ -50,6 +53,7 @@ class KernelOp:
         self.dispatched = getattr(namespace, name).default
         self.interpreted = getattr(namespace, name + _INTERPRETED).default
         self.has_triton = False
+        self._eager: dict[str, Callable] = {}
         KERNELS[name] = self
 
     def triton(self, launcher: Callable) -> Callable:
@@ -68,6 +72,7 @@ class KernelOp:
                 setup_context(ctx, inputs, output)
 
             torch.library.register_autograd(f"{LIBRARY}::{qualname}", backward, setup_context=setup, lib=_lib)
+            self._eager[variant] = _eager_autograd(self.variant(variant), setup, backward)
 
     def variant(self, name: str) -> Callable:
         """The op (``dispatched``) or its twin (``interpreted``)."""
@@ -85,12 +90,50 @@ class KernelOp:
             )
         return False
 
+    @staticmethod
+    def variant_of(backend: str, device: torch.device) -> str:
+        """Which variant runs ``backend`` for tensors on ``device``: ``interpreted`` (Triton on CPU) or
+        ``dispatched``."""
+        return "interpreted" if backend == "triton" and device.type == "cpu" else "dispatched"
+
     def op(self, backend: str, device: torch.device) -> Callable:
-        """The op that runs ``backend`` (``triton`` or ``native``) for tensors on ``device``."""
-        return self.interpreted if backend == "triton" and device.type == "cpu" else self.dispatched
+        """The op that runs ``backend`` (``triton`` or ``native``) for tensors on ``device``: in eager mode its
+        :func:`_eager_autograd` caller when autograd is registered, the op itself under ``torch.compile``."""
+        variant = self.variant_of(backend, device)
+        eager = None if torch.compiler.is_compiling() else self._eager.get(variant)
+        return eager if eager is not None else self.variant(variant)
 
     def __repr__(self) -> str:
         return f"KernelOp({LIBRARY}::{self.name}{self.schema})"
+
+
+def _eager_autograd(op: Callable, setup_context: Callable, backward: Callable) -> Callable:
+    """``op`` with its registered autograd for eager mode: a ``torch.autograd.Function`` whose forward calls the op
+    below the autograd dispatch key (straight to its device kernel) and runs ``setup_context``, and whose backward is
+    the registered backward — the same two functions, so both paths compute the same gradients. Without a tensor that
+    requires grad (or with grad mode off) the op is called below autograd alone."""
+
+    class EagerAutograd(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, *args):
+            with torch._C._AutoDispatchBelowAutograd():
+                output = op(*args)
+            setup_context(ctx, args, output)
+            return output
+
+        @staticmethod
+        def backward(ctx, *grads):
+            return backward(ctx, *grads)
+
+    EagerAutograd.__name__ = EagerAutograd.__qualname__ = f"{op.name().split('::')[-1]}_eager"
+
+    def call(*args):
+        if torch.is_grad_enabled() and any(isinstance(a, torch.Tensor) and a.requires_grad for a in args):
+            return EagerAutograd.apply(*args)
+        with torch._C._AutoDispatchBelowAutograd():
+            return op(*args)
+
+    return call
 
 
 class NativeHelper:

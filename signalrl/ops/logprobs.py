@@ -217,7 +217,7 @@ def token_logprobs(
 
     def fast_fn(x, t):
         if use_inplace:
-            variant = "interpreted" if op is TOKEN_FWD.interpreted else "dispatched"
+            variant = TOKEN_FWD.variant_of(backend, x.device)
             lp, ent, _ = _InplaceTokenLogprobs.apply(x, t, *params.flat(), return_entropy, variant)
         else:
             lp, ent, _ = op(x, t, *params.flat(), return_entropy)

@@ -59,6 +59,23 @@ def _any_f64(*xs: Tensor) -> bool:
     return any(x is not None and x.dtype == torch.float64 for x in xs)
 
 
+def _kernel_checks_mask(backend: str, mask: Tensor | None) -> bool:
+    """Whether the native kernel checks the mask's values itself (in its pass over the mask, raising ValueError on a
+    bad one): a float32 mask on the native backend, outside torch.compile tracing. Other masks are checked by
+    :func:`signalrl.ops._validate.mask_values` before the call."""
+    return backend == "native" and mask is not None and mask.dtype == _F32 and not torch.compiler.is_compiling()
+
+
+def _checking_mask(op, args: tuple, mask: Tensor):
+    """``op(*args)``, a native kernel that checks its mask: on its ValueError the mask is checked again in Python,
+    which names the first bad value and where it is."""
+    try:
+        return op(*args)
+    except ValueError:
+        v.mask_values("mask", mask)
+        raise
+
+
 def _check_per_token(name: str, x, ref_name: str, ref: Tensor) -> Tensor:
     v.tensor(name, x, dtypes=v.FLOAT_DTYPES)
     v.same_shape(name, x, ref_name, ref)
@@ -305,7 +322,6 @@ def value_loss(
     if clip is not None:
         clip = v.positive("clip", clip)
     v.choice("aggregation", aggregation, AGGREGATIONS)
-    v.mask_values("mask", mask)
 
     def ref_fn(val, old, ret, m):
         return reference.value_loss(val, old, ret, m, clip=clip, aggregation=aggregation)
@@ -313,6 +329,9 @@ def value_loss(
     backend = backend_for(VALUE_LOSS_FWD, values)
     if _any_f64(values, old_values, returns) or values.numel() == 0:
         backend = "reference"
+    kernel_checks_mask = _kernel_checks_mask(backend, mask)
+    if not kernel_checks_mask:
+        v.mask_values("mask", mask)
     if backend == "reference":
         return ref_fn(values, old_values, returns, mask)
 
@@ -322,7 +341,8 @@ def value_loss(
     def fast_fn(val, old, ret, m):
         w = _weights(m, aggregation, val)
         m32 = torch.ones(val.numel(), dtype=_F32, device=val.device) if m is None else _flat(_f32(m))
-        loss, _, stats = op(_flat(val), _flat(old), _flat(ret), w, m32, *params.flat())
+        args = (_flat(val), _flat(old), _flat(ret), w, m32, *params.flat())
+        loss, _, stats = _checking_mask(op, args, m) if kernel_checks_mask else op(*args)
         return loss, dict(zip(VALUE_STAT_KEYS, stats.unbind(0)))
 
     inputs = (values, old_values, returns, mask)

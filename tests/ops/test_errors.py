@@ -127,6 +127,13 @@ CASES = [
     # --- value_loss
     ("value-mask-negative", "value_loss", lambda: ([_t(2, 3), _t(2, 3), _t(2, 3), _with(_m(), (0, 0), -0.5)], {}),
      ValueError, f"mask: expected {MASK_EXPECTED}, got -0.5 at index (0, 0)"),
+    # the native kernel checks a float32 mask in its own pass: a bad value past its first chunks is found and named
+    ("value-mask-nan-late", "value_loss",
+     lambda: ([_t(3, 5000), _t(3, 5000), _t(3, 5000), _with(_m((3, 5000)), (2, 4321), math.nan)], {}),
+     ValueError, f"mask: expected {MASK_EXPECTED}, got nan at index (2, 4321)"),
+    ("value-mask-inf-weighted", "value_loss",
+     lambda: ([_t(9), _t(9), _t(9), _with(_m((9,)), 8, -math.inf)], dict(aggregation="seq-mean-token-sum")),
+     ValueError, f"mask: expected {MASK_EXPECTED}, got -inf at index 8"),
     ("value-clip-inf", "value_loss", lambda: ([_t(2, 3), _t(2, 3), _t(2, 3)], dict(clip=math.inf)),
      ValueError, "clip: expected a positive number, got inf"),
     ("value-returns-bool", "value_loss", lambda: ([_t(2, 3), _t(2, 3), torch.ones(2, 3, dtype=torch.bool)], {}),
