@@ -60,6 +60,27 @@ inline float vexp(float x) {
   return res;
 }
 
+// vexp for x ≤ 0 (x − max, log-probs; NaN stays NaN): the same bits as vexp there, without its upper clamp,
+// its overflow select and one multiply (2^n is formed directly: n ≤ 0 has no overflow to avoid). Exact up to
+// x < 0.34 (n = 0), which covers a log-prob rounded a few ulps above 0.
+inline float vexp_nonpos(float x) {
+  const float xc = x < -86.6f ? -86.6f : x;
+  const float t = xc * 1.44269504088896341f;
+  const float fn = (t + 12582912.0f) - 12582912.0f;
+  float r = xc - fn * 0.693359375f;
+  r = r - fn * -2.12194440e-4f;
+  float p = 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  const float y = p * r * r + r + 1.0f;
+  const int32_t n = static_cast<int32_t>(fn);  // in [-125, 0]
+  const float res = y * bits_to_float(static_cast<uint32_t>(n + 127) << 23);
+  return x < -86.6f ? 0.0f : res;
+}
+
 inline float bf16_to_float(uint16_t b) { return bits_to_float(static_cast<uint32_t>(b) << 16); }
 
 // round to nearest even, NaN -> quiet NaN (same result as c10::BFloat16(float))

@@ -35,23 +35,28 @@ SIGNAL_MULTIVERSION void vec_sum_exp(const float* x, int64_t n, float scale, flo
   float d_acc[kLanes];
   for (int l = 0; l < kLanes; ++l) s_acc[l] = d_acc[l] = 0.0f;
   int64_t j = 0;
+  // (x − m)·scale ≤ 0 (m is the max; NaN stays NaN): vexp_nonpos
   if (dot != nullptr) {
     for (; j + kLanes <= n; j += kLanes) {
       for (int l = 0; l < kLanes; ++l) {
         const float d = (x[j + l] - m) * scale;
-        const float e = vexp(d);
+        const float e = vexp_nonpos(d);
         s_acc[l] += e;
         d_acc[l] += e > 0.0f ? e * d : 0.0f;
       }
     }
+  } else if (scale == 1.0f) {
+    for (; j + kLanes <= n; j += kLanes) {
+      for (int l = 0; l < kLanes; ++l) s_acc[l] += vexp_nonpos(x[j + l] - m);
+    }
   } else {
     for (; j + kLanes <= n; j += kLanes) {
-      for (int l = 0; l < kLanes; ++l) s_acc[l] += vexp((x[j + l] - m) * scale);
+      for (int l = 0; l < kLanes; ++l) s_acc[l] += vexp_nonpos((x[j + l] - m) * scale);
     }
   }
   for (int l = 0; j < n; ++j, ++l) {
     const float d = (x[j] - m) * scale;
-    const float e = vexp(d);
+    const float e = vexp_nonpos(d);
     s_acc[l] += e;
     d_acc[l] += e > 0.0f ? e * d : 0.0f;
   }
@@ -74,8 +79,8 @@ SIGNAL_MULTIVERSION void vec_softmax_grad(const float* x, int64_t n, float scale
     z = out;
   }
   for (int64_t j = 0; j < n; ++j) {
-    const float lp = (z[j] - lse_hi) - lse_lo;
-    const float p = vexp(lp);
+    const float lp = (z[j] - lse_hi) - lse_lo;  // ≤ 0 up to rounding
+    const float p = vexp_nonpos(lp);
     const float g = -out_scale * p * (c0 + c1 * lp);
     out[j] = p > 0.0f ? g : 0.0f;
   }
