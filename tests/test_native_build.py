@@ -262,6 +262,49 @@ def test_ppo_epilogue_is_deterministic_across_thread_counts():
             assert torch.equal(a, b)
 
 
+def _split_calls():
+    """(name, call) pairs large enough that parallel_work cuts them into tiles for several threads (csrc/cpu/
+    parallel.h: ≥ kMinSplitNs of work)."""
+    g = torch.Generator().manual_seed(7)
+    n = 160 * 4096 + 17  # ppo / value: 161 chunks
+    lp, old = torch.randn(n, generator=g) - 2, torch.randn(n, generator=g) - 2
+    adv, ref, ent = torch.randn(n, generator=g), torch.randn(n, generator=g), torch.rand(n, generator=g)
+    m = (torch.rand(n, generator=g) > 0.3).float()
+    r, v = torch.randn(512, 1031, generator=g), torch.randn(512, 1031, generator=g)
+    gm = (torch.rand(512, 1031, generator=g) > 0.1).float()
+    logits = torch.randn(77, 32000, generator=g) * 3
+    targets = torch.randint(0, 32000, (77,), generator=g)
+    ops = torch.ops.signalrl
+    empty = torch.empty(0)
+    return [
+        ("ppo_token_fwd", lambda: ops.ppo_token_fwd(lp, old, adv, empty, m, ref, ent, 0.2, 0.28, 3.0, "k3", 0.05,
+                                                    0.01, None)),
+        ("value_loss_fwd", lambda: ops.value_loss_fwd(lp, old, adv, empty, m, 0.2)),
+        ("gae_fwd", lambda: ops.gae_fwd(r, v, gm, torch.zeros(512), 0.99, 0.95)),
+        ("token_logprobs_fwd", lambda: ops.token_logprobs_fwd(logits, targets, 1.0, -100, True)),
+        ("kl_penalty_fwd", lambda: ops.kl_penalty_fwd(lp.repeat(2), ref.repeat(2), "k3")),
+    ]
+
+
+@needs_native
+@pytest.mark.parametrize("name", [name for name, _ in _split_calls()])
+def test_results_do_not_depend_on_how_the_work_is_split(name):
+    """Calls big enough to be cut into tiles for the pool's helpers give the same bits on 1, 2 or 3 threads."""
+    call = dict(_split_calls())[name]
+    threads = torch.get_num_threads()
+    outs = []
+    try:
+        for k in (1, 2, 3):
+            torch.set_num_threads(k)
+            out = call()
+            outs.append(out if isinstance(out, (tuple, list)) else (out,))
+    finally:
+        torch.set_num_threads(threads)
+    for other in outs[1:]:
+        for a, b in zip(outs[0], other):
+            assert torch.equal(a, b), name
+
+
 @needs_native
 def test_torch_compile_fullgraph_traces_native_ops():
     def f(r, v, m, last):

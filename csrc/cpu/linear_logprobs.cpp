@@ -151,7 +151,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_token_logprobs_fwd(
     state.assign(G * nr, OnlineLse());
     z_target.assign(nr, 0.0f);
     const double group_ns = 2.0 * nr * a.H * vb * per_group * kGemmNsPerFlop;
-    parallel_work(0, G, group_ns, [&](int64_t g0, int64_t g1) {
+    parallel_region(0, G, group_ns, [&](int64_t g0, int64_t g1) {
       // worker threads do not inherit the caller's dispatch state: below autograd, as the kernel itself runs
       at::AutoDispatchBelowADInplaceOrView below_autograd;
       at::Tensor scratch = at::empty({nr * vb}, f32);
@@ -238,7 +238,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_token_logprobs_bwd(
     at::Tensor gh_part = need_hidden ? at::zeros({G, Nv, a.H}, f32) : at::Tensor();
     const bool gw_direct = need_weight && grad_weight.scalar_type() == at::kFloat;
     const double group_ns = 3.0 * 2.0 * Nv * a.H * vbg * per_group * kGemmNsPerFlop;
-    parallel_work(0, G, group_ns, [&](int64_t g0, int64_t g1) {
+    parallel_region(0, G, group_ns, [&](int64_t g0, int64_t g1) {
       at::AutoDispatchBelowADInplaceOrView below_autograd;  // as in the forward
       at::Tensor scratch = at::empty({Nv * vbg}, f32);
       at::Tensor gw_tmp = need_weight && !gw_direct ? at::empty({vbg, a.H}, f32) : at::Tensor();
