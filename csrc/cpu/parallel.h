@@ -15,8 +15,10 @@
 // costs nothing (when it runs it finds no tile left), so a busy core delays a call by at most the tile a helper
 // holds, not by the helper's whole share. Measured side by side with one core kept busy (signalrl/bench/busy.py) and
 // another job on the machine: gae B=1024, T=1024 2.1-2.9 ms against 8.7-12 ms with OpenMP, token_logprobs N=64,
-// V=32000 1.0-1.6 ms against 12 ms. Results never depend on the split (every kernel writes disjoint outputs or
-// merges fixed-size partials in a fixed order).
+// V=32000 1.0-1.6 ms against 12 ms. Helpers wake in tens of µs, so calls from 0.1 ms up are split: on an idle
+// machine gae B=256, T=1024 0.30 -> 0.24 ms, value_loss B=64, T=4096 0.27 -> 0.21 ms; with one core busy they stay
+// within 10% of the single-thread time. Results never depend on the split (every kernel writes disjoint outputs
+// or merges fixed-size partials in a fixed order).
 //
 // The body runs on pool threads, so it must not call ATen ops (they would start parallel regions of their own);
 // bodies that do (the linear log-probs GEMMs) use parallel_region(), an OpenMP region in which ATen's nested calls
@@ -37,9 +39,9 @@
 namespace signalrl {
 
 // single-thread work below which a call runs on the calling thread alone (ns)
-constexpr double kMinSplitNs = 600.0e3;
+constexpr double kMinSplitNs = 100.0e3;
 // the work of one tile (ns): the most a helper on a busy core can hold a call up by, and the unit of load balance
-constexpr double kTileNs = 50.0e3;
+constexpr double kTileNs = 25.0e3;
 // parallel_region: single-thread work per OpenMP task, below which the call runs on the calling thread alone (ns)
 constexpr double kMinTaskNs = 1.0e6;
 
