@@ -19,7 +19,6 @@ the proxy as it always did.
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
 import queue
 import threading
 import urllib.request
@@ -36,48 +35,66 @@ def _environment_proxies() -> bool:
     return any(found.get(scheme) for scheme in ("http", "https", "all"))
 
 
-class DaemonThreads(concurrent.futures.Executor):
-    """At most ``limit`` daemon threads, started when no idle one can take the work."""
+class DaemonThreads:
+    """At most ``limit`` daemon threads, started when no idle one can take the work. ``run(fn, arg)`` on a running
+    event loop: ``fn(arg)`` on a thread, its value (or exception) back in an ``asyncio`` future of that loop."""
 
     def __init__(self, limit: int, name: str):
         self._limit, self._name = limit, name
         self._work: "queue.SimpleQueue[tuple | None]" = queue.SimpleQueue()
-        self._idle = threading.Semaphore(0)
         self._lock = threading.Lock()
-        self._threads = 0
+        self._threads = self._idle = 0  # idle: threads done with their work and not yet promised another
         self._closed = False
 
-    def submit(self, fn: Callable, /, *args: Any, **kwargs: Any) -> concurrent.futures.Future:
-        f: concurrent.futures.Future = concurrent.futures.Future()
+    def run(self, fn: Callable[[Any], Any], arg: Any) -> asyncio.Future:
+        loop = asyncio.get_running_loop()
+        done = loop.create_future()
         with self._lock:
             if self._closed:
-                raise RuntimeError("cannot schedule new futures after shutdown")
-            self._work.put((f, fn, args, kwargs))
-            if not self._idle.acquire(blocking=False) and self._threads < self._limit:
+                raise RuntimeError("closed")
+            self._work.put((fn, arg, loop, done))
+            if self._idle:
+                self._idle -= 1
+            elif self._threads < self._limit:
                 self._threads += 1
                 threading.Thread(target=self._run, name=f"{self._name}-{self._threads}", daemon=True).start()
-        return f
+        return done
 
     def _run(self) -> None:
         while True:
             item = self._work.get()
             if item is None:
                 return
-            f, fn, args, kwargs = item
-            if f.set_running_or_notify_cancel():
+            fn, arg, loop, done = item
+            del item
+            value = exc = None
+            if not done.cancelled():  # (read from this thread: at worst a cancelled exchange still runs)
                 try:
-                    f.set_result(fn(*args, **kwargs))
-                except BaseException as exc:  # noqa: BLE001 - the caller's future gets it
-                    f.set_exception(exc)
-            del item, f
-            self._idle.release()
+                    value = fn(arg)
+                except BaseException as e:  # noqa: BLE001 - the caller's future gets it
+                    exc = e
+            with self._lock:  # idle before the caller is told: it may hand this thread its next exchange
+                self._idle += 1
+            try:
+                loop.call_soon_threadsafe(_deliver, done, value, exc)
+            except RuntimeError:  # the caller's loop is closed: nobody is waiting
+                pass
+            del fn, arg, loop, done, value, exc
 
-    def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
-        """Idle threads end; busy ones end after their exchange (``wait`` is not supported: they are daemons)."""
+    def shutdown(self) -> None:
+        """Idle threads end; busy ones end after their exchange."""
         with self._lock:
             self._closed = True
             for _ in range(self._threads):
                 self._work.put(None)
+
+
+def _deliver(done: asyncio.Future, value: Any, exc: BaseException | None) -> None:
+    if not done.done():
+        if exc is None:
+            done.set_result(value)
+        else:
+            done.set_exception(exc)
 
 
 class HTTPPool:
@@ -115,10 +132,10 @@ class HTTPPool:
     async def send(self, request: httpx.Request) -> httpx.Response:
         """The answer, read in full (its connection is back in the pool)."""
         try:
-            exchange = self._threads.submit(self._exchange, request)
+            exchange = self._threads.run(self._exchange, request)
         except RuntimeError:  # closed
             raise SignalAPIError("this client is closed") from None
-        return await asyncio.wrap_future(exchange)
+        return await exchange
 
     def close(self) -> None:
         self._threads.shutdown()

@@ -14,12 +14,13 @@ import concurrent.futures
 import threading
 import uuid
 from typing import TYPE_CHECKING
+from urllib.parse import quote
 
 from signalrl import wire
 
 from .errors import SignalAPIError
 from .futures import APIFuture
-from .http import _json, _with_query
+from .http import _json
 
 if TYPE_CHECKING:
     from .http import HTTPTransport
@@ -61,6 +62,7 @@ class HTTPSession:
         self.t = transport
         self.run_id = run_id
         self.client_id = uuid.uuid4().hex
+        self._requests = transport._run_path(run_id, "/requests")
         self._seq = 0
         self._lock = threading.Lock()
         self._queue: collections.deque[_Item] = collections.deque()
@@ -72,10 +74,10 @@ class HTTPSession:
         """``(APIFuture, accepted)``; ``accepted`` is an ``asyncio`` future when the requests run on the caller's loop
         (``asyncio.wrap_future`` returns it as it is), else a ``concurrent.futures.Future``."""
         result: concurrent.futures.Future = concurrent.futures.Future()
-        accepted: concurrent.futures.Future = concurrent.futures.Future()
         try:
             body, ctype = wire.encode_body({"args": list(args), "kwargs": dict(kwargs or {})})
         except (TypeError, ValueError) as exc:  # nothing was numbered or sent
+            accepted: concurrent.futures.Future = concurrent.futures.Future()
             result.set_exception(exc)
             accepted.set_exception(exc)
             return APIFuture(result, op), accepted
@@ -94,7 +96,7 @@ class HTTPSession:
                 item = _Item(op, self._seq, body, ctype, wait, result, caller.create_future(), caller.create_future())
                 self._start(item)
             else:
-                item = _Item(op, self._seq, body, ctype, wait, result, accepted, None)
+                item = _Item(op, self._seq, body, ctype, wait, result, concurrent.futures.Future(), None)
                 self._home.call_soon_threadsafe(self._start, item)
         return APIFuture(result, op, item.on_loop), item.accepted
 
@@ -117,11 +119,11 @@ class HTTPSession:
                 task.cancel()
 
     async def _post(self, item: _Item) -> None:
-        params = {"op": item.op, "client_id": self.client_id, "seq": item.seq,
-                  "wait": self.t.poll_hold if item.wait else 0}
+        # (the query by hand: only op needs quoting; client_id is hex, seq an int, wait a float)
+        target = (f"{self._requests}?op={quote(item.op, safe='')}&client_id={self.client_id}&seq={item.seq}"
+                  f"&wait={self.t.poll_hold if item.wait else 0}")
         try:
-            doc = _json(await self.t._send("POST", _with_query(self.t._run_path(self.run_id, "/requests"), params),
-                                           content=item.body, headers={"content-type": item.ctype}))
+            doc = _json(await self.t._send("POST", target, content=item.body, headers={"content-type": item.ctype}))
         except asyncio.CancelledError:
             raise
         except BaseException as exc:  # noqa: BLE001 - the request's future gets it
