@@ -59,6 +59,16 @@ def _json(r: httpx.Response) -> Any:
     return doc
 
 
+def final_value(doc: dict, op: str) -> Any:
+    """The value of a final answer, or raise its error."""
+    if doc["status"] == "done":
+        return wire.from_wire(doc["result"])
+    if doc["status"] == "failed":
+        raise decode_error(doc.get("error"))
+    raise SignalServerError(f"{op}: the result of request {doc.get('request_id')} expired on the server before "
+                            "it was fetched", None, "ResultExpired")
+
+
 class HTTPTransport:
     def __init__(self, base_url: str, api_key: str, *, timeout: float = 60.0, poll_hold: float = 20.0,
                  result_timeout: float | None = 3600.0, retry_deadline: float = 60.0, loop_local: bool = False):
@@ -166,12 +176,7 @@ class HTTPTransport:
                                        "retrievable there)")
                 hold = max(0.0, min(hold, left))
             doc = await self._get(f"/v1/requests/{quote(rid, safe='')}", wait=round(hold, 3))
-        if doc["status"] == "done":
-            return wire.from_wire(doc["result"])
-        if doc["status"] == "failed":
-            raise decode_error(doc.get("error"))
-        raise SignalServerError(f"{op}: the result of request {doc.get('request_id')} expired on the server before "
-                                "it was fetched", None, "ResultExpired")
+        return final_value(doc, op)
 
     # ------------------------------------------------------------------ the transport interface
     def create_run(self, base_model: str, config: dict[str, Any]) -> concurrent.futures.Future:

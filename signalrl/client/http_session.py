@@ -20,7 +20,7 @@ from signalrl import wire
 
 from .errors import SignalAPIError
 from .futures import APIFuture
-from .http import _json
+from .http import FINAL, _json, final_value
 
 if TYPE_CHECKING:
     from .http import HTTPTransport
@@ -53,6 +53,17 @@ def _settle(f, value=None, exc: BaseException | None = None) -> None:
     else:
         f.set_result(value)
 
+
+
+def _hand_out(item: _Item, doc: dict) -> None:
+    try:
+        value = final_value(doc, item.op)
+    except BaseException as exc:  # noqa: BLE001 - the request's future gets it
+        _settle(item.result, exc=exc)
+        _settle(item.on_loop, exc=exc)
+    else:
+        _settle(item.result, value)
+        _settle(item.on_loop, value)
 
 
 class HTTPSession:
@@ -130,6 +141,8 @@ class HTTPSession:
             _settle(item.accepted, exc=exc)
         else:
             _settle(item.accepted, doc)
+            if item.on_loop is not None and doc.get("status") in FINAL and self._queue and self._queue[0] is item:
+                _hand_out(item, doc)  # the answer carries the result and nothing is ahead of it: no hop to the pump
         item.body = None
 
     async def _run_pump(self) -> None:
@@ -137,6 +150,9 @@ class HTTPSession:
             item = self._queue[0]
             try:
                 doc = await asyncio.wrap_future(item.accepted)
+                if item.result.done():  # handed out by its submission (_post)
+                    self._queue.popleft()
+                    continue
                 value = await self.t._outcome(doc, item.op)
             except asyncio.CancelledError:  # the loop is closing (or the client): nobody will resolve these
                 self._fail_pending(SignalAPIError("the event loop these requests ran on was closed (or the client) "
