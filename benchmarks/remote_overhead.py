@@ -244,26 +244,28 @@ async def main_async(args) -> str:
         "## Reading",
         "",
         "- Every step's loss is bit-identical locally and remotely: the remote step does the local step's work, plus "
-        "per request the protocol — JSON (or safetensors) encoding on both sides, one HTTP exchange (httpx's "
-        "keep-alive pool on the caller's loop; FastAPI on uvicorn with uvloop/httptools), authentication, two SQLite "
-        "commits (accepted and queued in one; the result) and two "
-        "thread hand-offs in the server (event loop → engine worker → event loop, the result handed over in memory). "
-        "The CPU table shows it: the server process spends the local step's compute plus its share, the client "
-        "process the rest.",
+        "per request the protocol — JSON (or safetensors) encoding on both sides, one HTTP exchange (a prebuilt "
+        "httpx request on httpx's synchronous keep-alive pool, on a pool thread while the caller's loop awaits it; "
+        "FastAPI on uvicorn with uvloop/httptools, the two routes of a step as plain Starlette routes), "
+        "authentication, two SQLite commits (accepted and queued in one; the result) and two thread hand-offs on "
+        "each side (server: event loop → engine worker → event loop, the result handed over in memory; client: "
+        "event loop → pool thread → event loop). The CPU table shows it: the server process spends the local step's "
+        "compute plus its share, the client process the rest.",
         "- A step of `forward_backward` + `optim_step`, each awaited, is two such exchanges, so the share is large for "
-        "a step this small (signal-tiny at batch 32 computes in about 20 ms on one CPU thread) and falls with the "
+        "a step this small (signal-tiny at batch 32 computes in about 15–20 ms on one CPU thread) and falls with the "
         "step's size (the larger batches above); for a model on a GPU the fixed cost is the same few milliseconds.",
         "- Pipelining overlaps the client's preparation and the protocol with the server's work. A pipelined request "
         "costs two exchanges (the submission returns at once, then a long-poll for its result) against one for an "
         "awaited call, and the server's event loop shares the interpreter lock with its engine worker: while an "
         "exchange cost milliseconds (before the changes of docs/server.md, \"Overhead\"), that made pipelining "
         "with no preparation slower than awaiting each call (0.82×).",
-        "- What is left is a few milliseconds per request: the HTTP client (httpx + httpcore: about 0.7 ms of client "
-        "CPU an exchange on this machine, against about 0.1 ms for a raw socket), FastAPI's layers (about 0.1 ms), "
-        "and a dozen server steps of 50–250 µs each (authentication, decoding, the accept and result commits, two "
-        "thread hand-offs, the answer), each several times slower after the model's step has evicted the CPU caches. "
-        "docs/server.md (\"Overhead\") has the per-segment timeline and why that stays above the 10% goal at batch "
-        "32 on this machine.",
+        "- What is left is about two milliseconds per request, none of it dominant: httpx's exchange on the client "
+        "(its send, and the receive and parse of the answer: about 0.4 ms of client CPU an exchange on this machine "
+        "with httpx's synchronous stack on a pool thread, 0.5 ms with its asynchronous one on the caller's loop), "
+        "uvicorn's and Starlette's layers on the server, and a dozen steps of 50–300 µs each (encoding, "
+        "authentication, decoding, the accept and result commits, four thread hand-offs, the answer), each several "
+        "times slower after the model's step has evicted the CPU caches. docs/server.md (\"Overhead\") has the "
+        "per-segment timeline and why that stays above the 10% goal at batch 32 on this machine.",
         "- CPU timings on a shared 2-core machine are noisy (other jobs ran beside this one); compare medians within "
         "one run.",
     ]

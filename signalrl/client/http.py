@@ -1,8 +1,9 @@
 """The HTTP transport: the same ``TrainingClient`` against a ``signal serve`` server (httpx).
 
-Where the HTTP work runs: for ``AsyncSignalClient`` (``loop_local=True``), on the caller's own event loop (no
-thread hop: a cross-thread hand-off costs about a millisecond a request); for ``SignalClient``, and whenever no loop
-is running in the calling thread, on the transport's own loop thread, so its futures work from any thread. A
+Where the work runs: for ``AsyncSignalClient`` (``loop_local=True``), a request's steps (posted → long-polled →
+result) are tasks and futures of the caller's own event loop; for ``SignalClient``, and whenever no loop is running
+in the calling thread, of the transport's own loop thread, so its futures work from any thread. Either way each HTTP
+exchange runs on a thread of the transport's connection pool while the loop awaits it (:mod:`.http_pool`). A
 training client (a *session*) numbers its requests 1, 2, 3, ...; each request is POSTed with its number
 (concurrently: the server puts them back in order), and its result is long-polled. Results are handed out in
 request order, as the server executes them. If the loop a session's requests run on is closed before their results
@@ -30,6 +31,7 @@ import httpx
 from signalrl import __version__, wire
 
 from .errors import SignalAPIError, SignalConnectionError, SignalServerError, decode_error
+from .http_pool import HTTPPool
 
 if TYPE_CHECKING:
     from .http_session import HTTPSession
@@ -57,13 +59,14 @@ def _json(r: httpx.Response) -> Any:
     return doc
 
 
-async def _close_at_shutdown(client: httpx.AsyncClient):
-    """An async generator parked on a loop: the loop's ``shutdown_asyncgens()`` (run by ``asyncio.run`` before it
-    closes the loop) finalizes it, which closes that loop's connection pool."""
-    try:
-        yield
-    finally:
-        await client.aclose()
+def final_value(doc: dict, op: str) -> Any:
+    """The value of a final answer, or raise its error."""
+    if doc["status"] == "done":
+        return wire.from_wire(doc["result"])
+    if doc["status"] == "failed":
+        raise decode_error(doc.get("error"))
+    raise SignalServerError(f"{op}: the result of request {doc.get('request_id')} expired on the server before "
+                            "it was fetched", None, "ResultExpired")
 
 
 class HTTPTransport:
@@ -85,30 +88,22 @@ class HTTPTransport:
         self._closed = False
         self._sessions: "weakref.WeakSet[HTTPSession]" = weakref.WeakSet()
         self._headers = {"authorization": f"Bearer {api_key}", "user-agent": f"signal-rl/{__version__}"}
-        self._clients: dict[asyncio.AbstractEventLoop, httpx.AsyncClient] = {}  # one connection pool per loop
-        self._closers: dict[asyncio.AbstractEventLoop, Any] = {}
+        self._pool: HTTPPool | None = None  # made at the first request (httpx loads its CA certificates)
+        self._pool_lock = threading.Lock()
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="signal-http", daemon=True)
         self._thread.start()
 
     # ------------------------------------------------------------------ plumbing
-    def _http(self) -> httpx.AsyncClient:
-        """The connection pool of the running loop (pools cannot move between loops)."""
-        loop = asyncio.get_running_loop()
-        client = self._clients.get(loop)
-        if client is None:
-            for dead in [lp for lp in self._clients if lp.is_closed()]:
-                del self._clients[dead]
-                self._closers.pop(dead, None)
-            client = self._clients[loop] = httpx.AsyncClient(
-                base_url=self.base_url, headers=self._headers,
-                timeout=httpx.Timeout(self.timeout + self.poll_hold, connect=min(10.0, self.timeout)),
-                limits=httpx.Limits(max_connections=256, max_keepalive_connections=64))
-            if loop is not self._loop:  # close the pool when asyncio.run() shuts that loop down
-                closer = _close_at_shutdown(client)
-                self._closers[loop] = closer
-                loop.create_task(closer.__anext__())
-        return client
+    def _http(self) -> HTTPPool:
+        with self._pool_lock:
+            if self._closed:
+                raise SignalAPIError("this client is closed")
+            if self._pool is None:
+                self._pool = HTTPPool(self.base_url, self._headers,
+                                      httpx.Timeout(self.timeout + self.poll_hold, connect=min(10.0, self.timeout)),
+                                      httpx.Limits(max_connections=256, max_keepalive_connections=64))
+            return self._pool
 
     def caller_loop(self) -> asyncio.AbstractEventLoop | None:
         """The loop to run on: the calling thread's running loop for a loop-local transport, else None."""
@@ -139,12 +134,16 @@ class HTTPTransport:
         task.add_done_callback(done)
         return out
 
-    async def _send(self, method: str, path: str, **kw: Any) -> httpx.Response:
+    async def _send(self, method: str, path: str, content: bytes | None = None,
+                    headers: dict[str, str] | None = None) -> httpx.Response:
+        """``path``: with its query. Retried as the module says."""
         deadline = time.monotonic() + self.retry_deadline
         delay, faults = 0.05, 0
+        pool = self._http()
+        request = pool.request(method, path, content, headers)  # built once, sent again on a retry
         while True:
             try:
-                r = await self._http().request(method, path, **kw)
+                r = await pool.send(request)
             except httpx.TransportError as exc:  # connect/read/write errors, timeouts: every call is idempotent
                 problem = f"{type(exc).__name__}: {exc}"
             else:
@@ -177,12 +176,7 @@ class HTTPTransport:
                                        "retrievable there)")
                 hold = max(0.0, min(hold, left))
             doc = await self._get(f"/v1/requests/{quote(rid, safe='')}", wait=round(hold, 3))
-        if doc["status"] == "done":
-            return wire.from_wire(doc["result"])
-        if doc["status"] == "failed":
-            raise decode_error(doc.get("error"))
-        raise SignalServerError(f"{op}: the result of request {doc.get('request_id')} expired on the server before "
-                                "it was fetched", None, "ResultExpired")
+        return final_value(doc, op)
 
     # ------------------------------------------------------------------ the transport interface
     def create_run(self, base_model: str, config: dict[str, Any]) -> concurrent.futures.Future:
@@ -195,8 +189,7 @@ class HTTPTransport:
         headers = {"content-type": wire.JSON, "idempotency-key": uuid.uuid4().hex}
 
         async def go() -> dict:
-            doc = _json(await self._send("POST", "/v1/runs", content=body, headers=headers,
-                                         params={"wait": self.poll_hold}))
+            doc = _json(await self._send("POST", _with_query("/v1/runs", {"wait": self.poll_hold}), body, headers))
             return await self._outcome(doc, "create_run")
         return self._call(go())
 
@@ -246,8 +239,6 @@ class HTTPTransport:
             for t in tasks:
                 t.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
-            if self._loop in self._clients:
-                await self._clients.pop(self._loop).aclose()
         try:
             asyncio.run_coroutine_threadsafe(shutdown(), self._loop).result(timeout=10)
         except Exception:  # noqa: BLE001 - closing is best effort
@@ -256,15 +247,16 @@ class HTTPTransport:
         self._thread.join(timeout=10)
         if not self._thread.is_alive():
             self._loop.close()
+        with self._pool_lock:
+            pool, self._pool = self._pool, None
+        if pool is not None:
+            pool.close()
 
     async def aclose(self) -> None:
-        """``close()``, plus the connection pool of the running loop (the async client's ``close``)."""
+        """``close()``, after cancelling the tasks of this client's requests on the running loop (the async
+        client's ``close``)."""
         loop = asyncio.get_running_loop()
         if not self._closed:
             for s in list(self._sessions):
                 s._cancel_tasks_on(loop)
-        client = self._clients.pop(loop, None)
-        self._closers.pop(loop, None)
-        if client is not None:
-            await client.aclose()
         self.close()

@@ -14,12 +14,13 @@ import concurrent.futures
 import threading
 import uuid
 from typing import TYPE_CHECKING
+from urllib.parse import quote
 
 from signalrl import wire
 
 from .errors import SignalAPIError
 from .futures import APIFuture
-from .http import _json, _with_query
+from .http import FINAL, _json, final_value
 
 if TYPE_CHECKING:
     from .http import HTTPTransport
@@ -54,6 +55,17 @@ def _settle(f, value=None, exc: BaseException | None = None) -> None:
 
 
 
+def _hand_out(item: _Item, doc: dict) -> None:
+    try:
+        value = final_value(doc, item.op)
+    except BaseException as exc:  # noqa: BLE001 - the request's future gets it
+        _settle(item.result, exc=exc)
+        _settle(item.on_loop, exc=exc)
+    else:
+        _settle(item.result, value)
+        _settle(item.on_loop, value)
+
+
 class HTTPSession:
     """One training client: numbers its requests, posts them, and resolves their futures in order."""
 
@@ -61,6 +73,7 @@ class HTTPSession:
         self.t = transport
         self.run_id = run_id
         self.client_id = uuid.uuid4().hex
+        self._requests = transport._run_path(run_id, "/requests")
         self._seq = 0
         self._lock = threading.Lock()
         self._queue: collections.deque[_Item] = collections.deque()
@@ -72,10 +85,10 @@ class HTTPSession:
         """``(APIFuture, accepted)``; ``accepted`` is an ``asyncio`` future when the requests run on the caller's loop
         (``asyncio.wrap_future`` returns it as it is), else a ``concurrent.futures.Future``."""
         result: concurrent.futures.Future = concurrent.futures.Future()
-        accepted: concurrent.futures.Future = concurrent.futures.Future()
         try:
             body, ctype = wire.encode_body({"args": list(args), "kwargs": dict(kwargs or {})})
         except (TypeError, ValueError) as exc:  # nothing was numbered or sent
+            accepted: concurrent.futures.Future = concurrent.futures.Future()
             result.set_exception(exc)
             accepted.set_exception(exc)
             return APIFuture(result, op), accepted
@@ -94,7 +107,7 @@ class HTTPSession:
                 item = _Item(op, self._seq, body, ctype, wait, result, caller.create_future(), caller.create_future())
                 self._start(item)
             else:
-                item = _Item(op, self._seq, body, ctype, wait, result, accepted, None)
+                item = _Item(op, self._seq, body, ctype, wait, result, concurrent.futures.Future(), None)
                 self._home.call_soon_threadsafe(self._start, item)
         return APIFuture(result, op, item.on_loop), item.accepted
 
@@ -117,17 +130,19 @@ class HTTPSession:
                 task.cancel()
 
     async def _post(self, item: _Item) -> None:
-        params = {"op": item.op, "client_id": self.client_id, "seq": item.seq,
-                  "wait": self.t.poll_hold if item.wait else 0}
+        # (the query by hand: only op needs quoting; client_id is hex, seq an int, wait a float)
+        target = (f"{self._requests}?op={quote(item.op, safe='')}&client_id={self.client_id}&seq={item.seq}"
+                  f"&wait={self.t.poll_hold if item.wait else 0}")
         try:
-            doc = _json(await self.t._send("POST", _with_query(self.t._run_path(self.run_id, "/requests"), params),
-                                           content=item.body, headers={"content-type": item.ctype}))
+            doc = _json(await self.t._send("POST", target, content=item.body, headers={"content-type": item.ctype}))
         except asyncio.CancelledError:
             raise
         except BaseException as exc:  # noqa: BLE001 - the request's future gets it
             _settle(item.accepted, exc=exc)
         else:
             _settle(item.accepted, doc)
+            if item.on_loop is not None and doc.get("status") in FINAL and self._queue and self._queue[0] is item:
+                _hand_out(item, doc)  # the answer carries the result and nothing is ahead of it: no hop to the pump
         item.body = None
 
     async def _run_pump(self) -> None:
@@ -135,6 +150,9 @@ class HTTPSession:
             item = self._queue[0]
             try:
                 doc = await asyncio.wrap_future(item.accepted)
+                if item.result.done():  # handed out by its submission (_post)
+                    self._queue.popleft()
+                    continue
                 value = await self.t._outcome(doc, item.op)
             except asyncio.CancelledError:  # the loop is closing (or the client): nobody will resolve these
                 self._fail_pending(SignalAPIError("the event loop these requests ran on was closed (or the client) "

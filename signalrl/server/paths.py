@@ -19,6 +19,16 @@ AUTO_CHECKPOINT = re.compile(r"^auto-\d{12}$")
 _HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*(/[A-Za-z0-9][A-Za-z0-9_.-]*)?$")
 
 
+_SIGNATURES: dict[str, inspect.Signature] = {}  # Run.<op>'s, made once (inspect.signature is slow)
+
+
+def _signature(op: str) -> inspect.Signature:
+    sig = _SIGNATURES.get(op)
+    if sig is None:
+        sig = _SIGNATURES[op] = inspect.signature(getattr(Run, op))
+    return sig
+
+
 def _within(path: str, root: str) -> bool:
     return path == root or path.startswith(root.rstrip(os.sep) + os.sep)
 
@@ -74,7 +84,7 @@ class PathPolicy:
     def request(self, key_id: str, op: str, args: list, kwargs: dict) -> tuple[list, dict]:
         """``(args, kwargs)`` of ``Run.<op>`` with every path checked and made absolute."""
         try:
-            bound = inspect.signature(getattr(Run, op)).bind(None, *args, **kwargs)
+            bound = _signature(op).bind(None, *args, **kwargs)
         except TypeError:
             return args, kwargs  # the call itself raises the engine's TypeError
         a = bound.arguments
