@@ -40,6 +40,24 @@ class FusedPathWarning(UserWarning):
     """A model needs full logits (the fused hidden-state path cannot reproduce its output layer)."""
 
 
+_POSITION_IDS: dict = {}
+
+
+def _accepts_position_ids(forward) -> bool:
+    """Whether ``forward`` takes ``position_ids`` (its signature, read once per function: ``inspect.signature`` of
+    a Hugging Face forward costs ~0.2 ms, on every step otherwise)."""
+    fn = getattr(forward, "__func__", forward)
+    hit = _POSITION_IDS.get(fn)
+    if hit is None:
+        try:
+            hit = "position_ids" in inspect.signature(forward).parameters
+        except (TypeError, ValueError):
+            hit = False
+        if len(_POSITION_IDS) < 1024:
+            _POSITION_IDS[fn] = hit
+    return hit
+
+
 class ValueHead(nn.Module):
     """V(s) = w·h + b on the final hidden state: ``Linear(hidden_size, 1)`` (float32 weights; ``.double()``
     it for a float64 run)."""
@@ -159,6 +177,7 @@ class PolicyModel(nn.Module):
         self.value_head = value_head
         self.reward_head = reward_head
         self._reference = [reference_model]  # a list keeps it out of the module tree
+        self._fused_reason: tuple | None = None  # (what it was read from, fused_unsupported_reason())
 
     @property
     def reference_model(self):
@@ -192,8 +211,18 @@ class PolicyModel(nn.Module):
         return torch.float64 if w is not None and w.dtype == torch.float64 else torch.float32
 
     def fused_unsupported_reason(self) -> str | None:
-        """Why the fused hidden-state path cannot reproduce this model's logits (None if it can)."""
+        """Why the fused hidden-state path cannot reproduce this model's logits (None if it can). Read once per
+        LM head (module and weight dtype) and config object: Hugging Face configs are slow to read on every step."""
         head = self.base_model().get_output_embeddings()
+        key = (id(head), getattr(getattr(head, "weight", None), "dtype", None), id(self.config))
+        cached = self._fused_reason
+        if cached is not None and cached[0] == key:
+            return cached[1]
+        reason = self._fused_unsupported_reason(head)
+        self._fused_reason = (key, reason)
+        return reason
+
+    def _fused_unsupported_reason(self, head) -> str | None:
         if type(head) is not nn.Linear:
             return f"its LM head is a {type(head).__name__}, not a plain nn.Linear"
         if not head.weight.is_floating_point():
@@ -238,10 +267,7 @@ class PolicyModel(nn.Module):
         return (attention_mask.long().cumsum(-1) - 1).clamp_min(0)
 
     def _accepts_position_ids(self, module) -> bool:
-        try:
-            return "position_ids" in inspect.signature(module.forward).parameters
-        except (TypeError, ValueError):
-            return False
+        return _accepts_position_ids(module.forward)
 
     def hidden_states(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
         """Final hidden states ``[B, T, H]`` of the backbone (final norm applied; no logits)."""
