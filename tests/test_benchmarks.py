@@ -248,3 +248,44 @@ def test_gpu_kernel_benchmarks_dry_run(tmp_path):
                  "torch unfused logprobs fwd+bwd"):
         assert want in cases, sorted(cases)
     assert any(c.startswith("breakdown:") for c in cases) and any("gae" in c.lower() for c in cases), sorted(cases)
+
+
+def test_paired_case_measures_each_provider_in_order_then_reversed():
+    """A paired case (a whole loss on a model) runs A B B A and reports the mean of each provider's two medians."""
+    from signalrl.bench.cases import Case, Preset
+    from signalrl.bench.runner import Runner
+
+    order = []
+
+    def factory(name):
+        def make_impl(device, x):
+            order.append(name)
+            return P.Impl(lambda a: a * 2.0)
+        return make_impl
+
+    case = Case(op="toy", family="toy", params={"N": 4}, dtype=torch.float32,
+                make=lambda device, gen: {"a": torch.ones(4, requires_grad=True)},
+                impls={"reference": factory("reference"), "native": factory("native")}, modes=("fwd",),
+                bytes_model=False, paired=True)
+    rows = []
+    runner = Runner(Preset(name="cpu", device=torch.device("cpu")), {}, {}, providers=["reference", "native"],
+                    modes=["fwd"], budget_s=None, emit=rows.append)
+    runner.run_case(case)
+    assert order == ["reference", "native", "native", "reference"]
+    assert [(r["provider"], r["mode"], r["status"]) for r in rows] == [("reference", "fwd", "ok"),
+                                                                       ("native", "fwd", "ok")]
+    assert all(r["samples"] >= 10 and r["time_ms"] > 0 for r in rows)  # two measurements' samples
+
+
+def test_merged_rows_average_the_timings():
+    from signalrl.bench.runner import _merged
+
+    a = {"status": "ok", "time_ms": 1.0, "time_ms_p20": 0.9, "time_ms_p80": 1.2, "samples": 5, "peak_mem_bytes": 10,
+         "gbps": None}
+    b = dict(a, time_ms=3.0, time_ms_p20=2.0, time_ms_p80=4.0, samples=7, peak_mem_bytes=20)
+    m = _merged([a, b])
+    assert (m["time_ms"], m["time_ms_p20"], m["time_ms_p80"], m["samples"], m["peak_mem_bytes"]) == (2.0, 1.45, 2.6,
+                                                                                                      12, 20)
+    assert m["gbps"] is None
+    bad = {"status": "error: boom"}
+    assert _merged([bad, a]) is a and _merged([bad, bad]) is bad

@@ -163,16 +163,42 @@ class Runner:
                 self._tick(case, p)
             return
         try:
-            for p in provs:
-                if not self.budget_left():
-                    self._status_rows(case, p, f"skipped: time budget of {self.budget_s:.0f} s used up")
-                else:
-                    self._run_unit(case, p, inputs)
-                self._tick(case, p)
+            if case.paired:
+                self._run_paired(case, provs, inputs)
+            else:
+                for p in provs:
+                    self._run_or_skip(case, p, inputs)
+                    self._tick(case, p)
         finally:
             del inputs
             self._ref_out = None
             self._cleanup()
+
+    def _run_or_skip(self, case: Case, provider: str, inputs: list[dict]) -> None:
+        if not self.budget_left():
+            self._status_rows(case, provider, f"skipped: time budget of {self.budget_s:.0f} s used up")
+        else:
+            self._run_unit(case, provider, inputs)
+
+    def _run_paired(self, case: Case, provs: list[str], inputs: list[dict]) -> None:
+        """A case whose providers differ by a few percent of a long call (a whole loss on a model: the same model
+        work, then each backend's loss): every provider is measured twice, in order and then in reverse order
+        (A B C C B A), and each row gets the mean of its two medians (and percentiles). A drift of the machine
+        over the case then lands on every provider alike instead of deciding their ratio."""
+        runs: dict[tuple[str, str], list[dict]] = {}
+        emit = self.emit
+        try:
+            self.emit = lambda row: runs.setdefault((row["provider"], row["mode"]), []).append(row)
+            for p in provs + provs[::-1]:
+                self._run_or_skip(case, p, inputs)
+        finally:
+            self.emit = emit
+        for p in provs:
+            for mode in case.modes:
+                rows = runs.get((p, mode))
+                if rows:
+                    self.emit(_merged(rows))
+            self._tick(case, p)
 
     def _tick(self, case: Case, provider: str) -> None:
         if self.progress is not None:
@@ -324,6 +350,22 @@ class Runner:
         err = max(errs)
         tol = _TOL.get(dtype, 1e-3) * (1.0 + max(scales))
         return err, "pass" if err <= tol else f"FAIL: max abs err {err:.3g} > {tol:.3g}"
+
+
+def _merged(rows: list[dict]) -> dict:
+    """One row from the measurements of the same (provider, mode): the first row, with the means of the timings
+    of the rows that measured (all of them when all did) and their samples added."""
+    ok = [r for r in rows if r.get("status") == "ok" and r.get("time_ms") is not None]
+    if len(ok) < 2:
+        return ok[0] if ok else rows[0]
+    out = dict(ok[0])
+    for k in ("time_ms", "time_ms_p20", "time_ms_p80", "gbps", "tflops", "pct_of_ceiling"):
+        vals = [r.get(k) for r in ok]
+        if all(v is not None for v in vals):
+            out[k] = sum(vals) / len(vals)
+    out["samples"] = sum(r.get("samples") or 0 for r in ok)
+    out["peak_mem_bytes"] = max(r.get("peak_mem_bytes") or 0 for r in ok)
+    return out
 
 
 class _Budget(Exception):

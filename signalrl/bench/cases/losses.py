@@ -122,5 +122,6 @@ def cases(preset: Preset) -> list[Case]:
         out.append(Case(op=f"loss:{name}", family="losses",
                         params={"B": cfg["B"], "T": cfg["T"], "H": cfg["H"], "V": cfg["V"]},
                         dtype=torch.float32, make=_maker(spec, cfg), impls=impls, bytes_model=False,
-                        modes=("full",) if preset.quick else ("fwd", "bwd", "full"), headline=True))
+                        modes=("full",) if preset.quick else ("fwd", "bwd", "full"), headline=True,
+                        paired=not preset.quick))
     return out
