@@ -35,12 +35,9 @@ inline uint32_t float_to_bits(float f) {
 
 // exp(x) for float32 with ~1 ulp error, no branches and no libm call, so loops over it
 // vectorize. exp(x) = 2^n * exp(r), n = round(x / ln 2), |r| <= ln2 / 2, exp(r) by a degree-6
-// polynomial (Cephes coefficients). 2^n is applied as 2 * 2^(n-1), so n = 128 stays a normal
-// float: results overflow to inf exactly where float32 does (above 88.72); below -86.6 (results
-// under 2.3e-38, float32's smallest normals) they flush to 0. NaN stays NaN.
-inline float vexp(float x) {
-  float xc = x < -86.6f ? -86.6f : x;
-  xc = xc > 88.75f ? 88.75f : xc;
+// polynomial (Cephes coefficients).
+// exp_reduced: for a clamped xc, exp(r) and n (as a float)
+inline float exp_reduced(float xc, float* fn_out) {
   // round to nearest with the 1.5 * 2^23 trick (exact for |t| < 2^22; needs no -ffast-math)
   const float t = xc * 1.44269504088896341f;
   const float fn = (t + 12582912.0f) - 12582912.0f;
@@ -52,7 +49,18 @@ inline float vexp(float x) {
   p = p * r + 4.1665795894e-2f;
   p = p * r + 1.6666665459e-1f;
   p = p * r + 5.0000001201e-1f;
-  const float y = p * r * r + r + 1.0f;
+  *fn_out = fn;
+  return p * r * r + r + 1.0f;
+}
+
+// 2^n is applied as 2 * 2^(n-1), so n = 128 stays a normal float: results overflow to inf exactly where float32
+// does (above 88.72); below -86.6 (results under 2.3e-38, float32's smallest normals) they flush to 0. NaN stays
+// NaN.
+inline float vexp(float x) {
+  float xc = x < -86.6f ? -86.6f : x;
+  xc = xc > 88.75f ? 88.75f : xc;
+  float fn;
+  const float y = exp_reduced(xc, &fn);
   const int32_t n = static_cast<int32_t>(fn);  // in [-125, 128]
   float res = (y * 2.0f) * bits_to_float(static_cast<uint32_t>(n + 126) << 23);
   res = x < -86.6f ? 0.0f : res;
@@ -64,18 +72,8 @@ inline float vexp(float x) {
 // its overflow select and one multiply (2^n is formed directly: n ≤ 0 has no overflow to avoid). Exact up to
 // x < 0.34 (n = 0), which covers a log-prob rounded a few ulps above 0.
 inline float vexp_nonpos(float x) {
-  const float xc = x < -86.6f ? -86.6f : x;
-  const float t = xc * 1.44269504088896341f;
-  const float fn = (t + 12582912.0f) - 12582912.0f;
-  float r = xc - fn * 0.693359375f;
-  r = r - fn * -2.12194440e-4f;
-  float p = 1.9875691500e-4f;
-  p = p * r + 1.3981999507e-3f;
-  p = p * r + 8.3334519073e-3f;
-  p = p * r + 4.1665795894e-2f;
-  p = p * r + 1.6666665459e-1f;
-  p = p * r + 5.0000001201e-1f;
-  const float y = p * r * r + r + 1.0f;
+  float fn;
+  const float y = exp_reduced(x < -86.6f ? -86.6f : x, &fn);
   const int32_t n = static_cast<int32_t>(fn);  // in [-125, 0]
   const float res = y * bits_to_float(static_cast<uint32_t>(n + 127) << 23);
   return x < -86.6f ? 0.0f : res;
