@@ -70,4 +70,11 @@ SIGNAL_INLINE void for_sub_blocks(int64_t b, int64_t e, F&& f) {
 }
 
 }  // namespace epilogue
+
+// The pass over a [N] float32 mask that both PPO kernels make first (ppo.cpp): Σ m, for the token-mean weights
+// m / max(Σ m, 1), in fixed chunks merged in order; with `check`, also the value check of
+// signalrl.ops._validate.mask_values (a negative, NaN or ±inf value raises ValueError; the op layer then names the
+// first one).
+double mask_sum(const float* m, int64_t N, bool check);
+
 }  // namespace signalrl

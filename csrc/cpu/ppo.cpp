@@ -58,7 +58,7 @@ struct PpoArgs {
   const float *lp, *old, *adv, *w, *m, *ref, *ent;
   float *g_lp, *g_ent;
   float lo, hi, dual, klc, entc, lr_c;
-  float wdiv;  // w == nullptr: token-mean weights m / wdiv (see token_mean_divisor)
+  float wdiv;  // w == nullptr: token-mean weights m / wdiv (see mask_sum)
   bool has_dual, has_lr;
 };
 
@@ -157,48 +157,39 @@ PpoChunkFn ppo_chunk_fn(bool has_ref, KlEst est) {
   return f;
 }
 
-// Token-mean weights without materializing them: w = m / max(Σ m, 1) (signalrl.ops.token_weights, "token-mean"),
-// the divisor rounded to float32 as torch's float32 sum is for a 0/1 mask (exact there; Σ m in float64 over fixed
-// chunks merged in order, so no result depends on the thread count).
-SIGNAL_MULTIVERSION double mask_chunk_sum(const float* m, int64_t b, int64_t e) {
+// Over the mask's chunks: whether a value is negative, NaN or ±inf (signalrl.ops._validate.mask_values), and Σ m.
+SIGNAL_MULTIVERSION void mask_chunk_scan(const float* m, int64_t b, int64_t e, double* sum, bool* bad) {
   using namespace simd;
+  const vf zero = vf{}, top = splat(std::numeric_limits<float>::max());
   vd acc = vd{};
-  int64_t i = b;
-  for (; i + W <= e; i += W) acc += to_d(load(m + i));
-  double s = lanes_total(acc);
-  for (; i < e; ++i) s += m[i];
-  return s;
-}
-
-float token_mean_divisor(const float* m, int64_t N) {
-  const int64_t C = chunks_of(N);
-  std::vector<double> part(C, 0.0);
-  parallel_work(0, C, kMaskChunkNs, [&](int64_t c0, int64_t c1) {
-    for (int64_t c = c0; c < c1; ++c) part[c] = mask_chunk_sum(m, c * kChunk, std::min(N, (c + 1) * kChunk));
+  vi flag = vi{};
+  const float* const in[1] = {m};
+  float* const no_out[1] = {nullptr};
+  for_sub_blocks(b, e, [&](int64_t sb, int64_t se) __attribute__((always_inline)) {
+    vf s = zero;
+    for_vectors<1, 1>(sb, se, in, no_out, [&](const float* const* x, float* const*, int64_t i)
+                                              __attribute__((always_inline)) {
+      const vf v = load(x[0] + i);
+      flag |= ~((v >= zero) & (v <= top));  // NaN compares false: bad
+      s += v;
+    });
+    acc += to_d(s);
   });
-  double total = 0.0;
-  for (int64_t c = 0; c < C; ++c) total += part[c];
-  return static_cast<float>(std::max(total, 1.0));
+  *sum = lanes_total(acc);
+  int any = 0;
+  for (int l = 0; l < W; ++l) any |= flag[l] != 0;
+  *bad = any != 0;
 }
 
 // The CPU mask check of signalrl.ops._validate.mask_values as one pass: true if a value is negative, NaN or ±inf
 // (floating masks, compared in their own dtype) or negative (integer masks). The op layer then finds the first bad
 // value and raises its ValueError; a clean mask costs this pass only.
-SIGNAL_MULTIVERSION bool mask_bad_f32(const float* x, int64_t n) {
-  using namespace simd;
-  const vf zero = vf{}, top = splat(std::numeric_limits<float>::max());
+bool mask_bad_f32(const float* x, int64_t n) {
   for (int64_t b = 0; b < n; b += kChunk) {
-    const int64_t e = std::min(n, b + kChunk);
-    vi bad = vi{};
-    int64_t i = b;
-    for (; i + W <= e; i += W) {
-      const vf v = load(x + i);
-      bad |= ~((v >= zero) & (v <= top));  // NaN compares false: bad
-    }
-    int tail = 0;
-    for (; i < e; ++i) tail |= !(x[i] >= 0.0f && x[i] <= std::numeric_limits<float>::max());
-    for (int l = 0; l < W; ++l) tail |= bad[l] != 0;
-    if (tail) return true;
+    double sum = 0.0;
+    bool bad = false;
+    mask_chunk_scan(x, b, std::min(n, b + kChunk), &sum, &bad);
+    if (bad) return true;
   }
   return false;
 }
@@ -225,6 +216,27 @@ bool mask_bad_values(const T* x, int64_t n) {
 }
 
 }  // namespace
+
+// (epilogue.h)
+double mask_sum(const float* m, int64_t N, bool check) {
+  const int64_t C = chunks_of(N);
+  std::vector<double> part(C, 0.0);
+  std::vector<char> bad(C, 0);
+  parallel_work(0, C, kMaskChunkNs, [&](int64_t c0, int64_t c1) {
+    for (int64_t c = c0; c < c1; ++c) {
+      bool b = false;
+      mask_chunk_scan(m, c * kChunk, std::min(N, (c + 1) * kChunk), &part[c], &b);
+      bad[c] = b;
+    }
+  });
+  double total = 0.0;
+  for (int64_t c = 0; c < C; ++c) {
+    TORCH_CHECK_VALUE(!check || !bad[c], "mask: expected finite values ≥ 0 (0 = not counted, > 0 = counted with that weight)");
+    total += part[c];
+  }
+  return total;
+}
+
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> ppo_token_fwd(
     const at::Tensor& logprobs_in, const at::Tensor& old_in, const at::Tensor& adv_in,
@@ -256,7 +268,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> ppo_token_fwd(
   p.adv = adv_t.data_ptr<float>();
   p.w = has_w ? w_t.data_ptr<float>() : nullptr;
   p.m = m_t.data_ptr<float>();
-  p.wdiv = has_w ? 1.0f : token_mean_divisor(p.m, N);
+  // the token-mean divisor max(Σ m, 1) rounded to float32, as torch's float32 sum is for a 0/1 mask (the mask's
+  // values are checked by the op layer)
+  p.wdiv = has_w ? 1.0f : static_cast<float>(std::max(mask_sum(p.m, N, /*check=*/false), 1.0));
   p.ref = has_ref ? ref_t.data_ptr<float>() : nullptr;
   p.ent = has_ent ? ent_t.data_ptr<float>() : nullptr;
   p.g_lp = g_lp_t.data_ptr<float>();

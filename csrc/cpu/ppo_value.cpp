@@ -31,7 +31,6 @@ using namespace epilogue;
 
 // single-thread cost of one chunk of kChunk tokens (ns; 2-core AMD EPYC)
 constexpr double kValueChunkNs = 4096 * 1.2;
-constexpr double kMaskChunkNs = 4096 * 0.1;
 
 // a chunk's row: Σ w·ℓ, Σ m, Σ m·clipped, Σ m·v, Σ m·R, and the M2 (Σ m·(x − mean)²) of R and of R − v
 enum ValueCol { VLOSS, VCNT, VCLIP, SV, SR, M2R, M2E, VNCOL };
@@ -58,12 +57,6 @@ SIGNAL_INLINE void merge_moments(double* a, double n, double sr, double sv, doub
   a[VCNT] += n;
   a[SR] += sr;
   a[SV] += sv;
-}
-
-SIGNAL_INLINE float lanes_total_f(vf x) {
-  float s = 0.0f;
-  for (int l = 0; l < W; ++l) s += x[l];
-  return s;
 }
 
 // tokens [b, e) (one chunk): gradient into g_v, the chunk's row[VNCOL]
@@ -134,51 +127,6 @@ SIGNAL_MULTIVERSION void value_chunk(const ValueArgs& p, int64_t b, int64_t e, d
   });
 }
 
-// Over the mask's chunks: whether a value is negative, NaN or ±inf (signalrl.ops._validate.mask_values), and Σ m.
-SIGNAL_MULTIVERSION void mask_chunk_scan(const float* m, int64_t b, int64_t e, double* sum, bool* bad) {
-  using namespace simd;
-  const vf zero = vf{}, top = splat(std::numeric_limits<float>::max());
-  vd acc = vd{};
-  vi flag = vi{};
-  const float* const in[1] = {m};
-  float* const no_out[1] = {nullptr};
-  for_sub_blocks(b, e, [&](int64_t sb, int64_t se) __attribute__((always_inline)) {
-    vf s = zero;
-    for_vectors<1, 1>(sb, se, in, no_out, [&](const float* const* x, float* const*, int64_t i)
-                                              __attribute__((always_inline)) {
-      const vf v = load(x[0] + i);
-      flag |= ~((v >= zero) & (v <= top));  // NaN compares false: bad
-      s += v;
-    });
-    acc += to_d(s);
-  });
-  *sum = lanes_total(acc);
-  int any = 0;
-  for (int l = 0; l < W; ++l) any |= flag[l] != 0;
-  *bad = any != 0;
-}
-
-// Σ m over [0, N) in chunks merged in order; raises the value check's ValueError on a bad mask value (the op layer
-// then names the first one)
-double checked_mask_sum(const float* m, int64_t N) {
-  const int64_t C = chunks_of(N);
-  std::vector<double> part(C, 0.0);
-  std::vector<char> bad(C, 0);
-  parallel_work(0, C, kMaskChunkNs, [&](int64_t c0, int64_t c1) {
-    for (int64_t c = c0; c < c1; ++c) {
-      bool b = false;
-      mask_chunk_scan(m, c * kChunk, std::min(N, (c + 1) * kChunk), &part[c], &b);
-      bad[c] = b;
-    }
-  });
-  double total = 0.0;
-  for (int64_t c = 0; c < C; ++c) {
-    TORCH_CHECK_VALUE(!bad[c], "mask: expected finite values ≥ 0 (0 = not counted, > 0 = counted with that weight)");
-    total += part[c];
-  }
-  return total;
-}
-
 using ValueChunkFn = void (*)(const ValueArgs&, int64_t, int64_t, double*);
 
 ValueChunkFn value_chunk_fn(bool has_clip, bool has_w) {
@@ -210,9 +158,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> value_loss_fwd(
   p.m = m_t.data_ptr<float>();
   p.g_v = g_v_t.data_ptr<float>();
   p.clip = static_cast<float>(clip_in.value_or(0.0));
-  // the token-mean divisor max(Σ m, 1) rounded to float32, as torch's float32 sum is for a 0/1 mask
-  const double mask_sum = checked_mask_sum(p.m, N);
-  p.wdiv = has_w ? 1.0f : static_cast<float>(std::max(mask_sum, 1.0));
+  // the mask's value check, and the token-mean divisor max(Σ m, 1) rounded to float32 (as torch's float32 sum is
+  // for a 0/1 mask)
+  const double total_m = mask_sum(p.m, N, /*check=*/true);
+  p.wdiv = has_w ? 1.0f : static_cast<float>(std::max(total_m, 1.0));
 
   const int64_t C = chunks_of(N);
   std::vector<double> part(C * VNCOL, 0.0);

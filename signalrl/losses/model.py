@@ -266,21 +266,18 @@ class PolicyModel(nn.Module):
         # The positions Hugging Face generation uses: real tokens count 0, 1, 2, … whatever the padding.
         return (attention_mask.long().cumsum(-1) - 1).clamp_min(0)
 
-    def _accepts_position_ids(self, module) -> bool:
-        return _accepts_position_ids(module.forward)
-
     def hidden_states(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
         """Final hidden states ``[B, T, H]`` of the backbone (final norm applied; no logits)."""
         dec = self.backbone()
         kw = dict(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
-        if self._accepts_position_ids(dec):
+        if _accepts_position_ids(dec.forward):
             kw["position_ids"] = self._position_ids(attention_mask)
         out = dec(**kw)
         return out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
 
     def _logits(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
         kw = dict(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
-        if self._accepts_position_ids(self.base_model()):
+        if _accepts_position_ids(self.base_model().forward):
             kw["position_ids"] = self._position_ids(attention_mask)
         return self.model(**kw).logits
 
