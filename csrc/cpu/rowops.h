@@ -5,6 +5,7 @@
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 
@@ -70,6 +71,30 @@ struct OnlineLse {
       m = bm;
     }
     vec_sum_exp(x, n, scale, m, &s, with_entropy ? &d : nullptr);
+  }
+
+  // update() without the entropy term that also writes out[j] = exp((x[j] − m')·scale) about the new running max m'
+  // (out may alias x) and gives their sum, for a caller that accumulates Σ_j out[j]·y_j over the blocks: its earlier
+  // sums must be multiplied by the returned factor exp((m − m')·scale) (1 when the max did not grow or nothing was
+  // summed yet).
+  float update_exp(const float* x, int64_t n, float scale, float* out, float* block_sum) {
+    const float bm = vec_max(x, n);
+    *block_sum = 0.0f;
+    if (bm == kNegInf) {  // every term is exp(-inf) = 0
+      std::fill(out, out + n, 0.0f);
+      return 1.0f;
+    }
+    float alpha = 1.0f;
+    if (bm > m) {
+      if (s > 0.0f) {
+        alpha = std::exp((m - bm) * scale);
+        s *= alpha;
+      }
+      m = bm;
+    }
+    vec_exp_sum(x, n, scale, m, out, block_sum);
+    s += *block_sum;
+    return alpha;
   }
 
   // Fold in the state of another range of the same row (computed with the same scale): the state of both ranges.

@@ -69,6 +69,40 @@ SIGNAL_MULTIVERSION void vec_sum_exp(const float* x, int64_t n, float scale, flo
   if (dot != nullptr) *dot += t;
 }
 
+SIGNAL_MULTIVERSION float vec_sum(const float* x, int64_t n) {
+  float acc[kLanes];
+  for (int l = 0; l < kLanes; ++l) acc[l] = 0.0f;
+  int64_t j = 0;
+  for (; j + kLanes <= n; j += kLanes) {
+    for (int l = 0; l < kLanes; ++l) acc[l] += x[j + l];
+  }
+  float s = 0.0f;
+  for (; j < n; ++j) s += x[j];
+  for (int l = 0; l < kLanes; ++l) s += acc[l];
+  return s;
+}
+
+SIGNAL_MULTIVERSION void vec_exp_sum(const float* x, int64_t n, float scale, float m, float* out, float* sum) {
+  float s_acc[kLanes];
+  for (int l = 0; l < kLanes; ++l) s_acc[l] = 0.0f;
+  int64_t j = 0;
+  for (; j + kLanes <= n; j += kLanes) {
+    for (int l = 0; l < kLanes; ++l) {
+      const float e = vexp_nonpos((x[j + l] - m) * scale);
+      out[j + l] = e;
+      s_acc[l] += e;
+    }
+  }
+  for (int l = 0; j < n; ++j, ++l) {
+    const float e = vexp_nonpos((x[j] - m) * scale);
+    out[j] = e;
+    s_acc[l] += e;
+  }
+  float s = 0.0f;
+  for (int l = 0; l < kLanes; ++l) s += s_acc[l];
+  *sum += s;
+}
+
 SIGNAL_MULTIVERSION void vec_softmax_grad(const float* x, int64_t n, float scale, float lse_hi,
                                           float lse_lo, float c0, float c1, float out_scale, float* out) {
   const float* z = x;

@@ -12,6 +12,12 @@ float vec_max(const float* x, int64_t n);
 // (terms with exp(d_j) == 0 contribute 0, so -inf logits are harmless).
 void vec_sum_exp(const float* x, int64_t n, float scale, float m, float* sum, float* dot);
 
+// Σ x[j] (float32 lanes)
+float vec_sum(const float* x, int64_t n);
+
+// out[j] = exp((x[j] - m) * scale) (m: the max of x, so every argument is <= 0);  *sum += Σ out[j]. out may alias x.
+void vec_exp_sum(const float* x, int64_t n, float scale, float m, float* out, float* sum);
+
 // With lp_j = (x[j] * scale - lse_hi) - lse_lo and p_j = exp(lp_j):
 //   out[j] = -out_scale * p_j * (c0 + c1 * lp_j)      (0 where p_j == 0).
 // out may alias x. (lse_hi, lse_lo): split_lse of the forward's float64 lse.

@@ -107,6 +107,64 @@ def _linear_backward(ctx, g_lp, g_ent, _g_lse):
 LINEAR_FWD.register_autograd(_linear_backward, _linear_setup)
 
 
+# --- the frozen-head plan (native) ----------------------------------------------------------
+# A LoRA run's LM head gets no gradient: then d log p_t / d hidden = (c·W_t − pw) / T with c = Σ_{j≠t} p_j and
+# pw = Σ_{j≠t} p_j·W_j per row, which the forward computes beside the log-sum-exp (csrc/cpu/linear_frozen.cpp): two
+# GEMMs over the vocabulary forward and none backward, instead of one forward and two backward.
+
+
+def _frozen_fake(hidden, weight, bias, targets, temperature, ignore_index):
+    n, h = hidden.shape
+    return (hidden.new_empty(n, dtype=_F32), hidden.new_empty((n, h), dtype=_F32),
+            hidden.new_empty(n, dtype=_F32))
+
+
+# hidden [N, H], weight [V, H], bias [V] | None (same dtype), targets [N] int64
+#   → (logprobs [N] f32, pw [N, H] f32: Σ_{j≠t} p_ij·weight_j, c [N] f32: Σ_{j≠t} p_ij; both 0 on ignored rows)
+LINEAR_FROZEN_FWD = KernelOp(
+    "linear_token_logprobs_frozen_fwd",
+    f"(Tensor hidden, Tensor weight, Tensor? bias, Tensor targets, {_LP}) -> (Tensor, Tensor, Tensor)",
+    _frozen_fake,
+)
+
+
+# → grad_hidden [N, H] f32 = (c·weight[targets] − pw)·grad_logprobs / T, 0 on rows whose target is outside [0, V)
+LINEAR_FROZEN_BWD = KernelOp(
+    "linear_token_logprobs_frozen_bwd",
+    "(Tensor grad_logprobs, Tensor weight, Tensor targets, Tensor pw, Tensor coef, float temperature) -> Tensor",
+    lambda grad_logprobs, weight, targets, pw, coef, temperature: torch.empty_like(pw),
+)
+
+
+def _frozen_setup(ctx, inputs, output):
+    hidden, weight, bias, targets, temperature, ignore_index = inputs
+    _, pw, c = output
+    ctx.mark_non_differentiable(pw, c)
+    ctx.save_for_backward(weight, targets, pw, c)
+    ctx.args = (temperature, hidden.dtype)
+
+
+def _frozen_backward(ctx, g_lp, _g_pw, _g_c):
+    weight, targets, pw, c = ctx.saved_tensors
+    temperature, dtype = ctx.args
+    if g_lp is None or not ctx.needs_input_grad[0]:
+        return None, None, None, None, None, None
+    grad_hidden = LINEAR_FROZEN_BWD.variant(ctx.variant)(g_lp.to(_F32).contiguous(), weight, targets, pw, c,
+                                                         temperature)
+    return grad_hidden.to(dtype), None, None, None, None, None
+
+
+LINEAR_FROZEN_FWD.register_autograd(_frozen_backward, _frozen_setup)
+
+
+def frozen_head_plan(hidden: Tensor, weight: Tensor, bias: Tensor | None, backend: str) -> bool:
+    """Whether the frozen-head plan serves this call: ``hidden`` needs a gradient and neither ``weight`` nor ``bias``
+    does (grad mode on), and ``backend`` has the kernel. Without any gradient the plain forward is cheaper (one GEMM
+    over the vocabulary, not two)."""
+    return (torch.is_grad_enabled() and hidden.requires_grad and not weight.requires_grad
+            and (bias is None or not bias.requires_grad) and LINEAR_FROZEN_FWD.implemented_by(backend))
+
+
 # --- linear_token_logprobs: public op -------------------------------------------------------
 
 
@@ -139,6 +197,12 @@ def linear_token_logprobs(
     logits for a frozen (LoRA) head at N ≥ 4096, V = 128256, H = 4096; (H + Vc/2)/V of them for a
     trained one (exact: :func:`signalrl.kernels.linear_logprobs.backward_plan`). Native: one block of
     logits per thread. The reference materializes ``[N, V]`` float32 logits.
+
+    Plan: when ``hidden`` needs a gradient and the head does not (``weight`` and ``bias`` frozen, as in LoRA) and no
+    entropy is asked for, the native backend computes pw = Σ_{j≠t} p_j·weight_j and c = Σ_{j≠t} p_j per row beside
+    the log-sum-exp (a second GEMM per vocab block) and keeps them, ``[N, H]`` and ``[N]`` float32, for the
+    backward: d hidden = (c·weight_t − pw)·g / T, no pass over the vocabulary (two GEMMs of N·V·H in all instead of
+    three).
     """
     v.linear_head(hidden, weight, targets, bias)
     H = hidden.shape[-1]
@@ -164,12 +228,18 @@ def linear_token_logprobs(
     b = None if bias is None else bias.contiguous()
     t = targets.reshape(-1).to(torch.int64).contiguous()
 
-    op = LINEAR_FWD.op(backend, h.device)
     params = LogprobParams(temperature, int(ignore_index))
+    if not return_entropy and frozen_head_plan(hidden, weight, bias, backend):
+        frozen = LINEAR_FROZEN_FWD.op(backend, h.device)
 
-    def fast_fn(h, w, t, b):
-        lp, ent, _ = op(h, w, b, t, *params.flat(), return_entropy)
-        return (lp, ent) if return_entropy else lp
+        def fast_fn(h, w, t, b):
+            return frozen(h, w, b, t, *params.flat())[0]
+    else:
+        op = LINEAR_FWD.op(backend, h.device)
+
+        def fast_fn(h, w, t, b):
+            lp, ent, _ = op(h, w, b, t, *params.flat(), return_entropy)
+            return (lp, ent) if return_entropy else lp
 
     if check_enabled():
         out = checked("linear_token_logprobs", fast_fn, ref_fn, (h, w, t, b), h.dtype)
