@@ -25,6 +25,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_token_logprobs_bwd(
     const at::Tensor& lse, const at::Tensor& entropy, double temperature, int64_t ignore_index,
     bool need_hidden, bool need_weight, bool need_bias);
 
+// the frozen-head plan of family linear_logprobs (csrc/cpu/linear_frozen.cpp)
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_token_logprobs_frozen_fwd(
+    const at::Tensor& hidden, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+    const at::Tensor& targets, double temperature, int64_t ignore_index, bool with_entropy);
+
+at::Tensor linear_token_logprobs_frozen_bwd(const at::Tensor& grad_logprobs, const at::Tensor& weight,
+                                            const at::Tensor& targets, const at::Tensor& pw, const at::Tensor& coef,
+                                            double temperature);
+
 // family ppo: the per-token PPO epilogue (csrc/cpu/ppo.cpp). The mask selects: per-token inputs are read as 0 where
 // mask == 0, whatever they hold.
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> ppo_token_fwd(

@@ -15,7 +15,8 @@
 // Memory: the [N, H] float32 pw, which the backward turns into d hidden (the size of that gradient in float32), plus
 // the group plan's scratch: one [rows, Vb] logits block per running group and per-group [rows, H] sums within
 // kGroupBudget floats. The vocabulary groups are fixed and merged in group order: results do not depend on the
-// number of threads. Rows whose target is ignore_index get log-prob 0, pw 0 and c 0; a target outside [0, V) a NaN
+// number of threads. With with_entropy the entropy of each row comes too (its value; the plan gives no entropy
+// gradient). Rows whose target is ignore_index get log-prob 0, pw 0 and c 0; a target outside [0, V) a NaN
 // log-prob (its gradient is the caller's: no log-prob gradient).
 #include <torch/library.h>
 #include <ATen/Parallel.h>
@@ -35,19 +36,21 @@ namespace signalrl {
 
 using namespace linear;
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_token_logprobs_frozen_fwd(
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_token_logprobs_frozen_fwd(
     const at::Tensor& hidden, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
-    const at::Tensor& targets, double temperature, int64_t ignore_index) {
+    const at::Tensor& targets, double temperature, int64_t ignore_index, bool with_entropy) {
   const char* fn = "linear_token_logprobs_frozen_fwd";
   at::Tensor tgt;
   const LinearArgs a = prepare(fn, hidden, weight, bias, targets, tgt, temperature, ignore_index);
   const auto f32 = hidden.options().dtype(at::kFloat);
   at::Tensor logprobs = at::zeros({a.N}, f32);
+  at::Tensor entropy = with_entropy ? at::zeros({a.N}, f32) : at::empty({0}, f32);
   at::Tensor pw = at::zeros({a.N, a.H}, f32);
   at::Tensor coef = at::zeros({a.N}, f32);
   TORCH_CHECK(a.H > 0, fn, ": hidden must have H >= 1 columns");
-  if (a.Nv == 0) return {logprobs, pw, coef};
+  if (a.Nv == 0) return {logprobs, entropy, pw, coef};
   float* lp = logprobs.data_ptr<float>();
+  float* ent = with_entropy ? entropy.data_ptr<float>() : nullptr;
   float* pwp = pw.data_ptr<float>();
   float* cp = coef.data_ptr<float>();
   const int64_t* rows = a.valid_rows.data_ptr<int64_t>();
@@ -90,7 +93,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_token_logprobs_frozen_fwd(
             const bool has_t = t >= v0 && t < v0 + nv;
             if (has_t) z_target[i] = zr[t - v0] * a.scale;
             float block_sum;
-            alpha[i] = st[i].update_exp(zr, nv, a.scale, zr, &block_sum);  // z -> exp(z − running max), in place
+            alpha[i] = st[i].update_exp(zr, nv, a.scale, with_entropy, zr, &block_sum);  // z -> exp(z − running max), in place
             if (has_t) {  // the target's term leaves both sums; the rest re-summed (not block_sum − e_t: cancels)
               zr[t - v0] = 0.0f;
               block_sum = vec_sum(zr, nv);
@@ -131,6 +134,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_token_logprobs_frozen_fwd(
       for (int64_t g = 1; g < G; ++g) tot.merge(state[g * nr + i], a.scale);
       const int64_t row = rows[r0 + i];
       const int64_t t = a.targets[row];
+      if (ent != nullptr) ent[row] = tot.entropy();
       if (t < 0 || t >= a.V) {  // NaN log-prob, no log-prob gradient: c and pw stay 0
         lp[row] = std::numeric_limits<float>::quiet_NaN();
         continue;
@@ -154,7 +158,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_token_logprobs_frozen_fwd(
       }
     }
   }
-  return {logprobs, pw, coef};
+  return {logprobs, entropy, pw, coef};
 }
 
 at::Tensor linear_token_logprobs_frozen_bwd(const at::Tensor& grad_logprobs, const at::Tensor& weight,

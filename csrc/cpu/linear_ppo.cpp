@@ -3,6 +3,7 @@
 // then the ppo epilogue (csrc/cpu/ppo.cpp) on the [N] vectors, which also gives the per-token gradient
 // coefficients g_lp = w·∂ℓ/∂logp and g_H = w·∂ℓ/∂H. Backward: the linear_logprobs backward with those
 // coefficients times the incoming scalar gradient. Memory: that of linear_token_logprobs plus a few [N] vectors.
+// A frozen head with entropy_coef == 0 takes the frozen-head plan (linear_ppo_frozen_fwd below).
 #include <torch/library.h>
 #include "kernels.h"
 
@@ -22,6 +23,26 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
                     dual_clip, kl_estimator, kl_coef, entropy_coef, log_ratio_clamp);
   if (entropy_coef == 0.0) g_ent = at::empty({0}, lp.options());
   return {loss, stats, lp, ent, lse, g_lp, g_ent};
+}
+
+// The frozen-head plan (csrc/cpu/linear_frozen.cpp) when entropy_coef == 0: the same loss, statistics and g_lp, with
+// the plan's pw and c in place of lse, so that the backward is d hidden = grad_loss·g_lp·(c·W_t − pw) / T
+// (linear_token_logprobs_frozen_bwd): no pass over the vocabulary.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_ppo_frozen_fwd(
+    const at::Tensor& hidden, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+    const at::Tensor& targets, const at::Tensor& old_logprobs, const at::Tensor& advantages,
+    const at::Tensor& weights, const at::Tensor& mask, const std::optional<at::Tensor>& ref_logprobs,
+    double temperature, int64_t ignore_index, double clip_low, double clip_high,
+    std::optional<double> dual_clip, c10::string_view kl_estimator, double kl_coef, double entropy_coef,
+    std::optional<double> log_ratio_clamp) {
+  TORCH_CHECK(entropy_coef == 0.0, "linear_ppo_frozen_fwd: the frozen-head plan has no entropy gradient, so "
+              "entropy_coef must be 0, got ", entropy_coef);
+  auto [lp, ent, pw, coef] =
+      linear_token_logprobs_frozen_fwd(hidden, weight, bias, targets, temperature, ignore_index, true);
+  auto [loss, g_lp, g_ent, stats] =
+      ppo_token_fwd(lp, old_logprobs, advantages, weights, mask, ref_logprobs, ent, clip_low, clip_high,
+                    dual_clip, kl_estimator, kl_coef, entropy_coef, log_ratio_clamp);
+  return {loss, stats, lp, ent, g_lp, pw, coef};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_ppo_bwd(
@@ -45,4 +66,5 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_ppo_bwd(
 TORCH_LIBRARY_IMPL(signalrl, CPU, m) {
   m.impl("linear_ppo_fwd", &signalrl::linear_ppo_fwd);
   m.impl("linear_ppo_bwd", &signalrl::linear_ppo_bwd);
+  m.impl("linear_ppo_frozen_fwd", &signalrl::linear_ppo_frozen_fwd);
 }

@@ -73,11 +73,10 @@ struct OnlineLse {
     vec_sum_exp(x, n, scale, m, &s, with_entropy ? &d : nullptr);
   }
 
-  // update() without the entropy term that also writes out[j] = exp((x[j] − m')·scale) about the new running max m'
-  // (out may alias x) and gives their sum, for a caller that accumulates Σ_j out[j]·y_j over the blocks: its earlier
-  // sums must be multiplied by the returned factor exp((m − m')·scale) (1 when the max did not grow or nothing was
-  // summed yet).
-  float update_exp(const float* x, int64_t n, float scale, float* out, float* block_sum) {
+  // update() that also writes out[j] = exp((x[j] − m')·scale) about the new running max m' (out may alias x) and
+  // gives their sum, for a caller that accumulates Σ_j out[j]·y_j over the blocks: its earlier sums must be multiplied
+  // by the returned factor exp((m − m')·scale) (1 when the max did not grow or nothing was summed yet).
+  float update_exp(const float* x, int64_t n, float scale, bool with_entropy, float* out, float* block_sum) {
     const float bm = vec_max(x, n);
     *block_sum = 0.0f;
     if (bm == kNegInf) {  // every term is exp(-inf) = 0
@@ -87,12 +86,14 @@ struct OnlineLse {
     float alpha = 1.0f;
     if (bm > m) {
       if (s > 0.0f) {
-        alpha = std::exp((m - bm) * scale);
+        const float shift = (m - bm) * scale;
+        alpha = std::exp(shift);
+        d = alpha * (d + shift * s);
         s *= alpha;
       }
       m = bm;
     }
-    vec_exp_sum(x, n, scale, m, out, block_sum);
+    vec_exp_sum(x, n, scale, m, out, block_sum, with_entropy ? &d : nullptr);
     s += *block_sum;
     return alpha;
   }

@@ -82,25 +82,45 @@ SIGNAL_MULTIVERSION float vec_sum(const float* x, int64_t n) {
   return s;
 }
 
-SIGNAL_MULTIVERSION void vec_exp_sum(const float* x, int64_t n, float scale, float m, float* out, float* sum) {
+SIGNAL_MULTIVERSION void vec_exp_sum(const float* x, int64_t n, float scale, float m, float* out, float* sum,
+                                     float* dot) {
   float s_acc[kLanes];
-  for (int l = 0; l < kLanes; ++l) s_acc[l] = 0.0f;
+  float d_acc[kLanes];
+  for (int l = 0; l < kLanes; ++l) s_acc[l] = d_acc[l] = 0.0f;
   int64_t j = 0;
-  for (; j + kLanes <= n; j += kLanes) {
-    for (int l = 0; l < kLanes; ++l) {
-      const float e = vexp_nonpos((x[j + l] - m) * scale);
-      out[j + l] = e;
-      s_acc[l] += e;
+  if (dot != nullptr) {
+    for (; j + kLanes <= n; j += kLanes) {
+      for (int l = 0; l < kLanes; ++l) {
+        const float d = (x[j + l] - m) * scale;
+        const float e = vexp_nonpos(d);
+        out[j + l] = e;
+        s_acc[l] += e;
+        d_acc[l] += e > 0.0f ? e * d : 0.0f;
+      }
+    }
+  } else {
+    for (; j + kLanes <= n; j += kLanes) {
+      for (int l = 0; l < kLanes; ++l) {
+        const float e = vexp_nonpos((x[j + l] - m) * scale);
+        out[j + l] = e;
+        s_acc[l] += e;
+      }
     }
   }
   for (int l = 0; j < n; ++j, ++l) {
-    const float e = vexp_nonpos((x[j] - m) * scale);
+    const float d = (x[j] - m) * scale;
+    const float e = vexp_nonpos(d);
     out[j] = e;
     s_acc[l] += e;
+    d_acc[l] += e > 0.0f ? e * d : 0.0f;
   }
-  float s = 0.0f;
-  for (int l = 0; l < kLanes; ++l) s += s_acc[l];
+  float s = 0.0f, t = 0.0f;
+  for (int l = 0; l < kLanes; ++l) {
+    s += s_acc[l];
+    t += d_acc[l];
+  }
   *sum += s;
+  if (dot != nullptr) *dot += t;
 }
 
 SIGNAL_MULTIVERSION void vec_softmax_grad(const float* x, int64_t n, float scale, float lse_hi,

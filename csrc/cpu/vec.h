@@ -15,8 +15,9 @@ void vec_sum_exp(const float* x, int64_t n, float scale, float m, float* sum, fl
 // Σ x[j] (float32 lanes)
 float vec_sum(const float* x, int64_t n);
 
-// out[j] = exp((x[j] - m) * scale) (m: the max of x, so every argument is <= 0);  *sum += Σ out[j]. out may alias x.
-void vec_exp_sum(const float* x, int64_t n, float scale, float m, float* out, float* sum);
+// With d_j = (x[j] - m) * scale (m: the max of x, so d_j <= 0): out[j] = exp(d_j);  *sum += Σ out[j];  if dot !=
+// nullptr, *dot += Σ out[j] * d_j (as vec_sum_exp). out may alias x.
+void vec_exp_sum(const float* x, int64_t n, float scale, float m, float* out, float* sum, float* dot);
 
 // With lp_j = (x[j] * scale - lse_hi) - lse_lo and p_j = exp(lp_j):
 //   out[j] = -out_scale * p_j * (c0 + c1 * lp_j)      (0 where p_j == 0).

@@ -113,17 +113,19 @@ LINEAR_FWD.register_autograd(_linear_backward, _linear_setup)
 # GEMMs over the vocabulary forward and none backward, instead of one forward and two backward.
 
 
-def _frozen_fake(hidden, weight, bias, targets, temperature, ignore_index):
+def _frozen_fake(hidden, weight, bias, targets, temperature, ignore_index, with_entropy):
     n, h = hidden.shape
-    return (hidden.new_empty(n, dtype=_F32), hidden.new_empty((n, h), dtype=_F32),
-            hidden.new_empty(n, dtype=_F32))
+    return (hidden.new_empty(n, dtype=_F32), hidden.new_empty(n if with_entropy else 0, dtype=_F32),
+            hidden.new_empty((n, h), dtype=_F32), hidden.new_empty(n, dtype=_F32))
 
 
 # hidden [N, H], weight [V, H], bias [V] | None (same dtype), targets [N] int64
-#   → (logprobs [N] f32, pw [N, H] f32: Σ_{j≠t} p_ij·weight_j, c [N] f32: Σ_{j≠t} p_ij; both 0 on ignored rows)
+#   → (logprobs [N] f32, entropy [N] f32 | empty (a value: no entropy gradient), pw [N, H] f32: Σ_{j≠t} p_ij·weight_j,
+#      c [N] f32: Σ_{j≠t} p_ij; pw and c are 0 on rows whose target is ignore_index or outside [0, V))
 LINEAR_FROZEN_FWD = KernelOp(
     "linear_token_logprobs_frozen_fwd",
-    f"(Tensor hidden, Tensor weight, Tensor? bias, Tensor targets, {_LP}) -> (Tensor, Tensor, Tensor)",
+    f"(Tensor hidden, Tensor weight, Tensor? bias, Tensor targets, {_LP}, bool with_entropy) "
+    "-> (Tensor, Tensor, Tensor, Tensor)",
     _frozen_fake,
 )
 
@@ -137,32 +139,33 @@ LINEAR_FROZEN_BWD = KernelOp(
 
 
 def _frozen_setup(ctx, inputs, output):
-    hidden, weight, bias, targets, temperature, ignore_index = inputs
-    _, pw, c = output
-    ctx.mark_non_differentiable(pw, c)
+    hidden, weight, bias, targets, temperature, ignore_index, with_entropy = inputs
+    _, ent, pw, c = output
+    ctx.mark_non_differentiable(ent, pw, c)
     ctx.save_for_backward(weight, targets, pw, c)
     ctx.args = (temperature, hidden.dtype)
 
 
-def _frozen_backward(ctx, g_lp, _g_pw, _g_c):
+def _frozen_backward(ctx, g_lp, _g_ent, _g_pw, _g_c):
     weight, targets, pw, c = ctx.saved_tensors
     temperature, dtype = ctx.args
     if g_lp is None or not ctx.needs_input_grad[0]:
-        return None, None, None, None, None, None
+        return (None,) * 7
     grad_hidden = LINEAR_FROZEN_BWD.variant(ctx.variant)(g_lp.to(_F32).contiguous(), weight, targets, pw, c,
                                                          temperature)
-    return grad_hidden.to(dtype), None, None, None, None, None
+    return (grad_hidden.to(dtype),) + (None,) * 6
 
 
 LINEAR_FROZEN_FWD.register_autograd(_frozen_backward, _frozen_setup)
 
 
-def frozen_head_plan(hidden: Tensor, weight: Tensor, bias: Tensor | None, backend: str) -> bool:
+def frozen_head_plan(hidden: Tensor, weight: Tensor, bias: Tensor | None, backend: str,
+                     kernel: KernelOp = LINEAR_FROZEN_FWD) -> bool:
     """Whether the frozen-head plan serves this call: ``hidden`` needs a gradient and neither ``weight`` nor ``bias``
-    does (grad mode on), and ``backend`` has the kernel. Without any gradient the plain forward is cheaper (one GEMM
-    over the vocabulary, not two)."""
+    does (grad mode on), and ``backend`` has ``kernel`` (the plan's forward). Without any gradient the plain forward
+    is cheaper (one GEMM over the vocabulary, not two)."""
     return (torch.is_grad_enabled() and hidden.requires_grad and not weight.requires_grad
-            and (bias is None or not bias.requires_grad) and LINEAR_FROZEN_FWD.implemented_by(backend))
+            and (bias is None or not bias.requires_grad) and kernel.implemented_by(backend))
 
 
 # --- linear_token_logprobs: public op -------------------------------------------------------
@@ -233,7 +236,7 @@ def linear_token_logprobs(
         frozen = LINEAR_FROZEN_FWD.op(backend, h.device)
 
         def fast_fn(h, w, t, b):
-            return frozen(h, w, b, t, *params.flat())[0]
+            return frozen(h, w, b, t, *params.flat(), False)[0]
     else:
         op = LINEAR_FWD.op(backend, h.device)
 

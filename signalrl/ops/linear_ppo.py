@@ -22,7 +22,7 @@ from . import _validate as v
 from ._backend import backend_for
 from ._check import check_enabled, checked
 from ._library import KernelOp
-from .linear_logprobs import grads_fake
+from .linear_logprobs import LINEAR_FROZEN_BWD, frozen_head_plan, grads_fake
 
 _F32 = torch.float32
 
@@ -117,6 +117,45 @@ def _backward(ctx, g_loss, *_unused):
 LINEAR_PPO_FWD.register_autograd(_backward, _setup)
 
 
+# The frozen-head plan (native, entropy_coef == 0; see linear_token_logprobs): the same inputs → (loss, stats,
+# logprobs, entropy, g_lp, pw [N, H] f32, c [N] f32); backward d hidden = grad_loss·g_lp·(c·W_t − pw) / T.
+def _frozen_fwd_fake(hidden, weight, bias, targets, old_logprobs, advantages, weights, mask, ref_logprobs, *params):
+    n, h = hidden.shape
+    vec = lambda k: hidden.new_empty(k, dtype=_F32)  # noqa: E731
+    return (hidden.new_empty((), dtype=_F32), vec(len(STAT_KEYS)), vec(n), vec(n), vec(n),
+            hidden.new_empty((n, h), dtype=_F32), vec(n))
+
+
+LINEAR_PPO_FROZEN_FWD = KernelOp(
+    "linear_ppo_frozen_fwd",
+    "(Tensor hidden, Tensor weight, Tensor? bias, Tensor targets, Tensor old_logprobs, Tensor advantages, "
+    f"Tensor weights, Tensor mask, Tensor? ref_logprobs, {_ARGS}) "
+    "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)",
+    _frozen_fwd_fake,
+)
+
+
+def _frozen_setup(ctx, inputs, output):
+    hidden, weight, _bias, targets = inputs[:4]
+    ctx.args = (inputs[9], hidden.dtype)  # temperature
+    _loss, stats, lp, ent, g_lp, pw, c = output
+    ctx.mark_non_differentiable(stats, lp, ent, g_lp, pw, c)
+    ctx.save_for_backward(weight, targets, g_lp, pw, c)
+
+
+def _frozen_backward(ctx, g_loss, *_unused):
+    weight, targets, g_lp, pw, c = ctx.saved_tensors
+    temperature, dtype = ctx.args
+    none_rest = (None,) * (8 + LogprobParams.size() + PPOParams.size())
+    if g_loss is None or not ctx.needs_input_grad[0]:
+        return (None,) + none_rest
+    gh = LINEAR_FROZEN_BWD.variant(ctx.variant)(g_lp * g_loss.to(_F32), weight, targets, pw, c, temperature)
+    return (gh.to(dtype),) + none_rest
+
+
+LINEAR_PPO_FROZEN_FWD.register_autograd(_frozen_backward, _frozen_setup)
+
+
 # --- public op ----------------------------------------------------------------------------------
 
 
@@ -182,6 +221,10 @@ def linear_ppo_loss(
     where R = N when the head is trained and a row chunk keeping it within 1 % of the ``[N, V]`` float32 logits
     when it is frozen (LoRA). Exact bound: :func:`signalrl.kernels.linear_logprobs.backward_plan`. The reference
     materializes ``[N, V]`` float32 logits.
+
+    Plan: a frozen head (``weight`` and ``bias`` without gradient) with ``entropy_coef == 0`` takes the native
+    frozen-head plan of :func:`signalrl.ops.linear_token_logprobs`: the forward keeps pw = Σ_{j≠t} p_j·weight_j
+    (``[N, H]`` float32) and the backward makes no pass over the vocabulary.
     """
     v.tensor("hidden", hidden, dtypes=v.FLOAT_DTYPES, min_dim=2)  # [N, H] at least: the loss needs a token row
     v.linear_head(hidden, weight, targets, bias)
@@ -220,7 +263,8 @@ def linear_ppo_loss(
     if backend == "reference":
         return ref_fn(*inputs)
 
-    op = LINEAR_PPO_FWD.op(backend, hidden.device)
+    frozen = entropy_coef == 0.0 and frozen_head_plan(hidden, weight, bias, backend, LINEAR_PPO_FROZEN_FWD)
+    op = (LINEAR_PPO_FROZEN_FWD if frozen else LINEAR_PPO_FWD).op(backend, hidden.device)
     params = LogprobParams(temperature, ignore_index)
     ppo_params = PPOParams(clip_low, clip_high, dual_clip, kl_estimator, kl_coef, entropy_coef, log_ratio_clamp)
 

@@ -113,22 +113,32 @@ def test_same_gradient_as_the_trained_head_plan():
     assert rel_err(gh_frozen, gh_t) < 1e-5 and rel_err(gh_trained, gh_t) < 1e-5
 
 
-@pytest.mark.parametrize("case", ["weight_trained", "bias_trained", "entropy", "no_grad", "hidden_frozen"])
+def _kernels_run(fn) -> set[str]:
+    """The signalrl kernel ops that ``fn()`` (forward and backward) runs."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        fn()
+    return {e.name for e in prof.events() if e.name.startswith("signalrl::")}
+
+
+@pytest.mark.parametrize("case", ["frozen", "weight_trained", "bias_trained", "entropy", "no_grad", "hidden_frozen"])
 def test_the_plan_is_chosen_only_where_it_serves(case):
     hidden, weight, bias, targets = _case(4, 8, 20, torch.float32, seed=7, with_bias=True)
     hidden.requires_grad_(case != "hidden_frozen")
-    if case == "weight_trained":
-        weight.requires_grad_()
-    if case == "bias_trained":
-        bias.requires_grad_()
-    with torch.set_grad_enabled(case != "no_grad"):
-        assert not frozen_head_plan(hidden, weight, bias, "native") or case == "entropy"
-        with use_backend("native"):
+    weight.requires_grad_(case == "weight_trained")
+    bias.requires_grad_(case == "bias_trained")
+
+    def step():
+        with torch.set_grad_enabled(case != "no_grad"), use_backend("native"):
             out = ops.linear_token_logprobs(hidden, weight, targets, bias=bias, return_entropy=case == "entropy")
-    lp = out[0] if case == "entropy" else out
-    name = type(lp.grad_fn).__name__ if lp.grad_fn is not None else ""
-    assert "frozen" not in name
-    assert frozen_head_plan(hidden.detach().requires_grad_(), weight.detach(), None, "native")
+            lp = out[0] if case == "entropy" else out
+            if lp.requires_grad:
+                lp.sum().backward()
+
+    ran = _kernels_run(step)
+    if case == "frozen":
+        assert ran == {"signalrl::linear_token_logprobs_frozen_fwd", "signalrl::linear_token_logprobs_frozen_bwd"}
+    else:
+        assert "signalrl::linear_token_logprobs_fwd" in ran and not any("frozen" in k for k in ran), ran
     assert not frozen_head_plan(hidden.detach().requires_grad_(), weight.detach(), None, "reference")
 
 
@@ -139,14 +149,28 @@ def test_results_do_not_depend_on_the_number_of_threads():
     try:
         for k in (1, 2, 3):
             torch.set_num_threads(k)
-            lp, pw, c = torch.ops.signalrl.linear_token_logprobs_frozen_fwd(hidden, weight, None, targets, 1.0, -100)
+            lp, ent, pw, c = torch.ops.signalrl.linear_token_logprobs_frozen_fwd(hidden, weight, None, targets, 1.0,
+                                                                                 -100, True)
             g = torch.ops.signalrl.linear_token_logprobs_frozen_bwd(torch.ones(200), weight, targets, pw, c, 1.0)
-            outs.append((lp, pw, c, g))
+            outs.append((lp, ent, pw, c, g))
     finally:
         torch.set_num_threads(threads)
     for other in outs[1:]:
         for a, b in zip(outs[0], other):
             assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("N,H,V", [(37, 40, 1031), (300, 1024, 2100)])
+def test_kernel_entropy_values(N, H, V):
+    """The plan's forward also gives each row's entropy (a value, for linear_ppo_loss's statistics)."""
+    hidden, weight, bias, targets = _case(N, H, V, torch.float32, seed=11, with_bias=True, ignored=(2,))
+    lp, ent, pw, c = torch.ops.signalrl.linear_token_logprobs_frozen_fwd(hidden, weight, bias, targets, 0.8, -100,
+                                                                         True)
+    lp_t, ent_t = reference.linear_token_logprobs(hidden.double(), weight.double(), targets, bias=bias.double(),
+                                                  temperature=0.8, return_entropy=True)
+    assert_close("logprobs", lp, lp_t, torch.float32)
+    assert_close("entropy", ent, ent_t, torch.float32)
+    assert c[2] == 0 and torch.all(pw[2] == 0)
 
 
 def test_torch_compile_traces_the_plan():
@@ -192,3 +216,64 @@ def test_kernel_grid_against_reference():
         lp, gh, lp_t, gh_t = _run(hidden, weight, None, targets, T)
         assert_close(f"logprobs N={N} H={H} V={V} T={T}", lp, lp_t, torch.float32)
         assert_close(f"d hidden N={N} H={H} V={V} T={T}", gh, gh_t, torch.float32)
+
+
+@pytest.mark.parametrize("settings", [
+    dict(),
+    dict(kl_coef=0.05, ref=True, dual_clip=3.0, aggregation="seq-mean-token-sum", temperature=0.8, with_bias=True),
+    dict(kl_coef=0.1, ref=True, kl_estimator="k1", aggregation="seq-mean-token-mean", clip_high=0.28),
+], ids=["default", "kl-dual-clip-bias", "k1-seq-mean"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_linear_ppo_loss_frozen_head(settings, dtype):
+    """linear_ppo_loss with a frozen head and no entropy bonus takes the plan: loss, statistics and d hidden as the
+    float64 reference's."""
+    settings = dict(settings)
+    with_bias, use_ref, temperature = settings.pop("with_bias", False), settings.pop("ref", False), \
+        settings.pop("temperature", 1.0)
+    B, T, H, V = 3, 11, 24, 700
+    hidden, weight, bias, targets = _case(B * T, H, V, dtype, seed=12, with_bias=with_bias, ignored=(0, 11, 22))
+    g = torch.Generator().manual_seed(13)
+    hidden, targets = hidden.reshape(B, T, H), targets.reshape(B, T)
+    old = -torch.rand(B, T, generator=g) * 3 - 4
+    adv = torch.randn(B, T, generator=g)
+    mask = (torch.rand(B, T, generator=g) > 0.2).float()
+    ref = old + 0.1 * torch.randn(B, T, generator=g) if use_ref else None
+    kw = dict(mask=mask, bias=bias, ref_logprobs=ref, temperature=temperature, **settings)
+    h = hidden.clone().requires_grad_()
+
+    def step():
+        with use_backend("native"):
+            loss, stats = ops.linear_ppo_loss(h, weight, targets, old, adv, **kw)
+        loss.backward()
+        return loss, stats
+
+    ran = _kernels_run(lambda: step())
+    assert "signalrl::linear_ppo_frozen_fwd" in ran and "signalrl::linear_ppo_fwd" not in ran, ran
+    h.grad = None
+    loss, stats = step()
+    h64 = hidden.double().requires_grad_()
+    kw64 = dict(kw, bias=None if bias is None else bias.double())
+    loss_t, stats_t = reference.linear_ppo_loss(h64, weight.double(), targets, old.double(), adv.double(), **kw64)
+    loss_t.backward()
+    # the loss sums O(1) terms that can cancel and small statistics compare absolutely (as tests/ops/test_linear_ppo.py)
+    tol = 1e-5 if dtype == torch.float32 else 1e-2
+    assert abs(loss.item() - loss_t.item()) <= tol * max(1.0, abs(loss_t.item())), (loss.item(), loss_t.item())
+    for k in stats_t:
+        if (stats[k].double() - stats_t[k]).abs().item() > (1e-6 if dtype == torch.float32 else 1e-3):
+            assert_close(f"stat {k}", stats[k], stats_t[k], dtype)
+    assert h.grad.dtype == dtype
+    assert_close("d hidden", h.grad, h64.grad, dtype)
+
+
+def test_linear_ppo_loss_with_an_entropy_bonus_keeps_the_trained_head_plan():
+    hidden, weight, _, targets = _case(16, 8, 50, torch.float32, seed=14)
+    h = hidden.clone().requires_grad_()
+
+    def step():
+        with use_backend("native"):
+            loss, _ = ops.linear_ppo_loss(h[None], weight, targets[None], -torch.rand(1, 16) - 3, torch.randn(1, 16),
+                                          entropy_coef=0.01)
+        loss.backward()
+
+    ran = _kernels_run(step)
+    assert "signalrl::linear_ppo_fwd" in ran and not any("frozen" in k for k in ran), ran

@@ -6,6 +6,11 @@ the logits (issue 3). The same model is applied to every provider, so its rate i
 across providers (a materializing reference does 3 rather than 4 GEMMs; its "TFLOP/s" is then
 an effective rate on the fused model).
 
+``linear_token_logprobs:frozen_head`` and ``linear_ppo_loss:frozen_head`` (no entropy bonus) are the LoRA case: the
+LM head gets no gradient, only hidden does. Their rows are full steps only (forward + backward): the native plan for it computes in the forward what its backward needs (see
+``signalrl.ops.linear_token_logprobs``, "Plan"), so a forward or a backward alone would compare nothing. Work model:
+2 GEMM-equivalents (the logits, d(hidden)), what a materializing reference computes.
+
 Peers: Liger-Kernel's LigerFusedLinearCrossEntropyLoss (reduction "sum", so its loss is −Σ logp)
 and Cut Cross-Entropy's ``linear_cross_entropy(..., reduction="none")`` for linear_token_logprobs;
 Liger-Kernel's LigerFusedLinearGRPOLoss for linear_ppo_loss (note: GRPO takes one advantage per
@@ -37,17 +42,27 @@ def _shapes(preset: Preset):
     return pts
 
 
-def _flops(N, H, V):
+def _frozen_shapes(preset: Preset):
+    if preset.quick:
+        return [({"N": 64, "H": 32, "V": 500}, torch.float32, True)]
+    if preset.name == "cpu":
+        return [({"N": 128, "H": 256, "V": 32000}, torch.float32, True),
+                ({"N": 512, "H": 256, "V": 32000}, torch.float32, False)]
+    return [({"N": 8192, "H": 4096, "V": 128256}, torch.bfloat16, True)]
+
+
+def _flops(N, H, V, frozen=False):
     gemm = 2.0 * N * V * H
-    return lambda mode: {"fwd": 1, "bwd": 3, "full": 4}[mode] * gemm
+    per_mode = {"fwd": 1, "bwd": 1, "full": 2} if frozen else {"fwd": 1, "bwd": 3, "full": 4}
+    return lambda mode: per_mode[mode] * gemm
 
 
-def _maker(N, H, V, dtype, ppo=False):
+def _maker(N, H, V, dtype, ppo=False, frozen=False):
     def make(device, gen):
         # hidden ~ N(0, 1), weight ~ N(0, 1/H): logits of unit scale, as in a trained LM head
         x = {
             "hidden": randn((N, H), device, gen, dtype=dtype, requires_grad=True),
-            "weight": randn((V, H), device, gen, dtype=dtype, scale=H ** -0.5, requires_grad=True),
+            "weight": randn((V, H), device, gen, dtype=dtype, scale=H ** -0.5, requires_grad=not frozen),
             "targets": randint(V, (N,), device, gen),
         }
         x["targets"][::16] = IGNORE
@@ -128,12 +143,43 @@ def cases(preset: Preset) -> list[Case]:
                             make=_maker(N, H, V, dtype), impls=impls, flops=_flops(N, H, V),
                             headline=headline))
 
+    frozen_op = "linear_token_logprobs:frozen_head"
+
+    def frozen_call(m, hidden, weight, targets):
+        return m.linear_token_logprobs(hidden, weight, targets, ignore_index=IGNORE)
+
+    for params, dtype, headline in _frozen_shapes(preset):
+        N, H, V = params["N"], params["H"], params["V"]
+        impls = standard_impls("linear_token_logprobs", frozen_call, "hidden", preset, headline=headline,
+                               compile_key=frozen_op, compile_always=True)
+        impls["liger"] = _liger_flce
+        impls["cce"] = _cce
+        out.append(Case(op=frozen_op, family="linear", params=dict(params), dtype=dtype,
+                        make=_maker(N, H, V, dtype, frozen=True), impls=impls, flops=_flops(N, H, V, frozen=True),
+                        modes=("full",), headline=headline))
+
     def ppo_call(m, hidden, weight, targets, old_logprobs, ref_logprobs, advantages, mask):
         loss, stats = m.linear_ppo_loss(
             hidden, weight, targets, old_logprobs, advantages, mask, ref_logprobs=ref_logprobs,
             ignore_index=IGNORE, clip_low=0.2, clip_high=0.28, kl_coef=0.05, entropy_coef=0.01,
         )
         return {"loss": loss, **stats}
+
+    def ppo_frozen_call(m, hidden, weight, targets, old_logprobs, ref_logprobs, advantages, mask):
+        loss, stats = m.linear_ppo_loss(
+            hidden, weight, targets, old_logprobs, advantages, mask, ref_logprobs=ref_logprobs,
+            ignore_index=IGNORE, clip_low=0.2, clip_high=0.28, kl_coef=0.05,
+        )
+        return {"loss": loss, **stats}
+
+    for params, dtype, headline in _frozen_shapes(preset)[:1]:
+        N, H, V = params["N"], params["H"], params["V"]
+        op = "linear_ppo_loss:frozen_head"
+        impls = standard_impls("linear_ppo_loss", ppo_frozen_call, "hidden", preset, headline=headline,
+                               compile_key=op, compile_always=True)
+        out.append(Case(op=op, family="linear", params=dict(params), dtype=dtype,
+                        make=_maker(N, H, V, dtype, ppo=True, frozen=True), impls=impls,
+                        flops=_flops(N, H, V, frozen=True), modes=("full",), headline=headline))
 
     for params, dtype, headline in _shapes(preset):
         N, H, V = params["N"], params["H"], params["V"]
