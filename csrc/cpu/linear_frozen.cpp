@@ -42,12 +42,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_token_logprobs
   const char* fn = "linear_token_logprobs_frozen_fwd";
   at::Tensor tgt;
   const LinearArgs a = prepare(fn, hidden, weight, bias, targets, tgt, temperature, ignore_index);
+  TORCH_CHECK(a.H > 0, fn, ": hidden must have H >= 1 columns");
   const auto f32 = hidden.options().dtype(at::kFloat);
   at::Tensor logprobs = at::zeros({a.N}, f32);
   at::Tensor entropy = with_entropy ? at::zeros({a.N}, f32) : at::empty({0}, f32);
   at::Tensor pw = at::zeros({a.N, a.H}, f32);
   at::Tensor coef = at::zeros({a.N}, f32);
-  TORCH_CHECK(a.H > 0, fn, ": hidden must have H >= 1 columns");
   if (a.Nv == 0) return {logprobs, entropy, pw, coef};
   float* lp = logprobs.data_ptr<float>();
   float* ent = with_entropy ? entropy.data_ptr<float>() : nullptr;
@@ -76,7 +76,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_token_logprobs
     s_other.assign(G * nr, 0.0f);
     at::Tensor acc = at::zeros({G, nr, H}, f32);
 
-    // blocks [b0, b1) of group g, with its running states st and sums acc_g
+    // the blocks of group g into its running states, its Σ_{j≠t} and its sums acc_g (alpha: per-row rescale factors)
     auto run_group = [&](int64_t g, at::Tensor& scratch, std::vector<float>& alpha) {
       OnlineLse* st = state.data() + g * nr;
       float* so = s_other.data() + g * nr;
@@ -92,8 +92,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_token_logprobs
             const int64_t t = a.targets[rows[r0 + i]];
             const bool has_t = t >= v0 && t < v0 + nv;
             if (has_t) z_target[i] = zr[t - v0] * a.scale;
-            float block_sum;
-            alpha[i] = st[i].update_exp(zr, nv, a.scale, with_entropy, zr, &block_sum);  // z -> exp(z − running max), in place
+            float block_sum;  // z -> exp(z − running max), in place
+            alpha[i] = st[i].update_exp(zr, nv, a.scale, with_entropy, zr, &block_sum);
             if (has_t) {  // the target's term leaves both sums; the rest re-summed (not block_sum − e_t: cancels)
               zr[t - v0] = 0.0f;
               block_sum = vec_sum(zr, nv);
@@ -126,7 +126,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_token_logprobs
         for (int64_t g = g0; g < g1; ++g) run_group(g, scratch, alpha);
       });
     }
-    // merge the groups in group order, each weighted by exp((m_g − m)·s): pw = Σ_g acc_g / Σ_g s_g, c = Σ_g s_other_g / Σ_g s_g
+    // merge the groups in group order, each weighted by exp((m_g − m)·s):
+    // pw = Σ_g acc_g / Σ_g s_g,  c = Σ_g s_other_g / Σ_g s_g
     const float* accp = acc.data_ptr<float>();
     std::vector<float> w(G);
     for (int64_t i = 0; i < nr; ++i) {

@@ -7,9 +7,10 @@ across providers (a materializing reference does 3 rather than 4 GEMMs; its "TFL
 an effective rate on the fused model).
 
 ``linear_token_logprobs:frozen_head`` and ``linear_ppo_loss:frozen_head`` (no entropy bonus) are the LoRA case: the
-LM head gets no gradient, only hidden does. Their rows are full steps only (forward + backward): the native plan for it computes in the forward what its backward needs (see
-``signalrl.ops.linear_token_logprobs``, "Plan"), so a forward or a backward alone would compare nothing. Work model:
-2 GEMM-equivalents (the logits, d(hidden)), what a materializing reference computes.
+LM head gets no gradient, only hidden does. Their rows are full steps only (forward + backward): the native plan for
+them computes in the forward what its backward needs (see ``signalrl.ops.linear_token_logprobs``, "Plan"), so a
+forward or a backward alone would compare nothing. Work model: 2 GEMM-equivalents (the logits, d(hidden)), what a
+materializing reference computes.
 
 Peers: Liger-Kernel's LigerFusedLinearCrossEntropyLoss (reduction "sum", so its loss is −Σ logp)
 and Cut Cross-Entropy's ``linear_cross_entropy(..., reduction="none")`` for linear_token_logprobs;
