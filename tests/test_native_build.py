@@ -68,6 +68,7 @@ def check(what, got, truth, dtype, baseline=None):
 NATIVE_KERNELS = (
     "token_logprobs_fwd", "token_logprobs_bwd", "linear_token_logprobs_fwd", "linear_token_logprobs_bwd", "gae_fwd",
     "ppo_token_fwd", "value_loss_fwd", "kl_penalty_fwd", "kl_penalty_bwd", "linear_ppo_fwd", "linear_ppo_bwd",
+    "linear_token_logprobs_frozen_fwd", "linear_token_logprobs_frozen_bwd", "linear_ppo_frozen_fwd",
 )
 
 
@@ -82,6 +83,7 @@ def test_builds_and_registers_every_kernel():
         assert torch._C._dispatch_has_kernel_for_dispatch_key(f"signalrl::{name}", "CPU"), name
         assert KERNELS[name].implemented_by("native"), name
     assert not KERNELS["token_logprobs_bwd_inplace"].implemented_by("native")  # Triton only
+    assert not KERNELS["linear_token_logprobs_frozen_fwd"].has_triton  # native only: Triton keeps the trained-head plan
 
 
 def test_build_dir_env(monkeypatch, tmp_path):

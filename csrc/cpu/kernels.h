@@ -25,7 +25,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_token_logprobs_bwd(
     const at::Tensor& lse, const at::Tensor& entropy, double temperature, int64_t ignore_index,
     bool need_hidden, bool need_weight, bool need_bias);
 
-// the frozen-head plan of family linear_logprobs (csrc/cpu/linear_frozen.cpp)
+// the frozen-head plan of family linear_logprobs (csrc/cpu/linear_logprobs_frozen.cpp)
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_token_logprobs_frozen_fwd(
     const at::Tensor& hidden, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
     const at::Tensor& targets, double temperature, int64_t ignore_index, bool with_entropy);

@@ -109,7 +109,7 @@ LINEAR_FWD.register_autograd(_linear_backward, _linear_setup)
 
 # --- the frozen-head plan (native) ----------------------------------------------------------
 # A LoRA run's LM head gets no gradient: then d log p_t / d hidden = (c·W_t − pw) / T with c = Σ_{j≠t} p_j and
-# pw = Σ_{j≠t} p_j·W_j per row, which the forward computes beside the log-sum-exp (csrc/cpu/linear_frozen.cpp): two
+# pw = Σ_{j≠t} p_j·W_j per row, which the forward computes beside the log-sum-exp (csrc/cpu/linear_logprobs_frozen.cpp): two
 # GEMMs over the vocabulary forward and none backward, instead of one forward and two backward.
 
 

@@ -1,4 +1,4 @@
-// The blocks both linear log-prob plans are made of (linear_logprobs.cpp, linear_frozen.cpp): the checked and
+// The blocks both linear log-prob plans are made of (linear_logprobs.cpp, linear_logprobs_frozen.cpp): the checked and
 // flattened arguments, float32 row / vocabulary blocks of hidden and weight, one logits block by GEMM into a scratch
 // buffer, and the block sizes of the group plan. See the top of linear_logprobs.cpp for the plans.
 #pragma once

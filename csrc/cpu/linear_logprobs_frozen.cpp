@@ -28,7 +28,7 @@
 #include <vector>
 
 #include "kernels.h"
-#include "linear_blocks.h"
+#include "linear_logprobs_blocks.h"
 #include "parallel.h"
 #include "rowops.h"
 

@@ -1,6 +1,6 @@
 """linear_token_logprobs with a frozen LM head (LoRA): the native frozen-head plan, against float64 truth.
 
-The plan (csrc/cpu/linear_frozen.cpp) computes pw = Σ_{j≠t} p_j·W_j and c = Σ_{j≠t} p_j in the forward and
+The plan (csrc/cpu/linear_logprobs_frozen.cpp) computes pw = Σ_{j≠t} p_j·W_j and c = Σ_{j≠t} p_j in the forward and
 d hidden = (c·W_t − pw)·g / T in the backward; it serves a call whose hidden needs a gradient while the head does not.
 """
 import itertools
