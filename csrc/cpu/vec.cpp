@@ -29,34 +29,48 @@ SIGNAL_MULTIVERSION float vec_max(const float* x, int64_t n) {
   return m;
 }
 
-SIGNAL_MULTIVERSION void vec_sum_exp(const float* x, int64_t n, float scale, float m, float* sum,
-                                     float* dot) {
+namespace {
+// With d_j = (x[j] − m)·scale ≤ 0 (m is the max; NaN stays NaN): *sum += Σ exp(d_j), *dot += Σ exp(d_j)·d_j when dot
+// is given, out[j] = exp(d_j) when STORE. The body of vec_sum_exp and vec_exp_sum, inlined into each one's per-ISA
+// clones.
+template <bool STORE>
+inline __attribute__((always_inline)) void exp_sums(const float* x, int64_t n, float scale, float m, float* out,
+                                                    float* sum, float* dot) {
   float s_acc[kLanes];
   float d_acc[kLanes];
   for (int l = 0; l < kLanes; ++l) s_acc[l] = d_acc[l] = 0.0f;
   int64_t j = 0;
-  // (x − m)·scale ≤ 0 (m is the max; NaN stays NaN): vexp_nonpos
   if (dot != nullptr) {
     for (; j + kLanes <= n; j += kLanes) {
       for (int l = 0; l < kLanes; ++l) {
         const float d = (x[j + l] - m) * scale;
         const float e = vexp_nonpos(d);
+        if constexpr (STORE) out[j + l] = e;
         s_acc[l] += e;
         d_acc[l] += e > 0.0f ? e * d : 0.0f;
       }
     }
   } else if (scale == 1.0f) {
     for (; j + kLanes <= n; j += kLanes) {
-      for (int l = 0; l < kLanes; ++l) s_acc[l] += vexp_nonpos(x[j + l] - m);
+      for (int l = 0; l < kLanes; ++l) {
+        const float e = vexp_nonpos(x[j + l] - m);
+        if constexpr (STORE) out[j + l] = e;
+        s_acc[l] += e;
+      }
     }
   } else {
     for (; j + kLanes <= n; j += kLanes) {
-      for (int l = 0; l < kLanes; ++l) s_acc[l] += vexp_nonpos((x[j + l] - m) * scale);
+      for (int l = 0; l < kLanes; ++l) {
+        const float e = vexp_nonpos((x[j + l] - m) * scale);
+        if constexpr (STORE) out[j + l] = e;
+        s_acc[l] += e;
+      }
     }
   }
   for (int l = 0; j < n; ++j, ++l) {
     const float d = (x[j] - m) * scale;
     const float e = vexp_nonpos(d);
+    if constexpr (STORE) out[j] = e;
     s_acc[l] += e;
     d_acc[l] += e > 0.0f ? e * d : 0.0f;
   }
@@ -67,6 +81,16 @@ SIGNAL_MULTIVERSION void vec_sum_exp(const float* x, int64_t n, float scale, flo
   }
   *sum += s;
   if (dot != nullptr) *dot += t;
+}
+}  // namespace
+
+SIGNAL_MULTIVERSION void vec_sum_exp(const float* x, int64_t n, float scale, float m, float* sum, float* dot) {
+  exp_sums<false>(x, n, scale, m, nullptr, sum, dot);
+}
+
+SIGNAL_MULTIVERSION void vec_exp_sum(const float* x, int64_t n, float scale, float m, float* out, float* sum,
+                                     float* dot) {
+  exp_sums<true>(x, n, scale, m, out, sum, dot);
 }
 
 SIGNAL_MULTIVERSION float vec_sum(const float* x, int64_t n) {
@@ -80,47 +104,6 @@ SIGNAL_MULTIVERSION float vec_sum(const float* x, int64_t n) {
   for (; j < n; ++j) s += x[j];
   for (int l = 0; l < kLanes; ++l) s += acc[l];
   return s;
-}
-
-SIGNAL_MULTIVERSION void vec_exp_sum(const float* x, int64_t n, float scale, float m, float* out, float* sum,
-                                     float* dot) {
-  float s_acc[kLanes];
-  float d_acc[kLanes];
-  for (int l = 0; l < kLanes; ++l) s_acc[l] = d_acc[l] = 0.0f;
-  int64_t j = 0;
-  if (dot != nullptr) {
-    for (; j + kLanes <= n; j += kLanes) {
-      for (int l = 0; l < kLanes; ++l) {
-        const float d = (x[j + l] - m) * scale;
-        const float e = vexp_nonpos(d);
-        out[j + l] = e;
-        s_acc[l] += e;
-        d_acc[l] += e > 0.0f ? e * d : 0.0f;
-      }
-    }
-  } else {
-    for (; j + kLanes <= n; j += kLanes) {
-      for (int l = 0; l < kLanes; ++l) {
-        const float e = vexp_nonpos((x[j + l] - m) * scale);
-        out[j + l] = e;
-        s_acc[l] += e;
-      }
-    }
-  }
-  for (int l = 0; j < n; ++j, ++l) {
-    const float d = (x[j] - m) * scale;
-    const float e = vexp_nonpos(d);
-    out[j] = e;
-    s_acc[l] += e;
-    d_acc[l] += e > 0.0f ? e * d : 0.0f;
-  }
-  float s = 0.0f, t = 0.0f;
-  for (int l = 0; l < kLanes; ++l) {
-    s += s_acc[l];
-    t += d_acc[l];
-  }
-  *sum += s;
-  if (dot != nullptr) *dot += t;
 }
 
 SIGNAL_MULTIVERSION void vec_softmax_grad(const float* x, int64_t n, float scale, float lse_hi,
