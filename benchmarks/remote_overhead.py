@@ -50,7 +50,8 @@ RUN = dict(base_model="signal-tiny", lora_r=0, learning_rate=3e-3, max_grad_norm
 
 async def overhead(local, remote, batches, warmup: int = 3):
     runs = [await c.create_run(**RUN) for c in (local, remote)]
-    tcs = {"local": local.get_training_client(runs[0]["run_id"]), "remote": remote.get_training_client(runs[1]["run_id"])}
+    tcs = {"local": local.get_training_client(runs[0]["run_id"]),
+           "remote": remote.get_training_client(runs[1]["run_id"])}
 
     async def step(tc, b):
         loss = (await tc.forward_backward(b, "causal_lm")).loss

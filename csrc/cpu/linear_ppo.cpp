@@ -25,8 +25,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   return {loss, stats, lp, ent, lse, g_lp, g_ent};
 }
 
-// The frozen-head plan (csrc/cpu/linear_logprobs_frozen.cpp) when entropy_coef == 0: the same loss, statistics and g_lp, with
-// the plan's pw and c in place of lse, so that the backward is d hidden = grad_loss·g_lp·(c·W_t − pw) / T
+// The frozen-head plan (csrc/cpu/linear_logprobs_frozen.cpp) when entropy_coef == 0: the same loss, statistics and
+// g_lp, with the plan's pw and c in place of lse, so that the backward is d hidden = grad_loss·g_lp·(c·W_t − pw) / T
 // (linear_token_logprobs_frozen_bwd): no pass over the vocabulary.
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_ppo_frozen_fwd(
     const at::Tensor& hidden, const at::Tensor& weight, const std::optional<at::Tensor>& bias,

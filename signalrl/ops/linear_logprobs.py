@@ -109,8 +109,9 @@ LINEAR_FWD.register_autograd(_linear_backward, _linear_setup)
 
 # --- the frozen-head plan (native) ----------------------------------------------------------
 # A LoRA run's LM head gets no gradient: then d log p_t / d hidden = (c·W_t − pw) / T with c = Σ_{j≠t} p_j and
-# pw = Σ_{j≠t} p_j·W_j per row, which the forward computes beside the log-sum-exp (csrc/cpu/linear_logprobs_frozen.cpp): two
-# GEMMs over the vocabulary forward and none backward, instead of one forward and two backward.
+# pw = Σ_{j≠t} p_j·W_j per row, which the forward computes beside the log-sum-exp
+# (csrc/cpu/linear_logprobs_frozen.cpp): two GEMMs over the vocabulary forward and none backward, instead of one
+# forward and two backward.
 
 
 def _frozen_fake(hidden, weight, bias, targets, temperature, ignore_index, with_entropy):
