@@ -79,8 +79,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_token_logprobs_fwd(
       }
     });
     for (int64_t i = 0; i < nr; ++i) {
-      OnlineLse acc = state[i];
-      for (int64_t g = 1; g < G; ++g) acc.merge(state[g * nr + i], a.scale);
+      const OnlineLse acc = merged_row(state.data(), G, nr, i, a.scale);
       const int64_t row = rows[r0 + i];
       ls[row] = acc.lse(a.scale);
       const int64_t t = a.targets[row];

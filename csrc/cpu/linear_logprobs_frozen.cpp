@@ -131,8 +131,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_token_logprobs
     const float* accp = acc.data_ptr<float>();
     std::vector<float> w(G);
     for (int64_t i = 0; i < nr; ++i) {
-      OnlineLse tot = state[i];
-      for (int64_t g = 1; g < G; ++g) tot.merge(state[g * nr + i], a.scale);
+      const OnlineLse tot = merged_row(state.data(), G, nr, i, a.scale);
       const int64_t row = rows[r0 + i];
       const int64_t t = a.targets[row];
       if (ent != nullptr) ent[row] = tot.entropy();

@@ -61,15 +61,7 @@ struct OnlineLse {
   void update(const float* x, int64_t n, float scale, bool with_entropy) {
     const float bm = vec_max(x, n);  // NaN if the block holds a NaN
     if (bm == kNegInf) return;       // every term is exp(-inf) = 0
-    if (bm > m) {
-      if (s > 0.0f) {
-        const float shift = (m - bm) * scale;
-        const float alpha = std::exp(shift);
-        d = alpha * (d + shift * s);
-        s *= alpha;
-      }
-      m = bm;
-    }
+    raise_max(bm, scale);
     vec_sum_exp(x, n, scale, m, &s, with_entropy ? &d : nullptr);
   }
 
@@ -83,16 +75,7 @@ struct OnlineLse {
       std::fill(out, out + n, 0.0f);
       return 1.0f;
     }
-    float alpha = 1.0f;
-    if (bm > m) {
-      if (s > 0.0f) {
-        const float shift = (m - bm) * scale;
-        alpha = std::exp(shift);
-        d = alpha * (d + shift * s);
-        s *= alpha;
-      }
-      m = bm;
-    }
+    const float alpha = raise_max(bm, scale);
     vec_exp_sum(x, n, scale, m, out, block_sum, with_entropy ? &d : nullptr);
     s += *block_sum;
     return alpha;
@@ -105,13 +88,7 @@ struct OnlineLse {
       *this = o;
       return;
     }
-    if (o.m > m) {
-      const float shift = (m - o.m) * scale;
-      const float alpha = std::exp(shift);
-      d = alpha * (d + shift * s);
-      s *= alpha;
-      m = o.m;
-    }
+    raise_max(o.m, scale);
     const float shift = (o.m - m) * scale;  // <= 0 (NaN if either max is NaN, which then propagates)
     const float alpha = std::exp(shift);
     s += alpha * o.s;
@@ -123,7 +100,30 @@ struct OnlineLse {
   // log p of the logit z (already scaled): z − max is exact near the max, unlike z − fl32(lse)
   float logprob(float z, float scale) const { return (z - m * scale) - std::log(s); }
   float entropy() const { return std::log(s) - d / s; }
+
+  // Moves the running max up to bm if bm is larger, rescaling s and d to it; the factor exp((m − bm)·scale) applied
+  // (1 when the max did not grow or nothing was summed yet).
+  float raise_max(float bm, float scale) {
+    float alpha = 1.0f;
+    if (bm > m) {
+      if (s > 0.0f) {
+        const float shift = (m - bm) * scale;
+        alpha = std::exp(shift);
+        d = alpha * (d + shift * s);
+        s *= alpha;
+      }
+      m = bm;
+    }
+    return alpha;
+  }
 };
+
+// The state of row i merged over the G groups of a group plan (states [G, nr], group-major), in group order.
+inline OnlineLse merged_row(const OnlineLse* state, int64_t G, int64_t nr, int64_t i, float scale) {
+  OnlineLse tot = state[i];
+  for (int64_t g = 1; g < G; ++g) tot.merge(state[g * nr + i], scale);
+  return tot;
+}
 
 // A float64 lse as hi + lo float32 (hi = fl32(lse)): log p = (z − hi) − lo in float32 is exact to float32's
 // rounding of the result, where z − fl32(lse) carries |lse|·2^-24 (6e-4 relative at |lse| = 1e4).

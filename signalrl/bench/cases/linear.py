@@ -123,13 +123,29 @@ def _liger_grpo(device, x):
     return P.Impl(fn, note="Liger GRPO loss (one advantage per sequence)")
 
 
+def _logprobs_call(entropy: bool):
+    def call(m, hidden, weight, targets):
+        return m.linear_token_logprobs(hidden, weight, targets, ignore_index=IGNORE, return_entropy=entropy)
+
+    return call
+
+
+def _ppo_call(entropy_coef: float):
+    def call(m, hidden, weight, targets, old_logprobs, ref_logprobs, advantages, mask):
+        loss, stats = m.linear_ppo_loss(
+            hidden, weight, targets, old_logprobs, advantages, mask, ref_logprobs=ref_logprobs,
+            ignore_index=IGNORE, clip_low=0.2, clip_high=0.28, kl_coef=0.05, entropy_coef=entropy_coef,
+        )
+        return {"loss": loss, **stats}
+
+    return call
+
+
 def cases(preset: Preset) -> list[Case]:
     out = []
     for entropy in (False, True):
         op = "linear_token_logprobs+entropy" if entropy else "linear_token_logprobs"
-
-        def call(m, hidden, weight, targets, _e=entropy):
-            return m.linear_token_logprobs(hidden, weight, targets, ignore_index=IGNORE, return_entropy=_e)
+        call = _logprobs_call(entropy)
 
         for params, dtype, headline in _shapes(preset):
             N, H, V = params["N"], params["H"], params["V"]
@@ -146,37 +162,20 @@ def cases(preset: Preset) -> list[Case]:
 
     frozen_op = "linear_token_logprobs:frozen_head"
 
-    def frozen_call(m, hidden, weight, targets):
-        return m.linear_token_logprobs(hidden, weight, targets, ignore_index=IGNORE)
-
     for params, dtype, headline in _frozen_shapes(preset):
         N, H, V = params["N"], params["H"], params["V"]
-        impls = standard_impls("linear_token_logprobs", frozen_call, "hidden", preset, headline=headline,
-                               compile_key=frozen_op, compile_always=True)
+        impls = standard_impls("linear_token_logprobs", _logprobs_call(False), "hidden", preset,
+                               headline=headline, compile_key=frozen_op, compile_always=True)
         impls["liger"] = _liger_flce
         impls["cce"] = _cce
         out.append(Case(op=frozen_op, family="linear", params=dict(params), dtype=dtype,
                         make=_maker(N, H, V, dtype, frozen=True), impls=impls, flops=_flops(N, H, V, frozen=True),
                         modes=("full",), headline=headline))
 
-    def ppo_call(m, hidden, weight, targets, old_logprobs, ref_logprobs, advantages, mask):
-        loss, stats = m.linear_ppo_loss(
-            hidden, weight, targets, old_logprobs, advantages, mask, ref_logprobs=ref_logprobs,
-            ignore_index=IGNORE, clip_low=0.2, clip_high=0.28, kl_coef=0.05, entropy_coef=0.01,
-        )
-        return {"loss": loss, **stats}
-
-    def ppo_frozen_call(m, hidden, weight, targets, old_logprobs, ref_logprobs, advantages, mask):
-        loss, stats = m.linear_ppo_loss(
-            hidden, weight, targets, old_logprobs, advantages, mask, ref_logprobs=ref_logprobs,
-            ignore_index=IGNORE, clip_low=0.2, clip_high=0.28, kl_coef=0.05,
-        )
-        return {"loss": loss, **stats}
-
     for params, dtype, headline in _frozen_shapes(preset)[:1]:
         N, H, V = params["N"], params["H"], params["V"]
         op = "linear_ppo_loss:frozen_head"
-        impls = standard_impls("linear_ppo_loss", ppo_frozen_call, "hidden", preset, headline=headline,
+        impls = standard_impls("linear_ppo_loss", _ppo_call(0.0), "hidden", preset, headline=headline,
                                compile_key=op, compile_always=True)
         out.append(Case(op=op, family="linear", params=dict(params), dtype=dtype,
                         make=_maker(N, H, V, dtype, ppo=True, frozen=True), impls=impls,
@@ -188,7 +187,7 @@ def cases(preset: Preset) -> list[Case]:
                              or params["H"] != (4096 if preset.name == "gpu" else 256)
                              or params["V"] not in (8192, 32000, 65536, 262144)):
             continue  # linear_ppo_loss: headline and a V sweep
-        impls = standard_impls("linear_ppo_loss", ppo_call, "hidden", preset, headline=headline)
+        impls = standard_impls("linear_ppo_loss", _ppo_call(0.01), "hidden", preset, headline=headline)
         impls["liger"] = _liger_grpo
         out.append(Case(op="linear_ppo_loss", family="linear", params=dict(params), dtype=dtype,
                         make=_maker(N, H, V, dtype, ppo=True), impls=impls, flops=_flops(N, H, V),
