@@ -69,6 +69,7 @@ NATIVE_KERNELS = (
     "token_logprobs_fwd", "token_logprobs_bwd", "linear_token_logprobs_fwd", "linear_token_logprobs_bwd", "gae_fwd",
     "ppo_token_fwd", "value_loss_fwd", "kl_penalty_fwd", "kl_penalty_bwd", "linear_ppo_fwd", "linear_ppo_bwd",
     "linear_token_logprobs_frozen_fwd", "linear_token_logprobs_frozen_bwd", "linear_ppo_frozen_fwd",
+    "linear_token_logprobs_kept_fwd", "linear_token_logprobs_kept_bwd", "linear_ppo_kept_fwd",
 )
 
 
@@ -459,12 +460,37 @@ def _ref_linear(h, w, b, t, g_lp, g_ent, temperature, ignore_index, dtype):
     return out
 
 
+def _linear_kernels(keep):
+    """(forward, backward) of the recompute plan (keep None) or of the kept-logits plan keeping ``keep(v)`` columns,
+    with the recompute plan's signatures."""
+    if keep is None:
+        return torch.ops.signalrl.linear_token_logprobs_fwd, torch.ops.signalrl.linear_token_logprobs_bwd
+    kept = {}
+
+    def fwd(hidden, weight, *args):
+        lp, ent, lse, kept["logits"] = torch.ops.signalrl.linear_token_logprobs_kept_fwd(
+            hidden, weight, *args, keep(weight.shape[0]))
+        return lp, ent, lse
+
+    def bwd(g_lp, g_ent, *args):
+        return torch.ops.signalrl.linear_token_logprobs_kept_bwd(g_lp, g_ent, kept["logits"], *args)
+
+    return fwd, bwd
+
+
+# the kept-logits plan: no column, the first 64 (a straddled group block), about half, all of them
+KEEPS = {"recompute": None, "keep0": lambda v: 0, "keep64": lambda v: min(v, 64), "keep-half": lambda v: v // 2,
+         "keep-all": lambda v: v}
+
+
 @needs_native
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("n,h,v", [(1, 1, 1), (9, 17, 1500), (1030, 5, 1031)])
+@pytest.mark.parametrize("n,h,v", [(1, 1, 1), (9, 17, 1500), (1030, 5, 1031), (9, 17, 5000), (1030, 5, 3000),
+                                   (40, 3300, 2100)])  # the last three read kept blocks in each backward plan
 @pytest.mark.parametrize("with_bias", [False, True])
-def test_linear_token_logprobs_matches_reference(dtype, n, h, v, with_bias):
-    fwd, bwd = torch.ops.signalrl.linear_token_logprobs_fwd, torch.ops.signalrl.linear_token_logprobs_bwd
+@pytest.mark.parametrize("keep", KEEPS.values(), ids=KEEPS.keys())
+def test_linear_token_logprobs_matches_reference(dtype, n, h, v, with_bias, keep):
+    fwd, bwd = _linear_kernels(keep)
     hidden = torch.randn(n, h).to(dtype)
     weight = (torch.randn(v, h) / h**0.5 * 2).to(dtype)
     bias = torch.randn(v).to(dtype) if with_bias else None

@@ -25,6 +25,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_token_logprobs_bwd(
     const at::Tensor& lse, const at::Tensor& entropy, double temperature, int64_t ignore_index,
     bool need_hidden, bool need_weight, bool need_bias);
 
+// the kept-logits plan of family linear_logprobs (same file): kept = the first keep_cols logits of each kept row
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_token_logprobs_kept_fwd(
+    const at::Tensor& hidden, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+    const at::Tensor& targets, double temperature, int64_t ignore_index, bool with_entropy, int64_t keep_cols);
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_token_logprobs_kept_bwd(
+    const at::Tensor& grad_logprobs, const at::Tensor& grad_entropy, const at::Tensor& kept,
+    const at::Tensor& hidden, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+    const at::Tensor& targets, const at::Tensor& lse, const at::Tensor& entropy, double temperature,
+    int64_t ignore_index, bool need_hidden, bool need_weight, bool need_bias);
+
 // the frozen-head plan of family linear_logprobs (csrc/cpu/linear_logprobs_frozen.cpp)
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_token_logprobs_frozen_fwd(
     const at::Tensor& hidden, const at::Tensor& weight, const std::optional<at::Tensor>& bias,

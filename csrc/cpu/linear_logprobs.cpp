@@ -14,6 +14,11 @@
 // d(bias) blocks are written straight into the outputs (disjoint per block), d(hidden) is summed per group and the
 // groups added in order. Results do not depend on the number of threads. Otherwise (many rows and a large H) the
 // backward runs [kRows, kVocab] blocks one after the other, each GEMM using every thread.
+//
+// The kept-logits plan (linear_token_logprobs_kept_fwd / _bwd): the forward also writes the first K raw logits of
+// every kept row into a float32 [N, K] tensor the caller keeps for the backward, which then reads the blocks lying
+// within those columns instead of recomputing them: one GEMM fewer over that part of the vocabulary (two instead of
+// three when K = V). The caller picks K within the op's memory bound (signalrl/ops/linear_logprobs.py).
 #include <torch/library.h>
 #include <ATen/Parallel.h>
 #include <ATen/core/LegacyTypeDispatch.h>
@@ -31,10 +36,14 @@ namespace signalrl {
 
 using namespace linear;
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_token_logprobs_fwd(
-    const at::Tensor& hidden, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
-    const at::Tensor& targets, double temperature, int64_t ignore_index, bool with_entropy) {
-  const char* fn = "linear_token_logprobs_fwd";
+namespace {
+
+// The forward of both plans: kept (float32 [N, K], K <= V, allocated by the caller) receives the first K logits of
+// each kept row; undefined for none.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> forward(const char* fn, const at::Tensor& hidden,
+                                                       const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                                                       const at::Tensor& targets, double temperature,
+                                                       int64_t ignore_index, bool with_entropy, const at::Tensor& kept) {
   at::Tensor tgt;
   const LinearArgs a = prepare(fn, hidden, weight, bias, targets, tgt, temperature, ignore_index);
   const auto f32 = hidden.options().dtype(at::kFloat);
@@ -59,18 +68,19 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_token_logprobs_fwd(
     state.assign(G * nr, OnlineLse());
     z_target.assign(nr, 0.0f);
     const double group_ns = 2.0 * nr * a.H * vb * per_group * kGemmNsPerFlop;
-    parallel_region(0, G, group_ns, [&](int64_t g0, int64_t g1) {
+    parallel_groups(G, group_ns, [&](const auto& next_group) {
       // worker threads do not inherit the caller's dispatch state: below autograd, as the kernel itself runs
       at::AutoDispatchBelowADInplaceOrView below_autograd;
       at::Tensor scratch = at::empty({nr * vb}, f32);
-      for (int64_t g = g0; g < g1; ++g) {
+      for (int64_t g; (g = next_group()) >= 0;) {
         OnlineLse* st = state.data() + g * nr;
         for (int64_t blk = g * per_group; blk < std::min(nblocks, (g + 1) * per_group); ++blk) {
           const int64_t v0 = blk * vb, nv = std::min(vb, a.V - v0);
-          const at::Tensor z = logits_block(a, scratch, h_blk, weight_block(a, v0, nv), v0);
+          const at::Tensor z = forward_block(a, scratch, kept, h_blk, weight_block(a, v0, nv), r0, v0);
           const float* zp = z.data_ptr<float>();
+          const int64_t ld = z.stride(0);
           for (int64_t i = 0; i < nr; ++i) {
-            const float* zr = zp + i * nv;
+            const float* zr = zp + i * ld;
             st[i].update(zr, nv, a.scale, with_entropy);
             const int64_t t = a.targets[rows[r0 + i]];
             if (t >= v0 && t < v0 + nv) z_target[i] = zr[t - v0] * a.scale;
@@ -91,12 +101,48 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_token_logprobs_fwd(
   return {logprobs, entropy, lse};
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_token_logprobs_bwd(
-    const at::Tensor& grad_logprobs, const at::Tensor& grad_entropy, const at::Tensor& hidden,
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_token_logprobs_fwd(
+    const at::Tensor& hidden, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+    const at::Tensor& targets, double temperature, int64_t ignore_index, bool with_entropy) {
+  return forward("linear_token_logprobs_fwd", hidden, weight, bias, targets, temperature, ignore_index,
+                 with_entropy, at::Tensor());
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_token_logprobs_kept_fwd(
+    const at::Tensor& hidden, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+    const at::Tensor& targets, double temperature, int64_t ignore_index, bool with_entropy, int64_t keep_cols) {
+  const char* fn = "linear_token_logprobs_kept_fwd";
+  TORCH_CHECK(hidden.dim() == 2 && weight.dim() == 2, fn, ": hidden must be [N, H] and weight [V, H], got shapes ",
+              hidden.sizes(), " and ", weight.sizes());
+  TORCH_CHECK(keep_cols >= 0 && keep_cols <= weight.size(0), fn, ": keep_cols must be in [0, V = ", weight.size(0),
+              "], got ", keep_cols);
+  at::Tensor kept = at::empty({hidden.size(0), keep_cols}, hidden.options().dtype(at::kFloat));
+  auto [lp, ent, lse] = forward(fn, hidden, weight, bias, targets, temperature, ignore_index, with_entropy, kept);
+  return {lp, ent, lse, kept};
+}
+
+namespace {
+
+// Rows [r0, r0+nr) of the logits block at vocab [v0, v0+nv): kept's columns when the block lies within them
+// (row stride kept.stride(0)), else recomputed into z (row stride nv). z then receives d loss / d logits.
+std::pair<const float*, int64_t> backward_block(const LinearArgs& a, at::Tensor& z, const at::Tensor& kept,
+                                                const at::Tensor& h_blk, const at::Tensor& w_blk, int64_t r0,
+                                                int64_t v0) {
+  if (block_is_kept(kept, v0, w_blk.size(0))) {
+    return {kept.data_ptr<float>() + r0 * kept.stride(0) + v0, kept.stride(0)};
+  }
+  logits_into(a, z, h_blk, w_blk, v0);
+  return {z.data_ptr<float>(), z.size(1)};
+}
+
+// The backward of both plans (kept: the forward's, undefined for none).
+std::tuple<at::Tensor, at::Tensor, at::Tensor> backward(
+    const char* fn, const at::Tensor& grad_logprobs, const at::Tensor& grad_entropy, const at::Tensor& hidden,
     const at::Tensor& weight, const std::optional<at::Tensor>& bias, const at::Tensor& targets,
-    const at::Tensor& lse_in, const at::Tensor& entropy_in, double temperature,
-    int64_t ignore_index, bool need_hidden, bool need_weight, bool need_bias) {
-  const char* fn = "linear_token_logprobs_bwd";
+    const at::Tensor& lse_in, const at::Tensor& entropy_in, double temperature, int64_t ignore_index,
+    bool need_hidden, bool need_weight, bool need_bias, const at::Tensor& kept) {
   at::Tensor tgt;
   const LinearArgs a = prepare(fn, hidden, weight, bias, targets, tgt, temperature, ignore_index);
   need_bias = need_bias && a.bias_f32.defined();
@@ -145,20 +191,21 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_token_logprobs_bwd(
     at::Tensor gh_part = need_hidden ? at::zeros({G, Nv, a.H}, f32) : at::Tensor();
     const bool gw_direct = need_weight && grad_weight.scalar_type() == at::kFloat;
     const double group_ns = 3.0 * 2.0 * Nv * a.H * vbg * per_group * kGemmNsPerFlop;
-    parallel_region(0, G, group_ns, [&](int64_t g0, int64_t g1) {
+    parallel_groups(G, group_ns, [&](const auto& next_group) {
       at::AutoDispatchBelowADInplaceOrView below_autograd;  // as in the forward
       at::Tensor scratch = at::empty({Nv * vbg}, f32);
       at::Tensor gw_tmp = need_weight && !gw_direct ? at::empty({vbg, a.H}, f32) : at::Tensor();
-      for (int64_t g = g0; g < g1; ++g) {
+      for (int64_t g; (g = next_group()) >= 0;) {
         at::Tensor gh_g = need_hidden ? gh_part.select(0, g) : at::Tensor();
         for (int64_t blk = g * per_group; blk < std::min(nblocks_g, (g + 1) * per_group); ++blk) {
           const int64_t v0 = blk * vbg, nv = std::min(vbg, a.V - v0);
           const at::Tensor w_blk = weight_block(a, v0, nv);
-          at::Tensor z = logits_block(a, scratch, h_all, w_blk, v0);
+          at::Tensor z = scratch.narrow(0, 0, Nv * nv).view({Nv, nv});
+          const auto [zin, ld] = backward_block(a, z, kept, h_all, w_blk, 0, v0);
           float* zp = z.data_ptr<float>();
-          for (int64_t k = 0; k < Nv; ++k) {  // z -> d loss / d logits (in place)
+          for (int64_t k = 0; k < Nv; ++k) {  // logits -> d loss / d logits
             float* zr = zp + k * nv;
-            vec_softmax_grad(zr, nv, a.scale, r_lse[k].hi, r_lse[k].lo, r_c0[k], r_c1[k], a.scale, zr);
+            vec_softmax_grad(zin + k * ld, nv, a.scale, r_lse[k].hi, r_lse[k].lo, r_c0[k], r_c1[k], a.scale, zr);
             const int64_t t = r_tgt[k];
             if (t >= v0 && t < v0 + nv) zr[t - v0] += a.scale * r_gl[k];
           }
@@ -205,14 +252,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_token_logprobs_bwd(
     for (int64_t r0 = 0; r0 < Nv; r0 += kRows) {
       const int64_t nr = std::min(kRows, Nv - r0);
       const at::Tensor h_blk = one_row_block ? h_all : hidden_block(a, r0, nr);
-      at::Tensor z = logits_block(a, scratch, h_blk, w_blk, v0);
+      at::Tensor z = scratch.narrow(0, 0, nr * nv).view({nr, nv});
+      const auto [zin, ld] = backward_block(a, z, kept, h_blk, w_blk, r0, v0);
       float* zp = z.data_ptr<float>();
-      // z -> d loss / d logits (in place)
+      // logits -> d loss / d logits
       at::parallel_for(0, nr, 16, [&](int64_t b, int64_t e) {
         for (int64_t i = b; i < e; ++i) {
           const int64_t k = r0 + i;
           float* zr = zp + i * nv;
-          vec_softmax_grad(zr, nv, a.scale, r_lse[k].hi, r_lse[k].lo, r_c0[k], r_c1[k], a.scale, zr);
+          vec_softmax_grad(zin + i * ld, nv, a.scale, r_lse[k].hi, r_lse[k].lo, r_c0[k], r_c1[k], a.scale, zr);
           const int64_t t = r_tgt[k];
           if (t >= v0 && t < v0 + nv) zr[t - v0] += a.scale * r_gl[k];
         }
@@ -237,10 +285,39 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_token_logprobs_bwd(
   return {grad_hidden, grad_weight, grad_bias};
 }
 
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_token_logprobs_bwd(
+    const at::Tensor& grad_logprobs, const at::Tensor& grad_entropy, const at::Tensor& hidden,
+    const at::Tensor& weight, const std::optional<at::Tensor>& bias, const at::Tensor& targets,
+    const at::Tensor& lse, const at::Tensor& entropy, double temperature, int64_t ignore_index, bool need_hidden,
+    bool need_weight, bool need_bias) {
+  return backward("linear_token_logprobs_bwd", grad_logprobs, grad_entropy, hidden, weight, bias, targets, lse,
+                  entropy, temperature, ignore_index, need_hidden, need_weight, need_bias, at::Tensor());
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_token_logprobs_kept_bwd(
+    const at::Tensor& grad_logprobs, const at::Tensor& grad_entropy, const at::Tensor& kept,
+    const at::Tensor& hidden, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+    const at::Tensor& targets, const at::Tensor& lse, const at::Tensor& entropy, double temperature,
+    int64_t ignore_index, bool need_hidden, bool need_weight, bool need_bias) {
+  const char* fn = "linear_token_logprobs_kept_bwd";
+  TORCH_CHECK(hidden.dim() == 2 && weight.dim() == 2, fn, ": hidden must be [N, H] and weight [V, H], got shapes ",
+              hidden.sizes(), " and ", weight.sizes());
+  TORCH_CHECK(kept.device().is_cpu() && kept.scalar_type() == at::kFloat && kept.dim() == 2 &&
+                  kept.size(0) == hidden.size(0) && kept.size(1) <= weight.size(0) && kept.stride(1) == 1,
+              fn, ": kept must be the forward's float32 [N, K] logits with N = ", hidden.size(0), " and K <= V = ",
+              weight.size(0), ", got ", kept.scalar_type(), " of shape ", kept.sizes());
+  return backward(fn, grad_logprobs, grad_entropy, hidden, weight, bias, targets, lse, entropy, temperature,
+                  ignore_index, need_hidden, need_weight, need_bias, kept);
+}
+
 }  // namespace signalrl
 
 // The schemas and fakes of these ops are signalrl/ops/logprobs.py (torch.library); this is their CPU kernel.
 TORCH_LIBRARY_IMPL(signalrl, CPU, m) {
   m.impl("linear_token_logprobs_fwd", &signalrl::linear_token_logprobs_fwd);
   m.impl("linear_token_logprobs_bwd", &signalrl::linear_token_logprobs_bwd);
+  m.impl("linear_token_logprobs_kept_fwd", &signalrl::linear_token_logprobs_kept_fwd);
+  m.impl("linear_token_logprobs_kept_bwd", &signalrl::linear_token_logprobs_kept_bwd);
 }

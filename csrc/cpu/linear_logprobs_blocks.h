@@ -86,16 +86,44 @@ inline at::Tensor weight_block(const LinearArgs& a, int64_t v0, int64_t nv) {
   return a.weight.narrow(0, v0, nv).to(at::kFloat).contiguous();
 }
 
-// z[nr, nv] = h_blk @ w_blk.T (+ bias[v0 : v0+nv]), float32, written into the scratch buffer
+// z[nr, nv] = h_blk @ w_blk.T (+ bias[v0 : v0+nv]), float32, written into z (any row stride)
+inline void logits_into(const LinearArgs& a, at::Tensor& z, const at::Tensor& h_blk, const at::Tensor& w_blk,
+                        int64_t v0) {
+  if (a.bias_f32.defined()) {
+    at::addmm_out(z, a.bias_f32.narrow(0, v0, w_blk.size(0)), h_blk, w_blk.t());
+  } else {
+    at::mm_out(z, h_blk, w_blk.t());
+  }
+}
+
+// z[nr, nv] as above, written into the scratch buffer
 inline at::Tensor logits_block(const LinearArgs& a, at::Tensor& scratch, const at::Tensor& h_blk,
                         const at::Tensor& w_blk, int64_t v0) {
   const int64_t nr = h_blk.size(0), nv = w_blk.size(0);
   at::Tensor z = scratch.narrow(0, 0, nr * nv).view({nr, nv});
-  if (a.bias_f32.defined()) {
-    at::addmm_out(z, a.bias_f32.narrow(0, v0, nv), h_blk, w_blk.t());
-  } else {
-    at::mm_out(z, h_blk, w_blk.t());
+  logits_into(a, z, h_blk, w_blk, v0);
+  return z;
+}
+
+// The kept-logits plan (see the top of linear_logprobs.cpp): kept is float32 [N, K], row k holding the first K raw
+// logits (h·Wᵀ + b) of the k-th kept row; undefined or K = 0 when nothing is kept.
+inline bool block_is_kept(const at::Tensor& kept, int64_t v0, int64_t nv) {
+  return kept.defined() && v0 + nv <= kept.size(1);
+}
+
+// The forward's logits of kept rows [r0, r0+nr) and vocab [v0, v0+nv): computed straight into kept when the block
+// lies within its columns, else into scratch, the part within them then copied into kept. Row stride: z.stride(0).
+inline at::Tensor forward_block(const LinearArgs& a, at::Tensor& scratch, const at::Tensor& kept,
+                                const at::Tensor& h_blk, const at::Tensor& w_blk, int64_t r0, int64_t v0) {
+  const int64_t nr = h_blk.size(0), nv = w_blk.size(0);
+  if (block_is_kept(kept, v0, nv)) {
+    at::Tensor z = kept.narrow(0, r0, nr).narrow(1, v0, nv);
+    logits_into(a, z, h_blk, w_blk, v0);
+    return z;
   }
+  at::Tensor z = logits_block(a, scratch, h_blk, w_blk, v0);
+  const int64_t part = kept.defined() ? std::min(nv, kept.size(1) - v0) : 0;
+  if (part > 0) kept.narrow(0, r0, nr).narrow(1, v0, part).copy_(z.narrow(1, 0, part));
   return z;
 }
 

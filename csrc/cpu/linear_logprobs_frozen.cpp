@@ -118,12 +118,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_token_logprobs
       run_group(0, scratch, alpha);
     } else {
       const double group_ns = 2.0 * 2.0 * nr * H * vb * per_group * kGemmNsPerFlop;
-      parallel_region(0, G, group_ns, [&](int64_t g0, int64_t g1) {
+      parallel_groups(G, group_ns, [&](const auto& next_group) {
         // worker threads do not inherit the caller's dispatch state: below autograd, as the kernel itself runs
         at::AutoDispatchBelowADInplaceOrView below_autograd;
         at::Tensor scratch = at::empty({nr * vb}, f32);
         std::vector<float> alpha(nr, 1.0f);
-        for (int64_t g = g0; g < g1; ++g) run_group(g, scratch, alpha);
+        for (int64_t g; (g = next_group()) >= 0;) run_group(g, scratch, alpha);
       });
     }
     // merge the groups in group order, each weighted by exp((m_g − m)·s):

@@ -117,4 +117,18 @@ inline void parallel_region(int64_t begin, int64_t end, double item_ns, const F&
   at::parallel_for(begin, end, grain, f);
 }
 
+// parallel_region over n groups of ~group_ns each that the region's threads take one at a time from a shared counter,
+// so groups of unequal cost (or a thread whose core is busy) do not leave a thread idle: f(next) runs once on each
+// thread of the region, next() giving the next group or -1 when none is left. Each group's work must not depend on
+// which thread runs it.
+template <class F>
+inline void parallel_groups(int64_t n, double group_ns, const F& f) {
+  std::atomic<int64_t> counter{0};
+  const auto next = [&counter, n]() -> int64_t {
+    const int64_t g = counter.fetch_add(1);
+    return g < n ? g : -1;
+  };
+  parallel_region(0, n, group_ns, [&](int64_t, int64_t) { f(next); });
+}
+
 }  // namespace signalrl

@@ -116,6 +116,13 @@ def _constant_under_compile(fn):
     return fn
 
 
+@_constant_under_compile
+def implements(kernel_name: str, backend: str) -> bool:
+    """Whether ``backend`` has the kernel op ``kernel_name`` (:meth:`KernelOp.implemented_by`); a constant under
+    ``torch.compile``, for the op modules' plan choices."""
+    return _kernel(kernel_name).implemented_by(backend)
+
+
 # _choose's answers while nothing they depend on changes: the forced backend, the environment variables read below
 # and the native extension's state (cached only once it is loaded or has failed, when it no longer changes).
 _choices: dict[tuple, str] = {}

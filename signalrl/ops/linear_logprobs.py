@@ -14,7 +14,7 @@ from torch import Tensor
 from .. import reference
 from ..kernels.params import LogprobParams
 from . import _validate as v
-from ._backend import backend_for
+from ._backend import backend_for, implements
 from ._check import check_enabled, checked
 from ._library import KernelOp
 from .logprobs import grads_in
@@ -84,27 +84,85 @@ def _(grad_logprobs, grad_entropy, hidden, weight, bias, targets, lse, entropy, 
 
 
 def _linear_setup(ctx, inputs, output):
-    hidden, weight, bias, targets, temperature, ignore_index, with_entropy = inputs
-    lp, ent, lse = output
-    ctx.mark_non_differentiable(lse)
-    ctx.save_for_backward(hidden, weight, bias, targets, lse, ent)
+    """Also the kept-logits plan's: its one more input (keep_cols) and output (kept) are kept for the backward."""
+    hidden, weight, bias, targets, temperature, ignore_index, with_entropy = inputs[:7]
+    lp, ent, lse, *kept = output
+    ctx.mark_non_differentiable(lse, *kept)
+    ctx.save_for_backward(hidden, weight, bias, targets, lse, ent, *kept)
     ctx.args = (temperature, ignore_index, with_entropy)
 
 
-def _linear_backward(ctx, g_lp, g_ent, _g_lse):
-    hidden, weight, bias, targets, lse, ent = ctx.saved_tensors
+def _linear_backward(ctx, g_lp, g_ent, _g_lse, *_g_kept):
+    hidden, weight, bias, targets, lse, ent, *kept = ctx.saved_tensors
     temperature, ignore_index, with_entropy = ctx.args
     need_h, need_w, need_b = ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[2]
     need_b = bool(need_b and bias is not None)
     g_lp, g_ent = grads_in(g_lp, g_ent, lse, with_entropy)
     ent = ent if g_ent.numel() else lse.new_empty(0, dtype=_F32)
-    gh, gw, gb = LINEAR_BWD.variant(ctx.variant)(
-        g_lp, g_ent, hidden, weight, bias, targets, lse, ent, temperature, ignore_index, need_h, need_w, need_b,
+    bwd, kept = (LINEAR_KEPT_BWD, kept) if kept else (LINEAR_BWD, [])
+    gh, gw, gb = bwd.variant(ctx.variant)(
+        g_lp, g_ent, *kept, hidden, weight, bias, targets, lse, ent, temperature, ignore_index, need_h, need_w,
+        need_b,
     )
-    return gh if need_h else None, gw if need_w else None, gb if need_b else None, None, None, None, None
+    no_grad = (None,) * (4 + len(kept))  # targets, temperature, ignore_index, with_entropy (, keep_cols)
+    return (gh if need_h else None, gw if need_w else None, gb if need_b else None) + no_grad
 
 
 LINEAR_FWD.register_autograd(_linear_backward, _linear_setup)
+
+
+# --- the kept-logits plan (native) ----------------------------------------------------------
+# A call whose [N, V] float32 logits are small keeps (the first columns of) them from the forward for the backward,
+# which then reads them instead of recomputing their GEMM (csrc/cpu/linear_logprobs.cpp): a step of two GEMMs of
+# N·V·H over the kept columns instead of three, within the op's memory bound.
+
+#: floats of logits a call keeps from forward to backward at most (4 MiB, the native backward's [1024, 1024] block)
+KEEP_FLOATS = 1 << 20
+
+
+def keep_columns(rows: int, vocab: int) -> int:
+    """The logit columns the kept-logits plan keeps for ``rows`` rows over a ``vocab``-wide head: all of them when
+    rows·vocab ≤ :data:`KEEP_FLOATS`, else the most multiples of 64 that fit (0: the plan does not apply)."""
+    if rows * vocab <= KEEP_FLOATS:
+        return vocab
+    return KEEP_FLOATS // max(rows, 1) // 64 * 64
+
+
+def _kept_fake(hidden, weight, bias, targets, temperature, ignore_index, with_entropy, keep_cols):
+    return _fwd_fake(hidden, weight, bias, targets, temperature, ignore_index, with_entropy) + (
+        hidden.new_empty((hidden.shape[0], keep_cols), dtype=_F32),)
+
+
+# the forward's arguments and keep_cols ≤ V → (logprobs, entropy | empty, lse, kept [N, keep_cols] f32: row k holds
+# the first keep_cols raw logits (hidden·weightᵀ + bias) of the k-th row whose target is not ignore_index)
+LINEAR_KEPT_FWD = KernelOp(
+    "linear_token_logprobs_kept_fwd",
+    f"(Tensor hidden, Tensor weight, Tensor? bias, Tensor targets, {_LP}, bool with_entropy, int keep_cols) "
+    "-> (Tensor, Tensor, Tensor, Tensor)",
+    _kept_fake,
+)
+# the backward's arguments with the forward's kept logits → the backward's gradients
+LINEAR_KEPT_BWD = KernelOp(
+    "linear_token_logprobs_kept_bwd",
+    f"(Tensor grad_logprobs, Tensor grad_entropy, Tensor kept, Tensor hidden, Tensor weight, Tensor? bias, "
+    f"Tensor targets, Tensor lse, Tensor entropy, {_LP}, bool need_hidden, bool need_weight, bool need_bias) "
+    "-> (Tensor, Tensor, Tensor)",
+    lambda grad_logprobs, grad_entropy, kept, *rest: _bwd_fake(grad_logprobs, grad_entropy, *rest),
+)
+
+
+LINEAR_KEPT_FWD.register_autograd(_linear_backward, _linear_setup)
+
+
+def kept_plan(hidden: Tensor, weight: Tensor, bias: Tensor | None, backend: str,
+              kernel: KernelOp = LINEAR_KEPT_FWD) -> int:
+    """The columns the kept-logits plan keeps for this call (0: it does not serve it): some gradient is needed (grad
+    mode on), ``backend`` has ``kernel`` (the plan's forward) and :func:`keep_columns` of ``[N, V]`` is not 0."""
+    if not (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (hidden, weight, bias))):
+        return 0
+    if not implements(kernel.name, backend):
+        return 0
+    return keep_columns(hidden.numel() // max(hidden.shape[-1], 1), weight.shape[0])
 
 
 # --- the frozen-head plan (native) ----------------------------------------------------------
@@ -166,7 +224,7 @@ def frozen_head_plan(hidden: Tensor, weight: Tensor, bias: Tensor | None, backen
     does (grad mode on), and ``backend`` has ``kernel`` (the plan's forward). Without any gradient the plain forward
     is cheaper (one GEMM over the vocabulary, not two)."""
     return (torch.is_grad_enabled() and hidden.requires_grad and not weight.requires_grad
-            and (bias is None or not bias.requires_grad) and kernel.implemented_by(backend))
+            and (bias is None or not bias.requires_grad) and implements(kernel.name, backend))
 
 
 # --- linear_token_logprobs: public op -------------------------------------------------------
@@ -200,13 +258,16 @@ def linear_token_logprobs(
     one gradient chunk plus a float32 d(hidden) accumulator — within 1 % of the ``[N, V]`` float32
     logits for a frozen (LoRA) head at N ≥ 4096, V = 128256, H = 4096; (H + Vc/2)/V of them for a
     trained one (exact: :func:`signalrl.kernels.linear_logprobs.backward_plan`). Native: one block of
-    logits per thread. The reference materializes ``[N, V]`` float32 logits.
+    logits per thread, and at most :data:`KEEP_FLOATS` floats (4 MiB) of them kept from forward to
+    backward (the plan below). The reference materializes ``[N, V]`` float32 logits.
 
     Plan: when ``hidden`` needs a gradient and the head does not (``weight`` and ``bias`` frozen, as in LoRA) and no
     entropy is asked for, the native backend computes pw = Σ_{j≠t} p_j·weight_j and c = Σ_{j≠t} p_j per row beside
     the log-sum-exp (a second GEMM per vocab block) and keeps them, ``[N, H]`` and ``[N]`` float32, for the
     backward: d hidden = (c·weight_t − pw)·g / T, no pass over the vocabulary (two GEMMs of N·V·H in all instead of
-    three).
+    three). Otherwise, when a gradient is needed, the native backend keeps the first K columns of the float32 logits
+    from the forward for the backward, K = :func:`keep_columns` (all V when N·V ≤ :data:`KEEP_FLOATS`, 4 MiB), and
+    recomputes only the others (two GEMMs over the kept columns instead of three).
     """
     v.linear_head(hidden, weight, targets, bias)
     H = hidden.shape[-1]
@@ -238,6 +299,12 @@ def linear_token_logprobs(
 
         def fast_fn(h, w, t, b):
             return frozen(h, w, b, t, *params.flat(), False)[0]
+    elif keep_cols := kept_plan(hidden, weight, bias, backend):
+        kept = LINEAR_KEPT_FWD.op(backend, h.device)
+
+        def fast_fn(h, w, t, b):
+            lp, ent, _, _ = kept(h, w, b, t, *params.flat(), return_entropy, keep_cols)
+            return (lp, ent) if return_entropy else lp
     else:
         op = LINEAR_FWD.op(backend, h.device)
 

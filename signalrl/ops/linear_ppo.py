@@ -22,7 +22,7 @@ from . import _validate as v
 from ._backend import backend_for
 from ._check import check_enabled, checked
 from ._library import KernelOp
-from .linear_logprobs import LINEAR_FROZEN_BWD, frozen_head_plan, grads_fake
+from .linear_logprobs import LINEAR_FROZEN_BWD, LINEAR_KEPT_BWD, frozen_head_plan, grads_fake, kept_plan
 
 _F32 = torch.float32
 
@@ -115,6 +115,45 @@ def _backward(ctx, g_loss, *_unused):
 
 
 LINEAR_PPO_FWD.register_autograd(_backward, _setup)
+
+
+# The kept-logits plan (native; see linear_token_logprobs): the same inputs and keep_cols → linear_ppo_fwd's outputs
+# and kept [N, keep_cols] f32 (the first keep_cols logits of each row whose target is not ignore_index); backward
+# linear_token_logprobs_kept_bwd with g_lp and g_ent times grad_loss.
+LINEAR_PPO_KEPT_FWD = KernelOp(
+    "linear_ppo_kept_fwd",
+    "(Tensor hidden, Tensor weight, Tensor? bias, Tensor targets, Tensor old_logprobs, Tensor advantages, "
+    f"Tensor weights, Tensor mask, Tensor? ref_logprobs, {_ARGS}, int keep_cols) "
+    "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)",
+    lambda hidden, *args: _fwd_fake(hidden, *args[:-1]) + (hidden.new_empty((hidden.shape[0], args[-1]),
+                                                                             dtype=_F32),),
+)
+
+
+def _kept_setup(ctx, inputs, output):
+    hidden, weight, bias, targets = inputs[:4]
+    ctx.logprob_params = inputs[9:11]  # temperature, ignore_index
+    _loss, stats, lp, ent, lse, g_lp, g_ent, kept = output
+    ctx.mark_non_differentiable(stats, lp, ent, lse, g_lp, g_ent, kept)
+    ctx.save_for_backward(hidden, weight, bias, targets, lse, ent, g_lp, g_ent, kept)
+
+
+def _kept_backward(ctx, g_loss, *_unused):
+    hidden, weight, bias, targets, lse, ent, g_lp, g_ent, kept = ctx.saved_tensors
+    need_h, need_w, need_b = ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[2]
+    need_b = bool(need_b and bias is not None)
+    none_rest = (None,) * (7 + LogprobParams.size() + PPOParams.size())
+    if g_loss is None or not (need_h or need_w or need_b):
+        return (None, None, None) + none_rest
+    scale = g_loss.to(_F32).reshape(())
+    gh, gw, gb = LINEAR_KEPT_BWD.variant(ctx.variant)(
+        g_lp * scale, g_ent * scale, kept, hidden, weight, bias, targets, lse,
+        ent if g_ent.numel() else g_lp.new_empty(0), *ctx.logprob_params, need_h, need_w, need_b,
+    )
+    return (gh if need_h else None, gw if need_w else None, gb if need_b else None) + none_rest
+
+
+LINEAR_PPO_KEPT_FWD.register_autograd(_kept_backward, _kept_setup)
 
 
 # The frozen-head plan (native, entropy_coef == 0; see linear_token_logprobs): the same inputs → (loss, stats,
@@ -224,7 +263,9 @@ def linear_ppo_loss(
 
     Plan: a frozen head (``weight`` and ``bias`` without gradient) with ``entropy_coef == 0`` takes the native
     frozen-head plan of :func:`signalrl.ops.linear_token_logprobs`: the forward keeps pw = Σ_{j≠t} p_j·weight_j
-    (``[N, H]`` float32) and the backward makes no pass over the vocabulary.
+    (``[N, H]`` float32) and the backward makes no pass over the vocabulary. Otherwise, with a gradient, the native
+    backend keeps the first columns of the logits for the backward within 4 MiB, as
+    :func:`signalrl.ops.linear_token_logprobs` does.
     """
     v.tensor("hidden", hidden, dtypes=v.FLOAT_DTYPES, min_dim=2)  # [N, H] at least: the loss needs a token row
     v.linear_head(hidden, weight, targets, bias)
@@ -263,8 +304,14 @@ def linear_ppo_loss(
     if backend == "reference":
         return ref_fn(*inputs)
 
-    frozen = entropy_coef == 0.0 and frozen_head_plan(hidden, weight, bias, backend, LINEAR_PPO_FROZEN_FWD)
-    op = (LINEAR_PPO_FROZEN_FWD if frozen else LINEAR_PPO_FWD).op(backend, hidden.device)
+    plan = ()  # the plain kernel's extra arguments: none
+    if entropy_coef == 0.0 and frozen_head_plan(hidden, weight, bias, backend, LINEAR_PPO_FROZEN_FWD):
+        kernel = LINEAR_PPO_FROZEN_FWD
+    elif keep_cols := kept_plan(hidden, weight, bias, backend, LINEAR_PPO_KEPT_FWD):
+        kernel, plan = LINEAR_PPO_KEPT_FWD, (keep_cols,)
+    else:
+        kernel = LINEAR_PPO_FWD
+    op = kernel.op(backend, hidden.device)
     params = LogprobParams(temperature, ignore_index)
     ppo_params = PPOParams(clip_low, clip_high, dual_clip, kl_estimator, kl_coef, entropy_coef, log_ratio_clamp)
 
@@ -278,7 +325,7 @@ def linear_ppo_loss(
         ref2 = h2.new_empty(0, dtype=_F32) if ref is None else _flat32(ref)
         loss, stats, *_ = op(
             h2, w.contiguous(), None if b is None else b.contiguous(), t2, _flat32(old), _flat32(adv),
-            _flat32(wts), _flat32(counted), ref2, *params.flat(), *ppo_params.flat(),
+            _flat32(wts), _flat32(counted), ref2, *params.flat(), *ppo_params.flat(), *plan,
         )
         if out_f64:
             loss, stats = loss.double(), stats.double()

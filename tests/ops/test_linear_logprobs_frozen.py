@@ -138,8 +138,8 @@ def test_the_plan_is_chosen_only_where_it_serves(case):
     ran = _kernels_run(step)
     if case == "frozen":
         assert ran == {"signalrl::linear_token_logprobs_frozen_fwd", "signalrl::linear_token_logprobs_frozen_bwd"}
-    else:
-        assert "signalrl::linear_token_logprobs_fwd" in ran and not any("frozen" in k for k in ran), ran
+    else:  # the kept-logits plan with a gradient (tests/ops/test_linear_logprobs_kept.py), else the plain forward
+        assert ran and not any("frozen" in k for k in ran), ran
     assert not frozen_head_plan(hidden.detach().requires_grad_(), weight.detach(), None, "reference")
 
 
@@ -266,7 +266,7 @@ def test_linear_ppo_loss_frozen_head(settings, dtype):
     assert_close("d hidden", h.grad, h64.grad, dtype)
 
 
-def test_linear_ppo_loss_with_an_entropy_bonus_keeps_the_trained_head_plan():
+def test_linear_ppo_loss_with_an_entropy_bonus_does_not_take_the_plan():
     hidden, weight, _, targets = _case(16, 8, 50, torch.float32, seed=14)
     h = hidden.clone().requires_grad_()
 
@@ -276,5 +276,5 @@ def test_linear_ppo_loss_with_an_entropy_bonus_keeps_the_trained_head_plan():
                                           entropy_coef=0.01)
         loss.backward()
 
-    ran = _kernels_run(step)
-    assert "signalrl::linear_ppo_fwd" in ran and not any("frozen" in k for k in ran), ran
+    ran = _kernels_run(step)  # the kept-logits plan (tests/ops/test_linear_logprobs_kept.py)
+    assert "signalrl::linear_ppo_kept_fwd" in ran and not any("frozen" in k for k in ran), ran

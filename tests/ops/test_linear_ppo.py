@@ -151,7 +151,9 @@ def test_linear_ppo_check_mode_and_wrong_kernel(backend, device, monkeypatch):
 
     from signalrl.ops import linear_ppo as mod
 
-    break_kernel(monkeypatch, mod.LINEAR_PPO_BWD, lambda args, out: (out[0] * 1.01, out[1], out[2]))
+    # the backward of the plain plan and of the native kept-logits plan (which this small call takes)
+    for kernel in (mod.LINEAR_PPO_BWD, mod.LINEAR_KEPT_BWD):
+        break_kernel(monkeypatch, kernel, lambda args, out: (out[0] * 1.01, out[1], out[2]))
     # with the entropy and KL terms every counted token has a gradient: the surrogate alone can have none (all of
     # a few tokens clipped), and then a 1 % error of nothing is nothing to catch
     with check_mode(), pytest.raises(SignalCheckError, match="gradient"):
