@@ -1,5 +1,5 @@
 """Per-token log-probs (+ entropy) of target tokens straight from hidden states × the LM head:
-``linear_token_logprobs``, never materializing the ``[N, V]`` logits.
+``linear_token_logprobs``, never materializing the ``[N, V]`` logits (beyond 4 MiB of them: the kept-logits plan).
 
 Family ``linear_logprobs``: the math is :mod:`signalrl.reference.logprobs` (``linear_token_logprobs``), the Triton
 kernels :mod:`signalrl.kernels.linear_logprobs`, the C++ kernels ``csrc/cpu/linear_logprobs.cpp``. This module holds

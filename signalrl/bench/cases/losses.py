@@ -6,7 +6,9 @@ value / reward head and a frozen reference copy when the loss needs them), and t
 ``spec(policy, batch)`` — model forward, log-probs, loss, metrics (one host sync) — then backward
 into every parameter. Providers are the op layer's backends forced for the whole call
 (``reference``, ``native``, ``triton``); an op without a kernel in the forced backend runs its
-reference, as it would in training. No traffic model: these rows report time and memory only.
+reference, as it would in training; a loss that runs no Signal kernel at all in a backend (``reward_modeling``: a
+reward head on the model's last hidden state) has no row for it, which would time the reference again. No traffic
+model: these rows report time and memory only.
 """
 
 from __future__ import annotations
@@ -79,6 +81,14 @@ def _maker(spec, cfg):
     return make
 
 
+def _signal_kernels(fn, x: dict, params: list, ctx) -> set[str]:
+    """The Signal kernel ops (``signalrl::*``) one step of ``fn`` runs in ``ctx``, forward and backward (no ``.grad``
+    is touched)."""
+    with ctx, torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        torch.autograd.grad(fn(**x), params, allow_unused=True)
+    return {e.name for e in prof.events() if e.name.startswith("signalrl::")}
+
+
 def _impl_factory(spec, backend: str):
     def factory(device, x):
         ops = importlib.import_module("signalrl.ops")
@@ -92,6 +102,9 @@ def _impl_factory(spec, backend: str):
 
         def fn(policy, **batch):
             return spec(policy, batch).loss
+
+        if backend != "reference" and not _signal_kernels(fn, x, params, ops.use_backend(backend)):
+            raise P.Unavailable(f"this loss runs no Signal kernel: its {backend} row would time the reference again")
 
         interp = backend == "triton" and device.type != "cuda"
         note = "triton interpreter: not a performance figure" if interp else ""
