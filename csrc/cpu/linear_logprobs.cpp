@@ -125,11 +125,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_token_logprobs
 
 namespace {
 
-// Rows [r0, r0+nr) of the logits block at vocab [v0, v0+nv): kept's columns when the block lies within them
-// (row stride kept.stride(0)), else recomputed into z (row stride nv). z then receives d loss / d logits.
-std::pair<const float*, int64_t> backward_block(const LinearArgs& a, at::Tensor& z, const at::Tensor& kept,
-                                                const at::Tensor& h_blk, const at::Tensor& w_blk, int64_t r0,
-                                                int64_t v0) {
+// float32 rows: row i at data + i·stride
+struct Rows {
+  const float* data;
+  int64_t stride;
+};
+
+// Rows [r0, r0+nr) of the logits block at vocab [v0, v0+nv): kept's columns when the block lies within them, else
+// recomputed into z. z then receives d loss / d logits.
+Rows backward_block(const LinearArgs& a, at::Tensor& z, const at::Tensor& kept, const at::Tensor& h_blk,
+                    const at::Tensor& w_blk, int64_t r0, int64_t v0) {
   if (block_is_kept(kept, v0, w_blk.size(0))) {
     return {kept.data_ptr<float>() + r0 * kept.stride(0) + v0, kept.stride(0)};
   }
@@ -201,11 +206,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward(
           const int64_t v0 = blk * vbg, nv = std::min(vbg, a.V - v0);
           const at::Tensor w_blk = weight_block(a, v0, nv);
           at::Tensor z = scratch.narrow(0, 0, Nv * nv).view({Nv, nv});
-          const auto [zin, ld] = backward_block(a, z, kept, h_all, w_blk, 0, v0);
+          const Rows logits = backward_block(a, z, kept, h_all, w_blk, 0, v0);
           float* zp = z.data_ptr<float>();
           for (int64_t k = 0; k < Nv; ++k) {  // logits -> d loss / d logits
             float* zr = zp + k * nv;
-            vec_softmax_grad(zin + k * ld, nv, a.scale, r_lse[k].hi, r_lse[k].lo, r_c0[k], r_c1[k], a.scale, zr);
+            vec_softmax_grad(logits.data + k * logits.stride, nv, a.scale, r_lse[k].hi, r_lse[k].lo, r_c0[k], r_c1[k], a.scale, zr);
             const int64_t t = r_tgt[k];
             if (t >= v0 && t < v0 + nv) zr[t - v0] += a.scale * r_gl[k];
           }
@@ -253,14 +258,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward(
       const int64_t nr = std::min(kRows, Nv - r0);
       const at::Tensor h_blk = one_row_block ? h_all : hidden_block(a, r0, nr);
       at::Tensor z = scratch.narrow(0, 0, nr * nv).view({nr, nv});
-      const auto [zin, ld] = backward_block(a, z, kept, h_blk, w_blk, r0, v0);
+      const Rows logits = backward_block(a, z, kept, h_blk, w_blk, r0, v0);
       float* zp = z.data_ptr<float>();
       // logits -> d loss / d logits
       at::parallel_for(0, nr, 16, [&](int64_t b, int64_t e) {
         for (int64_t i = b; i < e; ++i) {
           const int64_t k = r0 + i;
           float* zr = zp + i * nv;
-          vec_softmax_grad(zin + i * ld, nv, a.scale, r_lse[k].hi, r_lse[k].lo, r_c0[k], r_c1[k], a.scale, zr);
+          vec_softmax_grad(logits.data + i * logits.stride, nv, a.scale, r_lse[k].hi, r_lse[k].lo, r_c0[k], r_c1[k], a.scale, zr);
           const int64_t t = r_tgt[k];
           if (t >= v0 && t < v0 + nv) zr[t - v0] += a.scale * r_gl[k];
         }

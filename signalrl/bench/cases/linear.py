@@ -1,10 +1,9 @@
 """From hidden states and the LM head: linear_token_logprobs (± entropy) and linear_ppo_loss.
 
-Work model: compute. GEMM-equivalents of 2·N·V·H flops each: forward 1, backward 3 (recompute the
-logits, d(hidden), d(weight)), forward+backward 4 — the count of a fused kernel that never stores
-the logits (issue 3). The same model is applied to every provider, so its rate is comparable
-across providers (a materializing reference does 3 rather than 4 GEMMs; its "TFLOP/s" is then
-an effective rate on the fused model).
+Work model: compute. GEMM-equivalents of 2·N·V·H flops each, the least any implementation does: forward 1 (the
+logits), backward 2 (d(hidden), d(weight)), forward+backward 3. The same model is applied to every provider, so its
+rate is comparable across providers; a kernel that recomputes the logits in the backward (Signal's fused kernels
+beyond the kept columns, `signalrl.ops.linear_token_logprobs`) does more GEMMs than it is credited with.
 
 ``linear_token_logprobs:frozen_head`` and ``linear_ppo_loss:frozen_head`` (no entropy bonus) are the LoRA case: the
 LM head gets no gradient, only hidden does. Their rows are full steps only (forward + backward): the native plan for
@@ -54,7 +53,7 @@ def _frozen_shapes(preset: Preset):
 
 def _flops(N, H, V, frozen=False):
     gemm = 2.0 * N * V * H
-    per_mode = {"fwd": 1, "bwd": 1, "full": 2} if frozen else {"fwd": 1, "bwd": 3, "full": 4}
+    per_mode = {"fwd": 1, "bwd": 1, "full": 2} if frozen else {"fwd": 1, "bwd": 2, "full": 3}
     return lambda mode: per_mode[mode] * gemm
 
 
