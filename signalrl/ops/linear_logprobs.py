@@ -253,8 +253,8 @@ def linear_token_logprobs(
         log-probs ``[...]`` float32 (and entropy ``[...]`` float32).
 
     Math: z = (hidden @ weight.T + bias) / T; logprob = z_t − logsumexp(z).
-    Memory: the fused backends never hold the ``[N, V]`` logits: they stream vocab blocks with an
-    online log-sum-exp (forward) and recompute them (backward). Triton: forward O(N) float32; backward
+    Memory: the fused backends never hold the ``[N, V]`` logits beyond 4 MiB: they stream vocab blocks
+    with an online log-sum-exp (forward) and recompute them (backward). Triton: forward O(N) float32; backward
     one gradient chunk plus a float32 d(hidden) accumulator — within 1 % of the ``[N, V]`` float32
     logits for a frozen (LoRA) head at N ≥ 4096, V = 128256, H = 4096; (H + Vc/2)/V of them for a
     trained one (exact: :func:`signalrl.kernels.linear_logprobs.backward_plan`). Native: one block of

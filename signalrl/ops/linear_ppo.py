@@ -255,10 +255,10 @@ def linear_ppo_loss(
     loss = agg(ℓ_pg) + kl_coef·agg(KL(logp, ref)) − entropy_coef·agg(H) — exactly
     :func:`signalrl.reference.linear_ppo_loss`.
 
-    Memory: the fused backend never holds ``[N, V]`` logits: forward O(N) float32; backward one ``[R, Vc]``
-    gradient chunk (Vc = max(1024, H/2)) plus, for non-float32 hidden, a float32 ``[R, H]`` d(hidden) accumulator,
-    where R = N when the head is trained and a row chunk keeping it within 1 % of the ``[N, V]`` float32 logits
-    when it is frozen (LoRA). Exact bound: :func:`signalrl.kernels.linear_logprobs.backward_plan`. The reference
+    Memory: the fused backends never hold ``[N, V]`` logits beyond 4 MiB (native: the kept-logits plan below).
+    Triton: forward O(N) float32; backward one ``[R, Vc]`` gradient chunk (Vc = max(1024, H/2)) plus, for
+    non-float32 hidden, a float32 ``[R, H]`` d(hidden) accumulator, where R = N when the head is trained and a row
+    chunk keeping it within 1 % of the ``[N, V]`` float32 logits when it is frozen (LoRA). Exact bound: :func:`signalrl.kernels.linear_logprobs.backward_plan`. The reference
     materializes ``[N, V]`` float32 logits.
 
     Plan: a frozen head (``weight`` and ``bias`` without gradient) with ``entropy_coef == 0`` takes the native
