@@ -8,6 +8,9 @@ the kernel op; in check mode every call is compared with the reference in float6
 """
 from __future__ import annotations
 
+import math
+import os
+
 import torch
 from torch import Tensor
 
@@ -116,8 +119,23 @@ LINEAR_FWD.register_autograd(_linear_backward, _linear_setup)
 # which then reads them instead of recomputing their GEMM (csrc/cpu/linear_logprobs.cpp): a step of two GEMMs of
 # N·V·H over the kept columns instead of three, within the op's memory bound.
 
-#: floats of logits a call keeps from forward to backward at most (4 MiB, the native backward's [1024, 1024] block)
-KEEP_FLOATS = 1 << 20
+def keep_floats_from_env(env=os.environ) -> int:
+    """The floats of logits a call may keep from forward to backward: ``SIGNAL_KEEP_LOGITS_MIB`` MiB of float32
+    (≥ 0; 0 turns the plan off), by default 4 MiB (2^20 floats, the native backward's own ``[1024, 1024]`` block)."""
+    raw = env.get("SIGNAL_KEEP_LOGITS_MIB", "").strip()
+    if not raw:
+        return 1 << 20
+    try:
+        mib = float(raw)
+    except ValueError:
+        mib = math.nan
+    if not (math.isfinite(mib) and mib >= 0):
+        raise ValueError(f"SIGNAL_KEEP_LOGITS_MIB: expected a number of MiB >= 0, got {raw!r}")
+    return int(mib * (1 << 20)) // 4
+
+
+#: floats of logits a call keeps from forward to backward at most (:func:`keep_floats_from_env`, read at import)
+KEEP_FLOATS = keep_floats_from_env()
 
 
 def keep_columns(rows: int, vocab: int) -> int:
@@ -258,16 +276,17 @@ def linear_token_logprobs(
     one gradient chunk plus a float32 d(hidden) accumulator — within 1 % of the ``[N, V]`` float32
     logits for a frozen (LoRA) head at N ≥ 4096, V = 128256, H = 4096; (H + Vc/2)/V of them for a
     trained one (exact: :func:`signalrl.kernels.linear_logprobs.backward_plan`). Native: one block of
-    logits per thread, and at most :data:`KEEP_FLOATS` floats (4 MiB) of them kept from forward to
-    backward (the plan below). The reference materializes ``[N, V]`` float32 logits.
+    logits per thread, and at most :data:`KEEP_FLOATS` floats (4 MiB by default) of them kept from
+    forward to backward (the plan below). The reference materializes ``[N, V]`` float32 logits.
 
     Plan: when ``hidden`` needs a gradient and the head does not (``weight`` and ``bias`` frozen, as in LoRA) and no
     entropy is asked for, the native backend computes pw = Σ_{j≠t} p_j·weight_j and c = Σ_{j≠t} p_j per row beside
     the log-sum-exp (a second GEMM per vocab block) and keeps them, ``[N, H]`` and ``[N]`` float32, for the
     backward: d hidden = (c·weight_t − pw)·g / T, no pass over the vocabulary (two GEMMs of N·V·H in all instead of
     three). Otherwise, when a gradient is needed, the native backend keeps the first K columns of the float32 logits
-    from the forward for the backward, K = :func:`keep_columns` (all V when N·V ≤ :data:`KEEP_FLOATS`, 4 MiB), and
-    recomputes only the others (two GEMMs over the kept columns instead of three).
+    from the forward for the backward, K = :func:`keep_columns` (all V when N·V ≤ :data:`KEEP_FLOATS`, 4 MiB unless
+    ``SIGNAL_KEEP_LOGITS_MIB`` says otherwise), and recomputes only the others (two GEMMs over the kept columns
+    instead of three).
     """
     v.linear_head(hidden, weight, targets, bias)
     H = hidden.shape[-1]

@@ -13,14 +13,22 @@ import signalrl.ops as ops
 import signalrl.ops.linear_logprobs as linear_logprobs
 from signalrl import reference
 from signalrl.ops import use_backend
-from signalrl.ops.linear_logprobs import KEEP_FLOATS, keep_columns, kept_plan
+from signalrl.ops.linear_logprobs import keep_columns, kept_plan, keep_floats_from_env
 
 from ._oracle import assert_close
+
+KEEP_FLOATS = keep_floats_from_env({})  # 4 MiB
 
 pytestmark = pytest.mark.skipif(
     not ops.available_backends("linear_token_logprobs_kept_fwd", "cpu").count("native"),
     reason="native extension not built",
 )
+
+
+@pytest.fixture(autouse=True)
+def _default_bound(monkeypatch):
+    """The default 4 MiB bound, whatever SIGNAL_KEEP_LOGITS_MIB says in this shell."""
+    monkeypatch.setattr(linear_logprobs, "KEEP_FLOATS", KEEP_FLOATS)
 
 
 def _case(N, H, V, dtype, seed, with_bias=False, ignored=()):
@@ -53,6 +61,16 @@ def test_keep_columns_stays_within_the_bound():
             k = keep_columns(n, v)
             assert 0 <= k <= v and n * k <= KEEP_FLOATS
             assert k == v or k % 64 == 0
+
+
+def test_the_bound_comes_from_the_environment():
+    assert KEEP_FLOATS == 1 << 20
+    assert keep_floats_from_env({"SIGNAL_KEEP_LOGITS_MIB": "16"}) == 1 << 22
+    assert keep_floats_from_env({"SIGNAL_KEEP_LOGITS_MIB": " 0.5 "}) == 1 << 17
+    assert keep_floats_from_env({"SIGNAL_KEEP_LOGITS_MIB": "0"}) == 0
+    for bad in ("-1", "nan", "inf", "4MiB"):
+        with pytest.raises(ValueError, match="SIGNAL_KEEP_LOGITS_MIB: expected a number of MiB >= 0"):
+            keep_floats_from_env({"SIGNAL_KEEP_LOGITS_MIB": bad})
 
 
 @pytest.mark.parametrize("budget", BUDGETS.keys())
