@@ -38,19 +38,25 @@ using namespace linear;
 
 namespace {
 
-// The forward of both plans: kept (float32 [N, K], K <= V, allocated by the caller) receives the first K logits of
-// each kept row; undefined for none.
-std::tuple<at::Tensor, at::Tensor, at::Tensor> forward(const char* fn, const at::Tensor& hidden,
-                                                       const at::Tensor& weight, const std::optional<at::Tensor>& bias,
-                                                       const at::Tensor& targets, double temperature,
-                                                       int64_t ignore_index, bool with_entropy, const at::Tensor& kept) {
+// The forward of both plans: (logprobs, entropy | empty, lse, kept), kept the float32 [N, keep_cols] logits of the
+// kept-logits plan (the first keep_cols of each kept row), undefined when keep_cols is nullopt (the plain plan).
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward(
+    const char* fn, const at::Tensor& hidden, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+    const at::Tensor& targets, double temperature, int64_t ignore_index, bool with_entropy,
+    std::optional<int64_t> keep_cols) {
   at::Tensor tgt;
   const LinearArgs a = prepare(fn, hidden, weight, bias, targets, tgt, temperature, ignore_index);
   const auto f32 = hidden.options().dtype(at::kFloat);
+  at::Tensor kept;
+  if (keep_cols.has_value()) {
+    TORCH_CHECK(*keep_cols >= 0 && *keep_cols <= a.V, fn, ": keep_cols must be in [0, V = ", a.V, "], got ",
+                *keep_cols);
+    kept = at::empty({a.N, *keep_cols}, f32);
+  }
   at::Tensor logprobs = at::zeros({a.N}, f32);
   at::Tensor entropy = with_entropy ? at::zeros({a.N}, f32) : at::empty({0}, f32);
   at::Tensor lse = at::zeros({a.N}, hidden.options().dtype(at::kDouble));
-  if (a.Nv == 0) return {logprobs, entropy, lse};
+  if (a.Nv == 0) return {logprobs, entropy, lse, kept};
 
   float* lp = logprobs.data_ptr<float>();
   float* ent = with_entropy ? entropy.data_ptr<float>() : nullptr;
@@ -98,7 +104,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> forward(const char* fn, const at:
       if (ent != nullptr) ent[row] = acc.entropy();
     }
   }
-  return {logprobs, entropy, lse};
+  return {logprobs, entropy, lse, kept};
 }
 
 }  // namespace
@@ -106,21 +112,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> forward(const char* fn, const at:
 std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_token_logprobs_fwd(
     const at::Tensor& hidden, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
     const at::Tensor& targets, double temperature, int64_t ignore_index, bool with_entropy) {
-  return forward("linear_token_logprobs_fwd", hidden, weight, bias, targets, temperature, ignore_index,
-                 with_entropy, at::Tensor());
+  auto [lp, ent, lse, kept] = forward("linear_token_logprobs_fwd", hidden, weight, bias, targets, temperature,
+                                      ignore_index, with_entropy, std::nullopt);
+  return {lp, ent, lse};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_token_logprobs_kept_fwd(
     const at::Tensor& hidden, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
     const at::Tensor& targets, double temperature, int64_t ignore_index, bool with_entropy, int64_t keep_cols) {
-  const char* fn = "linear_token_logprobs_kept_fwd";
-  TORCH_CHECK(hidden.dim() == 2 && weight.dim() == 2, fn, ": hidden must be [N, H] and weight [V, H], got shapes ",
-              hidden.sizes(), " and ", weight.sizes());
-  TORCH_CHECK(keep_cols >= 0 && keep_cols <= weight.size(0), fn, ": keep_cols must be in [0, V = ", weight.size(0),
-              "], got ", keep_cols);
-  at::Tensor kept = at::empty({hidden.size(0), keep_cols}, hidden.options().dtype(at::kFloat));
-  auto [lp, ent, lse] = forward(fn, hidden, weight, bias, targets, temperature, ignore_index, with_entropy, kept);
-  return {lp, ent, lse, kept};
+  return forward("linear_token_logprobs_kept_fwd", hidden, weight, bias, targets, temperature, ignore_index,
+                 with_entropy, keep_cols);
 }
 
 namespace {
@@ -150,6 +151,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward(
     bool need_hidden, bool need_weight, bool need_bias, const at::Tensor& kept) {
   at::Tensor tgt;
   const LinearArgs a = prepare(fn, hidden, weight, bias, targets, tgt, temperature, ignore_index);
+  TORCH_CHECK(!kept.defined() || (kept.device().is_cpu() && kept.scalar_type() == at::kFloat && kept.dim() == 2 &&
+                                  kept.size(0) == a.N && kept.size(1) <= a.V && kept.stride(1) == 1),
+              fn, ": kept must be the forward's float32 [N, K] logits with N = ", a.N, " and K <= V = ", a.V,
+              ", got ", kept.scalar_type(), " of shape ", kept.sizes());
   need_bias = need_bias && a.bias_f32.defined();
   detail::check_vec_f32(fn, "grad_logprobs", grad_logprobs, a.N, false);
   detail::check_lse(fn, lse_in, a.N);
@@ -306,15 +311,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_token_logprobs_kept_bwd(
     const at::Tensor& hidden, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
     const at::Tensor& targets, const at::Tensor& lse, const at::Tensor& entropy, double temperature,
     int64_t ignore_index, bool need_hidden, bool need_weight, bool need_bias) {
-  const char* fn = "linear_token_logprobs_kept_bwd";
-  TORCH_CHECK(hidden.dim() == 2 && weight.dim() == 2, fn, ": hidden must be [N, H] and weight [V, H], got shapes ",
-              hidden.sizes(), " and ", weight.sizes());
-  TORCH_CHECK(kept.device().is_cpu() && kept.scalar_type() == at::kFloat && kept.dim() == 2 &&
-                  kept.size(0) == hidden.size(0) && kept.size(1) <= weight.size(0) && kept.stride(1) == 1,
-              fn, ": kept must be the forward's float32 [N, K] logits with N = ", hidden.size(0), " and K <= V = ",
-              weight.size(0), ", got ", kept.scalar_type(), " of shape ", kept.sizes());
-  return backward(fn, grad_logprobs, grad_entropy, hidden, weight, bias, targets, lse, entropy, temperature,
-                  ignore_index, need_hidden, need_weight, need_bias, kept);
+  return backward("linear_token_logprobs_kept_bwd", grad_logprobs, grad_entropy, hidden, weight, bias, targets, lse,
+                  entropy, temperature, ignore_index, need_hidden, need_weight, need_bias, kept);
 }
 
 }  // namespace signalrl

@@ -318,17 +318,13 @@ def linear_token_logprobs(
 
         def fast_fn(h, w, t, b):
             return frozen(h, w, b, t, *params.flat(), False)[0]
-    elif keep_cols := kept_plan(hidden, weight, bias, backend):
-        kept = LINEAR_KEPT_FWD.op(backend, h.device)
-
-        def fast_fn(h, w, t, b):
-            lp, ent, _, _ = kept(h, w, b, t, *params.flat(), return_entropy, keep_cols)
-            return (lp, ent) if return_entropy else lp
     else:
-        op = LINEAR_FWD.op(backend, h.device)
+        keep_cols = kept_plan(hidden, weight, bias, backend)
+        plan = (keep_cols,) if keep_cols else ()  # the kept-logits plan's one more argument
+        op = (LINEAR_KEPT_FWD if keep_cols else LINEAR_FWD).op(backend, h.device)
 
         def fast_fn(h, w, t, b):
-            lp, ent, _ = op(h, w, b, t, *params.flat(), return_entropy)
+            lp, ent = op(h, w, b, t, *params.flat(), return_entropy, *plan)[:2]
             return (lp, ent) if return_entropy else lp
 
     if check_enabled():

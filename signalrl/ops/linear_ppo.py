@@ -93,24 +93,34 @@ def _(grad_loss, g_lp, g_ent, hidden, weight, bias, targets, lse, entropy, tempe
 
 
 def _setup(ctx, inputs, output):
+    """Also the kept-logits plan's: its one more input (keep_cols) and output (kept) are kept for the backward."""
     hidden, weight, bias, targets = inputs[:4]
     ctx.logprob_params = inputs[9:11]  # temperature, ignore_index
-    _loss, stats, lp, ent, lse, g_lp, g_ent = output
-    ctx.mark_non_differentiable(stats, lp, ent, lse, g_lp, g_ent)
-    ctx.save_for_backward(hidden, weight, bias, targets, lse, ent, g_lp, g_ent)
+    _loss, stats, lp, ent, lse, g_lp, g_ent, *kept = output
+    ctx.mark_non_differentiable(stats, lp, ent, lse, g_lp, g_ent, *kept)
+    ctx.save_for_backward(hidden, weight, bias, targets, lse, ent, g_lp, g_ent, *kept)
 
 
 def _backward(ctx, g_loss, *_unused):
-    hidden, weight, bias, targets, lse, ent, g_lp, g_ent = ctx.saved_tensors
+    hidden, weight, bias, targets, lse, ent, g_lp, g_ent, *kept = ctx.saved_tensors
     need_h, need_w, need_b = ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[2]
     need_b = bool(need_b and bias is not None)
-    none_rest = (None,) * (6 + LogprobParams.size() + PPOParams.size())
+    none_rest = (None,) * (6 + len(kept) + LogprobParams.size() + PPOParams.size())
     if g_loss is None or not (need_h or need_w or need_b):
         return (None, None, None) + none_rest
-    gh, gw, gb = LINEAR_PPO_BWD.variant(ctx.variant)(
-        g_loss.to(_F32).contiguous(), g_lp, g_ent, hidden, weight, bias, targets, lse,
-        ent if g_ent.numel() else g_lp.new_empty(0), *ctx.logprob_params, need_h, need_w, need_b,
-    )
+    ent = ent if g_ent.numel() else g_lp.new_empty(0)
+    g_loss = g_loss.to(_F32).contiguous()
+    if kept:  # the kept-logits plan: the linear_logprobs backward with the coefficients times grad_loss
+        scale = g_loss.reshape(())
+        gh, gw, gb = LINEAR_KEPT_BWD.variant(ctx.variant)(
+            g_lp * scale, g_ent * scale, *kept, hidden, weight, bias, targets, lse, ent, *ctx.logprob_params,
+            need_h, need_w, need_b,
+        )
+    else:
+        gh, gw, gb = LINEAR_PPO_BWD.variant(ctx.variant)(
+            g_loss, g_lp, g_ent, hidden, weight, bias, targets, lse, ent, *ctx.logprob_params, need_h, need_w,
+            need_b,
+        )
     return (gh if need_h else None, gw if need_w else None, gb if need_b else None) + none_rest
 
 
@@ -130,30 +140,7 @@ LINEAR_PPO_KEPT_FWD = KernelOp(
 )
 
 
-def _kept_setup(ctx, inputs, output):
-    hidden, weight, bias, targets = inputs[:4]
-    ctx.logprob_params = inputs[9:11]  # temperature, ignore_index
-    _loss, stats, lp, ent, lse, g_lp, g_ent, kept = output
-    ctx.mark_non_differentiable(stats, lp, ent, lse, g_lp, g_ent, kept)
-    ctx.save_for_backward(hidden, weight, bias, targets, lse, ent, g_lp, g_ent, kept)
-
-
-def _kept_backward(ctx, g_loss, *_unused):
-    hidden, weight, bias, targets, lse, ent, g_lp, g_ent, kept = ctx.saved_tensors
-    need_h, need_w, need_b = ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[2]
-    need_b = bool(need_b and bias is not None)
-    none_rest = (None,) * (7 + LogprobParams.size() + PPOParams.size())
-    if g_loss is None or not (need_h or need_w or need_b):
-        return (None, None, None) + none_rest
-    scale = g_loss.to(_F32).reshape(())
-    gh, gw, gb = LINEAR_KEPT_BWD.variant(ctx.variant)(
-        g_lp * scale, g_ent * scale, kept, hidden, weight, bias, targets, lse,
-        ent if g_ent.numel() else g_lp.new_empty(0), *ctx.logprob_params, need_h, need_w, need_b,
-    )
-    return (gh if need_h else None, gw if need_w else None, gb if need_b else None) + none_rest
-
-
-LINEAR_PPO_KEPT_FWD.register_autograd(_kept_backward, _kept_setup)
+LINEAR_PPO_KEPT_FWD.register_autograd(_backward, _setup)
 
 
 # The frozen-head plan (native, entropy_coef == 0; see linear_token_logprobs): the same inputs → (loss, stats,
