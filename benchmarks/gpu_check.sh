@@ -14,7 +14,9 @@
 # Peers: Liger-Kernel and Cut Cross-Entropy wheels found in .whl/ (`make peer-wheels` downloads them on a machine
 # with network) are installed into a temporary directory first, so a GPU machine without network benchmarks them too.
 # Environment: PYTHON (default .venv/bin/python if it imports torch, else python3), TEST_TIMEOUT (s, default 300),
-# BENCH_TIMEOUT (s, default 240), SUITE_TIMEOUT (s, default 360), PYTEST_ARGS (extra pytest arguments).
+# BENCH_TIMEOUT (s, default 240), SUITE_TIMEOUT (s, default 360), PYTEST_ARGS (extra pytest arguments), WORKERS
+# (pytest-xdist processes when it is installed, default 8: the suite is CPU-bound between kernels, and a worker that
+# crashes fails its test instead of ending the run; 0 runs in one process, kernel tests first).
 # Adding a benchmark case: a function `bench_<name>(ctx) -> list[dict]` in the CASES of benchmarks/gpu_logprobs.py or
 # of a benchmarks/gpu_<family>.py that gpu_logprobs.main lists (see the docstring of benchmarks/gpu_logprobs.py).
 set -uo pipefail
@@ -83,6 +85,19 @@ else:
     print("device: none (CPU only)")
 EOF
   command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv
+  echo "c++: $(${CXX:-c++} --version 2>/dev/null | head -n 1)"
+  # A C++ argument check must come back as a RuntimeError: on one H200 image (torch 2.11+cu130) it ended the process
+  # with SIGSEGV instead. A child process probes it, so a crash is reported here rather than met mid-suite.
+  $PYTHON - <<'EOF'
+import subprocess, sys
+probe = ("import torch, signalrl.native as n; n._load()\n"
+         "try:\n    torch.ops.signalrl.linear_token_logprobs_kept_fwd(torch.randn(5, 8), torch.randn(30, 8), None, "
+         "torch.zeros(5, dtype=torch.long), 1.0, -100, False, 31)\n"
+         "except RuntimeError as e:\n    print('raises RuntimeError:', str(e).splitlines()[0][:80])\n")
+p = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=600)
+out = p.stdout.strip() or (p.stderr.strip().splitlines() or [""])[-1][:200]
+print("native error path:", out if p.returncode == 0 else f"exit {p.returncode} ({out})")
+EOF
 } > "$DIR/env.txt" 2>&1
 cat "$DIR/env.txt"
 
@@ -114,8 +129,11 @@ if [ "$SKIP_TESTS" = 0 ]; then
     # SIGINT on timeout: pytest still prints its summary and writes the junit file
     export SIGNAL_GPU_REPORT="$DIR/gpu_test_figures.txt"
     : > "$SIGNAL_GPU_REPORT"
+    XDIST=()
+    if [ "${WORKERS:-8}" != 0 ] && $PYTHON -c "import xdist" 2>/dev/null; then XDIST=(-n "${WORKERS:-8}"); fi
     timeout -s INT -k 30 "${TEST_TIMEOUT:-300}" $PYTHON -m pytest $TEST_PATHS -m "gpu or not gpu" -q -rfEs \
-      -p no:cacheprovider --junitxml="$DIR/pytest.xml" ${PYTEST_ARGS:-} > "$DIR/pytest.log" 2>&1
+      -p no:cacheprovider --junitxml="$DIR/pytest.xml" ${XDIST[@]+"${XDIST[@]}"} ${PYTEST_ARGS:-} \
+      > "$DIR/pytest.log" 2>&1
   fi
   rc=$?
   tail -n 25 "$DIR/pytest.log"

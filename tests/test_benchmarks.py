@@ -27,8 +27,9 @@ def quick_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("bench")
     env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
     proc = subprocess.run(
-        [sys.executable, "-m", "benchmarks", "--quick", "--out", str(out), "--no-progress"],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=240,
+        # the preset's own 45 s budget is a CPU figure: on a GPU machine Triton's first compiles alone can spend it
+        [sys.executable, "-m", "benchmarks", "--quick", "--budget-s", "200", "--out", str(out), "--no-progress"],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = [json.loads(line) for line in (out / "rows.jsonl").read_text().splitlines() if line.strip()]
@@ -224,7 +225,8 @@ def test_gpu_check_dry_run_collects_every_test_kernel_tests_first(tmp_path):
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     ids = [line for line in (tmp_path / "pytest.log").read_text().splitlines() if "::" in line]
     plain = subprocess.run([sys.executable, "-m", "pytest", "tests", "-m", "gpu or not gpu", "--collect-only", "-q",
-                            "-p", "no:cacheprovider"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+                            "-p", "no:cacheprovider"], cwd=ROOT, capture_output=True, text=True, timeout=300,
+                           env=dict(os.environ, TRITON_INTERPRET="1"))  # as the dry run collects (backends differ)
     assert sorted(ids) == sorted(line for line in plain.stdout.splitlines() if "::" in line)
     dirs = [i.split("/")[1] for i in ids]
     first = [d for i, d in enumerate(dirs) if i == 0 or dirs[i - 1] != d]
@@ -232,6 +234,8 @@ def test_gpu_check_dry_run_collects_every_test_kernel_tests_first(tmp_path):
     assert "tests:" in proc.stdout and "(exit 0)" in proc.stdout
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a CUDA device is present: gpu_check.sh runs these benchmarks "
+                    "on it")
 def test_gpu_kernel_benchmarks_dry_run(tmp_path):
     """benchmarks/gpu_logprobs.py (which also runs the GAE / PPO cases of gpu_ppo_gae.py) on a CPU with the Triton
     interpreter and tiny shapes: every case runs without an error row, so a GPU lease is never spent finding out

@@ -113,7 +113,9 @@ def gae(
         if m is None:
             m2 = torch.ones_like(r2, dtype=_F32)
         elif backend == "triton":  # reads a 1-byte mask: a bool mask goes in as is (a uint8 view)
-            m2 = (rows(m) if m.dtype == torch.bool else rows(m) != 0).contiguous().view(torch.uint8)
+            m2 = (rows(m) if m.dtype == torch.bool else rows(m) != 0).contiguous()
+            # Inductor cannot lower a bool -> uint8 view on CUDA (torch 2.11); compiled, the cast fuses anyway
+            m2 = m2.to(torch.uint8) if torch.compiler.is_compiling() else m2.view(torch.uint8)
         else:  # the C++ kernel reads any dtype as "nonzero = valid" and converts it once itself
             m2 = rows(m).contiguous()
         if backend == "native":  # the C++ kernel takes float32 (docs/backends.md)

@@ -20,6 +20,8 @@ import warnings
 
 T_PROCESS = time.time()
 os.environ.setdefault("OMP_NUM_THREADS", "1")
+# the gloo (CPU) path is under test: on a CUDA machine the single-process twins would otherwise run on the GPU
+os.environ["CUDA_VISIBLE_DEVICES"] = ""
 warnings.filterwarnings("ignore")
 
 import torch  # noqa: E402

@@ -460,8 +460,9 @@ CHILD = textwrap.dedent(r"""
 
 
 def test_latest_survives_a_kill_at_every_point_of_a_save(tmp_path):
+    # CUDA hidden: the child forks mid-run, and CUDA cannot run in a forked process (what is tested is the files)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "SIGNAL_BACKEND": "reference",
-           "PYTHONPATH": REPO + os.pathsep + os.environ.get("PYTHONPATH", "")}
+           "CUDA_VISIBLE_DEVICES": "", "PYTHONPATH": REPO + os.pathsep + os.environ.get("PYTHONPATH", "")}
     proc = subprocess.Popen([sys.executable, "-c", CHILD, str(tmp_path), json.dumps(CONFIG), json.dumps(BATCH)],
                             cwd=str(tmp_path), env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             start_new_session=True)

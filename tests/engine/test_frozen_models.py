@@ -3,6 +3,7 @@ import pytest
 import torch
 
 from signalrl.engine.models import load_base_model
+from signalrl.engine.engine import default_device
 from signalrl.engine.frozen_models import ReferenceCache
 
 
@@ -58,4 +59,4 @@ def test_runs_share_named_reference_models(engine, make_run):
     # before any update the policy equals the reference and the implicit rewards are 0.
     r0 = b.forward(pairs, "dpo")
     assert r0.metrics["chosen_reward"] == 0.0 and r0.metrics["rejected_reward"] == 0.0
-    assert ("signal-tiny", "torch.float32", "cpu", 0) in engine.reference_cache.keys()
+    assert ("signal-tiny", "torch.float32", default_device(), 0) in engine.reference_cache.keys()

@@ -96,7 +96,7 @@ def test_sample_arguments(run, kwargs, match):
     (dict(seed=-1), ValueError, "seed"),
     (dict(adam_betas=(0.9,)), TypeError, "adam_betas"),
     (dict(adam_betas=(0.9, 1.0)), ValueError, "adam_betas"),
-    (dict(device="cuda"), ValueError, "device"),
+    (dict(device="cuda:99"), ValueError, "device"),  # no machine has it (or no CUDA at all)
     (dict(device="tpu"), ValueError, "device"),
     (dict(lora_target_modules=123), TypeError, "lora_target_modules"),
     (dict(learning_rate=math.inf), ValueError, "learning_rate"),

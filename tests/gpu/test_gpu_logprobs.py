@@ -264,8 +264,9 @@ def test_linear_ppo_loss_peak_memory_and_values():
     rows = 2
     hs = h[:rows].detach().float().requires_grad_()
     ws = w.detach().float().requires_grad_()
-    loss_s, stats_s = ops.linear_ppo_loss(h[:rows], w, t[:rows], old[:rows], adv[:rows], mask[:rows], **kw)
-    loss_r, stats_r = reference.linear_ppo_loss(hs, ws, t[:rows], old[:rows], adv[:rows], mask[:rows], **kw)
+    kw_s = dict(kw, ref_logprobs=ref[:rows])
+    loss_s, stats_s = ops.linear_ppo_loss(h[:rows], w, t[:rows], old[:rows], adv[:rows], mask[:rows], **kw_s)
+    loss_r, stats_r = reference.linear_ppo_loss(hs, ws, t[:rows], old[:rows], adv[:rows], mask[:rows], **kw_s)
     assert abs(loss_s.item() - loss_r.item()) <= 1e-3 * max(1.0, abs(loss_r.item()))
     for k in stats_r:
         assert abs(stats_s[k].item() - stats_r[k].item()) <= 2e-3 * max(1.0, abs(stats_r[k].item())), k

@@ -175,9 +175,23 @@ def check_value_loss(device, B, T, clip, seed=0):
     loss_t, st = reference.value_loss(xt, old.double(), ret.double(), m, clip=clip)
     loss_t.backward()
     assert abs(loss.item() - loss_t.item()) < 1e-4 * loss_t.item()
-    assert _rel(x.grad, xt.grad) < 1e-4
+    # Near a tie of the two squared errors the branch the max takes depends on how v_c = old + clip(v - old) rounds
+    # (about 4e-6 at |v| ~ 50 in float32), and the gradient jumps between (v - R)/n and 0 there: a few elements of
+    # millions, which alone give a relative error of ~1e-3. Those are compared by count, the rest value by value.
+    keep = torch.ones_like(v, dtype=torch.bool)
+    if clip is not None:
+        vd, od, rd = v.double(), old.double(), ret.double()
+        vc = od + (vd - od).clamp(-clip, clip)
+        # |Δ(v_c − R)²| ≤ 2·|v_c − R|·half an ulp at 50 (1.9e-6); twice that, and both sides' magnitudes
+        tie = ((vd - od).abs() > clip) & (((vd - rd) ** 2 - (vc - rd) ** 2).abs()
+                                          <= 8e-6 * ((vd - rd).abs() + (vc - rd).abs()))
+        assert tie.sum().item() <= 1e-4 * v.numel()
+        keep = ~tie
+    assert _rel(x.grad[keep], xt.grad[keep]) < 1e-5
     assert abs(stats["explained_variance"].item() - st["explained_variance"].item()) < 1e-4
-    assert abs(stats["value_clip_fraction"].item() - st["value_clip_fraction"].item()) < 1e-6
+    # each tie may count on either side of the clip
+    flips = 0 if clip is None else tie.sum().item() / max(1.0, float(m.sum().item()))
+    assert abs(stats["value_clip_fraction"].item() - st["value_clip_fraction"].item()) <= flips + 1e-6
     assert abs(stats["return_mean"].item() - st["return_mean"].item()) < 1e-4
 
 

@@ -9,7 +9,7 @@ def rel_err(got: torch.Tensor, truth: torch.Tensor, floor: float = 1e-6) -> floa
 
     The floor keeps quantities that are ~0 in truth (entropy of a one-hot softmax, say) from
     turning harmless absolute differences of 1e-30 into relative error 1."""
-    g, t = got.detach().double(), truth.detach().double()
+    g, t = got.detach().to(truth.device).double(), truth.detach().double()
     assert g.shape == t.shape, (g.shape, t.shape)
     if not torch.isfinite(g).all():
         return float("inf")

@@ -1,12 +1,17 @@
 """Server tests: protocol and auth in-process through httpx's ASGI transport (``_asgi.asgi``), real servers on
 127.0.0.1 where a socket matters. Every wait is bounded. Helpers live in ``_asgi.py`` and ``_proc.py`` (a
 ``conftest`` module name is shared with tests/client, so nothing is imported from here)."""
+import importlib.util
+
 import pytest
 
-pytest.importorskip("fastapi")
+from signalrl.engine import Engine
 
-from signalrl.engine import Engine  # noqa: E402
-from signalrl.server import Service, Settings  # noqa: E402
+if importlib.util.find_spec("fastapi") is None:
+    # Skipped raised by a conftest aborts a whole run that names this folder, so the folder's modules are left out
+    collect_ignore_glob = ["test_*.py"]
+else:
+    from signalrl.server import Service, Settings
 
 
 @pytest.fixture(scope="module")
