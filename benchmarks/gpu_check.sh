@@ -94,9 +94,12 @@ probe = ("import torch, signalrl.native as n; n._load()\n"
          "try:\n    torch.ops.signalrl.linear_token_logprobs_kept_fwd(torch.randn(5, 8), torch.randn(30, 8), None, "
          "torch.zeros(5, dtype=torch.long), 1.0, -100, False, 31)\n"
          "except RuntimeError as e:\n    print('raises RuntimeError:', str(e).splitlines()[0][:80])\n")
-p = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=600)
-out = p.stdout.strip() or (p.stderr.strip().splitlines() or [""])[-1][:200]
-print("native error path:", out if p.returncode == 0 else f"exit {p.returncode} ({out})")
+aten = ("import torch\ntry:\n    torch.mm(torch.ones(2, 3), torch.ones(4, 5))\n"
+        "except RuntimeError as e:\n    print('raises RuntimeError:', str(e).splitlines()[0][:80])\n")
+for what, code in (("aten", aten), ("native", probe)):  # torch's own C++ checks, then the extension's
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
+    out = p.stdout.strip() or (p.stderr.strip().splitlines() or [""])[-1][:200]
+    print(f"{what} error path:", out if p.returncode == 0 else f"exit {p.returncode} ({out})")
 EOF
 } > "$DIR/env.txt" 2>&1
 cat "$DIR/env.txt"

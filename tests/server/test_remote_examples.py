@@ -54,3 +54,17 @@ def test_demo_remote_prints_the_local_table(remote, tmp_path, capsys):
     assert re.search(r"reward before PPO: [+-]\d", remote_out)
     assert _table(remote_out) == _table(local)
     assert not os.path.exists(tmp_path / "remote" / "runs") and not os.path.exists(tmp_path / "remote" / "sft_model")
+
+
+def test_remote_demo_benchmark_quick(tmp_path):
+    """benchmarks/remote_demo.py end to end on the demo's quick settings: a real `signal serve`, one local and one
+    remote demo, the same table from both (the script exits otherwise), and a results file that says so."""
+    out = tmp_path / "remote_demo.md"
+    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    cmd = [sys.executable, "-m", "benchmarks.remote_demo", "--quick", "--repeats", "1", "--warmup", "0",
+           "--out", str(out)]
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    text = out.read_text()
+    assert re.search(r"\| local \| 1 \| \d+\.\d\d \|", text) and re.search(r"\| remote \| 1 \| \d+\.\d\d \|", text)
+    assert re.search(r"Remote / local: \d+\.\d\d×", text) and "Every run printed the same table" in text
