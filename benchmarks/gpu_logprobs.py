@@ -207,22 +207,31 @@ def _liger_loss():
 
 
 def _third_party_linear_ce(ctx, h, w, t, shape, ms_ours) -> list[dict]:
-    """Liger-Kernel fused linear cross entropy and Cut Cross-Entropy, when installed (per-token CE = −log-prob)."""
+    """Liger-Kernel fused linear cross entropy and Cut Cross-Entropy, when installed (per-token CE = −log-prob).
+
+    Two tasks each. ``per-token`` is linear_token_logprobs' own: per-token losses (``reduction="none"``) under a
+    random per-token upstream gradient, the gradient unknown until the backward. ``scalar`` is ``reduction="sum"``,
+    a cheaper task: the upstream gradient is one number, so a peer may form the gradients during the forward
+    (Liger does)."""
     rows = []
     hr, wr = h.detach().clone().requires_grad_(), w.detach().clone().requires_grad_()
-    for case, load in (("cut-cross-entropy fwd+bwd", _cce_loss), ("liger fused linear CE fwd+bwd", _liger_loss)):
-        try:
-            loss_fn = load()
+    g_tok = torch.randn(t.shape, device=h.device, generator=torch.Generator(h.device).manual_seed(7))
+    for name, load in (("cut-cross-entropy", _cce_loss), ("liger fused linear CE", _liger_loss)):
+        for task, reduction in (("per-token", "none"), ("scalar (sum)", "sum")):
+            case = f"{name} fwd+bwd, {task}"
+            try:
+                loss_fn = load()
 
-            def step(loss_fn=loss_fn):
-                return torch.autograd.grad(loss_fn(hr, wr, t, reduction="sum"), (hr, wr))
+                def step(loss_fn=loss_fn, reduction=reduction):
+                    loss = loss_fn(hr, wr, t, reduction=reduction)
+                    return torch.autograd.grad(loss, (hr, wr), g_tok if reduction == "none" else None)
 
-            ms = ctx.time_ms(step, warmup=5, rep=20)
-            rows.append(ctx.row(case, shape, ms, vs="linear_token_logprobs fwd+bwd", speedup=ms / ms_ours))
-        except ImportError:
-            rows.append(ctx.row(case, shape, None, notes="not installed"))
-        except Exception as e:  # noqa: BLE001 - a third-party failure must not stop the run
-            rows.append(ctx.row(case, shape, None, notes=f"error: {e!r}"[:200]))
+                ms = ctx.time_ms(step, warmup=5, rep=20)
+                rows.append(ctx.row(case, shape, ms, vs="linear_token_logprobs fwd+bwd", speedup=ms / ms_ours))
+            except ImportError:
+                rows.append(ctx.row(case, shape, None, notes="not installed"))
+            except Exception as e:  # noqa: BLE001 - a third-party failure must not stop the run
+                rows.append(ctx.row(case, shape, None, notes=f"error: {e!r}"[:200]))
     return rows
 
 

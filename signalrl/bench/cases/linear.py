@@ -11,8 +11,10 @@ them computes in the forward what its backward needs (see ``signalrl.ops.linear_
 forward or a backward alone would compare nothing. Work model: 2 GEMM-equivalents (the logits, d(hidden)), what a
 materializing reference computes.
 
-Peers: Liger-Kernel's LigerFusedLinearCrossEntropyLoss (reduction "sum", so its loss is −Σ logp)
-and Cut Cross-Entropy's ``linear_cross_entropy(..., reduction="none")`` for linear_token_logprobs;
+Peers: Liger-Kernel's LigerFusedLinearCrossEntropyLoss and Cut Cross-Entropy's ``linear_cross_entropy``, both with
+``reduction="none"`` (per-token −logp under the case's per-token upstream gradient: the task of
+linear_token_logprobs; a scalar ``"sum"`` would let a peer form its gradients in the forward) for
+linear_token_logprobs;
 Liger-Kernel's LigerFusedLinearGRPOLoss for linear_ppo_loss (note: GRPO takes one advantage per
 sequence, ours per token).
 """
@@ -86,12 +88,12 @@ def _liger_flce(device, x):
     mod = P.require("liger_kernel.transformers")
     if device.type != "cuda":
         raise P.Unavailable("Liger-Kernel runs on CUDA only")
-    loss_fn = mod.LigerFusedLinearCrossEntropyLoss(ignore_index=IGNORE, reduction="sum")
+    loss_fn = mod.LigerFusedLinearCrossEntropyLoss(ignore_index=IGNORE, reduction="none")
 
     def fn(hidden, weight, targets):
-        return -loss_fn(weight, hidden, targets)  # −Σ CE = Σ logp
+        return -loss_fn(weight, hidden, targets)  # −CE = logp, per token: the backward gets a per-token gradient
 
-    return P.Impl(fn, note="Liger FLCE, reduction=sum (its backward is computed during forward)")
+    return P.Impl(fn, note="Liger FLCE, reduction=none (per-token, as ours; its backward recomputes the chunks)")
 
 
 def _cce(device, x):
