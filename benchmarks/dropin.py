@@ -40,6 +40,8 @@ import subprocess
 import sys
 import time
 
+from . import save_study
+
 CONFIGS = {
     "sft/stock": "SFT step, stock transformers loss",
     "sft/signal": "SFT step, signalrl.patch(model)",
@@ -342,13 +344,9 @@ def main(argv=None):
         t = times[kind]
         print(kind, t.get("error") or {n: round(statistics.median(v)) for n, v in t["times_ms"].items()}, flush=True)
     text = _report(rows, times, args, command.strip())
-    out = args.out or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "dropin_cpu.md")
-    if not args.quick or args.out:
-        with open(out, "w") as f:
-            f.write(text)
-        print(f"wrote {out}")
-    else:
+    if args.quick and not args.out:
         print(text)
+    save_study(text, args.out, "dropin_cpu.md", args.quick)
     return 0 if all("error" not in r for r in rows.values()) else 1
 
 

@@ -30,6 +30,7 @@ import time
 
 import torch
 
+from . import save_study
 from .remote_overhead import _start_server
 
 SAME = ("reward_before", "reward_after", "task_score_before", "task_score_after")
@@ -121,11 +122,7 @@ def main(argv=None) -> int:
     ]
     text = "\n".join(lines) + "\n"
     print(text)
-    if not args.quick or args.out:
-        out = args.out or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "remote_demo_cpu.md")
-        with open(out, "w", encoding="utf-8") as f:
-            f.write(text)
-        print(f"wrote {out}")
+    save_study(text, args.out, "remote_demo_cpu.md", args.quick)
     return 0
 
 

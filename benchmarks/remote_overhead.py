@@ -30,6 +30,7 @@ import time
 
 import torch
 
+from . import save_study
 from .api_overhead import timed_steps
 
 
@@ -346,11 +347,7 @@ def main(argv=None) -> int:
     torch.set_num_threads(args.threads)
     text = asyncio.run(main_async(args))
     print(text)
-    if not args.quick or args.out:
-        out = args.out or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "remote_overhead_cpu.md")
-        with open(out, "w", encoding="utf-8") as f:
-            f.write(text)
-        print(f"wrote {out}")
+    save_study(text, args.out, "remote_overhead_cpu.md", args.quick)
     return 0
 
 
