@@ -217,19 +217,23 @@ def _third_party_linear_ce(ctx, h, w, t, shape, ms_ours) -> list[dict]:
     hr, wr = h.detach().clone().requires_grad_(), w.detach().clone().requires_grad_()
     g_tok = torch.randn(t.shape, device=h.device, generator=torch.Generator(h.device).manual_seed(7))
     for name, load in (("cut-cross-entropy", _cce_loss), ("liger fused linear CE", _liger_loss)):
+        try:
+            loss_fn = load()
+        except ImportError:
+            loss_fn = None
         for task, reduction in (("per-token", "none"), ("scalar (sum)", "sum")):
             case = f"{name} fwd+bwd, {task}"
+            if loss_fn is None:
+                rows.append(ctx.row(case, shape, None, notes="not installed"))
+                continue
+
+            def step(loss_fn=loss_fn, reduction=reduction):
+                loss = loss_fn(hr, wr, t, reduction=reduction)
+                return torch.autograd.grad(loss, (hr, wr), g_tok if reduction == "none" else None)
+
             try:
-                loss_fn = load()
-
-                def step(loss_fn=loss_fn, reduction=reduction):
-                    loss = loss_fn(hr, wr, t, reduction=reduction)
-                    return torch.autograd.grad(loss, (hr, wr), g_tok if reduction == "none" else None)
-
                 ms = ctx.time_ms(step, warmup=5, rep=20)
                 rows.append(ctx.row(case, shape, ms, vs="linear_token_logprobs fwd+bwd", speedup=ms / ms_ours))
-            except ImportError:
-                rows.append(ctx.row(case, shape, None, notes="not installed"))
             except Exception as e:  # noqa: BLE001 - a third-party failure must not stop the run
                 rows.append(ctx.row(case, shape, None, notes=f"error: {e!r}"[:200]))
     return rows

@@ -70,19 +70,20 @@ def main(argv=None) -> int:
     root = tempfile.mkdtemp(prefix="signal-remote-demo-")
     _, key = auth.create_key(Store(os.path.join(root, "signal.db")), "bench")
     proc, url = _start_server(root, argparse.Namespace(threads=args.threads))
+    server = {"local": None, "remote": (url, key)}
     times: dict[str, list[float]] = {"local": [], "remote": []}
     summaries = []
     started = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
     try:
         for side in ("remote", "local"):  # uncounted: the server's first run imports and builds
             for _ in range(args.warmup):
-                _demo(tempfile.mkdtemp(prefix=f"warmup-{side}-", dir=root), args.algo, args.threads,
-                      (url, key) if side == "remote" else None, args.quick)
+                _demo(tempfile.mkdtemp(prefix=f"warmup-{side}-", dir=root), args.algo, args.threads, server[side],
+                      args.quick)
         for i in range(args.repeats):
             order = ("local", "remote") if i % 2 == 0 else ("remote", "local")
             for side in order:
                 out = tempfile.mkdtemp(prefix=f"demo-{side}-", dir=root)
-                s = _demo(out, args.algo, args.threads, (url, key) if side == "remote" else None, args.quick)
+                s = _demo(out, args.algo, args.threads, server[side], args.quick)
                 times[side].append(s["elapsed_s"])
                 summaries.append(s)
                 print(f"{side} {i + 1}: {s['elapsed_s']:.2f} s", flush=True)
@@ -116,9 +117,9 @@ def main(argv=None) -> int:
         f"{first['task_score_before']:.3f} → {first['task_score_after']:.3f}.",
         "",
         "The time is the demo's own `elapsed_s`, from the creation of its client to its close (every stage and "
-        "evaluation). Remotely the client's "
-        "Python (reward functions, the evaluation) runs in its own process while the server computes, which "
-        "offsets the protocol's cost per request. For that cost on one step, see `remote_overhead_cpu.md`.",
+        "evaluation). Remotely the client's Python (reward functions, the evaluation) runs in its own process while "
+        "the server computes, which offsets the protocol's cost per request. For that cost on one step, see "
+        "`remote_overhead_cpu.md`.",
     ]
     text = "\n".join(lines) + "\n"
     print(text)
