@@ -154,6 +154,8 @@ def create_app(service: Service) -> FastAPI:
 
     @app.get("/healthz")
     async def healthz() -> Response:
+        if service.down is not None:
+            return _json({"status": "down", "reason": service.down, "version": __version__}, 503)
         return _json({"status": "ok", "version": __version__})
 
     @app.get("/v1/info")
@@ -182,20 +184,17 @@ def create_app(service: Service) -> FastAPI:
 
     @app.get("/v1/runs")
     async def list_runs(request: Request) -> Response:
-        return _json({"runs": service.list_runs(key_of(request))})
+        return _json({"runs": await service.list_runs(key_of(request))})
 
     @app.get("/v1/runs/{run_id}")
     async def get_run(run_id: str, request: Request) -> Response:
-        return _json(service.run_info(service.run_row(key_of(request), run_id)))
+        service.run_row(key_of(request), run_id)
+        return _json(await service.ask("run_info", run_id))
 
     @app.get("/v1/runs/{run_id}/queue_stats")
     async def queue_stats(run_id: str, request: Request) -> Response:
         service.run_row(key_of(request), run_id)
-        try:
-            return _json(service.engine.queue_stats(run_id))
-        except LookupError:  # still being restored after a restart
-            return _json({"submitted": 0, "completed": 0, "failed": 0, "cancelled": 0, "pending": 0, "running": None,
-                          "mean_queue_wait_s": 0.0, "mean_exec_s": 0.0, "restoring": True})
+        return _json(await service.ask("queue_stats", run_id))
 
     @app.get("/v1/runs/{run_id}/metrics")
     async def metrics(run_id: str, request: Request) -> Response:
@@ -205,7 +204,7 @@ def create_app(service: Service) -> FastAPI:
             limit = max(1, min(100_000, int(request.query_params.get("limit", 10_000))))
         except ValueError:
             raise ApiError(400, ValueError("since, limit: expected integers")) from None
-        path = os.path.join(service.engine.root_dir, run_id, "metrics.jsonl")
+        path = os.path.join(service.runs_dir, run_id, "metrics.jsonl")
 
         def read() -> list:
             if not os.path.exists(path):
@@ -218,7 +217,7 @@ def create_app(service: Service) -> FastAPI:
     @app.get("/v1/runs/{run_id}/checkpoints")
     async def checkpoints(run_id: str, request: Request) -> Response:
         service.run_row(key_of(request), run_id)
-        d = os.path.join(service.engine.root_dir, run_id, "checkpoints")
+        d = os.path.join(service.runs_dir, run_id, "checkpoints")
         names = sorted(n for n in os.listdir(d) if not n.startswith(".")) if os.path.isdir(d) else []
         return _json({"checkpoints": names})
 

@@ -49,6 +49,10 @@ def serve(argv: Sequence[str] | None = None) -> int:
                    help="seconds a request waits for a missing predecessor before it fails")
     p.add_argument("--checkpoint-every", type=int, default=d.checkpoint_every,
                    help="automatic checkpoint every N optimizer steps for runs that do not set checkpoint_every")
+    p.add_argument("--engine", choices=["process", "thread"], default=None,
+                   help="where the engine runs: 'process' (default on POSIX), a child process of the server, so HTTP "
+                   "and the model never wait for each other's interpreter lock; 'thread', a worker thread of the "
+                   "server's process (a sharded server always uses it)")
     p.add_argument("--log-level", default="warning", choices=["debug", "info", "warning", "error"])
     from signalrl.distributed import launch
 
@@ -56,6 +60,11 @@ def serve(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = p.parse_args(argv)
     launch.check(p, args)
+    sharded = args.sharded or launch.wants_torchrun(args)
+    if args.engine == "process" and sharded:
+        p.error("--engine process: a sharded server (--nproc-per-node > 1) runs its engine in the torchrun ranks; "
+                "leave --engine out")
+    in_process = args.engine == "thread" or sharded or (args.engine is None and os.name != "posix")
     settings = Settings(max_body_bytes=args.max_body_bytes, max_hold_s=args.max_hold, result_ttl_s=args.result_ttl,
                         undelivered_ttl_s=args.undelivered_ttl, gap_timeout_s=args.gap_timeout,
                         checkpoint_every=args.checkpoint_every)
@@ -76,15 +85,15 @@ def serve(argv: Sequence[str] | None = None) -> int:
     from . import create_app
     from .service import Service
 
-    # The event loop shares the GIL with the engine's worker thread; a short switch interval lets it answer (and
-    # hand the worker its next request) within a fraction of a millisecond instead of up to 5 ms per wake-up.
+    # The event loop shares the GIL with the engine's worker thread (or the engine process's reader); a short switch
+    # interval lets it answer (and hand over the next request) within a fraction of a millisecond, not up to 5 ms.
     sys.setswitchinterval(0.0005)
     root = os.path.abspath(args.root or default_root())
     engine = launch.sharded_engine(args, os.path.join(root, "runs")) if args.sharded else None
     if args.sharded and engine is None:  # a rank > 0: it served rank 0's engine until the server stopped
         launch.finish()
         return 0
-    service = Service(root, settings=settings, engine=engine)
+    service = Service(root, settings=settings, engine=engine, engine_process=not in_process)
     sock = _bind(args.host, args.port)
     host, port = sock.getsockname()[:2]
     url = f"http://{'[' + host + ']' if ':' in host else host}:{port}"
@@ -102,8 +111,19 @@ def serve(argv: Sequence[str] | None = None) -> int:
           f"(or: signal demo --remote {url} --api-key <key>)", flush=True)
     config = uvicorn.Config(create_app(service), log_level=args.log_level, access_log=args.log_level == "debug",
                             timeout_keep_alive=30)
+    server = uvicorn.Server(config)
+
+    def engine_down() -> None:  # the engine process died: stop, so that whoever runs the server restarts it
+        server.should_exit = True
+    service.on_down = engine_down
     try:
-        uvicorn.Server(config).run(sockets=[sock])
+        try:
+            server.run(sockets=[sock])
+        except KeyboardInterrupt:  # uvicorn shut down cleanly, then re-raises the Ctrl-C it caught
+            return 130
+        if service.down is not None:
+            print(f"signal serve: {service.down}", file=sys.stderr, flush=True)
+            return 1
     finally:
         if engine is not None:  # stops the other ranks
             engine.close()

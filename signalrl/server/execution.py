@@ -1,5 +1,5 @@
-"""What runs on the engine's worker thread for the server: a request with its bookkeeping, the automatic
-checkpoints, and a run's restore after a restart.
+"""What runs on the engine's worker thread for the server (through :class:`.runner.Runner`): a request with its
+bookkeeping, the automatic checkpoints, and a run's restore after a restart.
 
 **Execution.** A request runs through :meth:`Engine.call` in its run's FIFO, and its result (or error) is written
 to the store *on the worker thread, before the run's next request starts*. So the request log never lags behind
@@ -26,7 +26,7 @@ from signalrl import wire
 
 if TYPE_CHECKING:
     from .ordering import Pending
-    from .service import Service
+    from .runner import Runner
 
 log = logging.getLogger("signalrl.server")
 REPLAY_OPS = ("forward_backward", "forward", "optim_step", "sample", "save_state", "load_state")
@@ -64,7 +64,7 @@ def auto_checkpoints(run_dir: str) -> list[tuple[str, int]]:
     return sorted(found, key=lambda x: -x[1])
 
 
-def executor(service: "Service", run_id: str, key_id: str, p: "Pending", exec_order: int
+def executor(runner: "Runner", run_id: str, key_id: str, p: "Pending", exec_order: int
              ) -> tuple[Callable[[Any], Any], Callable[[Any, bool], None]]:
     """``(fn, after)`` for :meth:`Engine.call`: ``fn`` runs the request; ``after`` (once the engine has counted it
     and filled in ``timing``) records its outcome and takes a due automatic checkpoint."""
@@ -72,26 +72,27 @@ def executor(service: "Service", run_id: str, key_id: str, p: "Pending", exec_or
 
     def fn(run) -> Any:
         seen["run"], seen["heads"] = run, len(run.heads)
-        args, kwargs = service.paths.request(key_id, p.op, p.args, p.kwargs)
+        args, kwargs = (p.args, p.kwargs) if p.args is not None else wire.decode_request(p.body, p.ctype)
+        args, kwargs = runner.paths.request(key_id, p.op, args, kwargs)
         return getattr(run, p.op)(*args, **kwargs)
 
     def after(value: Any, ok: bool) -> None:
         if not ok:
-            service.record(p.request_id, error=service.explain(run_id, value))
+            runner.record(p.request_id, error=runner.explain(run_id, value))
             p.recorded = True
             return
         run = seen["run"]
         replay = p.op in REPLAY_OPS and (p.op != "forward" or len(run.heads) != seen["heads"])
         step = (run_id, run.step) if p.op in ("optim_step", "load_state") else None
-        service.record(p.request_id, result=value, keep_payload=replay, run_step=step)
+        runner.record(p.request_id, result=value, keep_payload=replay, run_step=step)
         p.recorded = True
         if p.op == "optim_step":
-            _maybe_checkpoint(service, run, run_id, exec_order)
+            _maybe_checkpoint(runner, run, run_id, exec_order)
     return fn, after
 
 
-def _maybe_checkpoint(service: "Service", run, run_id: str, exec_order: int) -> None:
-    every = service.checkpoint_every(run_id)
+def _maybe_checkpoint(runner: "Runner", run, run_id: str, exec_order: int) -> None:
+    every = runner.checkpoint_every(run_id)
     if not every or run.step % every:
         return
     name = f"auto-{exec_order:012d}"
@@ -102,15 +103,15 @@ def _maybe_checkpoint(service: "Service", run, run_id: str, exec_order: int) -> 
         log.warning("run %s: automatic checkpoint %s failed: %s", run_id, name, exc)
         return
     found = auto_checkpoints(run.run_dir)
-    kept = found[:service.settings.keep_checkpoints]
+    kept = found[:runner.settings.keep_checkpoints]
     for old, _ in found[len(kept):]:
         path = os.path.join(run.run_dir, "checkpoints", old)
         if os.path.islink(path):  # the version directory is removed by the next save's clean-up
             os.unlink(path)
-    service.store.set_checkpoint(run_id, name, exec_order, keep_from=kept[-1][1])
+    runner.store.set_checkpoint(run_id, name, exec_order, keep_from=kept[-1][1])
 
 
-def restorer(service: "Service", run_id: str, key_id: str) -> Callable[[Any], dict]:
+def restorer(runner: "Runner", run_id: str, key_id: str) -> Callable[[Any], dict]:
     def restore(run) -> dict:
         after, used, replayed, failed = 0, None, 0, 0
         with muted(run):
@@ -122,13 +123,13 @@ def restorer(service: "Service", run_id: str, key_id: str) -> Callable[[Any], di
                     continue
                 after, used = exec_order, name
                 break
-            for row in service.store.replayable(run_id, after, REPLAY_OPS):
-                payload, ctype = service.store.payload(row["request_id"])
+            for row in runner.store.replayable(run_id, after, REPLAY_OPS):
+                payload, ctype = runner.store.payload(row["request_id"])
                 if payload is None:
                     continue
                 try:
                     args, kwargs = wire.decode_request(payload, ctype)
-                    args, kwargs = service.paths.request(key_id, row["op"], args, kwargs)
+                    args, kwargs = runner.paths.request(key_id, row["op"], args, kwargs)
                     getattr(run, row["op"])(*args, **kwargs)
                     replayed += 1
                 except Exception as exc:  # noqa: BLE001

@@ -21,10 +21,12 @@ class Pending:
     request_id: str
     seq: int
     op: str
-    args: list
-    kwargs: dict
+    args: list | None  # decoded from ``body`` where the engine runs it, when None
+    kwargs: dict | None
     arrived: float
     rejected: bool = False
+    body: bytes | None = None  # the request's payload as accepted (``wire.decode_request``), and its content type
+    ctype: str | None = None
     exec_order: int | None = None  # set once it is queued (at acceptance when it was its client's next number)
     recorded: bool = False         # its outcome is in the store (set on the worker, before the future finishes)
 

@@ -1,4 +1,5 @@
-"""The server's core, below HTTP: ownership, the ordered request log, execution through the engine, long-polls.
+"""The server's core, below HTTP: ownership, the ordered request log, long-polls; the engine's side (running
+requests, recording outcomes, checkpoints, recovery) is a :class:`~.runner.Runner`, here or in the engine process.
 
 Ordering (:mod:`.ordering`): each training client (``client_id``) numbers its requests 1, 2, 3, ...; the server
 hands them to the run's engine FIFO in that order, whatever order they arrive in. A number seen again returns the
@@ -15,15 +16,15 @@ import sqlite3
 import time
 import uuid
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 from signalrl import wire
 from signalrl.engine import Engine, RunNotFoundError
 from signalrl.engine.config import _CHECKS
 
-from . import execution
 from .ordering import Pending, Sequencer
-from .paths import PathPolicy
+from .recovery import recover_waiting
+from .runner import Runner, finish
 from .store import FINAL, Store
 
 log = logging.getLogger("signalrl.server")
@@ -62,14 +63,25 @@ def _time_up(waiter: asyncio.Future) -> None:
 
 
 class Service:
-    def __init__(self, root: str, *, engine: Engine | None = None, settings: Settings | None = None):
+    """The server below HTTP. ``engine_process=True`` (``signal serve``'s default) runs the engine in a child process
+    (:mod:`.engine_process`); otherwise a :class:`~.runner.Runner` runs it here, on ``engine`` if given (tests share
+    one) or a new one in ``<root>/runs``."""
+
+    def __init__(self, root: str, *, engine: Engine | None = None, settings: Settings | None = None,
+                 engine_process: bool = False):
+        if engine_process and engine is not None:
+            raise ValueError("engine: an engine object cannot be moved into the engine process; pass one or the other")
         self.root = os.path.abspath(root)
         os.makedirs(self.root, exist_ok=True)
         self.settings = settings or Settings()
         self.store = Store(os.path.join(self.root, "signal.db"))
-        self.engine = engine if engine is not None else Engine(os.path.join(self.root, "runs"))
-        self.paths = PathPolicy(os.path.join(self.root, "files"), self.engine.root_dir, self.owns)
-        self.reopen_errors: dict[str, BaseException] = {}
+        self.runs_dir = os.path.join(self.root, "runs") if engine is None else engine.root_dir
+        self.engine_process = engine_process
+        self.runner: Any = None  # a Runner, or (once started) an engine_process.EngineProcess with its methods
+        if not engine_process:
+            self.runner = Runner(self.root, self.store, self.settings, self.notify, engine=engine)
+        self.down: str | None = None  # why the engine process is gone (the server then answers 503)
+        self.on_down: Callable[[], None] | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._waiters: dict[str, list[asyncio.Future]] = {}  # request id -> its long-polls (see wait)
         self._ready: dict[str, str] = {}  # run id -> owner, of runs seen ready (a ready run stays ready)
@@ -78,29 +90,38 @@ class Service:
         self._exec: dict[str, int] = {}
         self._owner: dict[str, str] = {}
         self._delivered: set[str] = set()
-        self._every: dict[str, int] = {}
         self._janitor: asyncio.Task | None = None
 
     # ------------------------------------------------------------------ lifecycle
     async def start(self) -> None:
+        """Start the engine process (if any), recover what the store holds, start the housekeeping."""
         if self._loop is not None:
             return
         self._loop = asyncio.get_running_loop()
-        from .recovery import recover
+        if self.engine_process:
+            from .engine_process import EngineProcess  # (`python -m` runs that module: the package must not import it)
 
-        recover(self)
+            self.runner = EngineProcess(self.root, self.settings, self._wake, self._engine_exited)
+            await self.runner.started()
+        self.runner.recover()
+        recover_waiting(self)
         self._janitor = asyncio.create_task(self._janitor_loop())
 
     async def stop(self) -> None:
         if self._janitor is not None:
             self._janitor.cancel()
+        if self.engine_process and self.runner is not None:
+            await asyncio.to_thread(self.runner.close)
+            self.runner.detach()
+            self.runner = None
         self._loop = None
 
-    # ------------------------------------------------------------------ runs
-    def owns(self, key_id: str, run_id: str) -> bool:
-        row = self.store.run(run_id)
-        return row is not None and row["key_id"] == key_id and row["status"] != "failed"
+    def _engine_exited(self, code: int) -> None:
+        self.down = f"the server's engine process exited (code {code}); the server must be restarted"
+        if self.on_down is not None:
+            self.on_down()
 
+    # ------------------------------------------------------------------ runs
     def run_row(self, key_id: str, run_id: str):
         row = self.store.run(run_id)
         if row is None or row["key_id"] != key_id or row["status"] != "ready":
@@ -108,39 +129,37 @@ class Service:
             raise ApiError(404, RunNotFoundError(f"run_id: no run {run_id!r} in this engine (known runs: {own})"))
         return row
 
+    def check_up(self) -> None:
+        if self.down is not None:
+            raise ApiError(503, wire.error_doc("SignalServerError", self.down))
+
     def check_run(self, key_id: str, run_id: str) -> None:
         """:meth:`run_row`'s check, without reading the store for a run already seen ready for this key."""
+        self.check_up()
         if self._ready.get(run_id) != key_id:
             self.run_row(key_id, run_id)
             self._ready[run_id] = key_id
 
-    def checkpoint_every(self, run_id: str) -> int:
-        if run_id not in self._every:
-            row = self.store.run(run_id)
-            self._every[run_id] = int(json.loads(row["config"]).get("checkpoint_every") or 0) if row else 0
-        return self._every[run_id]
+    async def ask(self, name: str, run_id: str) -> dict[str, Any]:
+        """``run_info`` or ``queue_stats`` of a run, from wherever the engine is."""
+        if self.engine_process:
+            from .engine_process import EngineProcessError
 
-    def run_info(self, row) -> dict[str, Any]:
-        cfg = json.loads(row["config"])
-        try:
-            info = self.engine.get_run(row["run_id"])
-            info["status"] = "ready"
-        except RunNotFoundError:  # being reopened after a restart
-            info = {"run_id": row["run_id"], "name": cfg.get("name"), "base_model": cfg.get("base_model"),
-                    "lora_r": cfg.get("lora_r"), "step": row["step"], "status": "restoring",
-                    "created_at": row["created_at"], "config": dict(cfg)}
-        info["config"] = {**info["config"], "checkpoint_every": cfg.get("checkpoint_every")}
-        if row["run_id"] in self.reopen_errors:
-            info["status"], info["error"] = "broken", str(self.reopen_errors[row["run_id"]])
-        return info
+            self.check_up()
+            try:
+                return await self.runner.ask(name, run_id)
+            except (EngineProcessError, asyncio.TimeoutError) as exc:
+                raise ApiError(503, wire.error_doc("SignalServerError", str(exc) or "the engine did not answer"))
+        return getattr(self.runner, name)(run_id)
 
-    def list_runs(self, key_id: str) -> list[dict[str, Any]]:
-        return [self.run_info(r) for r in self.store.runs(key_id) if r["status"] == "ready"]
+    async def list_runs(self, key_id: str) -> list[dict[str, Any]]:
+        return [await self.ask("run_info", r["run_id"]) for r in self.store.runs(key_id) if r["status"] == "ready"]
 
     def create_run(self, key_id: str, idem: str, doc: Any, digest: str) -> dict[str, Any]:
         if not isinstance(doc, dict) or set(doc) - {"base_model", "config"} or not isinstance(
                 doc.get("config", {}), dict):
             raise ApiError(400, wire.WireError('body: expected {"base_model": ..., "config": {...}}'))
+        self.check_up()
         old = self.store.find_create(key_id, idem)
         if old is not None:
             if old["payload_hash"] != digest:
@@ -159,33 +178,8 @@ class Service:
             self.store.set_run_status(run_id, "failed")
             self.record(rid, error=exc)
         else:
-            self.open(run_id, key_id, stored, create_request=rid)
+            self.runner.open(run_id, key_id, stored, create_request=rid)
         return {"request_id": rid, "run_id": run_id, "duplicate": False}
-
-    def open(self, run_id: str, key_id: str, stored: dict, create_request: str | None = None) -> None:
-        """Create (``create_request``) or reopen a run in the engine, as ``stored`` describes it."""
-        cfg = {k: v for k, v in stored.items() if k not in ("base_model", "checkpoint_every")}
-
-        def opened(f) -> None:
-            exc = f.exception()
-            if create_request is None:
-                if exc is not None:
-                    self.reopen_errors[run_id] = exc
-                    log.error("run %s could not be reopened: %s", run_id, exc)
-                return
-            self.store.set_run_status(run_id, "failed" if exc is not None else "ready")
-            if exc is not None:
-                self.record(create_request, error=exc)
-            else:
-                self.record(create_request, result=self.run_info(self.store.run(run_id)))
-        try:
-            base = self.paths.model(key_id, stored.get("base_model"), "base_model")
-            fut = self.engine.open_run(run_id, base, **cfg)
-        except Exception as exc:  # noqa: BLE001 - the path policy's error, or a closed engine
-            from concurrent.futures import Future
-            fut = Future()
-            fut.set_exception(exc)
-        fut.add_done_callback(opened)
 
     # ------------------------------------------------------------------ requests: submission and order
     def new_request(self, key_id: str, run_id: str, client_id: str, seq: int, op: str, body: bytes, ctype: str
@@ -198,7 +192,7 @@ class Service:
         args, kwargs = wire.decode_request(body, ctype)
         row = {"request_id": f"req-{uuid.uuid4().hex}", "run_id": run_id, "key_id": key_id, "client_id": client_id,
                "seq": seq, "op": op, "payload_hash": payload_hash(op, ctype, body), "content_type": ctype}
-        p = Pending(row["request_id"], seq, op, args, kwargs, time.monotonic())
+        p = Pending(row["request_id"], seq, op, args, kwargs, time.monotonic(), body=body, ctype=ctype)
         if self.sequencer.is_next(run_id, client_id, seq):
             exec_order = self._last_exec(run_id) + 1
             self.store.add_request(row, payload=body, queued=exec_order)  # IntegrityError: nothing changed
@@ -231,52 +225,19 @@ class Service:
             self.store.mark_queued(p.request_id, p.exec_order)
         if run_id not in self._owner:
             self._owner[run_id] = self.store.run(run_id)["key_id"]
-        self.run_on_engine(run_id, self._owner[run_id], p, p.exec_order)
+        self.runner.run(run_id, self._owner[run_id], p, p.exec_order)
 
-    def run_on_engine(self, run_id: str, key_id: str, p: Pending, exec_order: int) -> None:
-        fn, after = execution.executor(self, run_id, key_id, p, exec_order)
-        try:
-            fut = self.engine.call(run_id, p.op, fn, after)
-        except Exception as exc:  # noqa: BLE001 - a closed engine
-            self.record(p.request_id, error=exc)
-            return
-        fut.add_done_callback(lambda f: self._settled(run_id, p, f))
+    def record(self, rid: str, **outcome: Any) -> None:
+        """Store a request's outcome (:func:`.runner.finish`) and hand it to its long-polls."""
+        self.notify(rid, *finish(self.store, rid, **outcome))
 
-    def explain(self, run_id: str, exc: BaseException) -> BaseException | dict:
-        """A run that is not in the engine because it could not be reopened: say so, not "no such run"."""
-        if isinstance(exc, RunNotFoundError) and run_id in self.reopen_errors:
-            return wire.error_doc("RunRestoreError", f"run {run_id}: the server could not reopen it after a "
-                                  f"restart: {self.reopen_errors[run_id]}")
-        return exc
-
-    def _settled(self, run_id: str, p: Pending, f) -> None:
-        """The last word on every request: one whose outcome was not recorded (a cancelled request, a failure of the
-        bookkeeping itself) gets an error recorded here."""
-        if p.recorded:  # the usual case, known without reading the store
-            return
-        row = self.store.request(p.request_id)
-        if row is None or row["status"] in FINAL:
-            return
-        exc = f.exception() if not f.cancelled() else RuntimeError("the request was cancelled on the server")
-        self.record(p.request_id, error=self.explain(run_id, exc or RuntimeError("no result")))
-
-    def record(self, rid: str, *, result: Any = None, error: BaseException | dict | None = None,
-               keep_payload: bool = False, run_step: tuple[str, int] | None = None) -> None:
-        """Store a request's outcome (on whichever thread it happened; committed before anyone can see it) and hand
-        it to its long-polls, which answer from it without reading the store again."""
-        data = None
-        if error is None:
-            try:
-                data = wire.dumps(result)
-            except TypeError as exc:
-                error = wire.error_doc("ServerEncodingError", f"the result could not be encoded: {exc}")
-        err = None if error is None else json.dumps(error if isinstance(error, dict) else wire.encode_error(error))
-        self.store.finish(rid, result=data, error=err, keep_payload=keep_payload and err is None, run_step=run_step)
+    def notify(self, rid: str, status: str, outcome: bytes) -> None:
+        """An outcome, committed to the store (on any thread, or the engine process's reader): its long-polls answer
+        from it without reading the store again."""
         loop = self._loop
         if loop is not None and not loop.is_closed():
             try:
-                loop.call_soon_threadsafe(self._wake, rid, "done" if err is None else "failed",
-                                          data if err is None else err.encode())
+                loop.call_soon_threadsafe(self._wake, rid, status, outcome)
             except RuntimeError:
                 pass
 

@@ -4,6 +4,7 @@ import json
 import uuid
 
 import httpx
+import torch
 
 from signalrl import wire
 from signalrl.server import auth, create_app
@@ -53,3 +54,12 @@ async def result(http, key, request_id, wait=20):
     r = await http.get(f"/v1/requests/{request_id}", params={"wait": wait}, headers=bearer(key))
     assert r.status_code == 200, r.text
     return r.json()
+
+
+def engine_process_env(monkeypatch):
+    """The environment an engine process inherits: a real server's (no Triton interpreter), on this test's backend."""
+    from signalrl.ops._backend import native_usable
+
+    monkeypatch.setenv("SIGNAL_BACKEND", "native" if native_usable(torch.device("cpu")) else "reference")
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)

@@ -56,8 +56,31 @@ class ServerProcess:
             self.output.append(line)
             self.lines.put(line)
 
+    def children(self):
+        """Pids of the server's child processes (its engine process), from /proc (Linux)."""
+        out = []
+        for d in os.listdir("/proc"):
+            if d.isdigit():
+                try:
+                    with open(f"/proc/{d}/stat") as f:
+                        fields = f.read().rsplit(")", 1)[1].split()
+                except OSError:
+                    continue
+                if int(fields[1]) == self.proc.pid:
+                    out.append(int(d))
+        return out
+
     def kill(self):
         """``kill -9``: no shutdown code runs."""
         if self.proc.poll() is None:
             self.proc.kill()
         self.proc.wait(timeout=30)
+
+
+def alive(pid):
+    """Whether ``pid`` runs (a zombie, dead and not yet reaped, does not)."""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            return not any(line.startswith("State:") and "Z" in line.split()[1] for line in f)
+    except OSError:
+        return False

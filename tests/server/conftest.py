@@ -11,6 +11,7 @@ if importlib.util.find_spec("fastapi") is None:
     # Skipped raised by a conftest aborts a whole run that names this folder, so the folder's modules are left out
     collect_ignore_glob = ["test_*.py"]
 else:
+    from _asgi import engine_process_env
     from signalrl.server import Service, Settings
 
 
@@ -21,6 +22,11 @@ def engine(tmp_path_factory):
     eng.close()
 
 
-@pytest.fixture
-def service(engine, tmp_path):
-    return Service(str(tmp_path / "root"), engine=engine, settings=Settings(max_body_bytes=1 << 20, max_hold_s=20))
+@pytest.fixture(params=["thread", "process"])
+def service(request, tmp_path, monkeypatch):
+    """A service with its engine on a worker thread (the module's shared engine) or in an engine process."""
+    settings = Settings(max_body_bytes=1 << 20, max_hold_s=20)
+    if request.param == "process":
+        engine_process_env(monkeypatch)
+        return Service(str(tmp_path / "root"), settings=settings, engine_process=True)
+    return Service(str(tmp_path / "root"), engine=request.getfixturevalue("engine"), settings=settings)

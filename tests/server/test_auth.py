@@ -69,7 +69,7 @@ def test_auth_matrix(service):
 
             # Bob's own run cannot reach Alice's files by path: the same refusal as for a path that does not exist.
             run_b = await create_run(http, bob, lora_r=4)
-            a_dir = os.path.join(service.engine.root_dir, run_a)
+            a_dir = os.path.join(service.runs_dir, run_a)
             refusals = []
             for target in (os.path.join(a_dir, "checkpoints", "mine"), os.path.join(a_dir, "checkpoints", "nothing")):
                 r = await submit(http, bob, run_b, "load_state", target, seq=len(refusals) + 1, wait=20)
@@ -85,7 +85,7 @@ def test_auth_matrix(service):
             assert r.json()["status"] == "done", r.text
             r = await submit(http, alice, run_a, "export_model", "exports/m", seq=4, wait=20)
             path = r.json()["result"]
-            assert path.startswith(service.paths.workspace(auth.verify(service.store, alice))) and os.path.isdir(path)
+            assert path.startswith(os.path.join(service.root, "files", auth.verify(service.store, alice))) and os.path.isdir(path)
             # ... and create a run on that export; Bob may not.
             ok = await http.post("/v1/runs", params={"wait": 20}, headers={**bearer(alice), "content-type": wire.JSON},
                                  content=f'{{"base_model": "{path}", "config": {{"lora_r": 0}}}}')

@@ -62,7 +62,7 @@ def test_results_survive_a_new_server_on_the_same_root(tmp_path):
                 await asyncio.sleep(0.05)
             return key, run_id, done, never["request_id"]
     key, run_id, done, never = asyncio.run(first())
-    service.engine.close()
+    service.runner.close()
     service.store.close()
 
     again = Service(root, settings=Settings(max_hold_s=20))
@@ -77,7 +77,7 @@ def test_results_survive_a_new_server_on_the_same_root(tmp_path):
     try:
         asyncio.run(second())
     finally:
-        again.engine.close()
+        again.runner.close()
 
 
 def test_futures_on_the_callers_loop(engine, tmp_path):

@@ -25,7 +25,7 @@ async def settled_stats(http, key, run_id):
     return stats
 
 
-def test_submit_returns_at_once_and_retries_execute_once(service, engine):
+def test_submit_returns_at_once_and_retries_execute_once(service):
     async def main():
         async with asgi(service) as http:
             key = new_key(service)
@@ -45,7 +45,7 @@ def test_submit_returns_at_once_and_retries_execute_once(service, engine):
             assert late.json() == a
             stats = await settled_stats(http, key, run_id)
             assert stats["completed"] == 3 and stats["failed"] == 0  # create_run, forward_backward, optim_step
-            assert engine.get_run(run_id)["step"] == 1
+            assert (await http.get(f"/v1/runs/{run_id}", headers=bearer(key))).json()["step"] == 1
             # The same number with another payload (or another op) is a conflict, and changes nothing.
             other = await submit(http, key, run_id, "forward_backward", SFT[:1], "causal_lm", None, seq=1)
             assert other.status_code == 409 and other.json()["error"]["type"] == "SignalConflictError"

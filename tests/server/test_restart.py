@@ -4,8 +4,10 @@ that was never interrupted."""
 import asyncio
 import math
 import sqlite3
+import time
 
-from _proc import ServerProcess
+import pytest
+from _proc import ServerProcess, alive
 from signalrl.client import AsyncSignalClient
 from signalrl.server import auth
 from signalrl.server.store import Store
@@ -37,11 +39,15 @@ async def _steps(tc, n):
     return out
 
 
-def test_kill_9_and_restart_lose_nothing(tmp_path):
+@pytest.mark.parametrize("engine", ["process", "thread"])
+def test_kill_9_and_restart_lose_nothing(tmp_path, engine):
+    """``engine``: where ``signal serve`` runs the engine (``--engine``); in a child process, that child must die
+    with the server (no orphan keeps training or writing the log)."""
     root = tmp_path / "server"
     root.mkdir()
     _, key = auth.create_key(Store(str(root / "signal.db")), "restart")
-    server = ServerProcess(root)
+    args = ("--engine", engine)
+    server = ServerProcess(root, args=args)
     try:
         client = AsyncSignalClient(base_url=server.url, api_key=key, retry_deadline=180, result_timeout=600,
                                    poll_hold=2)
@@ -59,7 +65,13 @@ def test_kill_9_and_restart_lose_nothing(tmp_path):
 
         loop = asyncio.new_event_loop()
         ref_id, run_id, straight, first, s4, tc, pending = loop.run_until_complete(before_kill())
+        children = server.children()
+        assert len(children) == (1 if engine == "process" else 0), children
         server.kill()  # kill -9 while requests are queued and running
+        deadline = time.monotonic() + 10
+        while any(alive(c) for c in children) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not any(alive(c) for c in children), "the engine process outlived the server"
 
         db = sqlite3.connect(str(root / "signal.db"))
         states = dict(db.execute("SELECT status, COUNT(*) FROM requests WHERE run_id = ? GROUP BY status",
@@ -67,7 +79,7 @@ def test_kill_9_and_restart_lose_nothing(tmp_path):
         db.close()
         assert states.get("queued", 0) > 0, (states, server.output)  # accepted and not finished when it died
 
-        server = ServerProcess(root, port=server.port)  # same root, same address
+        server = ServerProcess(root, port=server.port, args=args)  # same root, same address
 
         async def after_restart():
             runs = {r["run_id"]: r for r in await client.list_runs()}

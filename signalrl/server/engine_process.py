@@ -1,0 +1,349 @@
+"""The engine in a child process of ``signal serve`` (its default, ``--engine process``).
+
+**Why.** In one process the event loop and the engine's worker share one interpreter lock, so the protocol's
+per-request Python (HTTP, decoding, the request log) cannot overlap the model's Python; on ``signal-tiny`` the
+server process was CPU-saturated and the remote step cost ~25 % more than the local one (docs/server.md,
+"Overhead"). Here the server's process keeps HTTP, keys, ownership, the acceptance of requests into the log, their
+order and the long-polls; the child owns the engine through a :class:`~.runner.Runner`: it opens and restores runs,
+runs requests, records their outcomes in the same SQLite file (WAL: two processes, one writer at a time) and takes
+the automatic checkpoints.
+
+**Protocol**, over two socket pairs (requests down, outcomes up; the server's event loop reads the second itself,
+with no reader thread): frames ``<II`` (head length, body length), a JSON head, raw body bytes; nothing is ever
+pickled. Server → child: ``{"cmd": "open" | "run" | "recover" | "ask" | "close", ...}`` (a ``run``'s body is the
+request's payload as accepted). Child → server: ``{"t": "ready"}``; ``{"t": "done", "rid", "status"}`` with the
+outcome's bytes, sent once the outcome is committed; ``{"t": "reply", "id", "ok"}`` with a JSON answer to an ``ask``
+(``run_info``, ``queue_stats``). The child reads on its main thread, decodes the payload there and only queues work,
+so a ``run`` frame never waits for a running request and its decoding overlaps the request before it.
+
+**Lifetime.** The child dies with the server: ``PR_SET_PDEATHSIG`` (``SIGKILL``) on Linux, the end of its socket
+everywhere. So after ``kill -9`` of ``signal serve`` no orphan keeps writing, and the restarted server's child
+recovers the runs (:mod:`.recovery`) exactly as the one-process server does. If the child dies on its own, the
+server answers 503 from then on and ``signal serve`` exits, to be restarted.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import dataclasses
+import itertools
+import json
+import logging
+import os
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import threading
+import time
+from typing import Any, Callable
+
+from .ordering import Pending
+
+log = logging.getLogger("signalrl.server")
+_HEAD = struct.Struct("<II")
+ASKS = ("run_info", "queue_stats")
+
+
+def send_frame(sock: socket.socket, lock: threading.Lock, head: dict, body: bytes = b"") -> None:
+    h = json.dumps(head, separators=(",", ":")).encode()
+    prefix = _HEAD.pack(len(h), len(body)) + h
+    with lock:
+        if len(body) < 65536:  # one write; a large body is not copied
+            sock.sendall(prefix + body)
+        else:
+            sock.sendall(prefix)
+            sock.sendall(body)
+
+
+def read_frame(f) -> tuple[dict, bytes] | None:
+    """The next frame from the buffered reader ``f``; None at the end of the stream."""
+    n = f.read(_HEAD.size)
+    if len(n) < _HEAD.size:
+        return None
+    hlen, blen = _HEAD.unpack(n)
+    head, body = f.read(hlen), f.read(blen) if blen else b""
+    if len(head) < hlen or len(body) < blen:
+        return None
+    return json.loads(head), body
+
+
+class EngineProcessError(RuntimeError):
+    """The engine process could not start, or is gone."""
+
+
+class EngineProcess:
+    """The server's handle on its engine process: :class:`~.runner.Runner`'s methods, sent as frames (``run_info``
+    and ``queue_stats`` are asked with :meth:`ask` and awaited). Created on the server's event loop, which reads the
+    child's frames itself (no reader thread, no hand-off): ``deliver(request_id, status, outcome)`` is called on the
+    loop for every outcome, ``on_exit(returncode)`` if the child ends without being closed.
+
+    Two socket pairs: the server writes requests on one (blocking writes: a large body is streamed while the child
+    reads it) and reads outcomes on the other (non-blocking, from the loop)."""
+
+    def __init__(self, root: str, settings, deliver: Callable[[str, str, bytes], None],
+                 on_exit: Callable[[int], None] | None = None):
+        import signalrl
+
+        self.deliver, self.on_exit = deliver, on_exit
+        self._loop = asyncio.get_running_loop()
+        down, down_child = socket.socketpair()
+        up, up_child = socket.socketpair()
+        src = os.path.dirname(os.path.dirname(os.path.abspath(signalrl.__file__)))
+        env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in (src, os.environ.get("PYTHONPATH")) if p))
+        level = logging.getLevelName(logging.getLogger("signalrl.server").getEffectiveLevel())
+        fds = (down_child.fileno(), up_child.fileno())
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "signalrl.server.engine_process", "--root", root, "--fds", f"{fds[0]},{fds[1]}",
+             "--parent", str(os.getpid()), "--log-level", str(level),
+             "--settings", json.dumps(dataclasses.asdict(settings))],
+            pass_fds=fds, env=env)
+        down_child.close()
+        up_child.close()
+        self._down, self._up = down, up
+        self._wlock = threading.Lock()
+        self._buf = bytearray()
+        self._asks: dict[int, asyncio.Future] = {}
+        self._ids = itertools.count(1)
+        self._ready: asyncio.Future = self._loop.create_future()
+        self._closing = self._gone = False
+        self.returncode: int | None = None
+        up.setblocking(False)
+        self._loop.add_reader(up.fileno(), self._readable)
+
+    async def started(self, timeout: float = 600.0) -> None:
+        """Wait for the child's ``ready`` (it has opened the store and built its engine)."""
+        try:
+            await asyncio.wait_for(asyncio.shield(self._ready), timeout)
+        except asyncio.TimeoutError:
+            await asyncio.to_thread(self.close, 5)
+            raise EngineProcessError(f"the engine process did not start within {timeout:g} s") from None
+
+    # ------------------------------------------------------------------ Runner's methods
+    def open(self, run_id: str, key_id: str, stored: dict, create_request: str | None = None) -> None:
+        self._send({"cmd": "open", "run_id": run_id, "key_id": key_id, "stored": stored,
+                    "create_request": create_request})
+
+    def run(self, run_id: str, key_id: str, p: Pending, exec_order: int) -> None:
+        self._send({"cmd": "run", "run_id": run_id, "key_id": key_id, "request_id": p.request_id, "seq": p.seq,
+                    "op": p.op, "exec_order": exec_order, "ctype": p.ctype}, p.body)
+
+    def recover(self) -> None:
+        self._send({"cmd": "recover"})
+
+    async def ask(self, name: str, run_id: str, timeout: float = 60.0) -> Any:
+        fut = self._loop.create_future()
+        n = next(self._ids)
+        self._asks[n] = fut
+        try:
+            self._send({"cmd": "ask", "id": n, "name": name, "run_id": run_id}, strict=True)
+            return await asyncio.wait_for(fut, timeout)
+        finally:
+            self._asks.pop(n, None)
+
+    def close(self, timeout: float = 60.0) -> None:
+        """Ask the child to finish its queued work and exit; kill it after ``timeout`` (a restart recovers). Blocks:
+        call it off the event loop (``asyncio.to_thread``)."""
+        self._closing = True
+        try:
+            self._send({"cmd": "close"}, strict=True)
+        except EngineProcessError:  # already gone
+            pass
+        try:
+            self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            log.warning("the engine process did not exit within %g s; killing it", timeout)
+            self.proc.kill()
+            self.proc.wait(30)
+        self._down.close()
+
+    # ------------------------------------------------------------------ plumbing
+    def _send(self, head: dict, body: bytes | None = b"", strict: bool = False) -> None:
+        """A request that cannot be handed over stays ``queued`` in the log: the restarted server runs it."""
+        try:
+            send_frame(self._down, self._wlock, head, body or b"")
+        except OSError as exc:
+            if strict:
+                raise EngineProcessError(f"the engine process is gone ({exc})") from None
+            log.error("could not reach the engine process (%s): %s left for the next start", exc, head.get("cmd"))
+
+    def _readable(self) -> None:
+        """On the loop: read what the child sent and handle every complete frame."""
+        try:
+            data = self._up.recv(1 << 20)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            data = b""
+        if not data:
+            self._channel_closed()
+            return
+        buf = self._buf
+        buf += data
+        pos = 0
+        while len(buf) - pos >= _HEAD.size:
+            hlen, blen = _HEAD.unpack_from(buf, pos)
+            end = pos + _HEAD.size + hlen + blen
+            if len(buf) < end:
+                break
+            head = json.loads(bytes(buf[pos + _HEAD.size:pos + _HEAD.size + hlen]))
+            self._handle(head, bytes(buf[end - blen:end]))
+            pos = end
+        del buf[:pos]
+
+    def _handle(self, head: dict, body: bytes) -> None:
+        t = head.get("t")
+        if t == "done":
+            self.deliver(head["rid"], head["status"], body)
+        elif t == "reply":
+            fut = self._asks.get(head["id"])
+            if fut is not None:
+                _settle(fut, head["ok"], body)
+        elif t == "ready" and not self._ready.done():
+            self._ready.set_result(None)
+
+    def detach(self) -> None:
+        """On the loop, after :meth:`close`: stop reading (the child is gone)."""
+        if not self._gone:
+            self._gone = True
+            self._loop.remove_reader(self._up.fileno())
+            self._up.close()
+
+    def _channel_closed(self) -> None:
+        if not self._gone:
+            self.detach()
+            self._loop.run_in_executor(None, self._reap)
+
+    def _reap(self) -> None:  # (a thread: waits for the exit code)
+        try:
+            code = self.proc.wait(30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            code = self.proc.wait(30)
+        try:
+            self._loop.call_soon_threadsafe(self._exited, code)
+        except RuntimeError:  # the loop is closed: the server is gone too
+            pass
+
+    def _exited(self, code: int) -> None:
+        self.returncode = code
+        gone = EngineProcessError(f"the engine process exited (code {code})")
+        if not self._ready.done():
+            self._ready.set_exception(EngineProcessError(
+                f"the engine process exited with code {code} while starting (its error is in the server's output)"))
+        for fut in self._asks.values():
+            if not fut.done():
+                fut.set_exception(gone)
+        if not self._closing:
+            log.critical("the engine process exited with code %s; restart the server (it recovers every run)", code)
+            if self.on_exit is not None:
+                self.on_exit(code)
+
+
+def _settle(fut: asyncio.Future, ok: bool, body: bytes) -> None:
+    if fut.done():
+        return
+    doc = json.loads(body)
+    if ok:
+        fut.set_result(doc)
+    else:
+        fut.set_exception(EngineProcessError(f"the engine process: {doc.get('type', 'error')}: {doc.get('message')}"))
+
+
+# ---------------------------------------------------------------------- the child
+def _die_with(parent: int) -> None:
+    if sys.platform.startswith("linux"):
+        try:
+            import ctypes
+
+            ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL, 0, 0, 0)  # PR_SET_PDEATHSIG
+        except (OSError, AttributeError):
+            pass
+    if os.getppid() != parent:  # the server died before the line above
+        os._exit(1)
+
+
+def _decoded(body: bytes, ctype: str) -> tuple[list | None, dict | None]:
+    """A request's ``(args, kwargs)``; ``(None, None)`` if it does not decode (the worker then raises the error)."""
+    from signalrl import wire
+
+    try:
+        return wire.decode_request(body, ctype)
+    except ValueError:
+        return None, None
+
+
+def serve_child(down: socket.socket, up: socket.socket, root: str, settings) -> None:
+    """The engine process's loop: read frames from ``down`` until ``close`` or its end; answer on ``up``."""
+    from signalrl import wire
+
+    from .runner import Runner
+    from .store import Store
+
+    lock = threading.Lock()
+
+    def done(rid: str, status: str, outcome: bytes) -> None:
+        send_frame(up, lock, {"t": "done", "rid": rid, "status": status}, outcome)
+
+    store = Store(os.path.join(root, "signal.db"))
+    runner = Runner(root, store, settings, done)
+    send_frame(up, lock, {"t": "ready", "pid": os.getpid()})
+    f = down.makefile("rb")
+    while (frame := read_frame(f)) is not None:
+        head, body = frame
+        cmd = head.get("cmd")
+        if cmd == "close":
+            break
+        try:
+            if cmd == "run":  # decoded here, while the worker runs the request before it
+                args, kwargs = _decoded(body, head["ctype"])
+                p = Pending(head["request_id"], head["seq"], head["op"], args, kwargs, time.monotonic(), body=body,
+                            ctype=head["ctype"])
+                runner.run(head["run_id"], head["key_id"], p, head["exec_order"])
+            elif cmd == "open":
+                runner.open(head["run_id"], head["key_id"], head["stored"], head.get("create_request"))
+            elif cmd == "recover":
+                runner.recover()
+            elif cmd == "ask":
+                try:
+                    if head["name"] not in ASKS:
+                        raise ValueError(f"name: expected one of {ASKS}, got {head['name']!r}")
+                    answer, ok = json.dumps(getattr(runner, head["name"])(head["run_id"])).encode(), True
+                except Exception as exc:  # noqa: BLE001 - answered, not raised
+                    answer, ok = json.dumps(wire.encode_error(exc)).encode(), False
+                send_frame(up, lock, {"t": "reply", "id": head["id"], "ok": ok}, answer)
+            else:
+                log.error("engine process: unknown command %r", cmd)
+        except Exception:  # noqa: BLE001 - one bad frame must not end the engine
+            log.exception("engine process: command %r failed", cmd)
+            if cmd == "run":
+                runner.record(head["request_id"], error=RuntimeError("the engine process could not queue it"))
+    runner.close()
+    store.close()
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m signalrl.server.engine_process",
+                                description="The engine process of `signal serve` (started by it; not by hand).")
+    p.add_argument("--root", required=True)
+    p.add_argument("--fds", required=True, help="this end of the server's two socket pairs: requests,outcomes")
+    p.add_argument("--parent", type=int, required=True, help="the server's pid")
+    p.add_argument("--settings", required=True, help="the server's Settings as JSON")
+    p.add_argument("--log-level", default="WARNING")
+    args = p.parse_args(argv)
+    _die_with(args.parent)
+    # Ctrl-C in a terminal reaches the whole process group: the server shuts down and closes this process itself
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s[engine]: %(message)s")
+    # The reader must get the interpreter lock soon after a frame arrives while the worker runs Python.
+    sys.setswitchinterval(0.0005)
+    from .service import Settings
+
+    down, up = (socket.socket(fileno=int(fd)) for fd in args.fds.split(","))
+    serve_child(down, up, os.path.abspath(args.root), Settings(**json.loads(args.settings)))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
