@@ -1,7 +1,8 @@
 """Overhead of the remote client: the same training steps through ``signal serve`` on loopback versus the local
 engine in this process, and the speed-up from pipelining with futures across the network.
 
-    python -m benchmarks.remote_overhead [--steps 30] [--repeats 5] [--batch 32] [--prep-ms 20] [--quick]
+    python -m benchmarks.remote_overhead [--steps 30] [--repeats 5] [--batch 32] [--prep-ms 20]
+        [--engine process thread] [--demo-block 80] [--demo-blocks 12] [--quick]
 
 Overhead: two runs of ``signal-tiny`` (full fine-tuning, AdamW, clipping at 1.0, the demo's SFT learning rate), one
 in a local engine in this process and one on a ``signal serve`` subprocess on 127.0.0.1, fed the same batches — the
@@ -10,6 +11,13 @@ awaits ``forward_backward`` then ``optim_step`` (no pipelining: the worst case f
 steps are interleaved step by step (local, remote, remote, local, ...) so slow drifts of a shared machine hit both
 alike; the headline is the median over steps of the per-step time ratio. The two runs compute the same losses
 (the benchmark checks they are equal): the remote step does exactly the local step's work plus the protocol.
+
+The demo's loop: ``signal demo``'s SFT loop (queue step k, then wait for step k − 1) in blocks of its SFT stage's
+length, local and remote interleaved block by block; once against a local run without checkpoints, once against
+one that saves a checkpoint every 10 steps as the server does by default (like for like).
+
+Every figure is taken for each ``--engine`` of the server (``process``, the default, and ``thread``), one server
+after the other, against the same local engine.
 
 Pipelining (remote): the client prepares each step's batch, optionally after an I/O-bound wait (``--prep-ms``),
 and either awaits each request (sequential) or queues them and awaits the futures at the end (pipelined).
@@ -29,6 +37,8 @@ import tempfile
 import time
 
 import torch
+
+from signalrl.demo.stages import Settings as DemoSettings
 
 from . import save_study
 from .api_overhead import timed_steps
@@ -90,10 +100,11 @@ async def _demo_block(tc, batches) -> tuple[float, list[float]]:
     return (time.perf_counter() - t0) / len(batches), losses
 
 
-async def demo_loop(local, remote, batches, block: int = 10, warmup: int = 5):
+async def demo_loop(local, remote, batches, block: int = 10, warmup: int = 5, local_config: dict | None = None):
     """The demo's loop, local and remote, in blocks of ``block`` steps interleaved (local, remote, remote, local,
-    ...): per-block seconds per step of each, and the ratios remote / local of each pair of blocks."""
-    runs = [await c.create_run(**RUN) for c in (local, remote)]
+    ...): per-block seconds per step of each, and the ratios remote / local of each pair of blocks.
+    ``local_config``: more of the local run's configuration (``checkpoint_every``: the server's checkpoints)."""
+    runs = [await local.create_run(**RUN, **(local_config or {})), await remote.create_run(**RUN)]
     tcs = {"local": local.get_training_client(runs[0]["run_id"]),
            "remote": remote.get_training_client(runs[1]["run_id"])}
     for which in tcs:
@@ -112,14 +123,25 @@ async def demo_loop(local, remote, batches, block: int = 10, warmup: int = 5):
     return t["local"], t["remote"], ratios
 
 
-def _cpu_s(pid: int) -> float | None:
-    """User + system CPU seconds of a process (Linux ``/proc``), else None."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
+def _cpu_s(pid: int, children: bool = True) -> float | None:
+    """User + system CPU seconds of a process and (``children``) of its children that are still running (a server
+    and its engine process; Linux ``/proc``), else None."""
+    def one(p: int) -> tuple[float, int]:
+        with open(f"/proc/{p}/stat") as f:
             fields = f.read().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK"), int(fields[1])
+    try:
+        total = one(pid)[0]
     except (OSError, ValueError, IndexError):
         return None
+    for d in os.listdir("/proc") if children else ():
+        if d.isdigit() and int(d) != pid:
+            try:
+                cpu, parent = one(int(d))
+            except (OSError, ValueError, IndexError):
+                continue
+            total += cpu if parent == pid else 0.0
+    return total
 
 
 async def cpu_per_step(client, batches, server_pid: int | None, **config) -> tuple[float, float | None, float | None]:
@@ -129,13 +151,14 @@ async def cpu_per_step(client, batches, server_pid: int | None, **config) -> tup
     for b in batches[:3]:
         await tc.forward_backward(b, "causal_lm")
         await tc.optim_step()
-    s0, c0, t0 = _cpu_s(server_pid) if server_pid else None, _cpu_s(os.getpid()), time.perf_counter()
+    me = os.getpid()  # (a server started by this process is its child: not counted as the client's)
+    s0, c0, t0 = _cpu_s(server_pid) if server_pid else None, _cpu_s(me, False), time.perf_counter()
     for b in batches[3:]:
         await tc.forward_backward(b, "causal_lm")
         await tc.optim_step()
     n = len(batches) - 3
     wall = (time.perf_counter() - t0) / n * 1e3
-    c1, s1 = _cpu_s(os.getpid()), _cpu_s(server_pid) if server_pid else None
+    c1, s1 = _cpu_s(me, False), _cpu_s(server_pid) if server_pid else None
     return wall, None if c0 is None else (c1 - c0) / n * 1e3, None if s0 is None else (s1 - s0) / n * 1e3
 
 
@@ -144,7 +167,7 @@ async def pipeline(client, batches, pipelined: bool, prep_ms: float) -> tuple[fl
     return await timed_steps(client.get_training_client(run["run_id"]), batches, pipelined, prep_ms)
 
 
-def _start_server(root: str, args) -> tuple:
+def _start_server(root: str, args, engine: str = "process") -> tuple:
     import re
     import subprocess
 
@@ -154,8 +177,8 @@ def _start_server(root: str, args) -> tuple:
     env.pop("TRITON_INTERPRET", None)
     log_path = os.path.join(root, "serve.log")  # a file, not a pipe: nobody reads a pipe once the server is up
     with open(log_path, "w") as log:
-        proc = subprocess.Popen([sys.executable, "-m", "signalrl.cli", "serve", "--root", root, "--port", "0"],
-                                stdout=log, stderr=subprocess.STDOUT, text=True, env=env)
+        proc = subprocess.Popen([sys.executable, "-m", "signalrl.cli", "serve", "--root", root, "--port", "0",
+                                 "--engine", engine], stdout=log, stderr=subprocess.STDOUT, text=True, env=env)
     deadline = time.monotonic() + 120
     url = None
     with open(log_path) as out:
@@ -175,115 +198,156 @@ def _start_server(root: str, args) -> tuple:
     raise RuntimeError(f"signal serve did not start (its output: {log_path})")
 
 
+ENGINE_NAMES = {"process": "engine process (default)", "thread": "engine thread (`--engine thread`)"}
+
+
+async def measure(local, remote, proc, args) -> dict:
+    """Every figure of one server against the local engine."""
+    n = args.steps * args.repeats
+    out: dict = {}
+    out["local"], out["remote"] = await overhead(local, remote, _batches(n + 3, args.batch))
+    out["ratios"] = [r / lo for r, lo in zip(out["remote"], out["local"])]
+    out["cpu"] = [await cpu_per_step(remote, _batches(63, args.batch, seed=7), proc.pid),
+                  await cpu_per_step(remote, _batches(63, args.batch, seed=7), proc.pid, checkpoint_every=10 ** 9)]
+    out["larger"] = []  # the same at larger batches: the fixed cost of a request, against a longer step
+    for b in args.larger:
+        tl, tr = await overhead(local, remote, _batches(max(10, n // 3) + 3, b, seed=b))
+        out["larger"].append((b, statistics.median(tl), statistics.median(tr),
+                              statistics.median([r / lo for r, lo in zip(tr, tl)])))
+    demo_batches = _batches(5 + args.demo_block * args.demo_blocks, args.batch, seed=11)
+    out["demo"] = await demo_loop(local, remote, demo_batches, args.demo_block)
+    # like for like: the local run also saves a checkpoint every 10 optimizer steps, as the server does by default
+    out["demo_ck"] = await demo_loop(local, remote, demo_batches, args.demo_block,
+                                     local_config={"checkpoint_every": 10})
+    out["pipe"] = {}
+    for prep in sorted({0.0, args.prep_ms}):
+        res = {}
+        for name, client in (("local", local), ("remote", remote)):
+            seq_t, par_t = [], []
+            for r in range(args.repeats):
+                bs = _batches(args.steps, args.batch, seed=100 + r)
+                ts, ls = await pipeline(client, bs, False, prep)
+                tp, lp = await pipeline(client, bs, True, prep)
+                assert ls == lp, "pipelined and sequential loops must compute identical losses"
+                seq_t.append(args.steps / ts)
+                par_t.append(args.steps / tp)
+            res[name] = (statistics.median(seq_t), statistics.median(par_t))
+        out["pipe"][prep] = res
+    return out
+
+
 async def main_async(args) -> str:
     from signalrl.client import AsyncSignalClient
     from signalrl.engine import Engine
     from signalrl.server import auth
     from signalrl.server.store import Store
 
-    root = tempfile.mkdtemp(prefix="signal-remote-bench-")
-    _, key = auth.create_key(Store(os.path.join(root, "signal.db")), "bench")
-    proc, url = _start_server(root, args)
-    try:
-        local = AsyncSignalClient(engine=Engine(tempfile.mkdtemp(prefix="signal-local-bench-")))
-        remote = AsyncSignalClient(base_url=url, api_key=key)
-        n = args.steps * args.repeats
-        t_local, t_remote = await overhead(local, remote, _batches(n + 3, args.batch))
-        ratios = [r / lo for r, lo in zip(t_remote, t_local)]
-        cpu_rows = [(name, await cpu_per_step(c, _batches(63, args.batch, seed=7), pid, **cfg)) for name, c, pid, cfg in
-                    (("local", local, None, {}), ("remote", remote, proc.pid, {}),
-                     ("remote, no automatic checkpoints", remote, proc.pid, {"checkpoint_every": 10 ** 9}))]
-        larger = []  # the same at larger batches: the fixed cost of a request, against a longer step
-        for b in args.larger:
-            tl, tr = await overhead(local, remote, _batches(max(10, n // 3) + 3, b, seed=b))
-            larger.append((b, statistics.median(tl), statistics.median(tr),
-                           statistics.median([r / lo for r, lo in zip(tr, tl)])))
-        demo = await demo_loop(local, remote, _batches(5 + 10 * max(4, n // 5), args.batch, seed=11))
-        rows = []
-        for prep in sorted({0.0, args.prep_ms}):
-            res = {}
-            for name, client in (("local", local), ("remote", remote)):
-                seq_t, par_t = [], []
-                for r in range(args.repeats):
-                    bs = _batches(args.steps, args.batch, seed=100 + r)
-                    ts, ls = await pipeline(client, bs, False, prep)
-                    tp, lp = await pipeline(client, bs, True, prep)
-                    assert ls == lp, "pipelined and sequential loops must compute identical losses"
-                    seq_t.append(args.steps / ts)
-                    par_t.append(args.steps / tp)
-                res[name] = (statistics.median(seq_t), statistics.median(par_t))
-            rows.append((prep, res))
-        await remote.close()
-        await local.close()
-    finally:
-        proc.kill()
-        proc.wait(timeout=30)
+    local = AsyncSignalClient(engine=Engine(tempfile.mkdtemp(prefix="signal-local-bench-")))
+    local_cpu = await cpu_per_step(local, _batches(63, args.batch, seed=7), None)
+    res = {}
+    for engine in args.engine:
+        root = tempfile.mkdtemp(prefix="signal-remote-bench-")
+        _, key = auth.create_key(Store(os.path.join(root, "signal.db")), "bench")
+        proc, url = _start_server(root, args, engine)
+        try:
+            remote = AsyncSignalClient(base_url=url, api_key=key)
+            res[engine] = await measure(local, remote, proc, args)
+            await remote.close()
+        finally:
+            proc.kill()
+            proc.wait(timeout=30)
+    await local.close()
+    return report(args, res, local_cpu)
 
-    lo, re_ = statistics.median(t_local), statistics.median(t_remote)
-    over = (statistics.median(ratios) - 1) * 100
-    over_mean = (statistics.mean(t_remote) / statistics.mean(t_local) - 1) * 100
+
+def report(args, res: dict, local_cpu) -> str:
+    n = args.steps * args.repeats
+    first = res[args.engine[0]]
     cpu = platform.processor() or platform.machine()
     cmd = (f"python -m benchmarks.remote_overhead --steps {args.steps} --repeats {args.repeats} --batch {args.batch} "
-           f"--prep-ms {args.prep_ms:g} --threads {args.threads} --larger {' '.join(map(str, args.larger))}")
+           f"--prep-ms {args.prep_ms:g} --threads {args.threads} --larger {' '.join(map(str, args.larger))} "
+           f"--demo-block {args.demo_block} --demo-blocks {args.demo_blocks} --engine {' '.join(args.engine)}")
+
+    def over(r: dict) -> str:
+        return f"{(statistics.median(r['ratios']) - 1) * 100:+.1f}%"
+
+    def demo_over(r: dict) -> str:
+        return f"{_over(r['demo'][2])} (like for like {_over(r['demo_ck'][2])})"
+
+    def ms(xs: list[float]) -> str:
+        return f"{statistics.median(xs) * 1e3:.2f}"
+
+    def spread(xs: list[float], pct: bool = False) -> str:
+        f = (lambda v: f"{(v - 1) * 100:+.1f}%") if pct else (lambda v: f"{v * 1e3:.2f}")
+        return f"{f(_pct(xs, .2))} to {f(_pct(xs, .8))}" if pct else f"{f(_pct(xs, .2))}–{f(_pct(xs, .8))}"
+
+    headline = "; ".join(f"{ENGINE_NAMES[e].split(' (')[0]} **{over(r)}** awaited, **{demo_over(r)}** in the "
+                         "demo's loop" for e, r in res.items())
     lines = [
         "# Remote client overhead (cpu, loopback)",
         "",
         f"Command: `{cmd}`  ",
         f"Date: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; {cpu}, {os.cpu_count()} cores (shared); "
-        f"torch {torch.__version__} ({args.threads} thread(s) per process), Python {platform.python_version()}; model signal-tiny, full fine-tuning, AdamW, "
-        f"the demo's SFT batches ({args.batch} prompt/response texts, tokenized by the engine), causal_lm. Server: "
-        "`signal serve` in a subprocess on 127.0.0.1 with its defaults (automatic checkpoint every 10 steps, "
-        "counted in the remote times).",
-        f"{len(t_local)} steps of each (forward_backward + optim_step, each awaited), interleaved step by step after 3 "
-        "warm-up steps; every step's loss is identical locally and remotely.",
+        f"torch {torch.__version__} ({args.threads} thread(s) per process), Python {platform.python_version()}; "
+        f"model signal-tiny, full fine-tuning, AdamW, the demo's SFT batches ({args.batch} prompt/response texts, "
+        "tokenized by the engine), causal_lm. Servers: `signal serve` in a subprocess on 127.0.0.1 with its "
+        "defaults (automatic checkpoint every 10 steps, counted in the remote times), one after the other: "
+        + ", ".join(f"`--engine {e}`" for e in res) + ".",
         "",
-        "| client | median ms / step | p20–p80 ms / step | mean ms / step |",
-        "|---|---:|---:|---:|",
-        f"| local engine (in process) | {lo * 1e3:.2f} | {_pct(t_local, .2) * 1e3:.2f}–{_pct(t_local, .8) * 1e3:.2f} "
-        f"| {statistics.mean(t_local) * 1e3:.2f} |",
-        f"| remote (HTTP, loopback) | {re_ * 1e3:.2f} | {_pct(t_remote, .2) * 1e3:.2f}–{_pct(t_remote, .8) * 1e3:.2f} "
-        f"| {statistics.mean(t_remote) * 1e3:.2f} |",
+        f"Overhead per step at batch {args.batch}: {headline} (goal ≤ 10%).",
         "",
-        f"**Remote overhead: {over:+.1f}%** per step ({(re_ - lo) * 1e3:+.2f} ms; median of the per-step ratios "
-        f"remote / local; p20–p80 of the ratios {(_pct(ratios, .2) - 1) * 100:+.1f}% to "
-        f"{(_pct(ratios, .8) - 1) * 100:+.1f}%; ratio of the means {over_mean:+.1f}%; goal ≤ 10%).",
+        f"## Awaited steps ({len(first['local'])} steps of each, `forward_backward` + `optim_step`, each awaited)",
         "",
-        "Where the time goes (60 more steps of each, not interleaved; CPU from /proc, 10 ms ticks):",
+        "Interleaved step by step with the local engine after 3 warm-up steps; every step's loss is identical "
+        "locally and remotely. Overhead: the median of the per-step ratios remote / local.",
         "",
-        "| client | wall ms / step | client process CPU ms / step | server process CPU ms / step |",
-        "|---|---:|---:|---:|",
-        *[f"| {name} | {w:.2f} | {'n/a' if c is None else f'{c:.1f}'} | "
-          f"{'—' if name == 'local' else ('n/a' if sv is None else f'{sv:.1f}')} |" for name, (w, c, sv) in cpu_rows],
-        "",
-        "(The server's automatic checkpoint — every 10 optimizer steps by default, tens of milliseconds of file "
-        "writes and fsyncs each — lands on one step in ten: it shows in the means and in the steps/s below, hardly in "
-        "the medians; the last row is the same remote run with it turned off.)",
-        "",
-        "The cost is a fixed few milliseconds per request (two per step here: HTTP on both sides, the request log), "
-        "so its share falls as the step grows — the same measurement at larger batches "
-        f"({max(10, n // 3)} interleaved steps each):",
-        "",
-        "| batch | local median ms / step | remote median ms / step | overhead (median of ratios) |",
-        "|---:|---:|---:|---:|",
-        f"| {args.batch} | {lo * 1e3:.2f} | {re_ * 1e3:.2f} | {over:+.1f}% |",
-        *[f"| {b} | {tl * 1e3:.2f} | {tr * 1e3:.2f} | {(r - 1) * 100:+.1f}% |" for b, tl, tr, r in larger],
+        "| server | local median ms / step | remote median ms / step | remote p20–p80 | overhead | p20–p80 of the "
+        "ratios |",
+        "|---|---:|---:|---:|---:|---:|",
+        *[f"| {ENGINE_NAMES[e]} | {ms(r['local'])} | {ms(r['remote'])} | {spread(r['remote'])} | **{over(r)}** | "
+          f"{spread(r['ratios'], True)} |" for e, r in res.items()],
         "",
         "## The demo's own loop",
         "",
-        f"`signal demo`'s SFT loop queues step k (`forward_backward_async` + `optim_step_async`) and then waits for "
-        f"step k − 1's results. The same loop locally and remotely, in {len(demo[2])} blocks of 10 steps each, "
-        "interleaved block by block (identical losses):",
+        "`signal demo`'s SFT loop queues step k (`forward_backward_async` + `optim_step_async`) and then waits for "
+        f"step k − 1's results. The same loop locally and remotely, in {len(first['demo'][2])} blocks of "
+        f"{args.demo_block} steps each (`signal demo`'s SFT stage is {DemoSettings.sft_steps} steps in a row), "
+        "interleaved block by block "
+        "(identical losses); overhead: the median of the per-block ratios. The server takes an automatic checkpoint "
+        "every 10 optimizer steps (its default); the local run takes none, or (like for like) saves one every 10 "
+        "steps too (`checkpoint_every=10`).",
         "",
-        "| client | median ms / step | p20–p80 ms / step |",
-        "|---|---:|---:|",
-        *[f"| {name} | {statistics.median(ts) * 1e3:.2f} | {_pct(ts, .2) * 1e3:.2f}–{_pct(ts, .8) * 1e3:.2f} |"
-          for name, ts in (("local engine", demo[0]), ("remote (HTTP, loopback)", demo[1]))],
+        "| server | local run | local median ms / step | remote median ms / step | overhead | p20–p80 of the "
+        "ratios |",
+        "|---|---|---:|---:|---:|---:|",
+        *[f"| {ENGINE_NAMES[e]} | {which} | {ms(r[k][0])} | {ms(r[k][1])} | **{_over(r[k][2])}** | "
+          f"{spread(r[k][2], True)} |" for e, r in res.items()
+          for k, which in (("demo", "no checkpoints"), ("demo_ck", "checkpoint every 10 steps"))],
         "",
-        f"**Overhead of the demo's loop: {(statistics.median(demo[2]) - 1) * 100:+.1f}%** (median of the per-block "
-        f"ratios; p20–p80 {(_pct(demo[2], .2) - 1) * 100:+.1f}% to {(_pct(demo[2], .8) - 1) * 100:+.1f}%). Queued "
-        "requests cost two exchanges each (submission, then the result's long-poll), which the server's event loop "
-        "handles while its engine worker computes the step before; both hold the interpreter lock for their Python "
-        "work, so the loop's share is not hidden behind the step.",
+        "## Where the time goes",
+        "",
+        "60 more awaited steps of each, not interleaved; CPU from /proc (10 ms ticks). The server's CPU counts the "
+        "server process and its engine process.",
+        "",
+        "| client | wall ms / step | client process CPU ms / step | server CPU ms / step |",
+        "|---|---:|---:|---:|",
+        _cpu_row("local", local_cpu, local=True),
+        *[_cpu_row(f"remote, {ENGINE_NAMES[e].split(' (')[0]}{extra}", r["cpu"][i])
+          for e, r in res.items() for i, extra in ((0, ""), (1, ", no automatic checkpoints"))],
+        "",
+        "(The server's automatic checkpoint — every 10 optimizer steps by default, tens of milliseconds of file "
+        "writes each — lands on one step in ten: it shows in the means and in the steps/s below, less in the "
+        "medians.)",
+        "",
+        "The protocol's cost is a fixed few milliseconds per request, so its share falls as the step grows — the "
+        f"same awaited measurement at larger batches ({max(10, n // 3)} interleaved steps each):",
+        "",
+        "| batch | server | local median ms / step | remote median ms / step | overhead |",
+        "|---:|---|---:|---:|---:|",
+        *[f"| {b} | {ENGINE_NAMES[e].split(' (')[0]} | {tl * 1e3:.2f} | {tr * 1e3:.2f} | {(q - 1) * 100:+.1f}% |"
+          for e, r in res.items() for b, tl, tr, q in [(args.batch, statistics.median(r["local"]),
+                                                        statistics.median(r["remote"]),
+                                                        statistics.median(r["ratios"])), *r["larger"]]],
         "",
         "## Pipelining with futures (steps / s, median of rounds)",
         "",
@@ -293,41 +357,52 @@ async def main_async(args) -> str:
         "| client preparation per step | client | sequential | pipelined | speed-up |",
         "|---|---|---:|---:|---:|",
     ]
-    for prep, res in rows:
-        for name in ("local", "remote"):
-            s, p = res[name]
-            lines.append(f"| {prep:g} ms | {name} | {s:.1f} | {p:.1f} | **{p / s:.2f}×** |")
-    lines += [
-        "",
-        "## Reading",
-        "",
-        "- Every step's loss is bit-identical locally and remotely: the remote step does the local step's work, plus "
-        "per request the protocol — JSON (or safetensors) encoding on both sides, one HTTP exchange (a prebuilt "
-        "httpx request on httpx's synchronous keep-alive pool, on a pool thread while the caller's loop awaits it; "
-        "FastAPI on uvicorn with uvloop/httptools, the two routes of a step as plain Starlette routes), "
-        "authentication, two SQLite commits (accepted and queued in one; the result) and two thread hand-offs on "
-        "each side (server: event loop → engine worker → event loop, the result handed over in memory; client: "
-        "event loop → pool thread → event loop). The CPU table shows it: the server process spends the local step's "
-        "compute plus its share, the client process the rest.",
-        "- A step of `forward_backward` + `optim_step`, each awaited, is two such exchanges, so the share is large for "
-        "a step this small (signal-tiny at batch 32 computes in about 15–20 ms on one CPU thread) and falls with the "
-        "step's size (the larger batches above); for a model on a GPU the fixed cost is the same few milliseconds.",
-        "- Pipelining overlaps the client's preparation and the protocol with the server's work. A pipelined request "
-        "costs two exchanges (the submission returns at once, then a long-poll for its result) against one for an "
-        "awaited call, and the server's event loop shares the interpreter lock with its engine worker: while an "
-        "exchange cost milliseconds (before the changes of docs/server.md, \"Overhead\"), that made pipelining "
-        "with no preparation slower than awaiting each call (0.82×).",
-        "- What is left is about two milliseconds per request, none of it dominant: httpx's exchange on the client "
-        "(its send, and the receive and parse of the answer: about 0.4 ms of client CPU an exchange on this machine "
-        "with httpx's synchronous stack on a pool thread, 0.5 ms with its asynchronous one on the caller's loop), "
-        "uvicorn's and Starlette's layers on the server, and a dozen steps of 50–300 µs each (encoding, "
-        "authentication, decoding, the accept and result commits, four thread hand-offs, the answer), each several "
-        "times slower after the model's step has evicted the CPU caches. docs/server.md (\"Overhead\") has the "
-        "per-segment timeline and why that stays above the 10% goal at batch 32 on this machine.",
-        "- CPU timings on a shared 2-core machine are noisy (other jobs ran beside this one); compare medians within "
-        "one run.",
-    ]
+    for prep in first["pipe"]:
+        s_, p_ = first["pipe"][prep]["local"]
+        lines.append(f"| {prep:g} ms | local | {s_:.1f} | {p_:.1f} | **{p_ / s_:.2f}×** |")
+        for e, r in res.items():
+            s_, p_ = r["pipe"][prep]["remote"]
+            lines.append(f"| {prep:g} ms | remote, {ENGINE_NAMES[e].split(' (')[0]} | {s_:.1f} | {p_:.1f} | "
+                         f"**{p_ / s_:.2f}×** |")
+    lines += ["", *READING]
     return "\n".join(lines) + "\n"
+
+
+def _over(ratios: list[float]) -> str:
+    return f"{(statistics.median(ratios) - 1) * 100:+.1f}%"
+
+
+def _cpu_row(name: str, row, local: bool = False) -> str:
+    w, c, sv = row
+    return (f"| {name} | {w:.2f} | {'n/a' if c is None else f'{c:.1f}'} | "
+            f"{'—' if local else ('n/a' if sv is None else f'{sv:.1f}')} |")
+
+
+READING = [
+    "## Reading",
+    "",
+    "- Every step's loss is bit-identical locally and remotely: the remote step does the local step's work, plus "
+    "per request the protocol — encoding on both sides, one HTTP exchange (httpx's keep-alive pool on the client; "
+    "FastAPI on uvicorn with uvloop/httptools, the two routes of a step as plain Starlette routes), authentication, "
+    "two SQLite commits (the request accepted and queued; its outcome) and the hand-offs between the server's event "
+    "loop and its engine.",
+    "- **Engine thread**: the event loop and the engine's worker share one interpreter lock, so the protocol's Python "
+    "cannot overlap the model's; the server process is busy for the whole step plus its share, and the demo's "
+    "pipelined loop gains nothing from pipelining on a step this small.",
+    "- **Engine process** (the default): the engine runs in a child process that decodes and runs requests and "
+    "records their outcomes; the server's process only accepts, orders and answers. The two processes run on the "
+    "two cores at once, so a pipelined request's protocol is hidden behind the previous step's compute. An awaited "
+    "call gains less: its exchange and the step are serial whatever the process layout, and it adds a hand-off over "
+    "the socket pair to the engine process and back.",
+    "- The server's automatic checkpoints (every 10 optimizer steps by default, so that a restart loses nothing) are "
+    "work a local run does only when asked (`checkpoint_every`): the demo's-loop rows without local checkpoints "
+    "count them as overhead, the like-for-like rows give the local run the same checkpoints and leave the protocol's "
+    "own cost.",
+    "- A step of `forward_backward` + `optim_step`, each awaited, is two exchanges, so the share is large for a step "
+    "this small (signal-tiny at batch 32 computes in about 15–20 ms on one CPU thread) and falls with the step's "
+    "size (the larger batches above); for a model on a GPU the fixed cost is the same few milliseconds.",
+    "- CPU timings on a shared 2-core machine are noisy; compare medians within one run.",
+]
 
 
 def main(argv=None) -> int:
@@ -339,11 +414,16 @@ def main(argv=None) -> int:
     p.add_argument("--larger", type=int, nargs="*", default=[128, 512], help="larger batches, overhead only")
     p.add_argument("--threads", type=int, default=1,
                    help="torch threads of each side (1: no OpenMP stalls on a busy shared machine)")
+    p.add_argument("--engine", nargs="+", choices=["process", "thread"], default=["process", "thread"],
+                   help="the servers to measure (`signal serve --engine ...`), one after the other")
+    p.add_argument("--demo-block", type=int, default=DemoSettings.sft_steps,
+                   help="steps per block of the demo's loop (default: the demo's SFT stage)")
+    p.add_argument("--demo-blocks", type=int, default=12, help="blocks of the demo's loop, each side")
     p.add_argument("--quick", action="store_true", help="a few steps (smoke test)")
     p.add_argument("--out", default=None, help="results file (default benchmarks/results/remote_overhead_cpu.md)")
     args = p.parse_args(argv)
     if args.quick:
-        args.steps, args.repeats, args.larger = 4, 1, [64]
+        args.steps, args.repeats, args.larger, args.demo_block, args.demo_blocks = 4, 1, [64], 10, 4
     torch.set_num_threads(args.threads)
     text = asyncio.run(main_async(args))
     print(text)
