@@ -1,11 +1,12 @@
 """The whole ``signal demo``, local against remote: what a user of the remote API waits for end to end.
 
-    python -m benchmarks.remote_demo [--repeats 4] [--warmup 1] [--algo ppo] [--quick] [--out FILE]
+    python -m benchmarks.remote_demo [--repeats 4] [--warmup 1] [--algo ppo] [--engine process thread] [--quick]
+        [--out FILE]
 
-One ``signal serve`` subprocess on 127.0.0.1 (the same start as :mod:`benchmarks.remote_overhead`), then
-``signal demo`` run ``--repeats`` times locally and ``--repeats`` times with ``--remote``, alternating (local,
-remote, remote, local, ...) so that slow drifts of a shared machine hit both alike, after ``--warmup`` uncounted
-demos of each (a server is long-lived: its first requests import and build what later ones reuse). Each demo is a
+One ``signal serve`` subprocess on 127.0.0.1 per ``--engine`` (the same start as
+:mod:`benchmarks.remote_overhead`), then ``signal demo`` run ``--repeats`` times locally and ``--repeats`` times
+with ``--remote`` on each server, the sides taking turns (each first in turn) so that slow drifts of a shared
+machine hit all alike, after ``--warmup`` uncounted demos of each (a server is long-lived: its first requests import and build what later ones reuse). Each demo is a
 fresh process. The figure is the demo's own ``elapsed_s`` (its ``summary.json``): from the creation of its client
 to its close, so SFT, reward model, sampling, PPO and the evaluations. The runs must print the same table: every
 ``summary.json`` must hold the same rewards and task scores, locally and remotely.
@@ -58,6 +59,8 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=2, help="torch threads of each process (OMP_NUM_THREADS)")
     p.add_argument("--warmup", type=int, default=1, help="uncounted demos of each side first (the server is "
                    "long-lived: its first requests import and build what later ones reuse)")
+    p.add_argument("--engine", nargs="+", choices=["process", "thread"], default=["process", "thread"],
+                   help="the servers' engines (`signal serve --engine ...`), each a remote side")
     p.add_argument("--quick", action="store_true", help="the demo's --quick settings (smoke test)")
     p.add_argument("--out", default=None, help="results file (default benchmarks/results/remote_demo_cpu.md)")
     args = p.parse_args(argv)
@@ -68,31 +71,38 @@ def main(argv=None) -> int:
     from signalrl.server.store import Store
 
     root = tempfile.mkdtemp(prefix="signal-remote-demo-")
-    _, key = auth.create_key(Store(os.path.join(root, "signal.db")), "bench")
-    proc, url = _start_server(root, argparse.Namespace(threads=args.threads))
-    server = {"local": None, "remote": (url, key)}
-    times: dict[str, list[float]] = {"local": [], "remote": []}
+    server: dict[str, tuple[str, str] | None] = {"local": None}
+    procs = []
+    sides = ["local", *(f"remote ({e})" for e in args.engine)]
+    times: dict[str, list[float]] = {side: [] for side in sides}
     summaries = []
     started = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
     try:
-        for side in ("remote", "local"):  # uncounted: the server's first run imports and builds
+        for engine in args.engine:  # one server per engine, each on its own root
+            sub = os.path.join(root, engine)
+            os.makedirs(sub)
+            _, k = auth.create_key(Store(os.path.join(sub, "signal.db")), "bench")
+            proc, url = _start_server(sub, argparse.Namespace(threads=args.threads), engine)
+            procs.append(proc)
+            server[f"remote ({engine})"] = (url, k)
+        for side in sides[::-1]:  # uncounted: a server's first run imports and builds
             for _ in range(args.warmup):
-                _demo(tempfile.mkdtemp(prefix=f"warmup-{side}-", dir=root), args.algo, args.threads, server[side],
-                      args.quick)
+                _demo(tempfile.mkdtemp(prefix="warmup-", dir=root), args.algo, args.threads, server[side], args.quick)
         for i in range(args.repeats):
-            order = ("local", "remote") if i % 2 == 0 else ("remote", "local")
+            order = sides[i % len(sides):] + sides[:i % len(sides)]  # each side first in turn
             for side in order:
-                out = tempfile.mkdtemp(prefix=f"demo-{side}-", dir=root)
+                out = tempfile.mkdtemp(prefix="demo-", dir=root)
                 s = _demo(out, args.algo, args.threads, server[side], args.quick)
                 times[side].append(s["elapsed_s"])
                 summaries.append(s)
                 print(f"{side} {i + 1}: {s['elapsed_s']:.2f} s", flush=True)
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        for proc in procs:
+            proc.terminate()
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
     tables = {tuple(s[k] for k in SAME) for s in summaries}
     if len(tables) != 1:
         raise SystemExit(f"the demos printed different tables: {sorted(tables)}")
@@ -102,17 +112,19 @@ def main(argv=None) -> int:
         "# The whole demo, local and remote (cpu, loopback)",
         "",
         f"Command: `python -m benchmarks.remote_demo --repeats {args.repeats} --algo {args.algo} --threads "
-        f"{args.threads} --warmup {args.warmup}{' --quick' if args.quick else ''}`  ",
+        f"{args.threads} --warmup {args.warmup} --engine {' '.join(args.engine)}{' --quick' if args.quick else ''}`  ",
         f"Date: {started}; {platform.machine()}, {os.cpu_count()} cores (shared); torch {torch.__version__}, Python "
-        f"{platform.python_version()}. Server: `signal serve` in a subprocess on 127.0.0.1 with its defaults. Each "
-        "demo is a fresh `signal demo` process; local and remote alternate, after uncounted warm-up demos of each.",
+        f"{platform.python_version()}. Servers: `signal serve` in a subprocess on 127.0.0.1 with its defaults, one per "
+        "`--engine`. Each demo is a fresh `signal demo` process; the sides take turns (each first in turn), after "
+        "uncounted warm-up demos of each.",
         "",
         "| demo | runs | median s | each run, s |",
         "|---|---:|---:|---|",
         *(f"| {side} | {len(v)} | {med[side]:.2f} | {', '.join(f'{x:.2f}' for x in v)} |"
           for side, v in times.items()),
         "",
-        f"**Remote / local: {med['remote'] / med['local']:.2f}×** (ratio of the medians). Every run printed the same "
+        "**Remote / local** (ratio of the medians): " + ", ".join(
+            f"{side} **{med[side] / med['local']:.2f}×**" for side in sides[1:]) + ". Every run printed the same "
         f"table: reward before {first['reward_before']:+.3f}, after {first['reward_after']:+.3f}; task score "
         f"{first['task_score_before']:.3f} → {first['task_score_after']:.3f}.",
         "",

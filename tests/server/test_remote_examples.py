@@ -57,8 +57,9 @@ def test_demo_remote_prints_the_local_table(remote, tmp_path, capsys):
 
 
 def test_remote_demo_benchmark_quick(tmp_path):
-    """benchmarks/remote_demo.py end to end on the demo's quick settings: a real `signal serve`, one local and one
-    remote demo, the same table from both (the script exits otherwise), and a results file that says so."""
+    """benchmarks/remote_demo.py end to end on the demo's quick settings: a real `signal serve` per engine (process,
+    thread), one local demo and one on each server, the same table from all three (the script exits otherwise), and a
+    results file that says so."""
     out = tmp_path / "remote_demo.md"
     env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
     cmd = [sys.executable, "-m", "benchmarks.remote_demo", "--quick", "--repeats", "1", "--warmup", "0",
@@ -66,5 +67,8 @@ def test_remote_demo_benchmark_quick(tmp_path):
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     text = out.read_text()
-    assert re.search(r"\| local \| 1 \| \d+\.\d\d \|", text) and re.search(r"\| remote \| 1 \| \d+\.\d\d \|", text)
-    assert re.search(r"Remote / local: \d+\.\d\d×", text) and "Every run printed the same table" in text
+    assert re.search(r"\| local \| 1 \| \d+\.\d\d \|", text)
+    for engine in ("process", "thread"):
+        assert re.search(rf"\| remote \({engine}\) \| 1 \| \d+\.\d\d \|", text)
+        assert re.search(rf"remote \({engine}\) \*\*\d+\.\d\d×\*\*", text)
+    assert "Every run printed the same table" in text
