@@ -10,16 +10,20 @@ the automatic checkpoints.
 
 **Protocol**, over two socket pairs (requests down, outcomes up; the server's event loop reads the second itself,
 with no reader thread): frames ``<II`` (head length, body length), a JSON head, raw body bytes; nothing is ever
-pickled. Server → child: ``{"cmd": "open" | "run" | "recover" | "ask" | "close", ...}`` (a ``run``'s body is the
-request's payload as accepted). Child → server: ``{"t": "ready"}``; ``{"t": "done", "rid", "status"}`` with the
-outcome's bytes, sent once the outcome is committed; ``{"t": "reply", "id", "ok"}`` with a JSON answer to an ``ask``
-(``run_info``, ``queue_stats``). The child reads on its main thread, decodes the payload there and only queues work,
-so a ``run`` frame never waits for a running request and its decoding overlaps the request before it.
+pickled. Server → child: ``{"cmd": "open" | "run" | "ask" | "close", ...}`` (a ``run``'s body is the request's
+payload as accepted; an ``ask`` is ``recover``, ``run_info`` or ``queue_stats``, answered in order, so the server's
+start waits for the engine's half of a restart before it takes a request). Child → server: ``{"t": "ready"}``;
+``{"t": "done", "rid", "status"}`` with the outcome's bytes, sent once the outcome is committed;
+``{"t": "reply", "id", "ok"}`` with the ask's JSON answer (or error document). The child reads on its main
+thread, decodes the payload there and only queues work, so a ``run`` frame never waits for a running request and its
+decoding overlaps the request before it.
 
-**Lifetime.** The child dies with the server: ``PR_SET_PDEATHSIG`` (``SIGKILL``) on Linux, the end of its socket
-everywhere. So after ``kill -9`` of ``signal serve`` no orphan keeps writing, and the restarted server's child
-recovers the runs (:mod:`.recovery`) exactly as the one-process server does. If the child dies on its own, the
-server answers 503 from then on and ``signal serve`` exits, to be restarted.
+**Lifetime.** The child dies with the server: ``PR_SET_PDEATHSIG`` (``SIGKILL``) on Linux; elsewhere it exits at
+once (``os._exit``, dropping its queue) when its socket ends without a ``close``. So after ``kill -9`` of
+``signal serve`` no orphan keeps writing, and the restarted server's child recovers the runs (:mod:`.recovery`)
+exactly as the one-process server does. Ctrl-C is the server's to handle: the child ignores ``SIGINT`` and, on
+``close``, finishes its queued work. If the child dies on its own, the server answers 503 from then on and
+``signal serve`` exits with status 1, to be restarted.
 """
 from __future__ import annotations
 
@@ -32,6 +36,7 @@ import logging
 import os
 import signal
 import socket
+import queue
 import struct
 import subprocess
 import sys
@@ -43,7 +48,10 @@ from .ordering import Pending
 
 log = logging.getLogger("signalrl.server")
 _HEAD = struct.Struct("<II")
-ASKS = ("run_info", "queue_stats")
+ASKS = ("recover", "run_info", "queue_stats")
+# The child's command line: import the server's signalrl (argv[1] is its source root), then run main().
+_CHILD = ("import sys; sys.path.insert(0, sys.argv.pop(1)); from signalrl.server.engine_process import main; "
+          "sys.exit(main(sys.argv[1:]))")
 
 
 def send_frame(sock: socket.socket, lock: threading.Lock, head: dict, body: bytes = b"") -> None:
@@ -73,14 +81,23 @@ class EngineProcessError(RuntimeError):
     """The engine process could not start, or is gone."""
 
 
-class EngineProcess:
-    """The server's handle on its engine process: :class:`~.runner.Runner`'s methods, sent as frames (``run_info``
-    and ``queue_stats`` are asked with :meth:`ask` and awaited). Created on the server's event loop, which reads the
-    child's frames itself (no reader thread, no hand-off): ``deliver(request_id, status, outcome)`` is called on the
-    loop for every outcome, ``on_exit(returncode)`` if the child ends without being closed.
+class EngineReplyError(RuntimeError):
+    """What an ``ask`` raised in the engine process: ``doc`` is its error document (``wire.encode_error``)."""
 
-    Two socket pairs: the server writes requests on one (blocking writes: a large body is streamed while the child
-    reads it) and reads outcomes on the other (non-blocking, from the loop)."""
+    def __init__(self, doc: dict):
+        super().__init__(f"{doc.get('type', 'error')}: {doc.get('message')}")
+        self.doc = doc
+
+
+class EngineProcess:
+    """The server's handle on its engine process: :class:`~.runner.Runner`'s methods, sent as frames (``recover``,
+    ``run_info`` and ``queue_stats`` are asked with :meth:`ask` and awaited). Created on the server's event loop, which
+    reads the child's frames itself (no reader thread, no hand-off): ``deliver(request_id, status, outcome)`` is called
+    on the loop for every outcome, ``on_exit(returncode)`` if the child ends without being closed.
+
+    Two socket pairs: requests go down one, written by a writer thread in order (the loop never waits for the child
+    to read a large body), outcomes come up the other, read by the loop without blocking. So neither side's writes
+    can wait on the other's."""
 
     def __init__(self, root: str, settings, deliver: Callable[[str, str, bytes], None],
                  on_exit: Callable[[int], None] | None = None):
@@ -90,19 +107,24 @@ class EngineProcess:
         self._loop = asyncio.get_running_loop()
         down, down_child = socket.socketpair()
         up, up_child = socket.socketpair()
+        # The child imports the signalrl this process runs (a source checkout too), without changing the PYTHONPATH
+        # of anything it starts.
         src = os.path.dirname(os.path.dirname(os.path.abspath(signalrl.__file__)))
-        env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in (src, os.environ.get("PYTHONPATH")) if p))
         level = logging.getLevelName(logging.getLogger("signalrl.server").getEffectiveLevel())
         fds = (down_child.fileno(), up_child.fileno())
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "signalrl.server.engine_process", "--root", root, "--fds", f"{fds[0]},{fds[1]}",
-             "--parent", str(os.getpid()), "--log-level", str(level),
-             "--settings", json.dumps(dataclasses.asdict(settings))],
-            pass_fds=fds, env=env)
+        try:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-c", _CHILD, src, "--root", root, "--fds", f"{fds[0]},{fds[1]}",
+                 "--parent", str(os.getpid()), "--log-level", str(level),
+                 "--settings", json.dumps(dataclasses.asdict(settings))], pass_fds=fds)
+        except BaseException:
+            for sock in (down, down_child, up, up_child):
+                sock.close()
+            raise
         down_child.close()
         up_child.close()
         self._down, self._up = down, up
-        self._wlock = threading.Lock()
+        self._outbox: queue.SimpleQueue = queue.SimpleQueue()
         self._buf = bytearray()
         self._asks: dict[int, asyncio.Future] = {}
         self._ids = itertools.count(1)
@@ -111,6 +133,7 @@ class EngineProcess:
         self.returncode: int | None = None
         up.setblocking(False)
         self._loop.add_reader(up.fileno(), self._readable)
+        threading.Thread(target=self._write, name="signal-engine-writer", daemon=True).start()
 
     async def started(self, timeout: float = 600.0) -> None:
         """Wait for the child's ``ready`` (it has opened the store and built its engine)."""
@@ -129,15 +152,16 @@ class EngineProcess:
         self._send({"cmd": "run", "run_id": run_id, "key_id": key_id, "request_id": p.request_id, "seq": p.seq,
                     "op": p.op, "exec_order": exec_order, "ctype": p.ctype}, p.body)
 
-    def recover(self) -> None:
-        self._send({"cmd": "recover"})
-
-    async def ask(self, name: str, run_id: str, timeout: float = 60.0) -> Any:
+    async def ask(self, name: str, run_id: str | None = None, timeout: float = 600.0) -> Any:
+        """``name`` run in the child (``recover`` on its main thread, before any frame after it), its JSON answer.
+        A failure there raises :class:`EngineReplyError`; a child that is gone, :class:`EngineProcessError`."""
+        if self._gone:
+            raise EngineProcessError(f"the engine process is gone (code {self.returncode})")
         fut = self._loop.create_future()
         n = next(self._ids)
         self._asks[n] = fut
         try:
-            self._send({"cmd": "ask", "id": n, "name": name, "run_id": run_id}, strict=True)
+            self._send({"cmd": "ask", "id": n, "name": name, "run_id": run_id})
             return await asyncio.wait_for(fut, timeout)
         finally:
             self._asks.pop(n, None)
@@ -146,10 +170,8 @@ class EngineProcess:
         """Ask the child to finish its queued work and exit; kill it after ``timeout`` (a restart recovers). Blocks:
         call it off the event loop (``asyncio.to_thread``)."""
         self._closing = True
-        try:
-            self._send({"cmd": "close"}, strict=True)
-        except EngineProcessError:  # already gone
-            pass
+        self._send({"cmd": "close"})
+        self._outbox.put(None)  # the writer's last item
         try:
             self.proc.wait(timeout)
         except subprocess.TimeoutExpired:
@@ -159,14 +181,20 @@ class EngineProcess:
         self._down.close()
 
     # ------------------------------------------------------------------ plumbing
-    def _send(self, head: dict, body: bytes | None = b"", strict: bool = False) -> None:
-        """A request that cannot be handed over stays ``queued`` in the log: the restarted server runs it."""
-        try:
-            send_frame(self._down, self._wlock, head, body or b"")
-        except OSError as exc:
-            if strict:
-                raise EngineProcessError(f"the engine process is gone ({exc})") from None
-            log.error("could not reach the engine process (%s): %s left for the next start", exc, head.get("cmd"))
+    def _send(self, head: dict, body: bytes | None = b"") -> None:
+        self._outbox.put((head, body or b""))
+
+    def _write(self) -> None:
+        """The writer thread: frames down to the child, in order. One that cannot be handed over (the child is gone)
+        leaves its request ``queued`` in the log, for the restarted server."""
+        lock = threading.Lock()
+        while (item := self._outbox.get()) is not None:
+            try:
+                send_frame(self._down, lock, *item)
+            except OSError as exc:
+                if not self._closing:
+                    log.error("could not reach the engine process (%s): %s left for the next start", exc,
+                              item[0].get("cmd"))
 
     def _readable(self) -> None:
         """On the loop: read what the child sent and handle every complete frame."""
@@ -182,15 +210,17 @@ class EngineProcess:
         buf = self._buf
         buf += data
         pos = 0
-        while len(buf) - pos >= _HEAD.size:
-            hlen, blen = _HEAD.unpack_from(buf, pos)
-            end = pos + _HEAD.size + hlen + blen
-            if len(buf) < end:
-                break
-            head = json.loads(bytes(buf[pos + _HEAD.size:pos + _HEAD.size + hlen]))
-            self._handle(head, bytes(buf[end - blen:end]))
-            pos = end
-        del buf[:pos]
+        try:
+            while len(buf) - pos >= _HEAD.size:
+                hlen, blen = _HEAD.unpack_from(buf, pos)
+                end = pos + _HEAD.size + hlen + blen
+                if len(buf) < end:
+                    break
+                frame = bytes(buf[pos + _HEAD.size:pos + _HEAD.size + hlen]), bytes(buf[end - blen:end])
+                pos = end
+                self._handle(json.loads(frame[0]), frame[1])
+        finally:
+            del buf[:pos]
 
     def _handle(self, head: dict, body: bytes) -> None:
         t = head.get("t")
@@ -248,7 +278,7 @@ def _settle(fut: asyncio.Future, ok: bool, body: bytes) -> None:
     if ok:
         fut.set_result(doc)
     else:
-        fut.set_exception(EngineProcessError(f"the engine process: {doc.get('type', 'error')}: {doc.get('message')}"))
+        fut.set_exception(EngineReplyError(doc))
 
 
 # ---------------------------------------------------------------------- the child
@@ -275,9 +305,8 @@ def _decoded(body: bytes, ctype: str) -> tuple[list | None, dict | None]:
 
 
 def serve_child(down: socket.socket, up: socket.socket, root: str, settings) -> None:
-    """The engine process's loop: read frames from ``down`` until ``close`` or its end; answer on ``up``."""
-    from signalrl import wire
-
+    """The engine process's loop: read frames from ``down`` until ``close`` (then finish the queued work) or its end
+    (then exit at once); answer on ``up``."""
     from .runner import Runner
     from .store import Store
 
@@ -290,7 +319,10 @@ def serve_child(down: socket.socket, up: socket.socket, root: str, settings) -> 
     runner = Runner(root, store, settings, done)
     send_frame(up, lock, {"t": "ready", "pid": os.getpid()})
     f = down.makefile("rb")
-    while (frame := read_frame(f)) is not None:
+    while True:
+        frame = read_frame(f)
+        if frame is None:  # the server is gone without closing us: stop now, as kill -9 would (its restart reruns
+            os._exit(1)    # what was queued); finishing the queue would race the restarted server's engine
         head, body = frame
         cmd = head.get("cmd")
         if cmd == "close":
@@ -303,16 +335,8 @@ def serve_child(down: socket.socket, up: socket.socket, root: str, settings) -> 
                 runner.run(head["run_id"], head["key_id"], p, head["exec_order"])
             elif cmd == "open":
                 runner.open(head["run_id"], head["key_id"], head["stored"], head.get("create_request"))
-            elif cmd == "recover":
-                runner.recover()
             elif cmd == "ask":
-                try:
-                    if head["name"] not in ASKS:
-                        raise ValueError(f"name: expected one of {ASKS}, got {head['name']!r}")
-                    answer, ok = json.dumps(getattr(runner, head["name"])(head["run_id"])).encode(), True
-                except Exception as exc:  # noqa: BLE001 - answered, not raised
-                    answer, ok = json.dumps(wire.encode_error(exc)).encode(), False
-                send_frame(up, lock, {"t": "reply", "id": head["id"], "ok": ok}, answer)
+                send_frame(up, lock, *_answer(runner, head))
             else:
                 log.error("engine process: unknown command %r", cmd)
         except Exception:  # noqa: BLE001 - one bad frame must not end the engine
@@ -323,8 +347,23 @@ def serve_child(down: socket.socket, up: socket.socket, root: str, settings) -> 
     store.close()
 
 
+def _answer(runner, head: dict) -> tuple[dict, bytes]:
+    """The reply frame to an ``ask``: ``recover()``, or ``run_info`` / ``queue_stats`` of ``head["run_id"]``."""
+    from signalrl import wire
+
+    name = head.get("name")
+    try:
+        if name not in ASKS:
+            raise ValueError(f"name: expected one of {ASKS}, got {name!r}")
+        value = runner.recover() if name == "recover" else getattr(runner, name)(head["run_id"])
+        answer, ok = json.dumps(value).encode(), True
+    except Exception as exc:  # noqa: BLE001 - answered, not raised
+        answer, ok = json.dumps(wire.encode_error(exc)).encode(), False
+    return {"t": "reply", "id": head["id"], "ok": ok}, answer
+
+
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m signalrl.server.engine_process",
+    p = argparse.ArgumentParser(prog="signal-engine-process",
                                 description="The engine process of `signal serve` (started by it; not by hand).")
     p.add_argument("--root", required=True)
     p.add_argument("--fds", required=True, help="this end of the server's two socket pairs: requests,outcomes")
@@ -345,5 +384,5 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-if __name__ == "__main__":
+if __name__ == "__main__":  # (the server starts the child with _CHILD, which calls main)
     sys.exit(main())

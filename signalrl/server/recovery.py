@@ -8,8 +8,9 @@ that was running when the process died runs again from the restored state). A ru
 is created again. A run that cannot be reopened (its base model directory is gone, ...) is listed as ``broken`` and
 its pending requests fail with the reason.
 
-The server's half (:func:`recover_waiting`, after the engine's): requests still ``waiting`` for a predecessor wait
-again (and fail after the gap timeout if it never comes). Results done before the restart are in the store,
+The server's half (:func:`recover_waiting`, once the engine's half has queued its work — the engine process answers
+the server's ``recover`` ask only then — and before the server takes a request): requests still ``waiting`` for a
+predecessor wait again (and fail after the gap timeout if it never comes). Results done before the restart are in the store,
 retrievable as before.
 """
 from __future__ import annotations

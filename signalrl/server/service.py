@@ -97,13 +97,24 @@ class Service:
         """Start the engine process (if any), recover what the store holds, start the housekeeping."""
         if self._loop is not None:
             return
-        self._loop = asyncio.get_running_loop()
+        self._loop, self.down = asyncio.get_running_loop(), None
         if self.engine_process:
-            from .engine_process import EngineProcess  # (`python -m` runs that module: the package must not import it)
+            from .engine_process import EngineProcess  # (the child runs that module: the package does not import it)
 
-            self.runner = EngineProcess(self.root, self.settings, self._wake, self._engine_exited)
-            await self.runner.started()
-        self.runner.recover()
+            try:
+                self.runner = EngineProcess(self.root, self.settings, self._wake, self._engine_exited)
+                await self.runner.started()
+                await self.runner.ask("recover")  # the engine's half of a restart, before any new request
+            except Exception as exc:
+                self.down = f"the server's engine process did not start: {exc}"
+                if self.runner is not None:
+                    await asyncio.to_thread(self.runner.close, 5)
+                    self.runner.detach()
+                    self.runner = None
+                self._loop = None
+                raise
+        else:
+            self.runner.recover()
         recover_waiting(self)
         self._janitor = asyncio.create_task(self._janitor_loop())
 
@@ -141,19 +152,26 @@ class Service:
             self._ready[run_id] = key_id
 
     async def ask(self, name: str, run_id: str) -> dict[str, Any]:
-        """``run_info`` or ``queue_stats`` of a run, from wherever the engine is."""
+        """``run_info`` or ``queue_stats`` of a run, from wherever the engine is. What it raises there is a 500 (with
+        its error document) in either place; an engine process that is gone or silent, a 503."""
         if self.engine_process:
-            from .engine_process import EngineProcessError
+            from .engine_process import EngineProcessError, EngineReplyError
 
             self.check_up()
             try:
-                return await self.runner.ask(name, run_id)
+                return await self.runner.ask(name, run_id, timeout=60.0)
+            except EngineReplyError as exc:
+                raise ApiError(500, exc.doc) from None
             except (EngineProcessError, asyncio.TimeoutError) as exc:
                 raise ApiError(503, wire.error_doc("SignalServerError", str(exc) or "the engine did not answer"))
-        return getattr(self.runner, name)(run_id)
+        try:
+            return getattr(self.runner, name)(run_id)
+        except Exception as exc:  # noqa: BLE001 - as the engine process answers it
+            raise ApiError(500, exc) from None
 
     async def list_runs(self, key_id: str) -> list[dict[str, Any]]:
-        return [await self.ask("run_info", r["run_id"]) for r in self.store.runs(key_id) if r["status"] == "ready"]
+        rows = [r for r in self.store.runs(key_id) if r["status"] == "ready"]
+        return list(await asyncio.gather(*(self.ask("run_info", r["run_id"]) for r in rows)))
 
     def create_run(self, key_id: str, idem: str, doc: Any, digest: str) -> dict[str, Any]:
         if not isinstance(doc, dict) or set(doc) - {"base_model", "config"} or not isinstance(
@@ -232,8 +250,8 @@ class Service:
         self.notify(rid, *finish(self.store, rid, **outcome))
 
     def notify(self, rid: str, status: str, outcome: bytes) -> None:
-        """An outcome, committed to the store (on any thread, or the engine process's reader): its long-polls answer
-        from it without reading the store again."""
+        """An outcome, committed to the store, from any thread (the engine process's outcomes go to :meth:`_wake`
+        directly, on the loop): its long-polls answer from it without reading the store again."""
         loop = self._loop
         if loop is not None and not loop.is_closed():
             try:

@@ -1,8 +1,10 @@
 """The server's state in SQLite (stdlib ``sqlite3``): API keys, runs, the request log, training clients.
 
 One file, ``<root>/signal.db``, in WAL mode with ``synchronous=NORMAL``: a committed transaction survives the
-server process being killed (``kill -9``); an operating-system crash may lose the last ones. One connection,
-shared by the event loop and the engine's worker threads under a lock.
+server process being killed (``kill -9``); an operating-system crash may lose the last ones. One connection per
+process, shared by its threads under a lock: the server's (the event loop; the engine's worker threads too when the
+engine runs in the server's process) and, by default, the engine process's. WAL lets readers read while one of
+them writes; a writer waits for the other's transaction (each is one or two short statements), up to 30 s.
 
 Request states: ``waiting`` (accepted; an earlier number of its training client has not arrived), ``queued``
 (handed to the engine, in execution order ``exec_order``), ``done`` / ``failed`` (result or error stored). A result

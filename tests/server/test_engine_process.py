@@ -9,7 +9,7 @@ import time
 import pytest
 from _asgi import SFT, asgi, bearer, create_run, engine_process_env, new_key, submit
 from signalrl.server import Service, Settings
-from signalrl.server.engine_process import EngineProcessError, read_frame, send_frame
+from signalrl.server.engine_process import EngineReplyError, read_frame, send_frame
 
 
 def test_frames_round_trip():
@@ -56,8 +56,9 @@ def test_a_dead_engine_process_makes_the_server_answer_503(tmp_path, monkeypatch
             assert info["status"] == "ready" and info["step"] == 0 and info["config"]["lora_r"] == 4
             stats = (await http.get(f"/v1/runs/{run_id}/queue_stats", headers=bearer(key))).json()
             assert stats["completed"] == 2  # create_run, forward: counted by the engine in the child
-            with pytest.raises(EngineProcessError, match="name: expected one of"):
-                await service.runner.ask("close", run_id)
+            with pytest.raises(EngineReplyError, match="name: expected one of") as e:
+                await service.runner.ask("close", run_id)  # what the child raised, as its error document
+            assert e.value.doc["type"] == "ValueError"
             service.runner.proc.kill()
             deadline = time.monotonic() + 30
             while service.down is None and time.monotonic() < deadline:

@@ -5,8 +5,8 @@ does, and results survive a new server process on the same root."""
 import asyncio
 import json
 
-
-from _asgi import SFT, asgi, create_run, new_key, result, submit
+import pytest
+from _asgi import SFT, asgi, create_run, engine_process_env, new_key, result, submit
 from signalrl.server import Service, Settings
 
 
@@ -45,10 +45,14 @@ def test_submit_with_wait_returns_the_result_inline_and_retries_return_it_again(
 
 
 
-def test_results_survive_a_new_server_on_the_same_root(tmp_path):
-    """What a restart reads: a result delivered inline, and one that finished but was never fetched."""
+@pytest.mark.parametrize("engine_process", [False, True], ids=["thread", "process"])
+def test_results_survive_a_new_server_on_the_same_root(tmp_path, monkeypatch, engine_process):
+    """What a restart reads: a result delivered inline, and one that finished but was never fetched. The new server
+    finishes recovering before it takes a request: a run created at once does not collide with the recovery."""
+    if engine_process:
+        engine_process_env(monkeypatch)
     root = str(tmp_path / "root")
-    service = Service(root, settings=Settings(max_hold_s=20))
+    service = Service(root, settings=Settings(max_hold_s=20), engine_process=engine_process)
 
     async def first():
         async with asgi(service) as http:
@@ -62,13 +66,16 @@ def test_results_survive_a_new_server_on_the_same_root(tmp_path):
                 await asyncio.sleep(0.05)
             return key, run_id, done, never["request_id"]
     key, run_id, done, never = asyncio.run(first())
-    service.runner.close()
+    if not engine_process:
+        service.runner.close()
     service.store.close()
 
-    again = Service(root, settings=Settings(max_hold_s=20))
+    again = Service(root, settings=Settings(max_hold_s=20), engine_process=engine_process)
 
     async def second():
         async with asgi(again) as http:
+            other = await create_run(http, key, lora_r=4, seed=4)  # asserts it was created
+            assert other != run_id
             assert await result(http, key, done["request_id"]) == done
             got = await result(http, key, never)
             assert got["status"] == "done" and got["result"]["fields"]["loss"] == done["result"]["fields"]["loss"]
@@ -77,7 +84,8 @@ def test_results_survive_a_new_server_on_the_same_root(tmp_path):
     try:
         asyncio.run(second())
     finally:
-        again.runner.close()
+        if not engine_process:
+            again.runner.close()
 
 
 def test_futures_on_the_callers_loop(engine, tmp_path):
