@@ -49,6 +49,8 @@ from .ordering import Pending
 log = logging.getLogger("signalrl.server")
 _HEAD = struct.Struct("<II")
 ASKS = ("recover", "run_info", "queue_stats")
+_DIRECT = 1 << 16  # frames with a body up to this are tried at once, without the writer thread
+_DONTWAIT = getattr(socket, "MSG_DONTWAIT", 0)  # (where the flag is missing, every frame goes to the writer)
 # The child's command line: import the server's signalrl (argv[1] is its source root), then run main().
 _CHILD = ("import sys; sys.path.insert(0, sys.argv.pop(1)); from signalrl.server.engine_process import main; "
           "sys.exit(main(sys.argv[1:]))")
@@ -95,9 +97,10 @@ class EngineProcess:
     reads the child's frames itself (no reader thread, no hand-off): ``deliver(request_id, status, outcome)`` is called
     on the loop for every outcome, ``on_exit(returncode)`` if the child ends without being closed.
 
-    Two socket pairs: requests go down one, written by a writer thread in order (the loop never waits for the child
-    to read a large body), outcomes come up the other, read by the loop without blocking. So neither side's writes
-    can wait on the other's."""
+    Two socket pairs: requests go down one, outcomes come up the other, read by the loop without blocking. A request
+    is written by the loop itself when the socket takes it whole at once (``MSG_DONTWAIT``), else by a writer thread,
+    in order either way: the loop never waits for the child to read a large body, so neither side's writes can wait
+    on the other's."""
 
     def __init__(self, root: str, settings, deliver: Callable[[str, str, bytes], None],
                  on_exit: Callable[[int], None] | None = None):
@@ -124,7 +127,8 @@ class EngineProcess:
         down_child.close()
         up_child.close()
         self._down, self._up = down, up
-        self._outbox: queue.SimpleQueue = queue.SimpleQueue()
+        self._outbox: queue.SimpleQueue = queue.SimpleQueue()  # (head, bytes, body) for the writer thread
+        self._qlock, self._queued = threading.Lock(), 0  # frames handed to the writer and not yet written
         self._buf = bytearray()
         self._asks: dict[int, asyncio.Future] = {}
         self._ids = itertools.count(1)
@@ -182,19 +186,45 @@ class EngineProcess:
 
     # ------------------------------------------------------------------ plumbing
     def _send(self, head: dict, body: bytes | None = b"") -> None:
-        self._outbox.put((head, body or b""))
+        """Hand a frame to the child in order. A small frame with nothing queued before it is written here at once,
+        if the socket takes it whole without waiting (the usual case: no hop to the writer thread); anything else,
+        or what is left of it, goes to the writer thread."""
+        h = json.dumps(head, separators=(",", ":")).encode()
+        body = body or b""
+        prefix = _HEAD.pack(len(h), len(body)) + h
+        with self._qlock:
+            if _DONTWAIT and not self._queued and len(body) <= _DIRECT:
+                data = prefix + body
+                try:
+                    n = self._down.send(data, _DONTWAIT)
+                except BlockingIOError:
+                    n = 0
+                except OSError as exc:
+                    self._lost(head, exc)
+                    return
+                if n == len(data):
+                    return
+                prefix, body = data[n:], b""
+            self._queued += 1
+            self._outbox.put((head, prefix, body))
 
     def _write(self) -> None:
         """The writer thread: frames down to the child, in order. One that cannot be handed over (the child is gone)
         leaves its request ``queued`` in the log, for the restarted server."""
-        lock = threading.Lock()
         while (item := self._outbox.get()) is not None:
+            head, prefix, body = item
             try:
-                send_frame(self._down, lock, *item)
+                self._down.sendall(prefix)
+                if body:
+                    self._down.sendall(body)
             except OSError as exc:
-                if not self._closing:
-                    log.error("could not reach the engine process (%s): %s left for the next start", exc,
-                              item[0].get("cmd"))
+                self._lost(head, exc)
+            with self._qlock:
+                self._queued -= 1
+
+    def _lost(self, head: dict, exc: OSError) -> None:
+        if not self._closing:
+            log.error("could not reach the engine process (%s): %s left for the next start", exc, head.get("cmd"))
 
     def _readable(self) -> None:
         """On the loop: read what the child sent and handle every complete frame."""
