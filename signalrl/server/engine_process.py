@@ -127,7 +127,7 @@ class EngineProcess:
         down_child.close()
         up_child.close()
         self._down, self._up = down, up
-        self._outbox: queue.SimpleQueue = queue.SimpleQueue()  # (head, bytes, body) for the writer thread
+        self._outbox: queue.SimpleQueue = queue.SimpleQueue()  # (head, prefix, body) for the writer thread
         self._qlock, self._queued = threading.Lock(), 0  # frames handed to the writer and not yet written
         self._buf = bytearray()
         self._asks: dict[int, asyncio.Future] = {}
