@@ -56,9 +56,14 @@ _CHILD = ("import sys; sys.path.insert(0, sys.argv.pop(1)); from signalrl.server
           "sys.exit(main(sys.argv[1:]))")
 
 
-def send_frame(sock: socket.socket, lock: threading.Lock, head: dict, body: bytes = b"") -> None:
+def frame_prefix(head: dict, body_len: int) -> bytes:
+    """A frame's bytes before its body: the two lengths and the JSON head."""
     h = json.dumps(head, separators=(",", ":")).encode()
-    prefix = _HEAD.pack(len(h), len(body)) + h
+    return _HEAD.pack(len(h), body_len) + h
+
+
+def send_frame(sock: socket.socket, lock: threading.Lock, head: dict, body: bytes = b"") -> None:
+    prefix = frame_prefix(head, len(body))
     with lock:
         if len(body) < 65536:  # one write; a large body is not copied
             sock.sendall(prefix + body)
@@ -189,9 +194,8 @@ class EngineProcess:
         """Hand a frame to the child in order. A small frame with nothing queued before it is written here at once,
         if the socket takes it whole without waiting (the usual case: no hop to the writer thread); anything else,
         or what is left of it, goes to the writer thread."""
-        h = json.dumps(head, separators=(",", ":")).encode()
         body = body or b""
-        prefix = _HEAD.pack(len(h), len(body)) + h
+        prefix = frame_prefix(head, len(body))
         with self._qlock:
             if _DONTWAIT and not self._queued and len(body) <= _DIRECT:
                 data = prefix + body
@@ -412,7 +416,3 @@ def main(argv: list[str] | None = None) -> int:
     down, up = (socket.socket(fileno=int(fd)) for fd in args.fds.split(","))
     serve_child(down, up, os.path.abspath(args.root), Settings(**json.loads(args.settings)))
     return 0
-
-
-if __name__ == "__main__":  # (the server starts the child with _CHILD, which calls main)
-    sys.exit(main())

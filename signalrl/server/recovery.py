@@ -10,8 +10,8 @@ its pending requests fail with the reason.
 
 The server's half (:func:`recover_waiting`, once the engine's half has queued its work — the engine process answers
 the server's ``recover`` ask only then — and before the server takes a request): requests still ``waiting`` for a
-predecessor wait again (and fail after the gap timeout if it never comes). Results done before the restart are in the store,
-retrievable as before.
+predecessor wait again (and fail after the gap timeout if it never comes). Results done before the restart are in the
+store, retrievable as before.
 """
 from __future__ import annotations
 
@@ -39,12 +39,12 @@ def _pending(store: "Store", row, record: Callable[..., None]) -> Pending | None
     try:
         if payload is None:
             raise wire.WireError("its payload is missing from the request log")
-        wire.decode_request(payload, ctype)
+        args, kwargs = wire.decode_request(payload, ctype)
     except ValueError as exc:
         record(row["request_id"], error=wire.error_doc(
             "RequestLostError", f"request {row['request_id']} could not be run after a restart: {exc}"))
         return None
-    return Pending(row["request_id"], row["seq"], row["op"], None, None, time.monotonic(), body=payload, ctype=ctype)
+    return Pending(row["request_id"], row["seq"], row["op"], args, kwargs, time.monotonic(), body=payload, ctype=ctype)
 
 
 def recover_runs(runner: "Runner") -> None:

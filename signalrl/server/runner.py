@@ -21,6 +21,7 @@ from signalrl.engine import Engine, RunNotFoundError
 from . import execution
 from .ordering import Pending
 from .paths import PathPolicy
+from .recovery import recover_runs
 from .store import FINAL, Store
 
 log = logging.getLogger("signalrl.server")
@@ -151,8 +152,6 @@ class Runner:
 
     def recover(self) -> None:
         """The engine's half of a restart (:func:`.recovery.recover_runs`)."""
-        from .recovery import recover_runs
-
         recover_runs(self)
 
     def close(self) -> None:
