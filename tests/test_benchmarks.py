@@ -8,6 +8,7 @@ import os
 import pathlib
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -254,42 +255,51 @@ def test_gpu_kernel_benchmarks_dry_run(tmp_path):
     assert any(c.startswith("breakdown:") for c in cases) and any("gae" in c.lower() for c in cases), sorted(cases)
 
 
-def test_paired_case_measures_each_provider_in_order_then_reversed():
-    """A paired case (a whole loss on a model) runs A B B A and reports the mean of each provider's two medians."""
+def test_paired_case_times_its_providers_in_turns():
+    """A paired case (a whole loss on a model) times its providers in rotating turns, round after round, within
+    each mode: the timed calls switch provider many times (a drift of the machine lands on both alike), each mode's
+    rows come out provider by provider, and a provider whose first call fails gets its error rows while the other
+    is still measured."""
     from signalrl.bench.cases import Case, Preset
     from signalrl.bench.runner import Runner
 
-    order = []
+    calls = []
 
-    def factory(name):
+    def factory(name, fail=False):
         def make_impl(device, x):
-            order.append(name)
-            return P.Impl(lambda a: a * 2.0)
+            def fn(a):
+                if fail:
+                    raise RuntimeError("boom")
+                calls.append(name)
+                time.sleep(0.002)
+                return a * 2.0
+            return P.Impl(fn)
         return make_impl
 
     case = Case(op="toy", family="toy", params={"N": 4}, dtype=torch.float32,
                 make=lambda device, gen: {"a": torch.ones(4, requires_grad=True)},
-                impls={"reference": factory("reference"), "native": factory("native")}, modes=("fwd",),
-                bytes_model=False, paired=True)
+                impls={"reference": factory("reference"), "native": factory("native"),
+                       "triton": factory("triton", fail=True)},
+                modes=("fwd", "full"), bytes_model=False, paired=True)
     rows = []
-    runner = Runner(Preset(name="cpu", device=torch.device("cpu")), {}, {}, providers=["reference", "native"],
-                    modes=["fwd"], budget_s=None, emit=rows.append)
+    runner = Runner(Preset(name="cpu", device=torch.device("cpu")), {}, {},
+                    providers=["reference", "native", "triton"], modes=["fwd", "full"], budget_s=None,
+                    emit=rows.append)
     runner.run_case(case)
-    assert order == ["reference", "native", "native", "reference"]
-    assert [(r["provider"], r["mode"], r["status"]) for r in rows] == [("reference", "fwd", "ok"),
-                                                                       ("native", "fwd", "ok")]
-    assert all(r["samples"] >= 10 and r["time_ms"] > 0 for r in rows)  # two measurements' samples
+    assert [(r["provider"], r["mode"], r["status"][:5]) for r in rows] == [
+        ("reference", "fwd", "ok"), ("reference", "full", "ok"), ("native", "fwd", "ok"), ("native", "full", "ok"),
+        ("triton", "fwd", "error"), ("triton", "full", "error")]
+    switches = sum(a != b for a, b in zip(calls, calls[1:]))
+    assert switches >= 2 * 2 * 5 - 1, switches  # two modes, at least 5 rounds each, two providers a round
+    assert all(r["samples"] >= 5 and r["time_ms"] >= 2.0 for r in rows if r["status"] == "ok")
 
 
-def test_merged_rows_average_the_timings():
-    from signalrl.bench.runner import _merged
+def test_time_interleaved_rotates_the_order_of_each_round():
+    from signalrl.bench import timing
 
-    a = {"status": "ok", "time_ms": 1.0, "time_ms_p20": 0.9, "time_ms_p80": 1.2, "samples": 5, "peak_mem_bytes": 10,
-         "gbps": None}
-    b = dict(a, time_ms=3.0, time_ms_p20=2.0, time_ms_p80=4.0, samples=7, peak_mem_bytes=20)
-    m = _merged([a, b])
-    assert (m["time_ms"], m["time_ms_p20"], m["time_ms_p80"], m["samples"], m["peak_mem_bytes"]) == (2.0, 1.45, 2.6,
-                                                                                                      12, 20)
-    assert m["gbps"] is None
-    bad = {"status": "error: boom"}
-    assert _merged([bad, a]) is a and _merged([bad, bad]) is bad
+    calls = []
+    steps = {k: (lambda k=k: calls.append(k) or time.sleep(0.011)) for k in "abc"}
+    out = timing.time_interleaved(steps, torch.device("cpu"), warmup_s=0.0, warmup_min=1, rep_s=0.0,
+                                  min_samples=3, max_samples=3)
+    assert calls[3:] == list("abc" "bca" "cab")  # after one warm-up call each
+    assert set(out) == set("abc") and all(t.samples == 3 and t.median_ms >= 11.0 for t in out.values())

@@ -15,6 +15,7 @@ import gc
 import math
 import time
 import zlib
+from dataclasses import dataclass
 from typing import Callable, Iterable
 
 import torch
@@ -182,23 +183,70 @@ class Runner:
 
     def _run_paired(self, case: Case, provs: list[str], inputs: list[dict]) -> None:
         """A case whose providers differ by a few percent of a long call (a whole loss on a model: the same model
-        work, then each backend's loss): every provider is measured twice, in order and then in reverse order
-        (A B C C B A), and each row gets the mean of its two medians (and percentiles). A drift of the machine
-        over the case then lands on every provider alike instead of deciding their ratio."""
-        runs: dict[tuple[str, str], list[dict]] = {}
+        work, then each backend's loss): per mode, the providers are timed in turns (:func:`timing.time_interleaved`:
+        round after round, each provider once per round, in an order that rotates), so a drift of the machine lands
+        on every provider alike instead of deciding their ratio. A provider that is only smoke-tested (the Triton
+        interpreter) is measured alone, as in an unpaired case."""
+        if not self.budget_left():
+            for p in provs:
+                self._status_rows(case, p, f"skipped: time budget of {self.budget_s:.0f} s used up")
+                self._tick(case, p)
+            return
+        rows: dict[str, list[dict]] = {p: [] for p in provs}
         emit = self.emit
+        preps: dict[str, _Prepared] = {}
         try:
-            self.emit = lambda row: runs.setdefault((row["provider"], row["mode"]), []).append(row)
-            for p in provs + provs[::-1]:
-                self._run_or_skip(case, p, inputs)
+            for p in provs:
+                self.emit = rows[p].append
+                impl = self._impl(case, p, inputs)
+                if impl is None:
+                    continue
+                if impl.smoke:
+                    with impl.ctx():
+                        self._measure_unit(case, p, impl, inputs)
+                    continue
+                with impl.ctx():
+                    prep = self._prepare(case, p, impl, inputs)
+                if prep is not None:
+                    preps[p] = prep
+            for mode in case.modes:
+                if mode in self.modes and preps:
+                    self._measure_interleaved(case, preps, inputs, mode, rows)
         finally:
             self.emit = emit
+            preps.clear()
+            self._cleanup()
         for p in provs:
-            for mode in case.modes:
-                rows = runs.get((p, mode))
-                if rows:
-                    self.emit(_merged(rows))
+            for row in rows[p]:
+                self.emit(row)
             self._tick(case, p)
+
+    def _measure_interleaved(self, case: Case, preps: dict, inputs: list[dict], mode: str,
+                             rows: dict[str, list[dict]]) -> None:
+        opened = {}
+        for p, prep in preps.items():
+            with prep.impl.ctx():
+                row, step, mem_call, graphs = self._open_mode(case, p, prep, inputs, mode)
+            if step is None:
+                rows[p].append(row)
+            else:
+                opened[p] = (row, _in_ctx(prep.impl.ctx, step), mem_call, graphs)
+        try:
+            timings = timing.time_interleaved({p: o[1] for p, o in opened.items()}, self.device,
+                                              quick=self.preset.quick)
+            for p, (row, _, mem_call, _) in opened.items():
+                with preps[p].impl.ctx():
+                    self._close_mode(case, preps[p], inputs, mode, row, timings[p], mem_call)
+        except KeyboardInterrupt:
+            raise
+        except Exception as exc:  # noqa: BLE001 - the providers timed together fail together
+            for row, *_ in opened.values():
+                row["status"] = "oom" if _is_oom(exc) else f"error: {_fmt_err(exc)}"
+        finally:
+            for p, (row, *_) in opened.items():
+                rows[p].append(row)
+            opened.clear()
+            self._cleanup(full=True)
 
     def _tick(self, case: Case, provider: str) -> None:
         if self.progress is not None:
@@ -212,93 +260,119 @@ class Runner:
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
 
-    def _run_unit(self, case: Case, provider: str, inputs: list[dict]) -> None:
+    def _impl(self, case: Case, provider: str, inputs: list[dict]) -> P.Impl | None:
+        """The provider's Impl for this case, or None after emitting why there is none."""
         try:
-            impl = case.impls[provider](self.device, inputs[0])
+            return case.impls[provider](self.device, inputs[0])
         except P.NotInstalled as exc:
-            return self._status_rows(case, provider, "not installed", str(exc))
+            self._status_rows(case, provider, "not installed", str(exc))
         except P.Unavailable as exc:
-            return self._status_rows(case, provider, f"unavailable: {exc}")
+            self._status_rows(case, provider, f"unavailable: {exc}")
         except P.Skipped as exc:
-            return self._status_rows(case, provider, f"skipped: {exc}")
+            self._status_rows(case, provider, f"skipped: {exc}")
         except Exception as exc:  # noqa: BLE001
-            return self._status_rows(case, provider, f"error: {_fmt_err(exc)}")
+            self._status_rows(case, provider, f"error: {_fmt_err(exc)}")
+        return None
+
+    def _run_unit(self, case: Case, provider: str, inputs: list[dict]) -> None:
+        impl = self._impl(case, provider, inputs)
+        if impl is None:
+            return
         try:
             with impl.ctx():
                 self._measure_unit(case, provider, impl, inputs)
         finally:
             self._cleanup()
 
-    def _measure_unit(self, case: Case, provider: str, impl: P.Impl, inputs: list[dict]) -> None:
-        fn = impl.fn
+    def _prepare(self, case: Case, provider: str, impl: P.Impl, inputs: list[dict]) -> "_Prepared | None":
+        """The first call (checked against the reference) and what every mode's measurement needs; None after
+        emitting the rows of a provider whose first call fails."""
         try:
-            out = fn(**inputs[0])
+            out = impl.fn(**inputs[0])
             flat = [(k, t.detach()) for k, t in _flatten(out)]
             diff_meta = [(t.shape, t.dtype) for t in _differentiable(out)]
             del out
         except Exception as exc:  # noqa: BLE001
             status = "oom" if _is_oom(exc) else f"error: {_fmt_err(exc)}"
             self._cleanup(full=True)
-            return self._status_rows(case, provider, status, impl.note)
+            self._status_rows(case, provider, status, impl.note)
+            return None
         err, check = self._check(provider, flat, case.dtype_name)
-        outputs = [t for _, t in flat]
         wrt = [[t for t in x.values() if isinstance(t, torch.Tensor) and t.requires_grad] + list(impl.wrt)
                for x in inputs]
-        n = len(inputs)
-
         gen = torch.Generator(device=self.device)
         gen.manual_seed(1234)
         gouts = [torch.ones(s, device=self.device, dtype=d) if len(s) == 0 else
                  torch.randn(s, generator=gen, device=self.device).to(d) for s, d in diff_meta]
+        return _Prepared(impl, [t for _, t in flat], diff_meta, wrt, gouts, err, check)
 
+    def _measure_unit(self, case: Case, provider: str, impl: P.Impl, inputs: list[dict]) -> None:
+        prep = self._prepare(case, provider, impl, inputs)
+        if prep is None:
+            return
         for mode in case.modes:
             if mode not in self.modes:
                 continue
-            row = self._base(case, provider, mode)
-            row.update(note=impl.note, max_abs_err=err, check=check, copies=n)
-            if impl.smoke and mode != "fwd":
-                row["status"] = "skipped: the Triton interpreter is a smoke test (forward only)"
-                self.emit(row)
-                continue
-            if mode != "fwd" and (not diff_meta or not wrt[0]):
-                row["status"] = "n/a: no differentiable output"
-                self.emit(row)
-                continue
-            graphs = None
-            try:
-                step, mem_call, graphs = self._steps(mode, fn, inputs, wrt, gouts)
-                if impl.smoke:  # interpreter: one timed call after the check call, a smoke test only
-                    t = timing.time_step(step, self.device, smoke=True)
-                    row["samples"] = 1
-                else:
-                    if impl.warm:
-                        step()  # untimed: compiles the backward graph before the timer's own warm-up
-                        timing.sync(self.device)
-                    t = timing.time_step(step, self.device, quick=self.preset.quick)
-                peak = timing.peak_memory(mem_call, self.device)
-                diff_outs = [torch.empty(s, device="meta", dtype=d) for s, d in diff_meta]
-                nbytes = traffic_bytes(mode, inputs[0], outputs, diff_outs, wrt[0]) if case.bytes_model else None
-                flops = case.flops(mode) if case.flops is not None else None
-                sec = t.median_ms * 1e-3
-                gbps = nbytes / sec / 1e9 if nbytes else None
-                tflops = flops / sec / 1e12 if flops else None
-                pct, ceil = C.pct_of_ceiling(self.ceilings, gbps=gbps, tflops=tflops, dtype=case.dtype_name)
-                row.update(
-                    time_ms=t.median_ms, time_ms_p20=t.p20_ms, time_ms_p80=t.p80_ms, samples=t.samples,
-                    peak_mem_bytes=peak, gbps=None if tflops is not None else gbps, tflops=tflops,
-                    pct_of_ceiling=pct, ceiling=ceil, status="ok",
-                )
-            except KeyboardInterrupt:
-                raise
-            except Exception as exc:  # noqa: BLE001
-                row["status"] = "oom" if _is_oom(exc) else f"error: {_fmt_err(exc)}"
-                failed = True
-            else:
-                failed = False
-            finally:
-                del graphs
+            row, step, mem_call, graphs = self._open_mode(case, provider, prep, inputs, mode)
+            failed = False
+            if step is not None:
+                try:
+                    if impl.smoke:  # interpreter: one timed call after the check call, a smoke test only
+                        t = timing.time_step(step, self.device, smoke=True)
+                    else:
+                        if impl.warm:
+                            step()  # untimed: compiles the backward graph before the timer's own warm-up
+                            timing.sync(self.device)
+                        t = timing.time_step(step, self.device, quick=self.preset.quick)
+                    self._close_mode(case, prep, inputs, mode, row, t, mem_call)
+                except KeyboardInterrupt:
+                    raise
+                except Exception as exc:  # noqa: BLE001
+                    row["status"] = "oom" if _is_oom(exc) else f"error: {_fmt_err(exc)}"
+                    failed = True
+                finally:
+                    del graphs
             self._cleanup(full=failed)
             self.emit(row)
+
+    def _open_mode(self, case: Case, provider: str, prep: "_Prepared", inputs: list[dict], mode: str):
+        """(row, step, mem_call, graphs) of one mode: step is None when the row already has its status."""
+        row = self._base(case, provider, mode)
+        row.update(note=prep.impl.note, max_abs_err=prep.err, check=prep.check, copies=len(inputs))
+        if prep.impl.smoke and mode != "fwd":
+            row["status"] = "skipped: the Triton interpreter is a smoke test (forward only)"
+            return row, None, None, None
+        if mode != "fwd" and (not prep.diff_meta or not prep.wrt[0]):
+            row["status"] = "n/a: no differentiable output"
+            return row, None, None, None
+        try:
+            step, mem_call, graphs = self._steps(mode, prep.impl.fn, inputs, prep.wrt, prep.gouts)
+        except KeyboardInterrupt:
+            raise
+        except Exception as exc:  # noqa: BLE001
+            row["status"] = "oom" if _is_oom(exc) else f"error: {_fmt_err(exc)}"
+            self._cleanup(full=True)
+            return row, None, None, None
+        return row, step, mem_call, graphs
+
+    def _close_mode(self, case: Case, prep: "_Prepared", inputs: list[dict], mode: str, row: dict,
+                    t: timing.Timing, mem_call) -> None:
+        """Fills a measured row: the timing, the peak memory of one call and the work model's rates."""
+        if prep.impl.smoke:
+            row["samples"] = 1
+        peak = timing.peak_memory(mem_call, self.device)
+        diff_outs = [torch.empty(s, device="meta", dtype=d) for s, d in prep.diff_meta]
+        nbytes = traffic_bytes(mode, inputs[0], prep.outputs, diff_outs, prep.wrt[0]) if case.bytes_model else None
+        flops = case.flops(mode) if case.flops is not None else None
+        sec = t.median_ms * 1e-3
+        gbps = nbytes / sec / 1e9 if nbytes else None
+        tflops = flops / sec / 1e12 if flops else None
+        pct, ceil = C.pct_of_ceiling(self.ceilings, gbps=gbps, tflops=tflops, dtype=case.dtype_name)
+        row.update(
+            time_ms=t.median_ms, time_ms_p20=t.p20_ms, time_ms_p80=t.p80_ms, samples=row.get("samples") or t.samples,
+            peak_mem_bytes=peak, gbps=None if tflops is not None else gbps, tflops=tflops,
+            pct_of_ceiling=pct, ceiling=ceil, status="ok",
+        )
 
     def _steps(self, mode, fn, inputs, wrt, gouts):
         n = len(inputs)
@@ -352,20 +426,25 @@ class Runner:
         return err, "pass" if err <= tol else f"FAIL: max abs err {err:.3g} > {tol:.3g}"
 
 
-def _merged(rows: list[dict]) -> dict:
-    """One row from the measurements of the same (provider, mode): the first row, with the means of the timings
-    of the rows that measured (all of them when all did) and their samples added."""
-    ok = [r for r in rows if r.get("status") == "ok" and r.get("time_ms") is not None]
-    if len(ok) < 2:
-        return ok[0] if ok else rows[0]
-    out = dict(ok[0])
-    for k in ("time_ms", "time_ms_p20", "time_ms_p80", "gbps", "tflops", "pct_of_ceiling"):
-        vals = [r.get(k) for r in ok]
-        if all(v is not None for v in vals):
-            out[k] = sum(vals) / len(vals)
-    out["samples"] = sum(r.get("samples") or 0 for r in ok)
-    out["peak_mem_bytes"] = max(r.get("peak_mem_bytes") or 0 for r in ok)
-    return out
+@dataclass
+class _Prepared:
+    """One provider's first call of a case and what timing its modes needs."""
+
+    impl: P.Impl
+    outputs: list[torch.Tensor]
+    diff_meta: list[tuple]      # (shape, dtype) of each differentiable output
+    wrt: list[list[torch.Tensor]]  # per input copy: the tensors to differentiate
+    gouts: list[torch.Tensor]   # fixed output gradients
+    err: float | None
+    check: str
+
+
+def _in_ctx(ctx: Callable, step: Callable) -> Callable:
+    """step() inside a fresh ctx() each call (a provider timed in turns with others keeps its own backend)."""
+    def run():
+        with ctx():
+            return step()
+    return run
 
 
 class _Budget(Exception):

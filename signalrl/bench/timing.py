@@ -126,6 +126,45 @@ def time_cpu(step: Callable[[], object], *, warmup_s: float = 0.05, warmup_min: 
     return summarize(samples)
 
 
+def time_interleaved(steps: dict[str, Callable[[], object]], device: torch.device, *, quick: bool = False,
+                     warmup_s: float = 0.05, warmup_min: int = 2, rep_s: float = 0.6, min_samples: int = 5,
+                     max_samples: int = 100, block_s: float = 0.01) -> dict[str, Timing]:
+    """Median / p20 / p80 of each step, the steps timed in turns: every round times each step once (a block of
+    calls of about ``block_s``), in an order that rotates from round to round, until each step has about ``rep_s``
+    of samples (``min_samples`` to ``max_samples`` rounds). For steps whose times differ by a few percent: a drift
+    of the machine (another job, a frequency change) then lands on every step alike instead of on whichever was
+    timed during it."""
+    if quick:
+        warmup_s, warmup_min, rep_s, min_samples, max_samples = 0.0, 1, 0.02, 3, 5
+    names = list(steps)
+    est = {}
+    for name in names:
+        t0 = time.perf_counter()
+        n = 0
+        while n < warmup_min or time.perf_counter() - t0 < warmup_s:
+            steps[name]()
+            sync(device)
+            n += 1
+            if time.perf_counter() - t0 > SLOW_CALL_S:
+                break
+        est[name] = max((time.perf_counter() - t0) / n, 1e-7)
+    number = {name: max(1, int(block_s / est[name])) for name in names}
+    per_round = max(number[name] * est[name] for name in names)
+    rounds = int(min(max_samples, max(min_samples if per_round <= SLOW_CALL_S else 3, math.ceil(rep_s / per_round))))
+    samples: dict[str, list[float]] = {name: [] for name in names}
+    for r in range(rounds):
+        for k in range(len(names)):
+            name = names[(r + k) % len(names)]
+            step, calls = steps[name], number[name]
+            sync(device)
+            t0 = time.perf_counter()
+            for _ in range(calls):
+                step()
+            sync(device)
+            samples[name].append((time.perf_counter() - t0) / calls)
+    return {name: summarize(samples[name]) for name in names}
+
+
 _FLUSH: dict[int, torch.Tensor] = {}
 SLOW_CALL_S = 0.5  # calls slower than this get one warm-up and at least 3 (not 5) samples
 

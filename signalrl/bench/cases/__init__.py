@@ -51,7 +51,7 @@ class Case:
     flops: Callable[[str], float] | None = None  # work model for compute-bound cases
     bytes_model: bool = True                  # else: no traffic model (e.g. a whole loss on a model)
     headline: bool = False                    # run first; the shapes the issues state goals for
-    paired: bool = False                      # providers timed twice, in order then reversed (see Runner.run_case)
+    paired: bool = False                      # providers timed in turns within each mode (Runner._run_paired)
     notes: str = ""
 
     @property
