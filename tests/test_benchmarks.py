@@ -294,6 +294,44 @@ def test_paired_case_times_its_providers_in_turns():
     assert all(r["samples"] >= 5 and r["time_ms"] >= 2.0 for r in rows if r["status"] == "ok")
 
 
+def test_paired_case_interrupted_keeps_the_rows_it_measured():
+    """Ctrl-C (or --max-s) in the middle of a paired case: the modes measured before it keep their rows."""
+    from signalrl.bench.cases import Case, Preset
+    from signalrl.bench.runner import Runner
+
+    state = {"full": False}
+
+    def factory(device, x):
+        def fn(a):
+            if state["full"] and torch.is_grad_enabled() and len(calls) > 3:
+                raise KeyboardInterrupt
+            calls.append(1)
+            return a * 2.0
+        return P.Impl(fn)
+
+    calls = []
+    case = Case(op="toy", family="toy", params={"N": 4}, dtype=torch.float32,
+                make=lambda device, gen: {"a": torch.ones(4, requires_grad=True)},
+                impls={"reference": factory, "native": factory}, modes=("fwd", "full"), bytes_model=False,
+                paired=True)
+    rows = []
+    runner = Runner(Preset(name="quick", device=torch.device("cpu")), {}, {}, providers=["reference", "native"],
+                    modes=["fwd", "full"], budget_s=None, emit=rows.append)
+    real = runner._measure_interleaved
+
+    def measure(case, preps, inputs, mode, out):
+        if mode == "full":
+            state["full"] = True
+            calls.clear()
+        return real(case, preps, inputs, mode, out)
+
+    runner._measure_interleaved = measure
+    with pytest.raises(KeyboardInterrupt):
+        runner.run_case(case)
+    assert [(r["provider"], r["mode"], r["status"]) for r in rows] == [("reference", "fwd", "ok"),
+                                                                       ("native", "fwd", "ok")]
+
+
 def test_time_interleaved_rotates_the_order_of_each_round():
     from signalrl.bench import timing
 

@@ -212,14 +212,14 @@ class Runner:
             for mode in case.modes:
                 if mode in self.modes and preps:
                     self._measure_interleaved(case, preps, inputs, mode, rows)
-        finally:
+        finally:  # the rows measured so far, also when the run is interrupted (--max-s, Ctrl-C)
             self.emit = emit
             preps.clear()
             self._cleanup()
-        for p in provs:
-            for row in rows[p]:
-                self.emit(row)
-            self._tick(case, p)
+            for p in provs:
+                for row in rows[p]:
+                    self.emit(row)
+                self._tick(case, p)
 
     def _measure_interleaved(self, case: Case, preps: dict, inputs: list[dict], mode: str,
                              rows: dict[str, list[dict]]) -> None:
@@ -231,6 +231,9 @@ class Runner:
                 rows[p].append(row)
             else:
                 opened[p] = (row, _in_ctx(prep.impl.ctx, step), mem_call, graphs)
+        if not opened:
+            return
+        failed = False
         try:
             timings = timing.time_interleaved({p: o[1] for p, o in opened.items()}, self.device,
                                               quick=self.preset.quick)
@@ -240,13 +243,13 @@ class Runner:
         except KeyboardInterrupt:
             raise
         except Exception as exc:  # noqa: BLE001 - the providers timed together fail together
+            failed = True
             for row, *_ in opened.values():
                 row["status"] = "oom" if _is_oom(exc) else f"error: {_fmt_err(exc)}"
-        finally:
-            for p, (row, *_) in opened.items():
-                rows[p].append(row)
-            opened.clear()
-            self._cleanup(full=True)
+        for p, (row, *_) in opened.items():  # (an interrupted measurement leaves no row)
+            rows[p].append(row)
+        opened.clear()
+        self._cleanup(full=failed)
 
     def _tick(self, case: Case, provider: str) -> None:
         if self.progress is not None:
