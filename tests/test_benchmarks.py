@@ -257,29 +257,43 @@ def test_gpu_kernel_benchmarks_dry_run(tmp_path):
 
 def test_paired_case_times_its_providers_in_turns():
     """A paired case (a whole loss on a model) times its providers in rotating turns, round after round, within
-    each mode: the timed calls switch provider many times (a drift of the machine lands on both alike), each mode's
-    rows come out provider by provider, and a provider whose first call fails gets its error rows while the other
-    is still measured."""
+    each mode, each call inside its own provider's context (its forced backend): the timed calls switch provider
+    once or twice a round (A B | B A | A B ...), each mode's rows come out provider by provider, a provider whose
+    first call fails gets its error rows, and one that fails while being timed gets an error row for that mode
+    while the other is still measured."""
+    import contextlib
+
     from signalrl.bench.cases import Case, Preset
     from signalrl.bench.runner import Runner
 
-    calls = []
+    calls, active, timing_mode = [], [], {}
 
-    def factory(name, fail=False):
+    def factory(name, fail_first=False, fail_in_full=False):
+        @contextlib.contextmanager
+        def ctx():
+            active.append(name)
+            try:
+                yield
+            finally:
+                active.pop()
+
         def make_impl(device, x):
             def fn(a):
-                if fail:
+                if fail_first:
                     raise RuntimeError("boom")
+                assert active == [name], active  # every call runs inside this provider's ctx alone
+                if fail_in_full and timing_mode.get("mode") == "full":
+                    raise RuntimeError("fails in full")
                 calls.append(name)
                 time.sleep(0.002)
                 return a * 2.0
-            return P.Impl(fn)
+            return P.Impl(fn, ctx=ctx)
         return make_impl
 
     case = Case(op="toy", family="toy", params={"N": 4}, dtype=torch.float32,
                 make=lambda device, gen: {"a": torch.ones(4, requires_grad=True)},
                 impls={"reference": factory("reference"), "native": factory("native"),
-                       "triton": factory("triton", fail=True)},
+                       "triton": factory("triton", fail_first=True)},
                 modes=("fwd", "full"), bytes_model=False, paired=True)
     rows = []
     runner = Runner(Preset(name="cpu", device=torch.device("cpu")), {}, {},
@@ -289,9 +303,26 @@ def test_paired_case_times_its_providers_in_turns():
     assert [(r["provider"], r["mode"], r["status"][:5]) for r in rows] == [
         ("reference", "fwd", "ok"), ("reference", "full", "ok"), ("native", "fwd", "ok"), ("native", "full", "ok"),
         ("triton", "fwd", "error"), ("triton", "full", "error")]
+    ok = [r for r in rows if r["status"] == "ok"]
+    assert all(r["samples"] >= 5 and r["time_ms"] >= 2.0 for r in ok)
     switches = sum(a != b for a, b in zip(calls, calls[1:]))
-    assert switches >= 2 * 2 * 5 - 1, switches  # two modes, at least 5 rounds each, two providers a round
-    assert all(r["samples"] >= 5 and r["time_ms"] >= 2.0 for r in rows if r["status"] == "ok")
+    rounds = sum(r["samples"] for r in ok) // 2  # both providers sample once a round
+    assert switches >= rounds - 2, (switches, rounds)  # at least one switch a round
+
+    # native fails while being timed in "full": its own error row; the reference is still measured
+    case.impls = {"reference": factory("reference"), "native": factory("native", fail_in_full=True)}
+    real = runner._measure_interleaved
+
+    def measure(case_, preps, inputs, mode, out):
+        timing_mode["mode"] = mode  # tells fn which mode is being timed
+        return real(case_, preps, inputs, mode, out)
+
+    runner._measure_interleaved = measure
+    rows.clear()
+    runner.run_case(case)
+    assert [(r["provider"], r["mode"], r["status"][:5]) for r in rows] == [
+        ("reference", "fwd", "ok"), ("reference", "full", "ok"), ("native", "fwd", "ok"), ("native", "full", "error")]
+    assert "fails in full" in rows[-1]["status"]
 
 
 def test_paired_case_interrupted_keeps_the_rows_it_measured():
@@ -341,3 +372,21 @@ def test_time_interleaved_rotates_the_order_of_each_round():
                                   min_samples=3, max_samples=3)
     assert calls[3:] == list("abc" "bca" "cab")  # after one warm-up call each
     assert set(out) == set("abc") and all(t.samples == 3 and t.median_ms >= 11.0 for t in out.values())
+
+
+def test_time_interleaved_leaves_out_a_step_that_raises():
+    from signalrl.bench import timing
+
+    calls = []
+
+    def bad():
+        if len(calls) > 4:
+            raise RuntimeError("late failure")
+        calls.append("bad")
+
+    steps = {"ok": lambda: calls.append("ok") or time.sleep(0.011), "bad": bad}
+    out = timing.time_interleaved(steps, torch.device("cpu"), warmup_s=0.0, warmup_min=1, rep_s=0.0, min_samples=6,
+                                  max_samples=6)
+    assert isinstance(out["bad"], RuntimeError) and out["ok"].samples == 6
+    with pytest.raises(KeyboardInterrupt):
+        timing.time_interleaved({"x": lambda: (_ for _ in ()).throw(KeyboardInterrupt())}, torch.device("cpu"))

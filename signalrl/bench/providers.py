@@ -47,8 +47,9 @@ class Skipped(Exception):
 class Impl:
     """A callable computing one case: ``fn(**inputs) -> Tensor | tuple[Tensor, ...]``.
 
-    ``ctx`` is entered once around all calls of a measurement (e.g. forcing a backend); ``note``
-    ends up in the row (e.g. "triton interpreter").
+    ``ctx`` is entered around the calls of a measurement (e.g. forcing a backend): once around all of them, or
+    around each call when providers are timed in turns (paired cases); ``note`` ends up in the row (e.g. "triton
+    interpreter").
     """
 
     fn: Callable

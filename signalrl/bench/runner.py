@@ -146,7 +146,9 @@ class Runner:
             gen.manual_seed(zlib.crc32(f"{case.op}|{case.shape}|{case.dtype_name}".encode()))
             first = case.make(self.device, gen)
             size = sum(_nbytes(t) for t in first.values() if isinstance(t, torch.Tensor))
-            copies = timing.rotation_copies(size, self.llc, max_copies=2 if self.preset.quick else 8)
+            # a paired case (a model step) gains nothing from rotating its small batch, and holds every provider's
+            # backward graphs at once
+            copies = timing.rotation_copies(size, self.llc, max_copies=2 if self.preset.quick or case.paired else 8)
             inputs = [first] + [
                 {k: (v.detach().clone().requires_grad_(v.requires_grad) if isinstance(v, torch.Tensor) else v)
                  for k, v in first.items()}
@@ -202,16 +204,26 @@ class Runner:
                 if impl is None:
                     continue
                 if impl.smoke:
-                    with impl.ctx():
-                        self._measure_unit(case, p, impl, inputs)
+                    try:
+                        with impl.ctx():
+                            self._measure_unit(case, p, impl, inputs)
+                    finally:
+                        self._cleanup()
                     continue
                 with impl.ctx():
                     prep = self._prepare(case, p, impl, inputs)
                 if prep is not None:
                     preps[p] = prep
             for mode in case.modes:
-                if mode in self.modes and preps:
-                    self._measure_interleaved(case, preps, inputs, mode, rows)
+                if mode not in self.modes or not preps:
+                    continue
+                if not self.budget_left():
+                    for p in preps:
+                        row = self._base(case, p, mode)
+                        row["status"] = f"skipped: time budget of {self.budget_s:.0f} s used up"
+                        rows[p].append(row)
+                    continue
+                self._measure_interleaved(case, preps, inputs, mode, rows)
         finally:  # the rows measured so far, also when the run is interrupted (--max-s, Ctrl-C)
             self.emit = emit
             preps.clear()
@@ -223,31 +235,41 @@ class Runner:
 
     def _measure_interleaved(self, case: Case, preps: dict, inputs: list[dict], mode: str,
                              rows: dict[str, list[dict]]) -> None:
+        """One mode of a paired case: every provider's step timed in turns; a provider that fails gets its own error
+        row, the others are still measured."""
         opened = {}
+        step = mem_call = graphs = None
         for p, prep in preps.items():
             with prep.impl.ctx():
                 row, step, mem_call, graphs = self._open_mode(case, p, prep, inputs, mode)
+                if step is not None and prep.impl.warm:
+                    try:
+                        step()  # untimed: compiles the backward graph before the timer's own warm-up
+                        timing.sync(self.device)
+                    except Exception as exc:  # noqa: BLE001
+                        row["status"] = "oom" if _is_oom(exc) else f"error: {_fmt_err(exc)}"
+                        step = mem_call = graphs = None
             if step is None:
                 rows[p].append(row)
             else:
                 opened[p] = (row, _in_ctx(prep.impl.ctx, step), mem_call, graphs)
+        del step, mem_call, graphs
         if not opened:
             return
         failed = False
-        try:
-            timings = timing.time_interleaved({p: o[1] for p, o in opened.items()}, self.device,
-                                              quick=self.preset.quick)
-            for p, (row, _, mem_call, _) in opened.items():
+        timings = timing.time_interleaved({p: o[1] for p, o in opened.items()}, self.device, quick=self.preset.quick)
+        for p, (row, _step, mem_call, _graphs) in opened.items():
+            t = timings[p]
+            try:
+                if isinstance(t, Exception):
+                    raise t
                 with preps[p].impl.ctx():
-                    self._close_mode(case, preps[p], inputs, mode, row, timings[p], mem_call)
-        except KeyboardInterrupt:
-            raise
-        except Exception as exc:  # noqa: BLE001 - the providers timed together fail together
-            failed = True
-            for row, *_ in opened.values():
+                    self._close_mode(case, preps[p], inputs, mode, row, t, mem_call)
+            except Exception as exc:  # noqa: BLE001 - this provider's row only
+                failed = True
                 row["status"] = "oom" if _is_oom(exc) else f"error: {_fmt_err(exc)}"
-        for p, (row, *_) in opened.items():  # (an interrupted measurement leaves no row)
             rows[p].append(row)
+        del _step, mem_call, _graphs, timings
         opened.clear()
         self._cleanup(full=failed)
 

@@ -8,6 +8,9 @@ Time
   and the 20th/80th percentiles over the samples.
 * CUDA: one pair of CUDA events around every call, after the L2 cache has been flushed by writing a
   buffer larger than it (as ``triton.testing.do_bench`` does). Warm-up calls are discarded.
+* Steps timed in turns (:func:`time_interleaved`, the paired cases: a whole loss on a model): each sample is a
+  block of about 10 ms of calls between two device synchronizations, timed by the host clock (no L2 flush: a
+  model step is far larger than the cache), the providers taking turns round after round.
 
 In both cases the step function rotates over several copies of the inputs (see ``rotation_copies``)
 so that a small working set cannot sit in the last-level cache between calls.
@@ -128,43 +131,64 @@ def time_cpu(step: Callable[[], object], *, warmup_s: float = 0.05, warmup_min: 
 
 def time_interleaved(steps: dict[str, Callable[[], object]], device: torch.device, *, quick: bool = False,
                      warmup_s: float = 0.05, warmup_min: int = 2, rep_s: float = 0.6, min_samples: int = 5,
-                     max_samples: int = 100, block_s: float = 0.01) -> dict[str, Timing]:
+                     max_samples: int = 100, block_s: float = 0.01) -> dict[str, "Timing | Exception"]:
     """Median / p20 / p80 of each step, the steps timed in turns: every round times each step once (a block of
-    calls of about ``block_s``), in an order that rotates from round to round, until each step has about ``rep_s``
-    of samples (``min_samples`` to ``max_samples`` rounds). For steps whose times differ by a few percent: a drift
-    of the machine (another job, a frequency change) then lands on every step alike instead of on whichever was
-    timed during it."""
+    calls of about ``block_s``, between two device synchronizations, by the host clock), in an order that rotates
+    from round to round, until each step has about ``rep_s`` of samples (``min_samples`` to ``max_samples``
+    rounds). For steps whose times differ by a few percent: a drift of the machine (another job, a frequency
+    change) then lands on every step alike instead of on whichever was timed during it. A step that raises is left
+    out of the later rounds and gets its exception instead of a Timing (KeyboardInterrupt propagates)."""
     if quick:
         warmup_s, warmup_min, rep_s, min_samples, max_samples = 0.0, 1, 0.02, 3, 5
     elif device.type == "cuda":
         rep_s = min(rep_s, 0.2)  # a GPU lease is short; the CUDA timer's own sample budget (time_cuda) is 0.1 s
-    names = list(steps)
+    out: dict[str, Timing | Exception] = {}
+
+    def timed(name: str, calls: int) -> float | None:
+        try:
+            sync(device)
+            t0 = time.perf_counter()
+            for _ in range(calls):
+                steps[name]()
+            sync(device)
+            return time.perf_counter() - t0
+        except Exception as exc:  # noqa: BLE001 - one step's failure is its own row
+            out[name] = exc
+            return None
+
     est = {}
-    for name in names:
+    for name in steps:
         t0 = time.perf_counter()
         n = 0
-        while n < warmup_min or time.perf_counter() - t0 < warmup_s:
-            steps[name]()
-            sync(device)
+        while n < max(warmup_min, 1) or time.perf_counter() - t0 < warmup_s:
+            if timed(name, 1) is None:
+                break
             n += 1
             if time.perf_counter() - t0 > SLOW_CALL_S:
                 break
-        est[name] = max((time.perf_counter() - t0) / n, 1e-7)
+        if name not in out:
+            est[name] = max((time.perf_counter() - t0) / n, 1e-7)
+    names = list(est)
+    if not names:
+        return out
     number = {name: max(1, int(block_s / est[name])) for name in names}
     per_round = max(number[name] * est[name] for name in names)
-    rounds = int(min(max_samples, max(min_samples if per_round <= SLOW_CALL_S else 3, math.ceil(rep_s / per_round))))
+    if per_round > SLOW_CALL_S:
+        min_samples = min(min_samples, 3)
+    rounds = int(min(max_samples, max(min_samples, math.ceil(rep_s / per_round))))
     samples: dict[str, list[float]] = {name: [] for name in names}
     for r in range(rounds):
         for k in range(len(names)):
             name = names[(r + k) % len(names)]
-            step, calls = steps[name], number[name]
-            sync(device)
-            t0 = time.perf_counter()
-            for _ in range(calls):
-                step()
-            sync(device)
-            samples[name].append((time.perf_counter() - t0) / calls)
-    return {name: summarize(samples[name]) for name in names}
+            if name in out:
+                continue
+            sec = timed(name, number[name])
+            if sec is not None:
+                samples[name].append(sec / number[name])
+    for name in names:
+        if name not in out:
+            out[name] = summarize(samples[name])
+    return out
 
 
 _FLUSH: dict[int, torch.Tensor] = {}
