@@ -526,7 +526,17 @@ def test_linear_token_logprobs_all_ignored_and_huge():
     assert (lp == 0).all() and (ent == 0).all()
     gh, gw, gb = bwd(torch.ones(4), torch.ones(4), hidden, weight, bias, t, lse, ent, 1.0, -100, True, True, True)
     assert (gh == 0).all() and (gw == 0).all() and (gb == 0).all()
-    # logits of order ±1e4
+    _check_huge_logits(fwd, bwd)  # this run's draw
+    torch.manual_seed(437)  # a draw whose float32 logits are ill-conditioned (float32 PyTorch's gradients: 1.7e-4)
+    _check_huge_logits(fwd, bwd)
+
+
+def _check_huge_logits(fwd, bwd):
+    """Logits of order ±1e4. The lse is float64 (docs/backends.md), so the gradients are held to the plain float32
+    tolerance, unless the draw itself is ill-conditioned in float32: two logits of a row within a few units of each
+    other, where the float32 GEMM's rounding of ±1e4 logits (~1e-3) moves p by ~1e-3 whatever computes it. Over 3000
+    seeds, float32 PyTorch's own gradients missed 1e-5 in 27, by up to 20x; the kernel is then held to no worse than
+    twice that same-dtype error."""
     hidden = torch.randn(5, 8) * 100
     weight = torch.randn(300, 8) * 10
     t = _targets(5, 300)
@@ -535,9 +545,9 @@ def test_linear_token_logprobs_all_ignored_and_huge():
     lp, ent, lse = fwd(hidden, weight, None, t, 1.0, -100, True)
     check("logprobs (huge)", lp, r["truth"][0], torch.float32)
     gh, gw, _ = bwd(g, g, hidden, weight, None, t, lse, ent, 1.0, -100, True, True, False)
-    # float64 lse (docs/backends.md): the gradients of ±1e4 logits are held to the plain float32 tolerance
-    check("grad_hidden (huge)", gh, r["truth"][2], torch.float32)
-    check("grad_weight (huge)", gw, r["truth"][3], torch.float32)
+    for what, got, i in (("grad_hidden (huge)", gh, 2), ("grad_weight (huge)", gw, 3)):
+        err, base = rel_err(got, r["truth"][i]), rel_err(r["baseline"][i], r["truth"][i])
+        assert err <= max(1e-5, 2 * base), f"{what}: relative error {err:.3e} > max(1e-5, 2 x float32 PyTorch's {base:.3e})"
 
 
 # ---- family gae ---------------------------------------------------------------------------------
