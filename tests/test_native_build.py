@@ -37,11 +37,6 @@ _SKIP = _why_unbuildable()
 needs_native = pytest.mark.skipif(_SKIP is not None, reason=f"native extension unavailable: {_SKIP}")
 
 
-@pytest.fixture(autouse=True)
-def _seed():
-    torch.manual_seed(int.from_bytes(os.urandom(4), "little"))
-
-
 def rel_err(got: torch.Tensor, truth: torch.Tensor) -> float:
     """‖got − truth‖ / ‖truth‖ in float64 (floored); NaN/inf in got → inf."""
     g, t = got.detach().double(), truth.detach().double()
