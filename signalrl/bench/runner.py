@@ -76,6 +76,11 @@ def _is_oom(exc: BaseException) -> bool:
     return "out of memory" in str(exc).lower()
 
 
+def _failure(exc: BaseException) -> str:
+    """A row's status for a measurement that raised."""
+    return "oom" if _is_oom(exc) else f"error: {_fmt_err(exc)}"
+
+
 def device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
@@ -126,6 +131,9 @@ class Runner:
                 row.update(status=status, note=note)
                 self.emit(row)
 
+    def _budget_status(self) -> str:
+        return f"skipped: time budget of {self.budget_s:.0f} s used up"
+
     def budget_left(self) -> bool:
         return self.budget_s is None or time.perf_counter() - self.t0 < self.budget_s
 
@@ -156,7 +164,7 @@ class Runner:
             ]
         except _Budget:
             for p in provs:
-                self._status_rows(case, p, f"skipped: time budget of {self.budget_s:.0f} s used up")
+                self._status_rows(case, p, self._budget_status())
                 self._tick(case, p)
             return
         except Exception as exc:  # noqa: BLE001 - a case that cannot build its inputs is a row
@@ -179,7 +187,7 @@ class Runner:
 
     def _run_or_skip(self, case: Case, provider: str, inputs: list[dict]) -> None:
         if not self.budget_left():
-            self._status_rows(case, provider, f"skipped: time budget of {self.budget_s:.0f} s used up")
+            self._status_rows(case, provider, self._budget_status())
         else:
             self._run_unit(case, provider, inputs)
 
@@ -191,7 +199,7 @@ class Runner:
         interpreter) is measured alone, as in an unpaired case."""
         if not self.budget_left():
             for p in provs:
-                self._status_rows(case, p, f"skipped: time budget of {self.budget_s:.0f} s used up")
+                self._status_rows(case, p, self._budget_status())
                 self._tick(case, p)
             return
         rows: dict[str, list[dict]] = {p: [] for p in provs}
@@ -220,7 +228,7 @@ class Runner:
                 if not self.budget_left():
                     for p in preps:
                         row = self._base(case, p, mode)
-                        row["status"] = f"skipped: time budget of {self.budget_s:.0f} s used up"
+                        row["status"] = self._budget_status()
                         rows[p].append(row)
                     continue
                 self._measure_interleaved(case, preps, inputs, mode, rows)
@@ -242,13 +250,6 @@ class Runner:
         for p, prep in preps.items():
             with prep.impl.ctx():
                 row, step, mem_call, graphs = self._open_mode(case, p, prep, inputs, mode)
-                if step is not None and prep.impl.warm:
-                    try:
-                        step()  # untimed: compiles the backward graph before the timer's own warm-up
-                        timing.sync(self.device)
-                    except Exception as exc:  # noqa: BLE001
-                        row["status"] = "oom" if _is_oom(exc) else f"error: {_fmt_err(exc)}"
-                        step = mem_call = graphs = None
             if step is None:
                 rows[p].append(row)
             else:
@@ -267,7 +268,7 @@ class Runner:
                     self._close_mode(case, preps[p], inputs, mode, row, t, mem_call)
             except Exception as exc:  # noqa: BLE001 - this provider's row only
                 failed = True
-                row["status"] = "oom" if _is_oom(exc) else f"error: {_fmt_err(exc)}"
+                row["status"] = _failure(exc)
             rows[p].append(row)
         del _step, mem_call, _graphs, timings
         opened.clear()
@@ -318,7 +319,7 @@ class Runner:
             diff_meta = [(t.shape, t.dtype) for t in _differentiable(out)]
             del out
         except Exception as exc:  # noqa: BLE001
-            status = "oom" if _is_oom(exc) else f"error: {_fmt_err(exc)}"
+            status = _failure(exc)
             self._cleanup(full=True)
             self._status_rows(case, provider, status, impl.note)
             return None
@@ -342,18 +343,13 @@ class Runner:
             failed = False
             if step is not None:
                 try:
-                    if impl.smoke:  # interpreter: one timed call after the check call, a smoke test only
-                        t = timing.time_step(step, self.device, smoke=True)
-                    else:
-                        if impl.warm:
-                            step()  # untimed: compiles the backward graph before the timer's own warm-up
-                            timing.sync(self.device)
-                        t = timing.time_step(step, self.device, quick=self.preset.quick)
+                    # smoke (the interpreter): one timed call after the check call, a smoke test only
+                    t = timing.time_step(step, self.device, quick=self.preset.quick, smoke=impl.smoke)
                     self._close_mode(case, prep, inputs, mode, row, t, mem_call)
                 except KeyboardInterrupt:
                     raise
                 except Exception as exc:  # noqa: BLE001
-                    row["status"] = "oom" if _is_oom(exc) else f"error: {_fmt_err(exc)}"
+                    row["status"] = _failure(exc)
                     failed = True
                 finally:
                     del graphs
@@ -361,7 +357,8 @@ class Runner:
             self.emit(row)
 
     def _open_mode(self, case: Case, provider: str, prep: "_Prepared", inputs: list[dict], mode: str):
-        """(row, step, mem_call, graphs) of one mode: step is None when the row already has its status."""
+        """(row, step, mem_call, graphs) of one mode, after the untimed call of a ``warm`` provider: step is None
+        when the row already has its status."""
         row = self._base(case, provider, mode)
         row.update(note=prep.impl.note, max_abs_err=prep.err, check=prep.check, copies=len(inputs))
         if prep.impl.smoke and mode != "fwd":
@@ -372,10 +369,13 @@ class Runner:
             return row, None, None, None
         try:
             step, mem_call, graphs = self._steps(mode, prep.impl.fn, inputs, prep.wrt, prep.gouts)
+            if prep.impl.warm and not prep.impl.smoke:
+                step()  # untimed: compiles the backward graph before the timer's own warm-up
+                timing.sync(self.device)
         except KeyboardInterrupt:
             raise
         except Exception as exc:  # noqa: BLE001
-            row["status"] = "oom" if _is_oom(exc) else f"error: {_fmt_err(exc)}"
+            row["status"] = _failure(exc)
             self._cleanup(full=True)
             return row, None, None, None
         return row, step, mem_call, graphs
@@ -383,8 +383,6 @@ class Runner:
     def _close_mode(self, case: Case, prep: "_Prepared", inputs: list[dict], mode: str, row: dict,
                     t: timing.Timing, mem_call) -> None:
         """Fills a measured row: the timing, the peak memory of one call and the work model's rates."""
-        if prep.impl.smoke:
-            row["samples"] = 1
         peak = timing.peak_memory(mem_call, self.device)
         diff_outs = [torch.empty(s, device="meta", dtype=d) for s, d in prep.diff_meta]
         nbytes = traffic_bytes(mode, inputs[0], prep.outputs, diff_outs, prep.wrt[0]) if case.bytes_model else None
@@ -394,7 +392,7 @@ class Runner:
         tflops = flops / sec / 1e12 if flops else None
         pct, ceil = C.pct_of_ceiling(self.ceilings, gbps=gbps, tflops=tflops, dtype=case.dtype_name)
         row.update(
-            time_ms=t.median_ms, time_ms_p20=t.p20_ms, time_ms_p80=t.p80_ms, samples=row.get("samples") or t.samples,
+            time_ms=t.median_ms, time_ms_p20=t.p20_ms, time_ms_p80=t.p80_ms, samples=t.samples,
             peak_mem_bytes=peak, gbps=None if tflops is not None else gbps, tflops=tflops,
             pct_of_ceiling=pct, ceiling=ceil, status="ok",
         )

@@ -112,18 +112,9 @@ def time_cpu(step: Callable[[], object], *, warmup_s: float = 0.05, warmup_min: 
     """Median / p20 / p80 of ``step`` on the CPU via torch.utils.benchmark.Timer."""
     from torch.utils import benchmark as tb
 
-    t0 = time.perf_counter()
-    n = 0
-    while n < warmup_min or time.perf_counter() - t0 < warmup_s:
-        step()
-        n += 1
-        if time.perf_counter() - t0 > SLOW_CALL_S:
-            break  # a slow call: one warm-up is enough
-    est = max((time.perf_counter() - t0) / n, 1e-7)
-    if est > SLOW_CALL_S:
-        min_samples = min(min_samples, 3)
+    est = _warm_up(step, torch.device("cpu"), warmup_s, warmup_min)
     number = max(1, int(block_s / est))
-    blocks = int(min(max_samples, max(min_samples, math.ceil(rep_s / (number * est)))))
+    blocks = _sample_count(number * est, rep_s, min_samples, max_samples)
     timer = tb.Timer(stmt="step()", globals={"step": step}, num_threads=torch.get_num_threads())
     samples = [timer.timeit(number).mean for _ in range(blocks)]
     return summarize(samples)
@@ -139,56 +130,68 @@ def time_interleaved(steps: dict[str, Callable[[], object]], device: torch.devic
     change) then lands on every step alike instead of on whichever was timed during it. A step that raises is left
     out of the later rounds and gets its exception instead of a Timing (KeyboardInterrupt propagates)."""
     if quick:
-        warmup_s, warmup_min, rep_s, min_samples, max_samples = 0.0, 1, 0.02, 3, 5
+        warmup_s, warmup_min, rep_s, min_samples, max_samples = (_QUICK[k] for k in (
+            "warmup_s", "warmup_min", "rep_s", "min_samples", "max_samples"))
     elif device.type == "cuda":
         rep_s = min(rep_s, 0.2)  # a GPU lease is short; the CUDA timer's own sample budget (time_cuda) is 0.1 s
     out: dict[str, Timing | Exception] = {}
-
-    def timed(name: str, calls: int) -> float | None:
+    est = {}
+    for name, step in steps.items():
         try:
-            sync(device)
-            t0 = time.perf_counter()
-            for _ in range(calls):
-                steps[name]()
-            sync(device)
-            return time.perf_counter() - t0
+            est[name] = _warm_up(step, device, warmup_s, warmup_min)
         except Exception as exc:  # noqa: BLE001 - one step's failure is its own row
             out[name] = exc
-            return None
-
-    est = {}
-    for name in steps:
-        t0 = time.perf_counter()
-        n = 0
-        while n < max(warmup_min, 1) or time.perf_counter() - t0 < warmup_s:
-            if timed(name, 1) is None:
-                break
-            n += 1
-            if time.perf_counter() - t0 > SLOW_CALL_S:
-                break
-        if name not in out:
-            est[name] = max((time.perf_counter() - t0) / n, 1e-7)
     names = list(est)
     if not names:
         return out
     number = {name: max(1, int(block_s / est[name])) for name in names}
-    per_round = max(number[name] * est[name] for name in names)
-    if per_round > SLOW_CALL_S:
-        min_samples = min(min_samples, 3)
-    rounds = int(min(max_samples, max(min_samples, math.ceil(rep_s / per_round))))
+    rounds = _sample_count(max(number[name] * est[name] for name in names), rep_s, min_samples, max_samples)
     samples: dict[str, list[float]] = {name: [] for name in names}
     for r in range(rounds):
         for k in range(len(names)):
             name = names[(r + k) % len(names)]
             if name in out:
                 continue
-            sec = timed(name, number[name])
-            if sec is not None:
-                samples[name].append(sec / number[name])
+            try:
+                sync(device)
+                t0 = time.perf_counter()
+                for _ in range(number[name]):
+                    steps[name]()
+                sync(device)
+            except Exception as exc:  # noqa: BLE001
+                out[name] = exc
+                continue
+            samples[name].append((time.perf_counter() - t0) / number[name])
     for name in names:
         if name not in out:
             out[name] = summarize(samples[name])
     return out
+
+
+def _warm_up(step: Callable[[], object], device: torch.device, warmup_s: float, warmup_min: int) -> float:
+    """Runs ``step`` at least ``max(warmup_min, 1)`` times and for ``warmup_s`` (only once when a call is slower
+    than SLOW_CALL_S); the seconds one call took, on average."""
+    t0 = time.perf_counter()
+    n = 0
+    while n < max(warmup_min, 1) or time.perf_counter() - t0 < warmup_s:
+        step()
+        sync(device)
+        n += 1
+        if time.perf_counter() - t0 > SLOW_CALL_S:
+            break  # a slow call: one warm-up is enough
+    return max((time.perf_counter() - t0) / n, 1e-7)
+
+
+def _sample_count(sample_s: float, rep_s: float, min_samples: int, max_samples: int) -> int:
+    """Samples of ``sample_s`` each to take: enough for ``rep_s`` of them, within [min_samples, max_samples]; at
+    most 3 as the minimum when one sample is slower than SLOW_CALL_S."""
+    if sample_s > SLOW_CALL_S:
+        min_samples = min(min_samples, 3)
+    return int(min(max_samples, max(min_samples, math.ceil(rep_s / sample_s))))
+
+
+# the settings of a --quick run (CI smoke): fewer, shorter samples
+_QUICK = dict(warmup_s=0.0, warmup_min=1, rep_s=0.02, min_samples=3, max_samples=5)
 
 
 _FLUSH: dict[int, torch.Tensor] = {}
@@ -209,18 +212,7 @@ def time_cuda(step: Callable[[], object], device: torch.device, *, warmup_s: flo
     """Median / p20 / p80 of ``step`` on a CUDA device: CUDA events per call, L2 flushed before each."""
     flush = _flush_buffer(device)
     sync(device)
-    t0 = time.perf_counter()
-    n = 0
-    while n < warmup_min or time.perf_counter() - t0 < warmup_s:
-        step()
-        sync(device)
-        n += 1
-        if time.perf_counter() - t0 > SLOW_CALL_S:
-            break
-    est = max((time.perf_counter() - t0) / n, 1e-6)
-    if est > SLOW_CALL_S:
-        min_samples = min(min_samples, 3)
-    reps = int(min(max_samples, max(min_samples, math.ceil(rep_s / est))))
+    reps = _sample_count(_warm_up(step, device, warmup_s, warmup_min), rep_s, min_samples, max_samples)
     starts = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
     ends = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
     for i in range(reps):
@@ -245,9 +237,7 @@ def time_step(step: Callable[[], object], device: torch.device, *, quick: bool =
         return summarize([time.perf_counter() - t0])
     if device.type == "cuda":
         return time_cuda(step, device, rep_s=0.03 if quick else 0.1)
-    if quick:
-        return time_cpu(step, warmup_s=0.0, warmup_min=1, rep_s=0.02, min_samples=3, max_samples=5)
-    return time_cpu(step)
+    return time_cpu(step, **(_QUICK if quick else {}))
 
 
 @contextlib.contextmanager
