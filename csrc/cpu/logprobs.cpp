@@ -188,10 +188,37 @@ at::Tensor token_logprobs_bwd(const at::Tensor& grad_logprobs_in,
   return grad;
 }
 
+namespace {
+
+template <class T>
+bool targets_bad(const T* t, int64_t n, int64_t V, int64_t ignore_index) {
+  bool bad = false;
+  for (int64_t i = 0; i < n; ++i) {
+    const int64_t x = t[i];
+    bad |= (x < 0 || x >= V) && x != ignore_index;
+  }
+  return bad;
+}
+
+}  // namespace
+
+// The op layer's check of targets (signalrl/ops/_validate.py, targets_in_range): true if one is neither a class
+// index in [0, V) nor ignore_index. One pass, no temporaries; the op layer locates a bad target for its message.
+at::Tensor targets_check(const at::Tensor& targets_in, int64_t V, int64_t ignore_index) {
+  TORCH_CHECK(targets_in.device().is_cpu(), "targets_check: targets must be a CPU tensor");
+  const auto dt = targets_in.scalar_type();
+  TORCH_CHECK(dt == at::kLong || dt == at::kInt, "targets_check: targets must be int64 or int32, got ", dt);
+  const at::Tensor t = targets_in.contiguous();
+  const bool bad = dt == at::kLong ? targets_bad(t.data_ptr<int64_t>(), t.numel(), V, ignore_index)
+                                   : targets_bad(t.data_ptr<int32_t>(), t.numel(), V, ignore_index);
+  return at::scalar_tensor(bad, at::TensorOptions().dtype(at::kBool));
+}
+
 }  // namespace signalrl
 
 // The schemas and fakes of these ops are signalrl/ops/logprobs.py (torch.library); this is their CPU kernel.
 TORCH_LIBRARY_IMPL(signalrl, CPU, m) {
   m.impl("token_logprobs_fwd", &signalrl::token_logprobs_fwd);
   m.impl("token_logprobs_bwd", &signalrl::token_logprobs_bwd);
+  m.impl("targets_check", &signalrl::targets_check);  // schema: signalrl/ops/_validate.py
 }

@@ -181,10 +181,20 @@ def _first_bad(name: str, x: torch.Tensor, bad: torch.Tensor, expected: str):
     raise ValueError(f"{name}: expected {expected}, got {value!r} at index {pos}")
 
 
+# One native pass over int64 / int32 targets (csrc/cpu/logprobs.cpp, registered when the extension loads): true if a
+# target is bad. Like MASK_CHECK below, a host-side helper of this module, CPU only.
+TARGETS_CHECK = NativeHelper("targets_check", "(Tensor targets, int V, int ignore_index) -> Tensor",
+                             lambda targets, V, ignore_index: targets.new_empty((), dtype=torch.bool))
+
+
 def targets_in_range(targets: torch.Tensor, V: int, ignore_index: int) -> None:
     """Every target is a class index in [0, V) or ``ignore_index`` (CPU tensors only, see :func:`host_checkable`)."""
     if targets.numel() == 0 or not host_checkable(targets):
         return
+    native_check = TARGETS_CHECK()
+    if (native_check is not None and targets.dtype in (torch.int64, torch.int32)
+            and not bool(native_check(targets, V, ignore_index))):
+        return  # one pass, no temporaries; a bad target is located and reported below
     bad = ((targets < 0) | (targets >= V)) & (targets != ignore_index)
     if bool(bad.any()):
         _first_bad("targets", targets, bad, f"class indices in [0, {V}) or ignore_index={ignore_index}")

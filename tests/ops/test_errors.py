@@ -405,3 +405,20 @@ def test_value_checks_are_skipped_while_compiling():
     with use_backend("reference"):
         out = torch.compile(f, fullgraph=True, backend="eager")(x)
         assert rel_err(out, f(x)) < 1e-6
+
+
+@pytest.mark.skipif("native" not in available_backends("token_logprobs_fwd"), reason="native extension unavailable")
+def test_native_targets_check_agrees_with_the_plain_rule():
+    """The one-pass native check of targets (csrc/cpu/logprobs.cpp) says "bad" exactly when the plain-torch rule
+    does, for int64 and int32, contiguous or not, whatever ignore_index (inside or outside [0, V))."""
+    check = _validate.TARGETS_CHECK()
+    assert check is not None
+    for trial in range(300):
+        V = int(torch.randint(1, 40, ()))
+        ignore_index = [-100, -1, 0, V, V - 1][trial % 5]
+        t = torch.randint(-3, V + 3, (int(torch.randint(0, 50, ())),))
+        t = torch.where(torch.rand(t.shape) < 0.7, torch.randint(0, V, t.shape), t)  # often all good
+        t[torch.rand(t.shape) < 0.2] = ignore_index
+        for x in (t, t.to(torch.int32), t.repeat(2)[::2]):
+            expected = bool((((x < 0) | (x >= V)) & (x != ignore_index)).any())
+            assert bool(check(x, V, ignore_index)) is expected, (x.tolist(), V, ignore_index)
