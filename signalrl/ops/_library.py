@@ -53,6 +53,7 @@ class KernelOp:
         self.dispatched = getattr(namespace, name).default
         self.interpreted = getattr(namespace, name + _INTERPRETED).default
         self.has_triton = False
+        self._native_registered = False
         self._eager: dict[str, Callable] = {}
         KERNELS[name] = self
 
@@ -85,9 +86,13 @@ class KernelOp:
         if backend == "native":
             from .. import native
 
-            return native.available() and torch._C._dispatch_has_kernel_for_dispatch_key(
-                f"{LIBRARY}::{self.name}", "CPU"
-            )
+            if not native.available():
+                return False
+            if not self._native_registered:  # (once registered, a kernel stays: the answer is kept)
+                self._native_registered = torch._C._dispatch_has_kernel_for_dispatch_key(
+                    f"{LIBRARY}::{self.name}", "CPU"
+                )
+            return self._native_registered
         return False
 
     @staticmethod
@@ -153,4 +158,11 @@ class NativeHelper:
         return self._op
 
 
-__all__ = ["KERNELS", "KernelOp", "LIBRARY", "NativeHelper"]
+def is_kernel_op(qualname: str) -> bool:
+    """Whether ``qualname`` (a profiler event's name, ``signalrl::<name>``) is a kernel op or its Triton twin — not a
+    host-side helper of the op layer (:class:`NativeHelper`: value checks), which runs on every backend."""
+    namespace, _, name = qualname.partition("::")
+    return namespace == LIBRARY and (name.removesuffix(_INTERPRETED) in KERNELS)
+
+
+__all__ = ["KERNELS", "KernelOp", "LIBRARY", "NativeHelper", "is_kernel_op"]

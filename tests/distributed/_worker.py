@@ -33,6 +33,7 @@ from signalrl.distributed.engine import ShardedEngine, follow  # noqa: E402
 from signalrl.distributed.run import ShardedRun, _local  # noqa: E402
 from signalrl.engine.engine import Engine  # noqa: E402
 from signalrl.engine.run import Run  # noqa: E402
+from signalrl.ops._library import is_kernel_op  # noqa: E402
 
 from _cases import ALL_LOSSES, KWARGS, batches, dict_rel, norm_rel, rel  # noqa: E402
 
@@ -122,7 +123,7 @@ def profiled_ops(fn) -> set[str]:
     """The ``signalrl::`` kernel ops that ``fn()`` dispatched (the C++ kernels; the reference backend has none)."""
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
         fn()
-    return {e.name for e in prof.events() if e.name.startswith("signalrl::")}
+    return {e.name for e in prof.events() if is_kernel_op(e.name)}
 
 
 def parity(comm, out_path: str, root: str) -> None:

@@ -65,3 +65,13 @@ def break_kernel(monkeypatch, kernel, corrupt) -> None:
 
     monkeypatch.setattr(kernel, "op", lambda backend, device: wrap(real_op(backend, device)))
     monkeypatch.setattr(kernel, "variant", lambda name: wrap(real_variant(name)))
+
+
+def kernels_run(fn) -> set[str]:
+    """The kernel ops (``signalrl::<name>``, :func:`signalrl.ops._library.is_kernel_op`) that ``fn()`` runs, forward
+    and backward; the op layer's host-side helpers (value checks) are not kernels."""
+    from signalrl.ops._library import is_kernel_op
+
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        fn()
+    return {e.name for e in prof.events() if is_kernel_op(e.name)}

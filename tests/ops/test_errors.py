@@ -422,3 +422,14 @@ def test_native_targets_check_agrees_with_the_plain_rule():
         for x in (t, t.to(torch.int32), t.repeat(2)[::2]):
             expected = bool((((x < 0) | (x >= V)) & (x != ignore_index)).any())
             assert bool(check(x, V, ignore_index)) is expected, (x.tolist(), V, ignore_index)
+
+
+def test_value_check_helpers_are_not_kernel_ops():
+    """What counts as "Signal ran a kernel" (the benchmarks' loss rows, the plan tests) is a kernel op or its Triton
+    twin, never a value-check helper: those run on every backend, the reference's included."""
+    from signalrl.ops._library import KERNELS as KERNEL_OPS, is_kernel_op
+
+    assert all(is_kernel_op(f"signalrl::{name}") and is_kernel_op(f"signalrl::{name}_interpreted")
+               for name in KERNEL_OPS)
+    assert not any(is_kernel_op(f"signalrl::{name}") for name in ("targets_check", "mask_check"))
+    assert not is_kernel_op("aten::mm") and not is_kernel_op("other::token_logprobs_fwd")

@@ -13,7 +13,7 @@ from signalrl import reference
 from signalrl.ops import use_backend
 from signalrl.ops.linear_logprobs import frozen_head_plan
 
-from ._oracle import assert_close, rel_err
+from ._oracle import assert_close, kernels_run, rel_err
 
 pytestmark = pytest.mark.skipif(
     not ops.available_backends("linear_token_logprobs_frozen_fwd", "cpu").count("native"),
@@ -114,13 +114,6 @@ def test_same_gradient_as_the_trained_head_plan():
     assert rel_err(gh_frozen, gh_t) < 1e-5 and rel_err(gh_trained, gh_t) < 1e-5
 
 
-def _kernels_run(fn) -> set[str]:
-    """The signalrl kernel ops that ``fn()`` (forward and backward) runs."""
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
-        fn()
-    return {e.name for e in prof.events() if e.name.startswith("signalrl::")}
-
-
 @pytest.mark.parametrize("case", ["frozen", "weight_trained", "bias_trained", "entropy", "no_grad", "hidden_frozen"])
 def test_the_plan_is_chosen_only_where_it_serves(case):
     hidden, weight, bias, targets = _case(4, 8, 20, torch.float32, seed=7, with_bias=True)
@@ -135,7 +128,7 @@ def test_the_plan_is_chosen_only_where_it_serves(case):
             if lp.requires_grad:
                 lp.sum().backward()
 
-    ran = _kernels_run(step)
+    ran = kernels_run(step)
     if case == "frozen":
         assert ran == {"signalrl::linear_token_logprobs_frozen_fwd", "signalrl::linear_token_logprobs_frozen_bwd"}
     else:  # the kept-logits plan with a gradient (tests/ops/test_linear_logprobs_kept.py), else the plain forward
@@ -248,7 +241,7 @@ def test_linear_ppo_loss_frozen_head(settings, dtype):
         loss.backward()
         return loss, stats
 
-    ran = _kernels_run(lambda: step())
+    ran = kernels_run(lambda: step())
     assert "signalrl::linear_ppo_frozen_fwd" in ran and "signalrl::linear_ppo_fwd" not in ran, ran
     h.grad = None
     loss, stats = step()
@@ -276,5 +269,5 @@ def test_linear_ppo_loss_with_an_entropy_bonus_does_not_take_the_plan():
                                           entropy_coef=0.01)
         loss.backward()
 
-    ran = _kernels_run(step)  # the kept-logits plan (tests/ops/test_linear_logprobs_kept.py)
+    ran = kernels_run(step)  # the kept-logits plan (tests/ops/test_linear_logprobs_kept.py)
     assert "signalrl::linear_ppo_kept_fwd" in ran and not any("frozen" in k for k in ran), ran

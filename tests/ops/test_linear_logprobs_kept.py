@@ -15,7 +15,7 @@ from signalrl import reference
 from signalrl.ops import use_backend
 from signalrl.ops.linear_logprobs import keep_columns, kept_plan, keep_floats_from_env
 
-from ._oracle import assert_close
+from ._oracle import assert_close, kernels_run
 
 KEEP_FLOATS = keep_floats_from_env({})  # 4 MiB
 
@@ -40,12 +40,6 @@ def _case(N, H, V, dtype, seed, with_bias=False, ignored=()):
     for i in ignored:
         targets[i] = -100
     return hidden, weight, bias, targets
-
-
-def _kernels_run(fn) -> set[str]:
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
-        fn()
-    return {e.name for e in prof.events() if e.name.startswith("signalrl::")}
 
 
 # the budget in floats: none kept (the recompute plan), part of the columns, all of them
@@ -123,7 +117,7 @@ def test_linear_ppo_loss_values_and_grads(monkeypatch, budget, entropy_coef):
         (loss * 1.7).backward()
         return loss, stats
 
-    ran = _kernels_run(step)
+    ran = kernels_run(step)
     if budget == "none":
         assert "signalrl::linear_ppo_fwd" in ran and not any("kept" in k for k in ran), ran
     else:
@@ -159,7 +153,7 @@ def test_the_plan_is_chosen_where_it_serves(case):
             if lp.requires_grad:
                 lp.sum().backward()
 
-    ran = _kernels_run(step)
+    ran = kernels_run(step)
     want = {
         "frozen": {"signalrl::linear_token_logprobs_frozen_fwd", "signalrl::linear_token_logprobs_frozen_bwd"},
         "no_grad": {"signalrl::linear_token_logprobs_fwd"},
