@@ -51,6 +51,11 @@ def pytest_report_header(config):
     return f"signal test seed: SIGNAL_TEST_SEED={_SEED}"
 
 
+def pytest_terminal_summary(terminalreporter, exitstatus, config):
+    # also under -q, which drops the header: a failure is replayed with this seed
+    terminalreporter.write_line(f"signal test seed: SIGNAL_TEST_SEED={_SEED}")
+
+
 @pytest.fixture(autouse=True)
 def _seed(request):
     torch.manual_seed(_SEED + zlib.crc32(request.node.nodeid.encode()))
