@@ -138,7 +138,9 @@ def test_gae_reference_agrees_and_no_gradient(backend):
         adv, ret = ops.gae(rewards, values, mask, last_values=last)
     assert not adv.requires_grad and not ret.requires_grad
     adv_r, ret_r = reference.gae(rewards, values, mask, last_values=last)
-    assert (adv - adv_r).abs().max() < 1e-5 and (ret - ret_r).abs().max() < 1e-5
+    # float32 scans in different orders: held to 1e-5 of the largest magnitude (|A| reaches ~15 over 20 steps)
+    tol = 1e-5 * max(1.0, adv_r.abs().max().item(), ret_r.abs().max().item())
+    assert (adv - adv_r).abs().max() < tol and (ret - ret_r).abs().max() < tol
 
 
 @pytest.mark.parametrize("backend", GAE_BACKENDS)

@@ -10,7 +10,7 @@ import signalrl.ops as ops
 from signalrl import reference
 from signalrl.ops import SignalCheckError, check_mode, use_backend
 
-from ._oracle import assert_close, backend_params, break_kernel, rel_err
+from ._oracle import assert_close, backend_params, break_kernel, off_ratio_bounds, rel_err
 
 pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning")  # the Triton interpreter warns on masked lanes
 
@@ -27,7 +27,7 @@ def _inputs(B, T, H, V, dtype, device, bias=False, ref=True, mask=True, wscale=2
     # old/ref log-probs near the current ones so ratios straddle the clip range
     with torch.no_grad():
         lp = reference.linear_token_logprobs(hidden.double(), weight.double(), targets).float()
-    old = lp + 0.3 * torch.randn(B, T)
+    old = off_ratio_bounds(lp, lp + 0.3 * torch.randn(B, T))
     refl = lp + 0.3 * torch.randn(B, T) if ref else None
     adv = torch.randn(B, T)
     m = (torch.rand(B, T) > 0.2).float() if mask else None

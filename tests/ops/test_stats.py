@@ -51,7 +51,9 @@ def test_group_normalize(scale, S):
         truth = centered / (std + 1e-6)
     else:
         truth = centered
-    assert a.shape == r.shape and (a.double() - truth).abs().max() < 1e-4
+    # float32's rounding of a group's mean (~1e-7 of its largest |r|) is divided by the group's std
+    size = r.double().abs().amax(-1, keepdim=True) / (std + 1e-6) if scale else torch.ones(5, 1, dtype=torch.float64)
+    assert a.shape == r.shape and ((a.double() - truth).abs() <= 1e-4 + 1e-6 * size).all()
     if S == 1:
         assert torch.equal(a, torch.zeros_like(a))
 
