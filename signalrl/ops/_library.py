@@ -157,6 +157,13 @@ class NativeHelper:
             self._op = getattr(getattr(torch.ops, LIBRARY), self.name).default
         return self._op
 
+    def passes(self, *args) -> bool:
+        """For a value check (an op answering a bool tensor, true = something is bad): True when the native pass ran
+        and found nothing; False when the extension is not loaded or it found something — the caller's Python rule
+        then decides and locates the bad value for its message."""
+        op = self()
+        return op is not None and not bool(op(*args))
+
 
 def is_kernel_op(qualname: str) -> bool:
     """Whether ``qualname`` (a profiler event's name, ``signalrl::<name>``) is a kernel op or its Triton twin — not a
@@ -165,4 +172,11 @@ def is_kernel_op(qualname: str) -> bool:
     return namespace == LIBRARY and (name.removesuffix(_INTERPRETED) in KERNELS)
 
 
-__all__ = ["KERNELS", "KernelOp", "LIBRARY", "NativeHelper", "is_kernel_op"]
+def kernels_run(fn: Callable[[], object]) -> set[str]:
+    """The kernel ops (:func:`is_kernel_op`) that ``fn()`` dispatches, forward and backward, by the profiler."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        fn()
+    return {e.name for e in prof.events() if is_kernel_op(e.name)}
+
+
+__all__ = ["KERNELS", "KernelOp", "LIBRARY", "NativeHelper", "is_kernel_op", "kernels_run"]

@@ -188,12 +188,11 @@ TARGETS_CHECK = NativeHelper("targets_check", "(Tensor targets, int V, int ignor
 
 
 def targets_in_range(targets: torch.Tensor, V: int, ignore_index: int) -> None:
-    """Every target is a class index in [0, V) or ``ignore_index`` (CPU tensors only, see :func:`host_checkable`)."""
+    """Every target (int64 / int32, as the callers have checked) is a class index in [0, V) or ``ignore_index`` (CPU
+    tensors only, see :func:`host_checkable`)."""
     if targets.numel() == 0 or not host_checkable(targets):
         return
-    native_check = TARGETS_CHECK()
-    if (native_check is not None and targets.dtype in (torch.int64, torch.int32)
-            and not bool(native_check(targets, V, ignore_index))):
+    if TARGETS_CHECK.passes(targets, V, ignore_index):
         return  # one pass, no temporaries; a bad target is located and reported below
     bad = ((targets < 0) | (targets >= V)) & (targets != ignore_index)
     if bool(bad.any()):
@@ -211,8 +210,7 @@ def mask_values(name: str, mask: torch.Tensor | None) -> None:
         return
     if not host_checkable(mask):
         return
-    native_check = MASK_CHECK()
-    if native_check is not None and not bool(native_check(mask)):
+    if MASK_CHECK.passes(mask):
         return  # one pass, no temporaries; a bad mask is located and reported below
     if mask.is_floating_point():
         bad = ~((mask >= 0) & (mask < math.inf))  # NaN compares false: bad

@@ -33,7 +33,7 @@ from signalrl.distributed.engine import ShardedEngine, follow  # noqa: E402
 from signalrl.distributed.run import ShardedRun, _local  # noqa: E402
 from signalrl.engine.engine import Engine  # noqa: E402
 from signalrl.engine.run import Run  # noqa: E402
-from signalrl.ops._library import is_kernel_op  # noqa: E402
+from signalrl.ops._library import kernels_run  # noqa: E402
 
 from _cases import ALL_LOSSES, KWARGS, batches, dict_rel, norm_rel, rel  # noqa: E402
 
@@ -117,13 +117,6 @@ def backend_report() -> dict:
             "expect_native": native.available() and forced in (None, "native"),
             **{k: ops.backend_for(k, x) for k in ("linear_token_logprobs_fwd", "linear_token_logprobs_bwd",
                                                   "linear_ppo_fwd")}}
-
-
-def profiled_ops(fn) -> set[str]:
-    """The ``signalrl::`` kernel ops that ``fn()`` dispatched (the C++ kernels; the reference backend has none)."""
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
-        fn()
-    return {e.name for e in prof.events() if is_kernel_op(e.name)}
 
 
 def parity(comm, out_path: str, root: str) -> None:
@@ -210,7 +203,7 @@ def parity(comm, out_path: str, root: str) -> None:
         b = batches("enhanced_ppo", 0)
         # accumulated gradients exist; the kernels that ran, on every rank: the native fused log-prob op (forward
         # and backward) on the FSDP-gathered LM head, unless native cannot build here (or a backend is forced)
-        seen = comm.all_gather_value(sorted(profiled_ops(lambda: sr.forward_backward(b, "enhanced_ppo"))))
+        seen = comm.all_gather_value(sorted(kernels_run(lambda: sr.forward_backward(b, "enhanced_ppo"))))
         if rank == 0:
             # the plain kernels, or the kept-logits plan's (a call small enough keeps its logits for the backward)
             fused = [{f"signalrl::linear_token_logprobs{plan}_{part}" for part in ("fwd", "bwd")}

@@ -67,16 +67,6 @@ def break_kernel(monkeypatch, kernel, corrupt) -> None:
     monkeypatch.setattr(kernel, "variant", lambda name: wrap(real_variant(name)))
 
 
-def kernels_run(fn) -> set[str]:
-    """The kernel ops (``signalrl::<name>``, :func:`signalrl.ops._library.is_kernel_op`) that ``fn()`` runs, forward
-    and backward; the op layer's host-side helpers (value checks) are not kernels."""
-    from signalrl.ops._library import is_kernel_op
-
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
-        fn()
-    return {e.name for e in prof.events() if is_kernel_op(e.name)}
-
-
 # every ratio bound the tests use (1 − clip_low, 1 + clip_high, dual_clip): a float32 ratio within rounding of one is
 # clipped by one side and not by the other, a different gradient for that token — not what a test measures
 RATIO_BOUNDS = torch.tensor([0.8, 1.2, 1.25, 1.28, 1.3, 1.5, 2.0, 3.0]).log()

@@ -11,9 +11,10 @@ import torch
 import signalrl.ops as ops
 from signalrl import reference
 from signalrl.ops import use_backend
+from signalrl.ops._library import kernels_run
 from signalrl.ops.linear_logprobs import frozen_head_plan
 
-from ._oracle import assert_close, kernels_run, rel_err
+from ._oracle import assert_close, rel_err
 
 pytestmark = pytest.mark.skipif(
     not ops.available_backends("linear_token_logprobs_frozen_fwd", "cpu").count("native"),

@@ -13,9 +13,10 @@ import signalrl.ops as ops
 import signalrl.ops.linear_logprobs as linear_logprobs
 from signalrl import reference
 from signalrl.ops import use_backend
+from signalrl.ops._library import kernels_run
 from signalrl.ops.linear_logprobs import keep_columns, kept_plan, keep_floats_from_env
 
-from ._oracle import assert_close, kernels_run
+from ._oracle import assert_close
 
 KEEP_FLOATS = keep_floats_from_env({})  # 4 MiB
 

@@ -84,11 +84,10 @@ def _maker(spec, cfg):
 def _signal_kernels(fn, x: dict, params: list, ctx) -> set[str]:
     """The Signal kernel ops (``signalrl::*``, not the op layer's value-check helpers, which run on every backend) one
     step of ``fn`` runs in ``ctx``, forward and backward (no ``.grad`` is touched)."""
-    from signalrl.ops._library import is_kernel_op
+    from signalrl.ops._library import kernels_run
 
-    with ctx, torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
-        torch.autograd.grad(fn(**x), params, allow_unused=True)
-    return {e.name for e in prof.events() if is_kernel_op(e.name)}
+    with ctx:
+        return kernels_run(lambda: torch.autograd.grad(fn(**x), params, allow_unused=True))
 
 
 def _impl_factory(spec, backend: str):
